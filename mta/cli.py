@@ -1,0 +1,244 @@
+"""mtactl: manage users and inspect the queue.
+
+Exit status: 0 success, 1 the operation failed (no such user, unreadable
+spool ...), 2 the command line was wrong.  Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from mta import config as configmod
+from mta.address import parse_mailbox
+from mta.errors import ConfigError, SMTPReplyError, StorageError
+from mta.spool.format import FormatError, format_time
+from mta.spool.fs import MESSAGE, STATES, SpoolStore
+from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
+
+
+class CommandError(Exception):
+    """A failure to report on stderr with exit status 1."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise CommandError(message)
+
+
+def _valid_address(text: str, what: str) -> str:
+    try:
+        return str(parse_mailbox(text.strip(), utf8=True))
+    except SMTPReplyError:
+        _fail(f"{what} {text!r} is not a valid email address")
+
+
+def _read_password(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.password_stdin or not stdin.isatty():
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            _fail("the passwords do not match")
+    if len(password) < MIN_PASSWORD:
+        _fail(f"the password must have at least {MIN_PASSWORD} characters")
+    return password
+
+
+def _users(config: configmod.Config) -> UserFile:
+    return UserFile(config.server.users_file)
+
+
+def cmd_user_add(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    email = normalize_login(_valid_address(args.email, "login"))
+    aliases = [_valid_address(a, "alias") for a in args.alias]
+    domains = [d.strip().lower() for d in args.domain]
+    password = _read_password(args, sys.stdin)
+    with _users(config).editing() as users:
+        if email in users:
+            _fail(f"user {email} already exists (use 'mtactl user passwd')")
+        users[email] = User(email, hash_password(password), aliases, domains, args.daily_limit)
+    out.write(f"added {email}\n")
+    return 0
+
+
+def cmd_user_passwd(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    email = normalize_login(args.email)
+    password = _read_password(args, sys.stdin)
+    with _users(config).editing() as users:
+        if email not in users:
+            _fail(f"no user {email}")
+        users[email].password = hash_password(password)
+    out.write(f"changed the password of {email}\n")
+    return 0
+
+
+def cmd_user_del(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    email = normalize_login(args.email)
+    with _users(config).editing() as users:
+        if users.pop(email, None) is None:
+            _fail(f"no user {email}")
+    out.write(f"deleted {email}\n")
+    return 0
+
+
+def cmd_user_list(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    users = _users(config).users()
+    if args.json:
+        doc = [
+            {"email": u.email, "aliases": u.aliases, "domains": u.domains,
+             "daily_limit": u.daily_limit}
+            for u in sorted(users.values(), key=lambda u: u.email)
+        ]  # fmt: skip
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    for user in sorted(users.values(), key=lambda u: u.email):
+        extra = []
+        if user.aliases:
+            extra.append("aliases: " + ", ".join(user.aliases))
+        if user.domains:
+            extra.append("domains: " + ", ".join(user.domains))
+        out.write(user.email + (f"  ({'; '.join(extra)})" if extra else "") + "\n")
+    return 0
+
+
+def _store(config: configmod.Config) -> SpoolStore:
+    store = SpoolStore(config.server.spool)
+    store.open(create=False)
+    return store
+
+
+def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(config)
+    rows: list[dict[str, Any]] = []
+    for state in STATES:
+        if state == "done" and not args.all:
+            continue
+        for queue_id in sorted(store.ids(state)):
+            try:
+                _, env = store.load(queue_id, state)
+            except (KeyError, FormatError) as e:
+                rows.append({"id": queue_id, "state": state, "error": str(e)})
+                continue
+            rows.append({
+                "id": queue_id,
+                "state": state,
+                "arrival": format_time(env.arrival),
+                "size": env.size,
+                "sender": env.sender,
+                "recipients": [
+                    {"address": r.address, "state": r.state.value, "reply": r.reply}
+                    for r in env.recipients
+                ],
+            })  # fmt: skip
+    if args.json:
+        out.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        return 0
+    if not rows:
+        out.write("Mail queue is empty\n")
+        return 0
+    out.write(
+        f"{'-Queue ID-':<17} {'-State-':<9} {'-Size-':>8} {'----Arrival Time----':<20}"
+        " -Sender/Recipient-------\n"
+    )
+    for row in rows:
+        if "error" in row:
+            out.write(f"{row['id']:<17} {row['state']:<9} unreadable: {row['error']}\n")
+            continue
+        arrival = str(row["arrival"])[:19].replace("T", " ")
+        out.write(
+            f"{row['id']:<17} {row['state']:<9} {row['size']:>8} {arrival:<20}"
+            f" {row['sender'] or '<>'}\n"
+        )
+        for r in row["recipients"]:
+            if r["reply"] and r["state"] != "sent":
+                out.write(f"{'':>57} ({r['reply'][:70]})\n")
+            out.write(f"{'':>57} {r['address']} [{r['state']}]\n")
+    out.write(f"-- {len(rows)} message(s)\n")
+    return 0
+
+
+def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(config)
+    try:
+        state, _ = store.load(args.id)
+    except KeyError:
+        _fail(f"no message {args.id} in the queue")
+    except FormatError as e:
+        _fail(f"message {args.id} has an unreadable envelope: {e}")
+    out.write(f"# state: {state}\n# envelope: {store.path(state, args.id, 'envelope.json')}\n")
+    with open(store.path(state, args.id, "envelope.json"), encoding="utf-8") as f:
+        out.write(f.read())
+    if args.envelope_only:
+        return 0
+    out.write("\n# message\n")
+    with open(store.path(state, args.id, MESSAGE), "rb") as mf:
+        data = mf.read()
+    if not args.body:
+        end = data.find(b"\r\n\r\n")
+        data = data if end < 0 else data[: end + 2]
+    out.write(data.decode("utf-8", "replace").replace("\r\n", "\n"))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtactl", description="Manage an mta installation.")
+    p.add_argument("-c", "--config", help="TOML configuration file (default: embedded)")
+    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue}")
+
+    user = sub.add_parser("user", help="manage submission users")
+    usub = user.add_subparsers(dest="command", required=True)
+    add = usub.add_parser("add", help="add a user (password from a prompt or stdin)")
+    add.add_argument("email")
+    add.add_argument("--alias", action="append", default=[], help="another address it may use")
+    add.add_argument("--domain", action="append", default=[], help="a domain it may send from")
+    add.add_argument("--daily-limit", type=int, default=None, help="messages per day")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.set_defaults(func=cmd_user_add)
+    pw = usub.add_parser("passwd", help="change a user's password")
+    pw.add_argument("email")
+    pw.add_argument("--password-stdin", action="store_true")
+    pw.set_defaults(func=cmd_user_passwd)
+    rm = usub.add_parser("del", help="delete a user")
+    rm.add_argument("email")
+    rm.set_defaults(func=cmd_user_del)
+    ls = usub.add_parser("list", help="list users")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_user_list)
+
+    queue = sub.add_parser("queue", help="inspect the mail queue")
+    qsub = queue.add_subparsers(dest="command", required=True)
+    ql = qsub.add_parser("list", help="list queued messages (like mailq)")
+    ql.add_argument("--json", action="store_true")
+    ql.add_argument("--all", action="store_true", help="include finished, retained messages")
+    ql.set_defaults(func=cmd_queue_list)
+    qs = qsub.add_parser("show", help="show a message's envelope and headers")
+    qs.add_argument("id")
+    qs.add_argument("--body", action="store_true", help="show the body too")
+    qs.add_argument("--envelope-only", action="store_true")
+    qs.set_defaults(func=cmd_queue_show)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = out or sys.stdout
+    try:
+        config = configmod.load(args.config or os.environ.get("MTA_CONFIG"))
+        return int(args.func(config, args, out))
+    except (CommandError, ConfigError, StorageError) as e:
+        sys.stderr.write(f"mtactl: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("mtactl: interrupted\n")
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

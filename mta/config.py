@@ -1,0 +1,212 @@
+"""Configuration: a TOML file read into frozen dataclasses.
+
+Every option has a default (documented in C{docs/configuration.md}); the
+defaults together are the embedded configuration that runs from a checkout
+with no file at all: spool in C{spool/}, a self-signed certificate, listeners
+on loopback high ports.  Relative paths are taken relative to the directory
+of the configuration file, or to the working directory when there is none.
+
+A wrong file or value raises L{ConfigError} whose one-line text names the
+file and the key, so that start-up can stop with that line and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import types
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from mta.errors import ConfigError
+
+
+def _opt(default: Any, *, minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    meta = {"minimum": minimum, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = ""  # "" = this machine's fully qualified name
+    spool: str = "spool"
+    users_file: str = "users.json"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    # Twisted server endpoint descriptions (plain TCP; TLS is added by mta).
+    submissions: list[str] = _opt(["tcp:8465:interface=127.0.0.1"])
+    submission: list[str] = _opt(["tcp:8587:interface=127.0.0.1"])
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str = ""  # PEM, leaf first then the chain; "" = self-signed
+    key: str = ""
+    selfsigned_dir: str = "spool/selfsigned"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    message_size: int = _opt(50 * 1024 * 1024, minimum=1024)
+    recipients: int = _opt(50, minimum=1)
+    received_headers: int = _opt(25, minimum=1)
+    connections_per_ip: int = _opt(10, minimum=1)
+    connections: int = _opt(1000, minimum=1)
+    idle_timeout: float = _opt(300.0, minimum=0.1)
+    errors: int = _opt(20, minimum=1)
+    header_size: int = _opt(1024 * 1024, minimum=1024)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    max_failures: int = _opt(10, minimum=1)
+    failure_window: float = _opt(900.0, minimum=1)
+    failure_delay: float = _opt(1.0, minimum=0)
+    failure_delay_max: float = _opt(8.0, minimum=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    source: str = "<embedded default>"
+    base_dir: str = "."
+
+    @property
+    def hostname(self) -> str:
+        return self.server.hostname or socket.getfqdn()
+
+    def resolve(self, path: str) -> str:
+        """An absolute path for a path option."""
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(path)))
+
+
+_PATH_OPTIONS = {
+    ("server", "spool"),
+    ("server", "users_file"),
+    ("tls", "certificate"),
+    ("tls", "key"),
+    ("tls", "selfsigned_dir"),
+}
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_value(where: str, annotation: Any, value: object, meta: dict[str, Any]) -> object:
+    origin = get_origin(annotation)
+    if origin is list:
+        (item_type,) = get_args(annotation)
+        if isinstance(value, str) and item_type is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        return [_check_value(f"{where}[{i}]", item_type, v, {}) for i, v in enumerate(value)]
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(where, options[0], value, meta)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+    if not isinstance(value, annotation):
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        raise ConfigError(
+            f"{where}: expected {kind.get(annotation, annotation.__name__)}, got {_describe(value)}"
+        )
+    minimum = meta.get("minimum")
+    if minimum is not None and isinstance(value, int | float) and value < minimum:
+        raise ConfigError(f"{where}: must be at least {minimum}, got {_describe(value)}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {_describe(value)}")
+    return value
+
+
+def _load_section(source: str, name: str, cls: type, doc: object) -> Any:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in known:
+            raise ConfigError(f"{source}: [{name}] unknown key {key!r}")
+        where = f"{source}: [{name}] {key}"
+        values[key] = _check_value(where, hints[key], value, dict(known[key].metadata))
+    return cls(**values)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "listen": ListenConfig,
+    "tls": TLSConfig,
+    "limits": LimitsConfig,
+    "auth": AuthConfig,
+}
+
+
+def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
+    """Build a L{Config} from a parsed TOML document."""
+    sections: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section or key {key!r}")
+        sections[key] = _load_section(source, key, SECTIONS[key], value)
+    config = Config(**sections, source=source, base_dir=base_dir)
+    tls = config.tls
+    if bool(tls.certificate) != bool(tls.key):
+        raise ConfigError(f"{source}: [tls] certificate and key must be given together")
+    if config.auth.failure_delay_max < config.auth.failure_delay:
+        raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
+    return _resolve_paths(config)
+
+
+def _resolve_paths(config: Config) -> Config:
+    for section, key in _PATH_OPTIONS:
+        part = getattr(config, section)
+        value = getattr(part, key)
+        if value:
+            config = replace(config, **{section: replace(part, **{key: config.resolve(value)})})
+    return config
+
+
+def load(path: str | None) -> Config:
+    """Load a configuration file, or the embedded default when C{path} is None."""
+    if path is None:
+        return parse({}, "<embedded default>", os.getcwd())
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(doc, path, os.path.dirname(os.path.abspath(path)))
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every option's default, by section, for the documentation test."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in SECTIONS.items():
+        out[name] = {}
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out[name][f.name] = f.default
+            elif f.default_factory is not MISSING:
+                out[name][f.name] = f.default_factory()
+    return out

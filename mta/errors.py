@@ -1,0 +1,96 @@
+"""SMTP replies and the errors that carry them.
+
+Every decision the server makes ends as a L{Reply}: a three-digit code, an
+RFC 3463 enhanced status code and a short human text.  Code that refuses
+something raises L{SMTPReplyError} with the reply to send, so that the
+session layer is the only place that writes to the wire.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply (RFC 5321 section 4.2), possibly multi-line.
+
+    C{enhanced} is the RFC 3463 status code (C{"2.0.0"}), or C{None} for the
+    greeting and the replies that RFC 2034 exempts.  C{text} may contain
+    newlines; each line becomes one reply line.
+    """
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"bad SMTP reply code {self.code}")
+        if self.enhanced is not None:
+            if not _ENHANCED.match(self.enhanced):
+                raise ValueError(f"bad enhanced status code {self.enhanced!r}")
+            if self.enhanced[0] != str(self.code)[0]:
+                raise ValueError(f"enhanced code {self.enhanced} does not match {self.code}")
+
+    @property
+    def positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def lines(self) -> list[str]:
+        """The reply's lines without the code, enhanced code prefixed to each."""
+        texts = self.text.split("\n") or [""]
+        if self.enhanced is None:
+            return texts
+        return [f"{self.enhanced} {t}" if t else self.enhanced for t in texts]
+
+    def encode(self) -> bytes:
+        """The reply as it goes on the wire, CRLF-terminated.
+
+        Any CR or LF inside a line is replaced so that no text can inject an
+        extra reply line.
+        """
+        lines = [ln.replace("\r", " ") for ln in self.lines()]
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{line}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return " ".join([str(self.code), *self.lines()])
+
+
+class SMTPReplyError(Exception):
+    """Raised where processing must stop with a given reply to the client."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class StorageError(Exception):
+    """The spool could not store or update a message.
+
+    C{disk_full} distinguishes ENOSPC/EDQUOT, which the submission server
+    reports as C{452 4.3.1}, from every other failure (C{451 4.3.0}).
+    """
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+class ConfigError(Exception):
+    """A configuration file or value is wrong; the text names file and key."""

@@ -1,0 +1,65 @@
+"""The seams between the parts of the MTA, as zope Interfaces.
+
+Each interface's docstring is its contract.  Real implementations live
+beside the code that owns the concern; fakes for tests live in
+L{mta.testing} and are checked with C{verifyObject} like the real ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from mta.envelope import Envelope
+
+
+class ISpoolTransaction(Interface):
+    """One message being received into the spool.
+
+    Opened at MAIL (so the queue ID exists for logs and the trace header),
+    fed the message bytes during DATA, then either committed or aborted.
+    Nothing of an uncommitted transaction survives a restart.
+    """
+
+    queue_id = Attribute("The queue ID this message will have once committed.")
+    size = Attribute("Number of message octets written so far.")
+
+    def write(data: bytes) -> None:
+        """Append message bytes.  Raises L{mta.errors.StorageError}."""
+
+    def commit(envelope: Envelope) -> Deferred[str]:
+        """Make the message durable; fires with the queue ID.
+
+        Fires only after the message, its envelope and the directory entry
+        are on stable storage (fsync of files and directory).  Fails with
+        L{mta.errors.StorageError} otherwise, in which case nothing of the
+        message is left in the queue.
+        """
+
+    def abort() -> None:
+        """Forget the message; safe to call more than once and after a failure."""
+
+
+class ISpool(Interface):
+    """The durable message store (C{docs/spool-format.md})."""
+
+    def begin() -> ISpoolTransaction:
+        """Start receiving a message.  Raises L{mta.errors.StorageError}."""
+
+    def add_listener(listener: Callable[[str, str], None]) -> None:
+        """Call C{listener(queue_id, state)} after each message is committed."""
+
+    def ids(state: str) -> Iterator[str]:
+        """The queue IDs in one state directory, in no particular order."""
+
+    def load(queue_id: str) -> tuple[str, Envelope]:
+        """Read one envelope; returns its state and the envelope.
+
+        Raises C{KeyError} if the ID is not in the spool and
+        L{mta.spool.format.FormatError} if its envelope is unreadable.
+        """
+
+    def message_path(queue_id: str, state: str) -> str:
+        """The file holding the raw message of C{queue_id} in C{state}."""

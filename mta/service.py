@@ -1,0 +1,174 @@
+"""The composition root: builds every part from a L{Config} and wires them.
+
+Nothing else in the package imports the global reactor; it is passed in
+here and handed down.  L{MTAService} is what C{twistd -n mta} runs.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from functools import partial
+from types import FrameType
+from typing import Any, NoReturn
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mta.config import Config
+from mta.errors import ConfigError, StorageError
+from mta.smtp.auth import AuthThrottle, UserFileChecker
+from mta.smtp.server import SessionSettings, SubmissionFactory
+from mta.spool.fs import Spool, SpoolLock, SpoolStore
+from mta.spool.queueid import QueueIdGenerator
+from mta.tls import ServerTLS, ensure_selfsigned
+from mta.users import UserFile
+
+log = Logger(namespace="mta")
+
+
+def fatal(message: str) -> NoReturn:
+    """Stop start-up with one clear line on stderr and exit status 1."""
+    sys.stderr.write(f"mta: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+class MTAService(MultiService):
+    """Everything one mta process runs."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.reactor = reactor
+        self.hostname = config.hostname
+        self.ports: list[IListeningPort] = []
+        self._pools: list[ThreadPool] = []
+
+        self.store = SpoolStore(config.server.spool)
+        self.store.open()
+        self.lock = SpoolLock(self.store.root)
+
+        if config.tls.certificate:
+            cert, key = config.tls.certificate, config.tls.key
+        else:
+            cert, key = ensure_selfsigned(config.tls.selfsigned_dir, self.hostname)
+        self.tls = ServerTLS(cert, key)
+
+        self.spool_runner = self._pool("spool-io", 4)
+        self.spool = Spool(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
+        self.users = UserFile(config.server.users_file)
+        self.users.users()  # a broken users file stops start-up here
+        auth = config.auth
+        self.settings = SessionSettings(
+            config=config,
+            hostname=self.hostname,
+            tls=self.tls,
+            spool=self.spool,
+            users=self.users,
+            checker=UserFileChecker(self.users, self._pool("auth", 2)),
+            throttle=AuthThrottle(
+                reactor,
+                max_failures=auth.max_failures,
+                window=auth.failure_window,
+                delay=auth.failure_delay,
+                delay_max=auth.failure_delay_max,
+            ),
+            clock=reactor,
+        )
+        self.listeners: list[tuple[str, IProtocolFactory]] = []
+        for description in config.listen.submissions:
+            inner = SubmissionFactory(self.settings, implicit_tls=True)
+            self.listeners.append((description, TLSMemoryBIOFactory(self.tls, False, inner)))
+        for description in config.listen.submission:
+            plain = SubmissionFactory(self.settings, implicit_tls=False)
+            self.listeners.append((description, plain))
+
+    def _pool(self, name: str, size: int) -> Callable[[Callable[[], Any]], Deferred[Any]]:
+        pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+        self._pools.append(pool)
+        return partial(deferToThreadPool, self.reactor, pool)
+
+    def startService(self) -> None:
+        try:
+            self.lock.acquire()
+        except (OSError, StorageError) as e:
+            fatal(str(e))
+        removed = self.store.clean_tmp()
+        if removed:
+            log.info(
+                "removed {n} incomplete messages from {spool}/tmp", n=removed, spool=self.store.root
+            )
+        self._listen()
+        for pool in self._pools:
+            pool.start()
+        signal.signal(signal.SIGHUP, self._sighup)
+        log.info(
+            "mta started as {host}; spool {spool}; TLS certificate {cert} (SHA-256 {fp})",
+            host=self.hostname,
+            spool=self.store.root,
+            cert=self.tls.info.path,
+            fp=self.tls.info.sha256,
+        )
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def _listen(self) -> None:
+        for description, factory in self.listeners:
+            try:
+                endpoint = serverFromString(self.reactor, description)
+            except (ValueError, TypeError, KeyError) as e:
+                self._unlisten()
+                fatal(f"{self.config.source}: [listen] bad endpoint {description!r}: {e}")
+            outcome: list[Any] = []
+            endpoint.listen(factory).addBoth(outcome.append)
+            if not outcome or isinstance(outcome[0], Failure):
+                self._unlisten()
+                reason = outcome[0].getErrorMessage() if outcome else "did not complete"
+                fatal(f"cannot listen on {description}: {reason}")
+            self.ports.append(outcome[0])
+            log.info("listening on {desc}", desc=description)
+
+    def _unlisten(self) -> Deferred[Any]:
+        ports, self.ports = self.ports, []
+        stopping = [maybeDeferred(port.stopListening) for port in ports]
+        return DeferredList(stopping)
+
+    def stopService(self) -> Deferred[Any]:
+        children = super().stopService()  # type: ignore[no-untyped-call]
+        listening = self._unlisten()
+
+        def release(_: object) -> None:
+            # Waits for work already handed to the threads (commits in flight).
+            for pool in self._pools:
+                pool.stop()
+            self.lock.release()
+
+        return DeferredList([children, listening]).addBoth(release)
+
+    def _sighup(self, signum: int, frame: FrameType | None) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the certificate; established connections keep theirs."""
+        try:
+            info = self.tls.reload()
+        except ConfigError as e:
+            log.error("reload failed, keeping the old certificate: {e}", e=str(e))
+            return
+        log.info("reloaded TLS certificate {path} (SHA-256 {fp})", path=info.path, fp=info.sha256)
+
+
+def build(config: Config, reactor: Any) -> MTAService:
+    """Build the service, turning configuration and storage errors into L{fatal}."""
+    try:
+        return MTAService(config, reactor)
+    except (ConfigError, StorageError) as e:
+        fatal(str(e))

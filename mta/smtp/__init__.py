@@ -1,0 +1,1 @@
+"""SMTP: the submission server and (later) the outbound client."""

@@ -1,0 +1,223 @@
+"""What the submission server does to a message's header section.
+
+L{MessageBuilder} sits between the DATA reader and the spool.  It holds back
+the header section until it is complete, checks it (one From: address that
+the login may use, not too many Received: fields), then writes the stored
+form: a new C{Received:} field first, every original field byte for byte
+except C{Bcc:}, C{Message-ID:} and C{Date:} when missing, then the body as
+received.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.utils import format_datetime
+from typing import Any
+
+from mta.address import valid_domain
+from mta.errors import Reply, SMTPReplyError, StorageError
+from mta.users import User
+
+_FIELD_NAME = re.compile(rb"^[!-9;-~]+$")
+
+
+@dataclass(frozen=True)
+class TraceInfo:
+    """What the trace field records about the submission (RFC 5321 section 4.4)."""
+
+    hostname: str
+    queue_id: str
+    helo: str
+    client_address: str
+    tls: str | None
+    smtputf8: bool
+    recipients: tuple[str, ...]
+    when: float
+
+
+def received_field(trace: TraceInfo) -> bytes:
+    """The C{Received:} field this server prepends, folded, CRLF-terminated.
+
+    The protocol is C{ESMTPSA} (RFC 3848: ESMTP with TLS and AUTH) or
+    C{UTF8SMTPSA} (RFC 6531); the recipient is named only when there is
+    exactly one, so that Bcc recipients stay private.
+    """
+    helo = trace.helo if valid_domain(trace.helo, utf8=True) else "unknown"
+    if trace.helo.startswith("[") and valid_domain(trace.helo):
+        helo = trace.helo
+    proto = "UTF8SMTPSA" if trace.smtputf8 else "ESMTPSA"
+    lines = [f"Received: from {helo} ([{trace.client_address}])"]
+    if trace.tls:
+        lines.append(f"\t(using {trace.tls})")
+    lines.append(f"\tby {trace.hostname} (mta) with {proto} id {trace.queue_id}")
+    if len(trace.recipients) == 1:
+        lines.append(f"\tfor <{trace.recipients[0]}>")
+    lines[-1] += ";"
+    lines.append("\t" + format_datetime(datetime.fromtimestamp(trace.when, UTC)))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def split_fields(section: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a header section into C{(lower-case name, raw field bytes)}.
+
+    The raw bytes include continuation lines and the final CRLF, so writing
+    them back unchanged reproduces the input.  A line that is neither a
+    field nor a continuation makes the section invalid (RFC 5322 section
+    2.2).
+    """
+    fields: list[tuple[bytes, list[bytes]]] = []
+    for line in section.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise SMTPReplyError(
+                    Reply(550, "5.6.0", "Message header section starts with a continuation line")
+                )
+            fields[-1][1].append(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        name = name.rstrip(b" \t")
+        if not colon or not _FIELD_NAME.match(name):
+            shown = line[:40].decode("utf-8", "replace")
+            raise SMTPReplyError(Reply(550, "5.6.0", f"Malformed header line: {shown!r}"))
+        fields.append((name.lower(), [line]))
+    return [(name, b"".join(ln + b"\r\n" for ln in lines)) for name, lines in fields]
+
+
+def field_value(raw: bytes) -> str:
+    """The unfolded value of a raw field, decoded as UTF-8 (RFC 6532)."""
+    value = raw.partition(b":")[2]
+    text = value.decode("utf-8", "surrogateescape")
+    return re.sub(r"\r\n(?=[ \t])", "", text).strip()
+
+
+def from_address(raw_fields: list[bytes]) -> str:
+    """The single address of the one C{From:} field, or a reply saying what is wrong."""
+    if not raw_fields:
+        raise SMTPReplyError(
+            Reply(550, "5.6.0", "Message has no From: header; add one with your address")
+        )
+    if len(raw_fields) > 1:
+        raise SMTPReplyError(Reply(550, "5.6.0", "Message has more than one From: header"))
+    header = policy.default.header_factory("from", field_value(raw_fields[0]))
+    addresses: tuple[Any, ...] = getattr(header, "addresses", ())
+    groups: tuple[Any, ...] = getattr(header, "groups", ())
+    if (
+        len(addresses) != 1
+        or any(g.display_name is not None for g in groups)
+        or "@" not in addresses[0].addr_spec
+        or any(type(d).__name__ == "InvalidHeaderDefect" for d in header.defects)
+    ):
+        raise SMTPReplyError(
+            Reply(550, "5.6.0", "The From: header must hold exactly one valid address")
+        )
+    return str(addresses[0].addr_spec)
+
+
+class MessageBuilder:
+    """Receives the unstuffed message and writes its stored form to C{out}.
+
+    Errors do not raise out of L{write} (the DATA reader must keep reading
+    to the end of data); they are kept in C{error} and the rest is dropped.
+    """
+
+    def __init__(
+        self,
+        trace: TraceInfo,
+        user: User,
+        out: Callable[[bytes], None],
+        *,
+        max_received: int,
+        max_header_size: int,
+    ) -> None:
+        self._trace = trace
+        self._user = user
+        self._out = out
+        self._max_received = max_received
+        self._max_header_size = max_header_size
+        self._head = b""
+        self._in_body = False
+        self.error: Reply | None = None
+        self.storage_error: StorageError | None = None
+        self.message_id: str | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None or self.storage_error is not None:
+            return
+        if self._in_body:
+            self._emit(data)
+            return
+        searched = max(0, len(self._head) - 3)
+        self._head += data
+        if self._head.startswith(b"\r\n"):
+            end = 0
+        else:
+            end = self._head.find(b"\r\n\r\n", searched)
+            end = end + 2 if end >= 0 else -1
+        if end < 0:
+            if len(self._head) > self._max_header_size:
+                self.error = Reply(
+                    552, "5.3.4", f"Header section exceeds {self._max_header_size} bytes"
+                )
+            return
+        head, rest = self._head[:end], self._head[end:]
+        self._head = b""
+        self._in_body = True
+        self._header_section(head)
+        if self.error is None and rest:
+            self._emit(rest)
+
+    def _emit(self, data: bytes) -> None:
+        try:
+            self._out(data)
+        except StorageError as e:
+            self.storage_error = e
+
+    def finish(self) -> None:
+        """End of data: a message without an empty line is all header section."""
+        if not self._in_body and self.error is None and self.storage_error is None:
+            head, self._head = self._head, b""
+            self._in_body = True
+            self._header_section(head)
+
+    def _header_section(self, head: bytes) -> None:
+        try:
+            fields = split_fields(head)
+            self._check(fields)
+        except SMTPReplyError as e:
+            self.error = e.reply
+            return
+        names = {name for name, _ in fields}
+        out = [received_field(self._trace)]
+        out += [raw for name, raw in fields if name != b"bcc"]
+        if b"message-id" not in names:
+            self.message_id = f"<{self._trace.queue_id}@{self._trace.hostname}>"
+            out.append(f"Message-ID: {self.message_id}\r\n".encode())
+        else:
+            raw = next(raw for name, raw in fields if name == b"message-id")
+            self.message_id = field_value(raw)[:200]
+        if b"date" not in names:
+            when = datetime.fromtimestamp(self._trace.when, UTC)
+            out.append(f"Date: {format_datetime(when)}\r\n".encode())
+        self._emit(b"".join(out))
+
+    def _check(self, fields: list[tuple[bytes, bytes]]) -> None:
+        received = sum(1 for name, _ in fields if name == b"received")
+        if received > self._max_received:
+            raise SMTPReplyError(
+                Reply(554, "5.4.6", f"Too many Received: headers ({received}); mail loop?")
+            )
+        sender = from_address([raw for name, raw in fields if name == b"from"])
+        if not self._user.may_send_as(sender):
+            raise SMTPReplyError(
+                Reply(
+                    550,
+                    "5.7.1",
+                    f"From: header address <{sender}> does not belong to your login "
+                    f"<{self._user.email}>; make sure your From address matches "
+                    "your authenticated address",
+                )
+            )

@@ -1,0 +1,740 @@
+"""The submission server: one ESMTP session per connection (RFC 5321, 6409).
+
+Why not Twisted's C{smtp.ESMTP}: it advertises no extensions of its own,
+drops MAIL/RCPT parameters, offers AUTH before TLS, reads DATA line by line
+with LF tolerance, and keeps buffered plaintext across STARTTLS.  Each of
+those is a rule this server must get right, so the session is written here
+on C{Protocol} directly.  It is a small state machine:
+
+  - command lines are read strictly (CRLF, at most 512 octets; 12288 for
+    AUTH, RFC 4954) and handled in order; a handler returns a L{Reply} or a
+    Deferred of one, and while a Deferred is pending no further input is
+    processed, so pipelined commands (RFC 2920) get their replies in order;
+  - after C{354}, input goes to the L{DataReader} until C{CRLF.CRLF};
+  - the message goes through L{MessageBuilder} into a spool transaction
+    that was opened at MAIL and is committed before C{250} is sent.
+
+Reply texts are written for the person reading them in a mail client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta import address as addr
+from mta.config import Config
+from mta.envelope import Envelope, Recipient
+from mta.errors import Reply, SMTPReplyError, StorageError
+from mta.interfaces import ISpool, ISpoolTransaction
+from mta.smtp import auth
+from mta.smtp.dataread import DataReader
+from mta.smtp.message import MessageBuilder, TraceInfo
+from mta.tls import ServerTLS, describe_connection
+from mta.users import User, UserFile
+
+log = Logger(namespace="mta.smtpd")
+
+MAX_COMMAND_LINE = 512  # RFC 5321 section 4.5.3.1.4, CRLF included
+MAX_PAUSED_INPUT = 256 * 1024  # pipelined input held while a reply is pending
+
+OK = Reply(250, "2.0.0", "Ok")
+NEED_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+NEED_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+NEED_AUTH = Reply(
+    530, "5.7.0", "Authentication required: log in with your email address and password"
+)
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NO_PARAMS = Reply(501, "5.5.4", "This command takes no arguments")
+TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded; closing connection")
+
+
+def storage_reply(e: StorageError) -> Reply:
+    if e.disk_full:
+        return Reply(452, "4.3.1", "Insufficient system storage; try again later")
+    return Reply(451, "4.3.0", "Temporary failure storing the message; try again later")
+
+
+@dataclass
+class SessionSettings:
+    """What every session of one listener shares (built by the service)."""
+
+    config: Config
+    hostname: str
+    tls: ServerTLS
+    spool: ISpool
+    users: UserFile
+    checker: ICredentialsChecker
+    throttle: auth.AuthThrottle
+    clock: IReactorTime
+
+
+@dataclass
+class _Transaction:
+    """A mail transaction from MAIL to the end of DATA."""
+
+    sender: str
+    spool: ISpoolTransaction
+    size: int | None = None
+    body: str | None = None
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+@implementer(IHandshakeListener)
+class SubmissionSession(Protocol):
+    """One client connection to a submission listener."""
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        *,
+        implicit_tls: bool,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.s = settings
+        self._on_close = on_close
+        self.limits = settings.config.limits
+        self.implicit_tls = implicit_tls
+        self._timer: IDelayedCall | None = None
+        self.tls_active = implicit_tls
+        self.tls_info: str | None = None
+        self.peer = "unknown"
+        self.helo: str | None = None
+        self.esmtp = False
+        self.login: str | None = None
+        self.txn: _Transaction | None = None
+        self._buffer = b""
+        self._discarding = False  # inside an over-long line
+        self._busy = False
+        self._paused = False
+        self._closed = False
+        self._reader: DataReader | None = None
+        self._builder: MessageBuilder | None = None
+        self._sasl: Callable[[str], Reply | Deferred[Reply] | None] | None = None
+        self._errors = 0
+        self.stats: Counter[str] = Counter()
+
+    # -- connection --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = getattr(peer, "host", "unknown")
+        log.info("connect from [{peer}]", peer=self.peer)
+        self._reset_timer()
+        self._write(Reply(220, None, f"{self.s.hostname} ESMTP mta"))
+
+    def handshakeCompleted(self) -> None:
+        self.tls_info = describe_connection(self.transport.getHandle())  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._abort_transaction()
+        if self._on_close is not None:
+            self._on_close()
+        counts = " ".join(f"{k}={v}" for k, v in self.stats.items())
+        log.info("disconnect from [{peer}] {counts}", peer=self.peer, counts=counts)
+
+    def _reset_timer(self) -> None:
+        """Idle timeout (RFC 5321 section 4.5.3.2), restarted by any input."""
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.limits.idle_timeout)
+        else:
+            self._timer = self.s.clock.callLater(self.limits.idle_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        log.info("timeout after {state} from [{peer}]", state=self._state(), peer=self.peer)
+        self._write(TIMEOUT)
+        self._close()
+
+    def _state(self) -> str:
+        if self._reader is not None:
+            return "DATA"
+        if self._sasl is not None:
+            return "AUTH"
+        return "RCPT" if self.txn else "command"
+
+    def _write(self, reply: Reply) -> None:
+        if not self._closed:
+            self.transport.write(reply.encode())  # type: ignore[union-attr]
+
+    def _close(self) -> None:
+        self._closed = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._reset_timer()
+        self._buffer += data
+        if self._busy and len(self._buffer) > MAX_PAUSED_INPUT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._closed:
+            if self._reader is not None:
+                rest = self._reader.feed(self._buffer)
+                self._buffer = b""
+                if rest is not None:
+                    self._buffer = rest
+                    self._run(self._end_of_data)
+                continue
+            line = self._next_line()
+            if line is None:
+                break
+            self._line(line)
+        if self._paused and not self._busy:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _next_line(self) -> bytes | None:
+        """Take one line from the buffer, handling over-long ones.
+
+        Returns the line with its terminator, or None when no full line is
+        buffered.  A line longer than the AUTH limit is skipped to its end
+        with a single 500 reply.
+        """
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > auth.MAX_AUTH_LINE:
+                    if not self._discarding:
+                        self._discarding = True
+                        self._reply(Reply(500, "5.5.2", "Line too long"))
+                    self._buffer = b""
+                return None
+            line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+            if not self._discarding:
+                return line
+            self._discarding = False
+
+    def _line(self, raw: bytes) -> None:
+        if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+            self._reply(Reply(500, "5.5.2", "Lines must end with CRLF (bare LF or CR received)"))
+            return
+        try:
+            text = raw[:-2].decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(Reply(500, "5.5.2", "Command is not valid UTF-8"))
+            return
+        if self._sasl is not None:
+            step, self._sasl = self._sasl, None
+            self._run(lambda: step(text))
+            return
+        verb, _, args = text.partition(" ")
+        verb = verb.upper()
+        if len(raw) > MAX_COMMAND_LINE and verb != "AUTH":
+            self._reply(Reply(500, "5.5.2", "Line too long"))
+            return
+        handler = self._handlers.get(verb)
+        if handler is None:
+            if verb in ("GET", "POST", "HEAD", "PUT", "CONNECT", "USER"):
+                log.info("non-SMTP command {verb} from [{peer}]", verb=verb, peer=self.peer)
+                self._write(Reply(421, "4.7.0", "This is an SMTP server; closing connection"))
+                self._close()
+                return
+            self.stats["unknown"] += 1
+            self._reply(Reply(500, "5.5.2", "Command not recognized"))
+            return
+        self.stats[verb.lower()] += 1
+        self._run(lambda: handler(self, args.strip(" ")))
+
+    def _run(self, action: Callable[[], Reply | Deferred[Reply] | None]) -> None:
+        """Run a handler; hold further input until its reply is sent."""
+        try:
+            result = action()
+        except SMTPReplyError as e:
+            result = e.reply
+        except Exception:
+            log.failure("error handling a command from [{peer}]", peer=self.peer)
+            result = Reply(451, "4.3.0", "Internal error; try again later")
+        if result is None:
+            return
+        if isinstance(result, Reply):
+            self._reply(result)
+            return
+        self._busy = True
+
+        def done(outcome: Reply | Failure) -> None:
+            self._busy = False
+            if isinstance(outcome, Failure):
+                if outcome.check(SMTPReplyError):
+                    reply = outcome.value.reply  # type: ignore[union-attr]
+                else:
+                    log.failure("error handling a command", outcome)
+                    reply = Reply(451, "4.3.0", "Internal error; try again later")
+            else:
+                reply = outcome
+            if reply is not None:
+                self._reply(reply)
+            self._process()
+
+        result.addBoth(done)
+
+    def _reply(self, reply: Reply) -> None:
+        self._write(reply)
+        if reply.code >= 400 and reply.code != 421:
+            self._errors += 1
+            if self._errors >= self.limits.errors:
+                log.info("too many errors from [{peer}]", peer=self.peer)
+                self._write(Reply(421, "4.7.0", "Too many errors; closing connection"))
+                self._close()
+        elif reply.code == 421:
+            self._close()
+
+    # -- commands ----------------------------------------------------------
+
+    def _extensions(self) -> list[str]:
+        ext = [
+            "PIPELINING",
+            f"SIZE {self.limits.message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        if self.tls_active:
+            ext.append("AUTH " + " ".join(auth.MECHANISMS))
+        elif not self.implicit_tls:
+            ext.append("STARTTLS")
+        return ext
+
+    def do_EHLO(self, args: str) -> Reply:
+        if not self._valid_helo(args):
+            return Reply(501, "5.5.4", "Syntax: EHLO your-hostname")
+        self._abort_transaction()
+        self.helo, self.esmtp = args, True
+        return Reply(250, None, "\n".join([self.s.hostname, *self._extensions()]))
+
+    def do_HELO(self, args: str) -> Reply:
+        if not self._valid_helo(args):
+            return Reply(501, "5.5.4", "Syntax: HELO your-hostname")
+        self._abort_transaction()
+        self.helo, self.esmtp = args, False
+        return Reply(250, None, self.s.hostname)
+
+    @staticmethod
+    def _valid_helo(args: str) -> bool:
+        return bool(args) and " " not in args and len(args) <= 255 and args.isprintable()
+
+    def do_STARTTLS(self, args: str) -> Reply | None:
+        if args:
+            return NO_PARAMS
+        if self.implicit_tls:
+            return Reply(502, "5.5.1", "STARTTLS is not offered on this port (TLS is already on)")
+        if self.tls_active:
+            return Reply(503, "5.5.1", "TLS is already active")
+        if self.helo is None:
+            return NEED_EHLO
+        if self._buffer:
+            # CVE-2011-0411: nothing sent before the handshake may be taken
+            # as sent inside it.
+            log.info(
+                "discarding {n} octets pipelined after STARTTLS from [{peer}]",
+                n=len(self._buffer),
+                peer=self.peer,
+            )
+            self._buffer = b""
+        self._write(Reply(220, "2.0.0", "Ready to start TLS"))
+        self.transport.startTLS(self.s.tls)  # type: ignore[union-attr]
+        self.tls_active = True
+        # RFC 3207 section 4.2: forget everything learnt before TLS.
+        self._abort_transaction()
+        self.helo, self.esmtp, self.login = None, False, None
+        return None
+
+    def do_AUTH(self, args: str) -> Reply | Deferred[Reply] | None:
+        if not self.tls_active:
+            return Reply(538, "5.7.11", "Encryption required: issue STARTTLS before AUTH")
+        if not self.esmtp:
+            return NEED_EHLO
+        if self.login is not None:
+            return Reply(503, "5.5.1", "Already authenticated")
+        if self.txn is not None:
+            return Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+        mechanism, _, initial = args.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism not in auth.MECHANISMS:
+            return Reply(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN")
+        if self.s.throttle.blocked(self.peer):
+            log.info("AUTH refused for [{peer}]: too many failures", peer=self.peer)
+            return Reply(
+                454, "4.7.0", "Too many failed login attempts from your address; try again later"
+            )
+        if mechanism == "PLAIN":
+            if initial:
+                return self._plain(initial)
+            self._sasl = self._sasl_step(self._plain)
+            return Reply(334, None, "")
+        if initial:
+            return self._login_username(initial)
+        self._sasl = self._sasl_step(self._login_username)
+        return Reply(334, None, auth.USERNAME_CHALLENGE)
+
+    @staticmethod
+    def _sasl_step(
+        then: Callable[[str], Reply | Deferred[Reply]],
+    ) -> Callable[[str], Reply | Deferred[Reply]]:
+        def step(response: str) -> Reply | Deferred[Reply]:
+            if response == "*":
+                return Reply(501, "5.7.0", "Authentication cancelled")
+            return then(response)
+
+        return step
+
+    def _plain(self, response: str) -> Reply | Deferred[Reply]:
+        username, password = auth.decode_plain(response)
+        return self._check_password("PLAIN", username, password)
+
+    def _login_username(self, response: str) -> Reply:
+        username = auth.decode_login_field(response)
+
+        def password_step(resp: str) -> Reply | Deferred[Reply]:
+            return self._check_password("LOGIN", username, auth.decode_login_field(resp))
+
+        self._sasl = self._sasl_step(password_step)
+        return Reply(334, None, auth.PASSWORD_CHALLENGE)
+
+    def _check_password(self, method: str, username: str, password: str) -> Deferred[Reply]:
+        credentials = UsernamePassword(username.encode(), password.encode())
+        d = self.s.checker.requestAvatarId(credentials)
+
+        def ok(login: str) -> Reply:
+            self.login = login
+            log.info(
+                "[{peer}]: sasl_method={method}, sasl_username={login}",
+                peer=self.peer,
+                method=method,
+                login=login,
+            )
+            return Reply(235, "2.7.0", "Authentication successful")
+
+        def failed(f: Failure) -> Deferred[Reply]:
+            f.trap(UnauthorizedLogin)
+            delay = self.s.throttle.failure(self.peer, username, password)
+            log.warn(
+                "[{peer}]: SASL {method} authentication failed for {user!r}",
+                peer=self.peer,
+                method=method,
+                user=username[:100],
+            )
+            reply = Reply(
+                535,
+                "5.7.8",
+                "Authentication failed: wrong username or password "
+                "(the username is your full email address)",
+            )
+            later: Deferred[Reply] = Deferred()
+            self.s.clock.callLater(delay, later.callback, reply)
+            return later
+
+        return d.addCallbacks(ok, failed)
+
+    def _user(self) -> User:
+        assert self.login is not None
+        user = self.s.users.get(self.login)
+        if user is None:
+            # Deleted since login: the session's rights end with the account.
+            raise SMTPReplyError(Reply(535, "5.7.8", "Your account no longer exists"))
+        return user
+
+    def do_MAIL(self, args: str) -> Reply:
+        if self.helo is None:
+            return NEED_EHLO
+        if not self.tls_active:
+            return NEED_STARTTLS
+        if self.login is None:
+            return NEED_AUTH
+        if self.txn is not None:
+            return Reply(503, "5.5.1", "Nested MAIL command")
+        path, param_text = addr.split_path(args, "FROM:")
+        params = addr.parse_params(param_text, utf8=True)
+        if params and not self.esmtp:
+            return Reply(555, "5.5.4", "Parameters need EHLO, not HELO")
+        smtputf8 = "SMTPUTF8" in params
+        if not smtputf8:
+            params = addr.parse_params(param_text, utf8=False)
+        size = self._mail_params(params)
+        if not path:
+            return Reply(550, "5.7.1", "A null sender <> is not accepted for submission")
+        sender = str(addr.parse_mailbox(path, utf8=smtputf8))
+        user = self._user()
+        if not user.may_send_as(sender):
+            return Reply(
+                550,
+                "5.7.1",
+                f"Sender address <{sender}> does not belong to your login <{user.email}>; "
+                "make sure your From address matches your authenticated address",
+            )
+        try:
+            spool_txn = self.s.spool.begin()
+        except StorageError as e:
+            log.error("cannot start a message: {e}", e=str(e))
+            return storage_reply(e)
+        self.txn = _Transaction(sender=sender, spool=spool_txn, size=size, smtputf8=smtputf8)
+        self.txn.body = params.get("BODY")
+        self.txn.ret = params.get("RET")
+        if "ENVID" in params:
+            self.txn.envid = addr.parse_envid(params["ENVID"])
+        log.info(
+            "{qid}: client=[{peer}], sasl_username={login}",
+            qid=spool_txn.queue_id,
+            peer=self.peer,
+            login=self.login,
+        )
+        return Reply(250, "2.1.0", f"Sender <{sender}> OK")
+
+    def _mail_params(self, params: dict[str, str | None]) -> int | None:
+        size: int | None = None
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise SMTPReplyError(Reply(501, "5.5.4", "SIZE needs a number"))
+                size = int(value)
+                if size > self.limits.message_size:
+                    raise SMTPReplyError(
+                        Reply(
+                            552,
+                            "5.3.4",
+                            f"Message size exceeds the limit of {self.limits.message_size} bytes",
+                        )
+                    )
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPReplyError(Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
+                params[key] = value.upper()
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise SMTPReplyError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+            elif key == "RET":
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    raise SMTPReplyError(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
+                params[key] = value.upper()
+            elif key in ("ENVID", "AUTH"):
+                # ENVID is decoded by the caller; AUTH= (RFC 4954 section 5)
+                # is accepted and ignored: the login is what counts.
+                pass
+            else:
+                raise SMTPReplyError(Reply(555, "5.5.4", f"Unsupported parameter {key}"))
+        return size
+
+    def do_RCPT(self, args: str) -> Reply:
+        if self.txn is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if len(self.txn.recipients) >= self.limits.recipients:
+            return Reply(
+                452, "4.5.3", f"Too many recipients (at most {self.limits.recipients} per message)"
+            )
+        path, param_text = addr.split_path(args, "TO:")
+        params = addr.parse_params(param_text, utf8=self.txn.smtputf8)
+        rcpt = Recipient(address=str(addr.parse_mailbox(path, utf8=self.txn.smtputf8)))
+        for key, value in params.items():
+            if key == "NOTIFY":
+                rcpt.notify = addr.parse_notify(value)
+            elif key == "ORCPT":
+                rcpt.orcpt = addr.parse_orcpt(value)
+            else:
+                return Reply(555, "5.5.4", f"Unsupported parameter {key}")
+        # A repeated recipient is accepted but kept once (duplicate filter).
+        if rcpt.address.lower() not in {r.address.lower() for r in self.txn.recipients}:
+            self.txn.recipients.append(rcpt)
+        return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
+
+    def do_DATA(self, args: str) -> Reply:
+        if args:
+            return NO_PARAMS
+        if self.txn is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if not self.txn.recipients:
+            return Reply(554, "5.5.1", "No valid recipients")
+        txn = self.txn
+        trace = TraceInfo(
+            hostname=self.s.hostname,
+            queue_id=txn.spool.queue_id,
+            helo=self.helo or "unknown",
+            client_address=self.peer,
+            tls=self.tls_info,
+            smtputf8=txn.smtputf8,
+            recipients=tuple(r.address for r in txn.recipients),
+            when=self.s.clock.seconds(),
+        )
+        self._builder = MessageBuilder(
+            trace,
+            self._user(),
+            txn.spool.write,
+            max_received=self.limits.received_headers,
+            max_header_size=self.limits.header_size,
+        )
+        self._reader = DataReader(self._builder.write, self.limits.message_size)
+        return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def _end_of_data(self) -> Reply | Deferred[Reply]:
+        reader, builder, txn = self._reader, self._builder, self.txn
+        self._reader = self._builder = None
+        self.txn = None
+        assert reader is not None
+        assert builder is not None
+        assert txn is not None
+        if reader.error is None:
+            builder.finish()
+        error = reader.error or builder.error
+        if error is None and builder.storage_error is not None:
+            log.error("{qid}: {e}", qid=txn.spool.queue_id, e=str(builder.storage_error))
+            error = storage_reply(builder.storage_error)
+        if error is not None:
+            txn.spool.abort()
+            log.info(
+                "{qid}: reject: DATA from [{peer}]: {reply}",
+                qid=txn.spool.queue_id,
+                peer=self.peer,
+                reply=str(error),
+            )
+            return error
+        envelope = Envelope(
+            queue_id=txn.spool.queue_id,
+            sender=txn.sender,
+            recipients=txn.recipients,
+            arrival=self.s.clock.seconds(),
+            size=txn.spool.size,
+            body=txn.body,
+            smtputf8=txn.smtputf8,
+            ret=txn.ret,
+            envid=txn.envid,
+            auth_user=self.login,
+            client_address=self.peer,
+            client_helo=self.helo,
+            tls=self.tls_info,
+            message_id=builder.message_id,
+        )
+
+        def queued(queue_id: str) -> Reply:
+            log.info(
+                "{qid}: message-id={mid}, from=<{sender}>, size={size}, nrcpt={n} (queued)",
+                qid=queue_id,
+                mid=envelope.message_id,
+                sender=envelope.sender,
+                size=envelope.size,
+                n=len(envelope.recipients),
+            )
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+        def failed(f: Failure) -> Reply:
+            f.trap(StorageError)
+            log.error("{qid}: not queued: {e}", qid=txn.spool.queue_id, e=str(f.value))
+            return storage_reply(f.value)  # type: ignore[arg-type]
+
+        return maybeDeferred(txn.spool.commit, envelope).addCallbacks(queued, failed)
+
+    def do_RSET(self, args: str) -> Reply:
+        if args:
+            return NO_PARAMS
+        self._abort_transaction()
+        return OK
+
+    def do_NOOP(self, args: str) -> Reply:
+        return OK
+
+    def do_QUIT(self, args: str) -> None:
+        self._write(Reply(221, "2.0.0", "Bye"))
+        self._close()
+
+    def do_HELP(self, args: str) -> Reply:
+        return Reply(214, "2.0.0", "See RFC 5321; log in with AUTH, then MAIL, RCPT, DATA")
+
+    def do_VRFY(self, args: str) -> Reply:
+        return Reply(252, "2.5.0", "Cannot VRFY; send the message and it will be tried")
+
+    def do_EXPN(self, args: str) -> Reply:
+        return Reply(502, "5.5.1", "EXPN is not available")
+
+    def do_BDAT(self, args: str) -> Reply:
+        return Reply(502, "5.5.1", "CHUNKING is not offered; use DATA")
+
+    _handlers: dict[str, Callable[[Any, str], Reply | Deferred[Reply] | None]] = {
+        "EHLO": do_EHLO,
+        "HELO": do_HELO,
+        "STARTTLS": do_STARTTLS,
+        "AUTH": do_AUTH,
+        "MAIL": do_MAIL,
+        "RCPT": do_RCPT,
+        "DATA": do_DATA,
+        "RSET": do_RSET,
+        "NOOP": do_NOOP,
+        "QUIT": do_QUIT,
+        "HELP": do_HELP,
+        "VRFY": do_VRFY,
+        "EXPN": do_EXPN,
+        "BDAT": do_BDAT,
+    }
+
+    def _abort_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn.spool.abort()
+            self.txn = None
+        self._reader = self._builder = None
+
+
+@implementer(interfaces.IProtocolFactory)
+class SubmissionFactory(Factory):
+    """Builds sessions for one listener and enforces connection limits."""
+
+    noisy = False
+
+    def __init__(self, settings: SessionSettings, *, implicit_tls: bool) -> None:
+        self.settings = settings
+        self.implicit_tls = implicit_tls
+        self.per_ip: Counter[str] = Counter()
+        self.total = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        host = getattr(addr, "host", "unknown")
+        limits = self.settings.config.limits
+        if self.total >= limits.connections:
+            return _Refuse(Reply(421, "4.3.2", "Too many connections; try again later"))
+        if self.per_ip[host] >= limits.connections_per_ip:
+            log.info("too many connections from [{host}]", host=host)
+            return _Refuse(Reply(421, "4.7.0", "Too many connections from your address"))
+        self.per_ip[host] += 1
+        self.total += 1
+
+        def closed() -> None:
+            self.per_ip[host] -= 1
+            if self.per_ip[host] <= 0:
+                del self.per_ip[host]
+            self.total -= 1
+
+        session = SubmissionSession(self.settings, implicit_tls=self.implicit_tls, on_close=closed)
+        session.factory = self
+        return session
+
+
+class _Refuse(Protocol):
+    """Says why, then hangs up (RFC 5321 section 3.1: 421 at greeting)."""
+
+    def __init__(self, reply: Reply) -> None:
+        self._reply = reply
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._reply.encode())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]

@@ -1,0 +1,1 @@
+"""The durable, maildir-style message spool."""

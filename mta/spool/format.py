@@ -1,0 +1,164 @@
+"""The versioned JSON envelope format (C{docs/spool-format.md}).
+
+JSON because a person must be able to read a queue with C{cat} and C{jq},
+and because it cannot execute anything when loaded (never pickle).  Times
+are ISO 8601 in UTC with microseconds.  Unknown top-level keys from a newer
+minor revision are kept in C{Envelope.extra} and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from mta.envelope import Envelope, Recipient, RecipientState
+
+FORMAT = "mta-envelope/1"
+
+_TOP_KEYS = {
+    "format", "id", "kind", "arrival", "sender", "size", "body", "smtputf8", "dsn",
+    "auth_user", "client", "message_id", "recipients",
+}  # fmt: skip
+
+
+class FormatError(ValueError):
+    """An envelope file that is not a valid envelope of a known format."""
+
+
+def format_time(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: object) -> float | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise FormatError(f"time must be a string, not {text!r}")
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as e:
+        raise FormatError(f"bad time {text!r}") from e
+
+
+def _recipient_to_json(r: Recipient) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "notify": list(r.notify) if r.notify is not None else None,
+        "orcpt": r.orcpt,
+        "state": r.state.value,
+        "attempts": r.attempts,
+        "last_attempt": format_time(r.last_attempt),
+        "next_attempt": format_time(r.next_attempt),
+        "reply": r.reply,
+        "status": r.dsn_status,
+        "relay": r.relay,
+        "category": r.category,
+        "delay_notified": r.delay_notified,
+    }
+
+
+def to_json(env: Envelope) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "id": env.queue_id,
+        "kind": env.kind,
+        "arrival": format_time(env.arrival),
+        "sender": env.sender,
+        "size": env.size,
+        "body": env.body,
+        "smtputf8": env.smtputf8,
+        "dsn": {"ret": env.ret, "envid": env.envid},
+        "auth_user": env.auth_user,
+        "client": {
+            "address": env.client_address,
+            "helo": env.client_helo,
+            "tls": env.tls,
+        },
+        "message_id": env.message_id,
+        "recipients": [_recipient_to_json(r) for r in env.recipients],
+    }
+    for key, value in env.extra.items():
+        doc.setdefault(key, value)
+    return doc
+
+
+def dumps(env: Envelope) -> bytes:
+    """Serialise an envelope: indented UTF-8 JSON ending in a newline."""
+    return (json.dumps(to_json(env), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], *, null: bool = False) -> Any:
+    value = doc.get(key)
+    if value is None and null:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FormatError(f"{key!r} has the wrong type or is missing")
+    return value
+
+
+def _recipient_from_json(doc: object) -> Recipient:
+    if not isinstance(doc, dict):
+        raise FormatError("a recipient must be an object")
+    notify = _get(doc, "notify", list, null=True)
+    try:
+        state = RecipientState(_get(doc, "state", str))
+    except ValueError as e:
+        raise FormatError(f"unknown recipient state {doc.get('state')!r}") from e
+    return Recipient(
+        address=_get(doc, "address", str),
+        notify=tuple(str(n) for n in notify) if notify is not None else None,
+        orcpt=_get(doc, "orcpt", str, null=True),
+        state=state,
+        attempts=_get(doc, "attempts", int),
+        last_attempt=parse_time(doc.get("last_attempt")),
+        next_attempt=parse_time(doc.get("next_attempt")),
+        reply=_get(doc, "reply", str, null=True),
+        dsn_status=_get(doc, "status", str, null=True),
+        relay=_get(doc, "relay", str, null=True),
+        category=_get(doc, "category", str, null=True),
+        delay_notified=bool(doc.get("delay_notified", False)),
+    )
+
+
+def from_json(doc: object) -> Envelope:
+    if not isinstance(doc, dict):
+        raise FormatError("an envelope must be a JSON object")
+    if doc.get("format") != FORMAT:
+        raise FormatError(f"unknown envelope format {doc.get('format')!r}")
+    dsn = _get(doc, "dsn", dict)
+    client = _get(doc, "client", dict)
+    arrival = parse_time(_get(doc, "arrival", str))
+    assert arrival is not None
+    recipients = [_recipient_from_json(r) for r in _get(doc, "recipients", list)]
+    if not recipients:
+        raise FormatError("an envelope needs at least one recipient")
+    return Envelope(
+        queue_id=_get(doc, "id", str),
+        kind=_get(doc, "kind", str),
+        sender=_get(doc, "sender", str),
+        recipients=recipients,
+        arrival=arrival,
+        size=_get(doc, "size", int),
+        body=_get(doc, "body", str, null=True),
+        smtputf8=_get(doc, "smtputf8", bool),
+        ret=_get(dsn, "ret", str, null=True),
+        envid=_get(dsn, "envid", str, null=True),
+        auth_user=_get(doc, "auth_user", str, null=True),
+        client_address=_get(client, "address", str, null=True),
+        client_helo=_get(client, "helo", str, null=True),
+        tls=_get(client, "tls", str, null=True),
+        message_id=_get(doc, "message_id", str, null=True),
+        extra={k: v for k, v in doc.items() if k not in _TOP_KEYS},
+    )
+
+
+def loads(data: bytes) -> Envelope:
+    """Parse an envelope file; raise L{FormatError} for anything invalid."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"not valid JSON: {e}") from e
+    return from_json(doc)

@@ -1,0 +1,399 @@
+"""The on-disk spool: one directory per message, moved between state directories.
+
+Layout (C{docs/spool-format.md})::
+
+    spool.json                 {"format": "mta-spool/1"}
+    tmp/ID/                    a message being received; never delivered
+    incoming/ID/message        committed, not yet taken by the queue manager
+    incoming/ID/envelope.json
+    active/ deferred/ hold/ corrupt/ done/    the other states, same shape
+
+A message is committed by the maildir recipe: write C{message} and
+C{envelope.json} in C{tmp/ID/}, fsync both files and the directory, rename
+the directory into C{incoming/} (atomic: the message appears whole or not
+at all), fsync C{incoming/}.  Renaming a whole directory keeps the message
+and its envelope together through every state change.
+
+L{SpoolStore} is the synchronous file layer, shared with C{mtactl}.
+L{Spool} is the daemon's asynchronous face: it runs the blocking parts in a
+thread and commits concurrent messages in groups, one fsync of C{incoming/}
+for the whole group.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.envelope import Envelope
+from mta.errors import StorageError
+from mta.interfaces import ISpool, ISpoolTransaction
+from mta.spool import format as envformat
+from mta.spool.queueid import is_queue_id
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
+
+SPOOL_FORMAT = "mta-spool/1"
+STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done")
+MESSAGE = "message"
+ENVELOPE = "envelope.json"
+TMP = "tmp"
+MAX_GROUP = 256
+
+log = Logger(namespace="mta.spool")
+
+
+def storage_error(action: str, e: BaseException) -> StorageError:
+    """Wrap an OS error, marking out-of-space conditions."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return StorageError(f"{action}: {e}", disk_full=full)
+
+
+class FileOps:
+    """The file system calls that make durability; injectable for fault tests."""
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o700)
+
+    def open_new(self, path: str) -> IO[bytes]:
+        return open(path, "xb", buffering=65536)  # noqa: SIM115 - caller closes
+
+    def fsync(self, f: IO[bytes]) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class SpoolStore:
+    """Synchronous operations on a spool directory; every write is durable."""
+
+    def __init__(self, root: str, ops: FileOps | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.ops = ops or FileOps()
+
+    # -- layout ------------------------------------------------------------
+
+    def path(self, state: str, queue_id: str | None = None, name: str | None = None) -> str:
+        if state not in STATES and state != TMP:
+            raise ValueError(f"unknown spool state {state!r}")
+        parts = [self.root, state]
+        if queue_id is not None:
+            parts.append(queue_id)
+        if name is not None:
+            parts.append(name)
+        return os.path.join(*parts)
+
+    def open(self, *, create: bool = True) -> None:
+        """Check (and if needed create) the layout; raise L{StorageError} if unusable."""
+        marker = os.path.join(self.root, "spool.json")
+        try:
+            if create:
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
+                for state in (TMP, *STATES):
+                    os.makedirs(self.path(state), mode=0o700, exist_ok=True)
+            if not os.path.exists(marker):
+                if not create:
+                    raise StorageError(f"{self.root} is not an mta spool (no spool.json)")
+                self._write_json_atomic(marker, {"format": SPOOL_FORMAT})
+            with open(marker, "rb") as f:
+                found = json.load(f).get("format")
+        except (OSError, ValueError) as e:
+            raise storage_error(f"cannot open spool {self.root}", e) from e
+        if found != SPOOL_FORMAT:
+            raise StorageError(
+                f"spool {self.root} has format {found!r}; this version reads {SPOOL_FORMAT}"
+            )
+
+    def clean_tmp(self) -> int:
+        """Remove messages whose reception never completed; returns how many."""
+        removed = 0
+        for name in os.listdir(self.path(TMP)):
+            self.ops.rmtree(self.path(TMP, name))
+            removed += 1
+        return removed
+
+    def _write_json_atomic(self, path: str, doc: Any) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(doc).encode() + b"\n")
+            self.ops.fsync(f)
+        self.ops.rename(tmp, path)
+        self.ops.fsync_dir(os.path.dirname(path))
+
+    # -- receiving ---------------------------------------------------------
+
+    def create_tmp(self, queue_id: str) -> IO[bytes]:
+        """Make C{tmp/ID/} and open its message file for writing."""
+        self.ops.mkdir(self.path(TMP, queue_id))
+        return self.ops.open_new(self.path(TMP, queue_id, MESSAGE))
+
+    def discard_tmp(self, queue_id: str) -> None:
+        self.ops.rmtree(self.path(TMP, queue_id))
+
+    def commit_group(
+        self, items: list[tuple[str, IO[bytes], bytes]]
+    ) -> list[StorageError | None]:
+        """Commit several received messages with one fsync of C{incoming/}.
+
+        C{items} are C{(queue_id, open message file, envelope bytes)}.  Each
+        result is C{None} (committed) or the error that kept that message
+        out of the queue; a failed message leaves nothing in C{incoming/}.
+        """
+        results: list[StorageError | None] = [None] * len(items)
+        moved: list[int] = []
+        for i, (queue_id, message, envelope) in enumerate(items):
+            try:
+                try:
+                    self.ops.fsync(message)
+                finally:
+                    message.close()
+                with self.ops.open_new(self.path(TMP, queue_id, ENVELOPE)) as f:
+                    f.write(envelope)
+                    self.ops.fsync(f)
+                self.ops.fsync_dir(self.path(TMP, queue_id))
+                self.ops.rename(self.path(TMP, queue_id), self.path("incoming", queue_id))
+                moved.append(i)
+            except OSError as e:
+                results[i] = storage_error(f"cannot commit {queue_id}", e)
+                self.ops.rmtree(self.path(TMP, queue_id))
+        if moved:
+            try:
+                self.ops.fsync_dir(self.path("incoming"))
+            except OSError as e:
+                # The entries may not survive a crash, so the client must not
+                # get 250; take them out again rather than risk a duplicate.
+                for i in moved:
+                    queue_id = items[i][0]
+                    results[i] = storage_error(f"cannot commit {queue_id}", e)
+                    self.ops.rmtree(self.path("incoming", queue_id))
+        return results
+
+    # -- the queue ---------------------------------------------------------
+
+    def ids(self, state: str) -> Iterator[str]:
+        with os.scandir(self.path(state)) as it:
+            for entry in it:
+                if is_queue_id(entry.name):
+                    yield entry.name
+
+    def find(self, queue_id: str) -> str:
+        """The state directory holding C{queue_id}; C{KeyError} if none."""
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        for state in STATES:
+            if os.path.isdir(self.path(state, queue_id)):
+                return state
+        raise KeyError(queue_id)
+
+    def load(self, queue_id: str, state: str | None = None) -> tuple[str, Envelope]:
+        state = state or self.find(queue_id)
+        try:
+            with open(self.path(state, queue_id, ENVELOPE), "rb") as f:
+                data = f.read()
+        except FileNotFoundError as e:
+            raise KeyError(queue_id) from e
+        return state, envformat.loads(data)
+
+    def write_envelope(self, state: str, envelope: Envelope) -> None:
+        """Replace a message's envelope atomically and durably."""
+        target = self.path(state, envelope.queue_id, ENVELOPE)
+        tmp = target + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(envformat.dumps(envelope))
+                self.ops.fsync(f)
+            self.ops.rename(tmp, target)
+            self.ops.fsync_dir(self.path(state, envelope.queue_id))
+        except OSError as e:
+            raise storage_error(f"cannot update {envelope.queue_id}", e) from e
+
+    def move(self, queue_id: str, src: str, dst: str) -> None:
+        """Move a message to another state directory, durably."""
+        try:
+            self.ops.rename(self.path(src, queue_id), self.path(dst, queue_id))
+            self.ops.fsync_dir(self.path(dst))
+            self.ops.fsync_dir(self.path(src))
+        except OSError as e:
+            raise storage_error(f"cannot move {queue_id} from {src} to {dst}", e) from e
+
+    def remove(self, queue_id: str, state: str) -> None:
+        """Take a message out of the queue: one rename, then delete at leisure."""
+        graveyard = self.path(TMP, f"removed-{queue_id}")
+        try:
+            self.ops.rename(self.path(state, queue_id), graveyard)
+            self.ops.fsync_dir(self.path(state))
+        except OSError as e:
+            raise storage_error(f"cannot remove {queue_id}", e) from e
+        self.ops.rmtree(graveyard)
+
+
+class SpoolLock:
+    """An exclusive lock so that only one daemon works on a spool."""
+
+    def __init__(self, root: str) -> None:
+        self._path = os.path.join(root, "lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(
+                f"spool {os.path.dirname(self._path)} is in use by another mta process"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@implementer(ISpoolTransaction)
+class _Transaction:
+    def __init__(self, spool: Spool, queue_id: str) -> None:
+        self._spool = spool
+        self.queue_id = queue_id
+        self.size = 0
+        self._file: IO[bytes] | None = spool.store.create_tmp(queue_id)
+        self._error: StorageError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._file is None:
+            raise StorageError("transaction is closed")
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self._error = storage_error(f"cannot write {self.queue_id}", e)
+            raise self._error from e
+        self.size += len(data)
+
+    def commit(self, envelope: Envelope) -> Deferred[str]:
+        if self._error is not None or self._file is None:
+            self.abort()
+            from twisted.internet.defer import fail
+
+            return fail(self._error or StorageError("transaction is closed"))
+        envelope.queue_id = self.queue_id
+        message, self._file = self._file, None
+        return self._spool.commit(self.queue_id, message, envformat.dumps(envelope))
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+            self._spool.store.discard_tmp(self.queue_id)
+
+
+@implementer(ISpool)
+class Spool:
+    """The daemon's spool: blocking work in a thread, commits in groups."""
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        runner: Runner[Any],
+        new_id: Callable[[], str],
+    ) -> None:
+        self.store = store
+        self._runner = runner
+        self._new_id = new_id
+        self._listeners: list[Callable[[str, str], None]] = []
+        self._pending: list[tuple[tuple[str, IO[bytes], bytes], Deferred[str]]] = []
+        self._committing = False
+
+    def begin(self) -> ISpoolTransaction:
+        for _ in range(5):
+            queue_id = self._new_id()
+            try:
+                return _Transaction(self, queue_id)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise storage_error("cannot start a message", e) from e
+        raise StorageError("cannot allocate a unique queue ID")
+
+    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+        self._listeners.append(listener)
+
+    def ids(self, state: str) -> Iterator[str]:
+        return self.store.ids(state)
+
+    def load(self, queue_id: str) -> tuple[str, Envelope]:
+        return self.store.load(queue_id)
+
+    def message_path(self, queue_id: str, state: str) -> str:
+        return self.store.path(state, queue_id, MESSAGE)
+
+    # -- group commit --------------------------------------------------------
+
+    def commit(self, queue_id: str, message: IO[bytes], envelope: bytes) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self._pending.append(((queue_id, message, envelope), d))
+        if not self._committing:
+            self._start_group()
+        return d
+
+    def _start_group(self) -> None:
+        group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+        self._committing = True
+        items = [item for item, _ in group]
+        done = self._runner(lambda: self.store.commit_group(items))
+
+        def finished(results: list[StorageError | None]) -> None:
+            for (item, d), error in zip(group, results, strict=True):
+                if error is None:
+                    for listener in self._listeners:
+                        try:
+                            listener(item[0], "incoming")
+                        except Exception:
+                            log.failure("spool listener failed for {id}", id=item[0])
+                    d.callback(item[0])
+                else:
+                    log.error("{error}", error=str(error))
+                    d.errback(error)
+
+        def crashed(failure: Failure) -> None:
+            log.failure("group commit failed", failure)
+            for item, d in group:
+                self.store.discard_tmp(item[0])
+                d.errback(storage_error("cannot commit", failure.value or Exception("unknown")))
+
+        def next_group(_: object) -> None:
+            self._committing = False
+            if self._pending:
+                self._start_group()
+
+        done.addCallbacks(finished, crashed).addBoth(next_group)

@@ -1,0 +1,165 @@
+"""Submission users: a JSON file of argon2id password hashes and sender rights.
+
+The file (C{users.json} by default) is written only by C{mtactl user ...},
+atomically (temporary file, fsync, rename) under an advisory lock, with mode
+0600.  The daemon re-reads it when it changes, so adding a user needs no
+restart.  Passwords are never stored; only argon2id hashes, which embed
+their own parameters and salt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from mta.address import normalize_for_alignment
+from mta.errors import ConfigError
+
+FORMAT = "mta-users/1"
+MIN_PASSWORD = 8
+
+# argon2-cffi's defaults follow RFC 9106's second recommendation
+# (t=3, m=64 MiB, p=4): about 50 ms here, run off the reactor thread.
+_HASHER = PasswordHasher()
+
+
+def hash_password(password: str, hasher: PasswordHasher = _HASHER) -> str:
+    return hasher.hash(password)
+
+
+def verify_password(stored: str, password: str) -> bool:
+    """Check a password against a stored hash; slow by design (call in a thread)."""
+    try:
+        return _HASHER.verify(stored, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def normalize_login(email: str) -> str:
+    return email.strip().lower()
+
+
+@dataclass
+class User:
+    """One account: its login address and what else it may send as."""
+
+    email: str
+    password: str  # argon2id hash
+    aliases: list[str] = field(default_factory=list)  # further addresses
+    domains: list[str] = field(default_factory=list)  # any address @ these
+    daily_limit: int | None = None  # None = the configured default
+
+    def may_send_as(self, address: str) -> bool:
+        """Sender alignment: the login itself (ignoring +tag), an alias, or a domain."""
+        wanted = normalize_for_alignment(address)
+        if wanted == normalize_for_alignment(self.email):
+            return True
+        if any(wanted == normalize_for_alignment(a) for a in self.aliases):
+            return True
+        domain = wanted.rpartition("@")[2]
+        return domain in (d.lower() for d in self.domains)
+
+    def to_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {"password": self.password}
+        if self.aliases:
+            doc["aliases"] = self.aliases
+        if self.domains:
+            doc["domains"] = self.domains
+        if self.daily_limit is not None:
+            doc["daily_limit"] = self.daily_limit
+        return doc
+
+
+def _user_from_json(path: str, email: str, doc: object) -> User:
+    if not isinstance(doc, dict) or not isinstance(doc.get("password"), str):
+        raise ConfigError(f"{path}: user {email!r} has no password hash")
+    aliases = doc.get("aliases", [])
+    domains = doc.get("domains", [])
+    limit = doc.get("daily_limit")
+    if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+        raise ConfigError(f"{path}: user {email!r}: aliases must be a list of strings")
+    if not (isinstance(domains, list) and all(isinstance(d, str) for d in domains)):
+        raise ConfigError(f"{path}: user {email!r}: domains must be a list of strings")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ConfigError(f"{path}: user {email!r}: daily_limit must be a whole number")
+    return User(email, doc["password"], list(aliases), list(domains), limit)
+
+
+class UserFile:
+    """The users file, re-read whenever it changes on disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, User] = {}
+
+    def _read(self) -> dict[str, User]:
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.path}: cannot read users file: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ConfigError(f"{self.path}: not an mta users file (format {FORMAT})")
+        users = doc.get("users")
+        if not isinstance(users, dict):
+            raise ConfigError(f"{self.path}: 'users' must be an object")
+        return {
+            normalize_login(email): _user_from_json(self.path, email, u)
+            for email, u in users.items()
+        }
+
+    def users(self) -> dict[str, User]:
+        """All users, from the cache unless the file changed since last read."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = (0, 0, 0)
+        if stamp != self._stamp:
+            self._users = self._read()
+            self._stamp = stamp
+        return self._users
+
+    def get(self, email: str) -> User | None:
+        return self.users().get(normalize_login(email))
+
+    @contextmanager
+    def editing(self) -> Iterator[dict[str, User]]:
+        """Lock, read, let the caller change the mapping, write back atomically."""
+        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            users = self._read()
+            yield users
+            self._write(users)
+        finally:
+            os.close(lock_fd)
+
+    def _write(self, users: dict[str, User]) -> None:
+        doc = {
+            "format": FORMAT,
+            "users": {email: users[email].to_json() for email in sorted(users)},
+        }
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
