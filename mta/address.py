@@ -21,10 +21,10 @@ MAX_ENVID = 100  # RFC 3461 section 4.4
 # atext of RFC 5322 section 3.2.3; RFC 6531 adds every non-ASCII character.
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _ATEXT_UTF8 = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+")
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _LDH_UTF8 = r"(?:[A-Za-z0-9]|[^\x00-\x7f])"
-_ULABEL = re.compile(rf"^{_LDH_UTF8}(?:(?:{_LDH_UTF8}|-)*{_LDH_UTF8})?$")
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_ULABEL = re.compile(rf"{_LDH_UTF8}(?:(?:{_LDH_UTF8}|-)*{_LDH_UTF8})?")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 
 
 def _syntax(enhanced: str, text: str, code: int = 501) -> SMTPReplyError:
@@ -76,13 +76,15 @@ def valid_domain(domain: str, *, utf8: bool = False) -> bool:
         return _valid_address_literal(domain)
     label = _ULABEL if utf8 else _LABEL
     labels = domain.split(".")
-    return all(label.match(lbl) and len(lbl.encode("utf-8")) <= 63 for lbl in labels)
+    return all(label.fullmatch(lbl) and len(lbl.encode("utf-8")) <= 63 for lbl in labels)
 
 
 def _valid_address_literal(literal: str) -> bool:
     if not literal.endswith("]"):
         return False
     inner = literal[1:-1]
+    if "%" in inner:  # a zone index means nothing to another host
+        return False
     try:
         if inner.lower().startswith("ipv6:"):
             ipaddress.IPv6Address(inner[5:])
@@ -145,7 +147,7 @@ def split_path(args: str, prefix: str) -> tuple[str, str]:
     path, params = rest[1:i], rest[i + 1 :]
     if params and not params.startswith(" "):
         raise _syntax("5.5.4", "Parameters must be separated from the address by a space")
-    if len(path.encode("utf-8")) > MAX_PATH:
+    if len(path.encode("utf-8")) + 2 > MAX_PATH:  # the brackets count too
         raise _syntax("5.1.3", "Address is longer than 256 octets")
     if path.startswith("@"):
         # An RFC 5321 source route (A-d-l).  We never relay on a route's say.
@@ -164,7 +166,7 @@ def parse_params(text: str, *, utf8: bool = False) -> dict[str, str | None]:
         if not item:
             continue
         key, eq, value = item.partition("=")
-        if not _KEYWORD.match(key):
+        if not _KEYWORD.fullmatch(key):
             raise _syntax("5.5.4", f"Bad parameter syntax: {item[:40]}")
         if eq and (not value or any(c == "=" or ord(c) < 33 or ord(c) == 127 for c in value)):
             raise _syntax("5.5.4", f"Bad value for parameter {key.upper()}")
@@ -178,8 +180,12 @@ def parse_params(text: str, *, utf8: bool = False) -> dict[str, str | None]:
 
 
 def xtext_decode(value: str) -> str:
-    """Decode RFC 3461 section 4 xtext (C{+XX} hex escapes)."""
-    out = []
+    """Decode RFC 3461 section 4 xtext (C{+XX} hex escapes of octets).
+
+    The octets are read as UTF-8, so a value L{xtext_encode} made from any
+    string comes back unchanged.
+    """
+    out = bytearray()
     i = 0
     while i < len(value):
         ch = value[i]
@@ -187,20 +193,23 @@ def xtext_decode(value: str) -> str:
             hexpart = value[i + 1 : i + 3]
             if len(hexpart) != 2 or not all(c in "0123456789ABCDEFabcdef" for c in hexpart):
                 raise _syntax("5.5.4", "Bad xtext encoding")
-            out.append(chr(int(hexpart, 16)))
+            out.append(int(hexpart, 16))
             i += 3
             continue
         if not (33 <= ord(ch) <= 126) or ch == "=":
             raise _syntax("5.5.4", "Bad xtext encoding")
-        out.append(ch)
+        out.append(ord(ch))
         i += 1
-    return "".join(out)
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _syntax("5.5.4", "xtext does not decode to UTF-8") from None
 
 
 def xtext_encode(value: str) -> str:
-    """Encode a string as RFC 3461 xtext."""
+    """Encode a string as RFC 3461 xtext (non-ASCII as escaped UTF-8 octets)."""
     return "".join(
-        ch if 33 <= ord(ch) <= 126 and ch not in "+=" else f"+{ord(ch):02X}" for ch in value
+        chr(b) if 33 <= b <= 126 and b not in b"+=" else f"+{b:02X}" for b in value.encode("utf-8")
     )
 
 

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from mta import config as configmod
-from mta.address import parse_mailbox
+from mta.address import parse_mailbox, valid_domain
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.spool.format import FormatError, format_time
-from mta.spool.fs import MESSAGE, STATES, SpoolStore
+from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolStore
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
 
@@ -57,6 +57,9 @@ def cmd_user_add(config: configmod.Config, args: argparse.Namespace, out: TextIO
     email = normalize_login(_valid_address(args.email, "login"))
     aliases = [_valid_address(a, "alias") for a in args.alias]
     domains = [d.strip().lower() for d in args.domain]
+    for domain in domains:
+        if not valid_domain(domain, utf8=True) or domain.startswith("["):
+            _fail(f"domain {domain!r} is not a valid domain name")
     password = _read_password(args, sys.stdin)
     with _users(config).editing() as users:
         if email in users:
@@ -162,27 +165,53 @@ def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: Text
     return 0
 
 
+def _read_message(store: SpoolStore, queue_id: str) -> tuple[str, bytes, bytes]:
+    """State, envelope bytes and message bytes of a message, read consistently.
+
+    The daemon may move the message between states while we read; a
+    vanished file means "look again", a few times.
+    """
+    for _ in range(3):
+        try:
+            state, _ = store.load(queue_id)
+        except KeyError:
+            _fail(f"no message {queue_id} in the queue")
+        except FormatError as e:
+            _fail(f"message {queue_id} has an unreadable envelope: {e}")
+        try:
+            with open(store.path(state, queue_id, ENVELOPE), "rb") as f:
+                envelope = f.read()
+            with open(store.path(state, queue_id, MESSAGE), "rb") as f:
+                message = f.read()
+        except FileNotFoundError:
+            continue
+        return state, envelope, message
+    _fail(f"message {queue_id} kept moving or lost its files while being read")
+
+
 def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     store = _store(config)
-    try:
-        state, _ = store.load(args.id)
-    except KeyError:
-        _fail(f"no message {args.id} in the queue")
-    except FormatError as e:
-        _fail(f"message {args.id} has an unreadable envelope: {e}")
-    out.write(f"# state: {state}\n# envelope: {store.path(state, args.id, 'envelope.json')}\n")
-    with open(store.path(state, args.id, "envelope.json"), encoding="utf-8") as f:
-        out.write(f.read())
+    state, envelope, message = _read_message(store, args.id)
+    out.write(f"# state: {state}\n# envelope: {store.path(state, args.id, ENVELOPE)}\n")
+    out.write(envelope.decode("utf-8", "replace"))
     if args.envelope_only:
         return 0
     out.write("\n# message\n")
-    with open(store.path(state, args.id, MESSAGE), "rb") as mf:
-        data = mf.read()
     if not args.body:
-        end = data.find(b"\r\n\r\n")
-        data = data if end < 0 else data[: end + 2]
-    out.write(data.decode("utf-8", "replace").replace("\r\n", "\n"))
+        end = message.find(b"\r\n\r\n")
+        message = message if end < 0 else message[: end + 2]
+    out.write(message.decode("utf-8", "replace").replace("\r\n", "\n"))
     return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -196,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("email")
     add.add_argument("--alias", action="append", default=[], help="another address it may use")
     add.add_argument("--domain", action="append", default=[], help="a domain it may send from")
-    add.add_argument("--daily-limit", type=int, default=None, help="messages per day")
+    add.add_argument("--daily-limit", type=_count, default=None, help="messages per day")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.set_defaults(func=cmd_user_add)
     pw = usub.add_parser("passwd", help="change a user's password")

@@ -12,6 +12,7 @@ file and the key, so that start-up can stop with that line and no traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tomllib
@@ -127,6 +128,8 @@ def _check_value(where: str, annotation: Any, value: object, meta: dict[str, Any
             f"{where}: expected {kind.get(annotation, annotation.__name__)}, got {_describe(value)}"
         )
     minimum = meta.get("minimum")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {_describe(value)}")
     if minimum is not None and isinstance(value, int | float) and value < minimum:
         raise ConfigError(f"{where}: must be at least {minimum}, got {_describe(value)}")
     choices = meta.get("choices")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Reply:
         if not 200 <= self.code <= 599:
             raise ValueError(f"bad SMTP reply code {self.code}")
         if self.enhanced is not None:
-            if not _ENHANCED.match(self.enhanced):
+            if not _ENHANCED.fullmatch(self.enhanced):
                 raise ValueError(f"bad enhanced status code {self.enhanced!r}")
             if self.enhanced[0] != str(self.code)[0]:
                 raise ValueError(f"enhanced code {self.enhanced} does not match {self.code}")

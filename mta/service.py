@@ -37,8 +37,12 @@ log = Logger(namespace="mta")
 
 def fatal(message: str) -> NoReturn:
     """Stop start-up with one clear line on stderr and exit status 1."""
-    sys.stderr.write(f"mta: error: {message}\n")
-    sys.stderr.flush()
+    # twistd replaces sys.stderr with a logging file once it runs; the
+    # person starting the daemon needs the line on the real stderr.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"mta: error: {message}\n")
+    stream.flush()
+    log.critical("{message}", message=message)
     raise SystemExit(1)
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
@@ -53,7 +54,7 @@ def _read_pem_chain(path: str) -> list[x509.Certificate]:
     return chain
 
 
-def _read_key(path: str) -> crypto.PKey:
+def _read_key(path: str) -> PrivateKeyTypes:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -63,19 +64,21 @@ def _read_key(path: str) -> crypto.PKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise ConfigError(f"[tls] key: {path} holds no unencrypted PEM private key") from None
-    return crypto.PKey.from_cryptography_key(key)  # type: ignore[arg-type]
+    return key
 
 
 def build_context(cert_path: str, key_path: str) -> tuple[SSL.Context, CertificateInfo]:
     """An OpenSSL server context for TLS 1.2+ with Twisted's modern ciphers."""
     chain = _read_pem_chain(cert_path)
     key = _read_key(key_path)
-    leaf, *intermediates = (crypto.X509.from_cryptography(c) for c in chain)
+    leaf, *intermediates = chain
     try:
+        # pyOpenSSL takes cryptography's objects directly; Twisted's
+        # annotations still name the older pyOpenSSL types.
         options = CertificateOptions(
-            privateKey=key,
-            certificate=leaf,
-            extraCertChain=intermediates,
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=leaf,  # type: ignore[arg-type]
+            extraCertChain=intermediates,  # type: ignore[arg-type]
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
         context = options.getContext()

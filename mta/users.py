@@ -9,9 +9,11 @@ their own parameters and salt.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,12 +138,18 @@ class UserFile:
     @contextmanager
     def editing(self) -> Iterator[dict[str, User]]:
         """Lock, read, let the caller change the mapping, write back atomically."""
-        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: cannot lock the users file: {e.strerror}") from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             users = self._read()
             yield users
-            self._write(users)
+            try:
+                self._write(users)
+            except OSError as e:
+                raise ConfigError(f"{self.path}: cannot write the users file: {e}") from None
         finally:
             os.close(lock_fd)
 
@@ -150,15 +158,21 @@ class UserFile:
             "format": FORMAT,
             "users": {email: users[email].to_json() for email in sorted(users)},
         }
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        # mkstemp: a new file, mode 0600, whatever an old temporary file had.
+        fd, tmp = tempfile.mkstemp(prefix=".users-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:

@@ -15,6 +15,7 @@ import secrets
 from base64 import b64decode
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -76,6 +77,12 @@ def decode_login_field(response: str) -> str:
     return _utf8(decode_base64(response))
 
 
+@cache
+def _dummy_hash() -> str:
+    """A hash to check unknown logins against, made once per process."""
+    return hash_password(secrets.token_hex(16))
+
+
 @implementer(ICredentialsChecker)
 class UserFileChecker:
     """Checks username/password against the users file in a worker thread.
@@ -94,7 +101,6 @@ class UserFileChecker:
     ) -> None:
         self._users = users
         self._runner = runner
-        self._dummy = hash_password(secrets.token_hex(16))
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         assert isinstance(credentials, UsernamePassword)
@@ -105,7 +111,7 @@ class UserFileChecker:
         )
         secret = password.decode("utf-8") if isinstance(password, bytes) else password
         user = self._users.get(login)
-        stored = user.password if user is not None else self._dummy
+        stored = user.password if user is not None else _dummy_hash()
 
         def check() -> bool:
             return verify_password(stored, secret) and user is not None

@@ -93,13 +93,15 @@ class DataReader:
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
             self._fail(BARE_NEWLINE)
             return
-        if len(block) > MAX_LINE and max(map(len, block.split(b"\r\n"))) > MAX_LINE - 2:
-            self._fail(LINE_TOO_LONG)
-            return
         if block.startswith(b".") or b"\r\n." in block:
             # RFC 5321 section 4.5.2: remove the first dot of every line
             # that starts with one.  Occurrences of CRLF "." cannot overlap.
             block = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
+        # Measured after unstuffing: the transparency dot does not count
+        # (RFC 5321 section 4.5.3.1.6).
+        if len(block) > MAX_LINE and max(map(len, block.split(b"\r\n"))) > MAX_LINE - 2:
+            self._fail(LINE_TOO_LONG)
+            return
         self.size += len(block)
         if self.size > self._max_size:
             self._fail(too_big(self._max_size))

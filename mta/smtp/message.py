@@ -22,7 +22,7 @@ from mta.address import valid_domain
 from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.users import User
 
-_FIELD_NAME = re.compile(rb"^[!-9;-~]+$")
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ def received_field(trace: TraceInfo) -> bytes:
     if trace.helo.startswith("[") and valid_domain(trace.helo):
         helo = trace.helo
     proto = "UTF8SMTPSA" if trace.smtputf8 else "ESMTPSA"
-    lines = [f"Received: from {helo} ([{trace.client_address}])"]
+    literal = trace.client_address
+    literal = f"IPv6:{literal}" if ":" in literal else literal
+    lines = [f"Received: from {helo} ([{literal}])"]
     if trace.tls:
         lines.append(f"\t(using {trace.tls})")
     lines.append(f"\tby {trace.hostname} (mta) with {proto} id {trace.queue_id}")
@@ -80,7 +82,7 @@ def split_fields(section: bytes) -> list[tuple[bytes, bytes]]:
             continue
         name, colon, _ = line.partition(b":")
         name = name.rstrip(b" \t")
-        if not colon or not _FIELD_NAME.match(name):
+        if not colon or not _FIELD_NAME.fullmatch(name):
             shown = line[:40].decode("utf-8", "replace")
             raise SMTPReplyError(Reply(550, "5.6.0", f"Malformed header line: {shown!r}"))
         fields.append((name.lower(), [line]))
@@ -166,8 +168,13 @@ class MessageBuilder:
         head, rest = self._head[:end], self._head[end:]
         self._head = b""
         self._in_body = True
+        if len(head) > self._max_header_size:
+            self.error = Reply(
+                552, "5.3.4", f"Header section exceeds {self._max_header_size} bytes"
+            )
+            return
         self._header_section(head)
-        if self.error is None and rest:
+        if self.error is None and self.storage_error is None and rest:
             self._emit(rest)
 
     def _emit(self, data: bytes) -> None:

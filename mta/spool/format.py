@@ -99,6 +99,14 @@ def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], *, null: 
     return value
 
 
+def _notify(value: list[Any] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not all(isinstance(n, str) for n in value):
+        raise FormatError("'notify' must be a list of strings")
+    return tuple(value)
+
+
 def _recipient_from_json(doc: object) -> Recipient:
     if not isinstance(doc, dict):
         raise FormatError("a recipient must be an object")
@@ -109,7 +117,7 @@ def _recipient_from_json(doc: object) -> Recipient:
         raise FormatError(f"unknown recipient state {doc.get('state')!r}") from e
     return Recipient(
         address=_get(doc, "address", str),
-        notify=tuple(str(n) for n in notify) if notify is not None else None,
+        notify=_notify(notify),
         orcpt=_get(doc, "orcpt", str, null=True),
         state=state,
         attempts=_get(doc, "attempts", int),
@@ -119,7 +127,7 @@ def _recipient_from_json(doc: object) -> Recipient:
         dsn_status=_get(doc, "status", str, null=True),
         relay=_get(doc, "relay", str, null=True),
         category=_get(doc, "category", str, null=True),
-        delay_notified=bool(doc.get("delay_notified", False)),
+        delay_notified=_get(doc, "delay_notified", bool),
     )
 
 

@@ -22,6 +22,7 @@ for the whole group.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -119,7 +120,8 @@ class SpoolStore:
                     raise StorageError(f"{self.root} is not an mta spool (no spool.json)")
                 self._write_json_atomic(marker, {"format": SPOOL_FORMAT})
             with open(marker, "rb") as f:
-                found = json.load(f).get("format")
+                doc = json.load(f)
+            found = doc.get("format") if isinstance(doc, dict) else doc
         except (OSError, ValueError) as e:
             raise storage_error(f"cannot open spool {self.root}", e) from e
         if found != SPOOL_FORMAT:
@@ -148,7 +150,11 @@ class SpoolStore:
     def create_tmp(self, queue_id: str) -> IO[bytes]:
         """Make C{tmp/ID/} and open its message file for writing."""
         self.ops.mkdir(self.path(TMP, queue_id))
-        return self.ops.open_new(self.path(TMP, queue_id, MESSAGE))
+        try:
+            return self.ops.open_new(self.path(TMP, queue_id, MESSAGE))
+        except BaseException:
+            self.ops.rmtree(self.path(TMP, queue_id))
+            raise
 
     def discard_tmp(self, queue_id: str) -> None:
         self.ops.rmtree(self.path(TMP, queue_id))
@@ -176,13 +182,13 @@ class SpoolStore:
                 self.ops.fsync_dir(self.path(TMP, queue_id))
                 self.ops.rename(self.path(TMP, queue_id), self.path("incoming", queue_id))
                 moved.append(i)
-            except OSError as e:
+            except Exception as e:
                 results[i] = storage_error(f"cannot commit {queue_id}", e)
                 self.ops.rmtree(self.path(TMP, queue_id))
         if moved:
             try:
                 self.ops.fsync_dir(self.path("incoming"))
-            except OSError as e:
+            except Exception as e:
                 # The entries may not survive a crash, so the client must not
                 # get 250; take them out again rather than risk a duplicate.
                 for i in moved:
@@ -228,6 +234,8 @@ class SpoolStore:
             self.ops.rename(tmp, target)
             self.ops.fsync_dir(self.path(state, envelope.queue_id))
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise storage_error(f"cannot update {envelope.queue_id}", e) from e
 
     def move(self, queue_id: str, src: str, dst: str) -> None:
@@ -386,9 +394,14 @@ class Spool:
                     d.errback(error)
 
         def crashed(failure: Failure) -> None:
+            # commit_group handles every per-message error itself, so this
+            # is a failure of the runner; leave no trace of the group.
             log.failure("group commit failed", failure)
             for item, d in group:
+                with contextlib.suppress(OSError):
+                    item[1].close()
                 self.store.discard_tmp(item[0])
+                self.store.ops.rmtree(self.store.path("incoming", item[0]))
                 d.errback(storage_error("cannot commit", failure.value or Exception("unknown")))
 
         def next_group(_: object) -> None:

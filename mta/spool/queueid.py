@@ -17,7 +17,7 @@ ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 TIME_CHARS = 11
 RANDOM_CHARS = 4
 LENGTH = TIME_CHARS + RANDOM_CHARS
-PATTERN = re.compile(f"^[{ALPHABET}]{{{LENGTH}}}$")
+PATTERN = re.compile(f"[{ALPHABET}]{{{LENGTH}}}")
 
 
 def _encode(value: int, width: int) -> str:
@@ -38,7 +38,7 @@ def _decode(text: str) -> int:
 
 
 def is_queue_id(text: str) -> bool:
-    return bool(PATTERN.match(text))
+    return bool(PATTERN.fullmatch(text))
 
 
 def arrival_of(queue_id: str) -> float:
@@ -59,6 +59,6 @@ class QueueIdGenerator:
         self._last = 0
 
     def __call__(self) -> str:
-        micros = max(int(self._now() * 1_000_000), self._last + 1)
+        micros = max(round(self._now() * 1_000_000), self._last + 1)
         self._last = micros
         return _encode(micros, TIME_CHARS) + _encode(self._randbits(5 * RANDOM_CHARS), RANDOM_CHARS)

@@ -1,0 +1,146 @@
+"""Run a real mta process for end-to-end tests.
+
+Each L{Daemon} gets its own directory with a configuration file, a users
+file made with the real C{mtactl}, free loopback ports, and a log file.  It
+is started as a child process (C{twistd -n mta} or C{python -m twisted
+mta}) and stopped with SIGTERM or killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def write_toml(path: str, sections: dict[str, dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for name, values in sections.items():
+            f.write(f"[{name}]\n")
+            for key, value in values.items():
+                f.write(f"{key} = {toml_value(value)}\n")
+            f.write("\n")
+
+
+def mtactl(
+    args: Iterable[str], config: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [os.path.join(BIN, "mtactl"), "--config", config, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class Daemon:
+    def __init__(self, directory: str, sections: dict[str, dict[str, Any]] | None = None) -> None:
+        self.dir = os.path.abspath(directory)
+        os.makedirs(self.dir, exist_ok=True)
+        self.tls_port = free_port()
+        self.plain_port = free_port()
+        self.config = os.path.join(self.dir, "mta.toml")
+        self.log_path = os.path.join(self.dir, "mta.log")
+        self.spool = os.path.join(self.dir, "spool")
+        self.cafile = os.path.join(self.spool, "selfsigned", "cert.pem")
+        base: dict[str, dict[str, Any]] = {
+            "server": {"hostname": "localhost", "spool": "spool", "users_file": "users.json"},
+            "listen": {
+                "submissions": [f"tcp:{self.tls_port}:interface=127.0.0.1"],
+                "submission": [f"tcp:{self.plain_port}:interface=127.0.0.1"],
+            },
+            "auth": {"failure_delay": 0.05, "failure_delay_max": 0.2},
+        }
+        for name, values in (sections or {}).items():
+            base.setdefault(name, {}).update(values)
+        write_toml(self.config, base)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def add_user(self, email: str, password: str, *extra: str) -> None:
+        result = mtactl(
+            ["user", "add", email, "--password-stdin", *extra], self.config, password + "\n"
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"mtactl user add failed: {result.stderr}")
+
+    def command(self, runner: str) -> list[str]:
+        if runner == "twistd":
+            return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", self.config]
+        return [sys.executable, "-m", "twisted", "mta", "--config", self.config]
+
+    def start(self, runner: str = "twistd") -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            self.command(runner), cwd=self.dir, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mta exited with {self.process.returncode}:\n{self.log()}")
+            if self._accepting(self.tls_port) and self._accepting(self.plain_port):
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"mta did not start listening within {START_TIMEOUT}s:\n{self.log()}")
+
+    @staticmethod
+    def _accepting(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=20)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def queued(self, state: str = "incoming") -> list[str]:
+        path = os.path.join(self.spool, state)
+        return sorted(n for n in os.listdir(path) if not n.startswith("."))

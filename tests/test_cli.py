@@ -1,0 +1,548 @@
+"""mtactl (L{mta.cli}): users and queue inspection, in process and as a real command."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta.cli import main
+from mta.envelope import Envelope, Recipient, RecipientState
+from mta.spool.fs import ENVELOPE, MESSAGE, Spool, SpoolStore
+from mta.spool.queueid import QueueIdGenerator
+from mta.testing import run_inline, write_users
+from mta.users import UserFile, verify_password
+
+HEADERS = b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: quarterly numbers\r\n"
+BODY = b"the secret body text\r\n"
+MESSAGE_BYTES = HEADERS + b"\r\n" + BODY
+PASSWORD = "a long enough password"
+
+
+def write_config(path: str, spool: str, users_file: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        # JSON string syntax is valid TOML basic-string syntax for these paths.
+        f.write(f"[server]\nspool = {json.dumps(spool)}\nusers_file = {json.dumps(users_file)}\n")
+
+
+class CLITestCase(SynchronousTestCase):
+    """Runs C{main} against a configuration in a fresh directory."""
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.spool_path = os.path.join(self.base, "spool")
+        self.users_path = os.path.join(self.base, "users.json")
+        self.config = os.path.join(self.base, "mta.toml")
+        write_config(self.config, self.spool_path, self.users_path)
+        self.err = io.StringIO()
+        self.patch(sys, "stderr", self.err)
+
+    def mtactl(self, *argv: str, stdin: str | None = None) -> tuple[int, str]:
+        if stdin is not None:
+            self.patch(sys, "stdin", io.StringIO(stdin))
+        out = io.StringIO()
+        code = main(["--config", self.config, *argv], out=out)
+        return code, out.getvalue()
+
+    def assert_one_line_error(self, *words: str) -> None:
+        text = self.err.getvalue()
+        self.assertTrue(text.startswith("mtactl: "), text)
+        self.assertTrue(text.endswith("\n"), text)
+        self.assertEqual(text.count("\n"), 1, text)
+        for word in words:
+            self.assertIn(word, text)
+
+
+# -- users ---------------------------------------------------------------------
+
+
+class UserAddTests(CLITestCase):
+    def test_add(self) -> None:
+        code, out = self.mtactl(
+            "user", "add", "alice@example.com", "--password-stdin", stdin=PASSWORD + "\n"
+        )
+        self.assertEqual((code, out, self.err.getvalue()), (0, "added alice@example.com\n", ""))
+        user = UserFile(self.users_path).get("alice@example.com")
+        assert user is not None
+        self.assertTrue(verify_password(user.password, PASSWORD))
+        self.assertFalse(verify_password(user.password, PASSWORD + "\n"))
+        self.assertEqual(os.stat(self.users_path).st_mode & 0o777, 0o600)
+
+    def test_add_normalizes_the_login_and_keeps_rights(self) -> None:
+        code, out = self.mtactl(
+            "user", "add", " Alice@Example.COM ",
+            "--alias", "sales@example.com",
+            "--alias", "info@example.com",
+            "--domain", " Example.ORG ",
+            "--daily-limit", "250",
+            "--password-stdin",
+            stdin=PASSWORD + "\r\n",
+        )  # fmt: skip
+        self.assertEqual((code, out), (0, "added alice@example.com\n"))
+        user = UserFile(self.users_path).get("alice@example.com")
+        assert user is not None
+        self.assertEqual(user.email, "alice@example.com")
+        self.assertEqual(user.aliases, ["sales@example.com", "info@example.com"])
+        self.assertEqual(user.domains, ["example.org"])
+        self.assertEqual(user.daily_limit, 250)
+        self.assertTrue(verify_password(user.password, PASSWORD))
+
+    def test_duplicate(self) -> None:
+        write_users(self.users_path, {"alice@example.com": "old password"})
+        with open(self.users_path, "rb") as f:
+            before = f.read()
+        code, out = self.mtactl(
+            "user", "add", "ALICE@example.com", "--password-stdin", stdin=PASSWORD + "\n"
+        )
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error("alice@example.com", "already exists")
+        with open(self.users_path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_short_password(self) -> None:
+        code, out = self.mtactl(
+            "user", "add", "alice@example.com", "--password-stdin", stdin="short12\n"
+        )
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error("8")
+        self.assertEqual(UserFile(self.users_path).users(), {})
+
+    def test_empty_stdin(self) -> None:
+        code, _ = self.mtactl("user", "add", "alice@example.com", "--password-stdin", stdin="")
+        self.assertEqual(code, 1)
+        self.assert_one_line_error()
+        self.assertEqual(UserFile(self.users_path).users(), {})
+
+    def test_invalid_email(self) -> None:
+        for bad in ("alice", "alice@", "@example.com", "a b@example.com"):
+            self.err.truncate(0)
+            self.err.seek(0)
+            code, out = self.mtactl("user", "add", bad, "--password-stdin", stdin=PASSWORD)
+            self.assertEqual((code, out), (1, ""), bad)
+            self.assert_one_line_error("not a valid email address")
+        self.assertFalse(os.path.exists(self.users_path))
+
+    def test_invalid_alias(self) -> None:
+        code, _ = self.mtactl(
+            "user", "add", "alice@example.com", "--alias", "nobody",
+            "--password-stdin", stdin=PASSWORD,
+        )  # fmt: skip
+        self.assertEqual(code, 1)
+        self.assert_one_line_error("alias", "nobody")
+        self.assertEqual(UserFile(self.users_path).users(), {})
+
+    def test_negative_daily_limit_is_refused(self) -> None:
+        write_users(self.users_path, {"bob@example.com": "bob password"})
+        with self.assertRaises(SystemExit) as e:
+            self.mtactl(
+                "user", "add", "alice@example.com", "--daily-limit", "-1",
+                "--password-stdin", stdin=PASSWORD,
+            )  # fmt: skip
+        self.assertEqual(e.exception.code, 2)
+        self.assertIsNotNone(UserFile(self.users_path).get("bob@example.com"))
+        self.assertIsNone(UserFile(self.users_path).get("alice@example.com"))
+
+    def test_users_file_in_missing_directory(self) -> None:
+        write_config(self.config, self.spool_path, os.path.join(self.base, "nope", "users.json"))
+        code, _ = self.mtactl(
+            "user", "add", "alice@example.com", "--password-stdin", stdin=PASSWORD
+        )
+        self.assertEqual(code, 1)
+        self.assert_one_line_error("nope")
+
+
+class UserEditTests(CLITestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        write_users(
+            self.users_path,
+            {"alice@example.com": "alice password", "bob@example.com": "bob password"},
+            aliases={"alice@example.com": ["sales@example.com"]},
+            domains={"alice@example.com": ["example.org"]},
+        )
+
+    def test_passwd(self) -> None:
+        code, out = self.mtactl(
+            "user", "passwd", "Alice@Example.com", "--password-stdin", stdin=PASSWORD + "\n"
+        )
+        self.assertEqual((code, out), (0, "changed the password of alice@example.com\n"))
+        alice = UserFile(self.users_path).get("alice@example.com")
+        assert alice is not None
+        self.assertTrue(verify_password(alice.password, PASSWORD))
+        self.assertFalse(verify_password(alice.password, "alice password"))
+        self.assertEqual(alice.aliases, ["sales@example.com"])
+        bob = UserFile(self.users_path).get("bob@example.com")
+        assert bob is not None
+        self.assertTrue(verify_password(bob.password, "bob password"))
+
+    def test_passwd_unknown(self) -> None:
+        code, _ = self.mtactl(
+            "user", "passwd", "carol@example.com", "--password-stdin", stdin=PASSWORD
+        )
+        self.assertEqual(code, 1)
+        self.assert_one_line_error("carol@example.com")
+        self.assertEqual(
+            sorted(UserFile(self.users_path).users()), ["alice@example.com", "bob@example.com"]
+        )
+
+    def test_passwd_short(self) -> None:
+        code, _ = self.mtactl(
+            "user", "passwd", "alice@example.com", "--password-stdin", stdin="tiny\n"
+        )
+        self.assertEqual(code, 1)
+        self.assert_one_line_error()
+        alice = UserFile(self.users_path).get("alice@example.com")
+        assert alice is not None
+        self.assertTrue(verify_password(alice.password, "alice password"))
+
+    def test_del(self) -> None:
+        code, out = self.mtactl("user", "del", "BOB@example.com")
+        self.assertEqual((code, out), (0, "deleted bob@example.com\n"))
+        self.assertEqual(list(UserFile(self.users_path).users()), ["alice@example.com"])
+
+    def test_del_unknown(self) -> None:
+        code, out = self.mtactl("user", "del", "carol@example.com")
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error("carol@example.com")
+        self.assertEqual(len(UserFile(self.users_path).users()), 2)
+
+    def test_list(self) -> None:
+        code, out = self.mtactl("user", "list")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out,
+            "alice@example.com  (aliases: sales@example.com; domains: example.org)\n"
+            "bob@example.com\n",
+        )
+
+    def test_list_json(self) -> None:
+        code, out = self.mtactl("user", "list", "--json")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            json.loads(out),
+            [
+                {
+                    "email": "alice@example.com",
+                    "aliases": ["sales@example.com"],
+                    "domains": ["example.org"],
+                    "daily_limit": None,
+                },
+                {"email": "bob@example.com", "aliases": [], "domains": [], "daily_limit": None},
+            ],
+        )
+        self.assertNotIn("argon2", out)
+
+    def test_list_no_users(self) -> None:
+        os.remove(self.users_path)
+        self.assertEqual(self.mtactl("user", "list"), (0, ""))
+        self.assertEqual(self.mtactl("user", "list", "--json"), (0, "[]\n"))
+
+    def test_list_bad_users_file(self) -> None:
+        with open(self.users_path, "w") as f:
+            f.write("{broken")
+        code, out = self.mtactl("user", "list")
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error(self.users_path)
+
+
+# -- the queue -----------------------------------------------------------------
+
+
+class QueueTests(CLITestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.store = SpoolStore(self.spool_path)
+        self.store.open()
+        self.spool = Spool(
+            self.store, run_inline, QueueIdGenerator(lambda: 1_700_000_000.0, lambda bits: 0)
+        )
+
+    def commit(self, *recipients: str, data: bytes = MESSAGE_BYTES) -> str:
+        txn = self.spool.begin()
+        txn.write(data)
+        envelope = Envelope(
+            queue_id="",
+            sender="alice@example.com",
+            recipients=[Recipient(r) for r in (recipients or ("bob@example.net",))],
+            arrival=1_700_000_000.0,
+            size=len(data),
+        )
+        return self.successResultOf(txn.commit(envelope))
+
+    def test_list_empty(self) -> None:
+        self.assertEqual(self.mtactl("queue", "list"), (0, "Mail queue is empty\n"))
+        self.assertEqual(self.mtactl("queue", "list", "--json"), (0, "[]\n"))
+
+    def test_list(self) -> None:
+        queue_id = self.commit("bob@example.net", "carol@example.org")
+        code, out = self.mtactl("queue", "list")
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertIn("Queue ID", lines[0])
+        row = lines[1].split()
+        self.assertEqual(row[0], queue_id)
+        self.assertEqual(row[1], "incoming")
+        self.assertEqual(row[2], str(len(MESSAGE_BYTES)))
+        self.assertEqual(row[-1], "alice@example.com")
+        self.assertIn("2023-11-14 22:13:20", lines[1])
+        self.assertEqual(lines[2].split(), ["bob@example.net", "[pending]"])
+        self.assertEqual(lines[3].split(), ["carol@example.org", "[pending]"])
+        self.assertEqual(lines[-1], "-- 1 message(s)")
+
+    def test_list_json(self) -> None:
+        queue_id = self.commit("bob@example.net")
+        code, out = self.mtactl("queue", "list", "--json")
+        self.assertEqual(code, 0)
+        (row,) = json.loads(out)
+        self.assertEqual(row["id"], queue_id)
+        self.assertEqual(row["state"], "incoming")
+        self.assertEqual(row["sender"], "alice@example.com")
+        self.assertEqual(row["size"], len(MESSAGE_BYTES))
+        self.assertEqual(
+            row["recipients"], [{"address": "bob@example.net", "state": "pending", "reply": None}]
+        )
+
+    def test_list_shows_the_last_reply(self) -> None:
+        queue_id = self.commit("bob@example.net")
+        _, envelope = self.store.load(queue_id)
+        envelope.recipients[0].state = RecipientState.DEFERRED
+        envelope.recipients[0].reply = "451 4.7.1 greylisted, try later"
+        self.store.write_envelope("incoming", envelope)
+        self.store.move(queue_id, "incoming", "deferred")
+        code, out = self.mtactl("queue", "list")
+        self.assertEqual(code, 0)
+        self.assertIn("(451 4.7.1 greylisted, try later)", out)
+        self.assertIn("bob@example.net [deferred]", out)
+        self.assertIn(f"{queue_id} deferred", " ".join(out.split()))
+
+    def test_done_only_with_all(self) -> None:
+        queue_id = self.commit()
+        self.store.move(queue_id, "incoming", "done")
+        self.assertEqual(self.mtactl("queue", "list"), (0, "Mail queue is empty\n"))
+        code, out = self.mtactl("queue", "list", "--all", "--json")
+        self.assertEqual(code, 0)
+        self.assertEqual([(r["id"], r["state"]) for r in json.loads(out)], [(queue_id, "done")])
+
+    def test_list_unreadable_envelope(self) -> None:
+        broken = self.commit("bob@example.net")
+        good = self.commit("carol@example.org")
+        with open(self.store.path("incoming", broken, ENVELOPE), "wb") as f:
+            f.write(b"{not json")
+        code, out = self.mtactl("queue", "list")
+        self.assertEqual(code, 0)
+        self.assertIn(f"{broken}", out)
+        self.assertIn("unreadable", out)
+        self.assertIn("carol@example.org", out)
+        code, out = self.mtactl("queue", "list", "--json")
+        rows = {r["id"]: r for r in json.loads(out)}
+        self.assertIn("error", rows[broken])
+        self.assertNotIn("error", rows[good])
+
+    def split_show(self, out: str) -> tuple[list[str], dict[str, object], str | None]:
+        """The comment lines, the envelope document and the message part of C{show}."""
+        head, sep, message = out.partition("\n# message\n")
+        lines = head.split("\n")
+        comments = [ln for ln in lines if ln.startswith("# ")]
+        document = "\n".join(ln for ln in lines if not ln.startswith("# "))
+        return comments, json.loads(document), message if sep else None
+
+    def test_show(self) -> None:
+        queue_id = self.commit("bob@example.net")
+        code, out = self.mtactl("queue", "show", queue_id)
+        self.assertEqual(code, 0)
+        comments, envelope, message = self.split_show(out)
+        self.assertIn("# state: incoming", comments)
+        self.assertIn(f"# envelope: {self.store.path('incoming', queue_id, ENVELOPE)}", comments)
+        self.assertEqual(envelope["id"], queue_id)
+        self.assertEqual(envelope["sender"], "alice@example.com")
+        self.assertEqual(message, HEADERS.decode().replace("\r\n", "\n"))
+        self.assertNotIn("secret body", out)
+
+    def test_show_body(self) -> None:
+        queue_id = self.commit()
+        code, out = self.mtactl("queue", "show", queue_id, "--body")
+        self.assertEqual(code, 0)
+        _, _, message = self.split_show(out)
+        self.assertEqual(message, MESSAGE_BYTES.decode().replace("\r\n", "\n"))
+
+    def test_show_envelope_only(self) -> None:
+        queue_id = self.commit()
+        code, out = self.mtactl("queue", "show", queue_id, "--envelope-only")
+        self.assertEqual(code, 0)
+        _, envelope, message = self.split_show(out)
+        self.assertEqual(envelope["id"], queue_id)
+        self.assertIsNone(message)
+        self.assertNotIn("Subject", out)
+
+    def test_show_in_another_state(self) -> None:
+        queue_id = self.commit()
+        self.store.move(queue_id, "incoming", "hold")
+        code, out = self.mtactl("queue", "show", queue_id)
+        self.assertEqual(code, 0)
+        self.assertIn("# state: hold", out)
+        self.assertIn("Subject: quarterly numbers", out)
+
+    def test_show_unknown(self) -> None:
+        self.commit()
+        for queue_id in ("0000000000Z0000", "not-an-id", "../spool.json"):
+            self.err.truncate(0)
+            self.err.seek(0)
+            code, out = self.mtactl("queue", "show", queue_id)
+            self.assertEqual((code, out), (1, ""), queue_id)
+            self.assert_one_line_error(queue_id)
+
+    def test_show_unreadable_envelope(self) -> None:
+        queue_id = self.commit()
+        with open(self.store.path("incoming", queue_id, ENVELOPE), "wb") as f:
+            f.write(b"[]")
+        code, out = self.mtactl("queue", "show", queue_id)
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error(queue_id)
+
+    def test_show_missing_message_file(self) -> None:
+        queue_id = self.commit()
+        os.remove(self.store.path("incoming", queue_id, MESSAGE))
+        code, _ = self.mtactl("queue", "show", queue_id)
+        self.assertEqual(code, 1)
+        self.assert_one_line_error(queue_id)
+
+
+class NotASpoolTests(CLITestCase):
+    def test_plain_directory(self) -> None:
+        os.makedirs(self.spool_path)
+        for argv in (("queue", "list"), ("queue", "list", "--json"), ("queue", "show", "0" * 15)):
+            self.err.truncate(0)
+            self.err.seek(0)
+            code, out = self.mtactl(*argv)
+            self.assertEqual((code, out), (1, ""), argv)
+            self.assert_one_line_error(self.spool_path, "not an mta spool")
+        self.assertEqual(os.listdir(self.spool_path), [], "mtactl must not create a spool")
+
+    def test_missing_directory(self) -> None:
+        code, out = self.mtactl("queue", "list")
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error(self.spool_path)
+        self.assertFalse(os.path.exists(self.spool_path))
+
+    def test_other_format(self) -> None:
+        SpoolStore(self.spool_path).open()
+        with open(os.path.join(self.spool_path, "spool.json"), "w") as f:
+            f.write('{"format": "mta-spool/7"}\n')
+        code, _ = self.mtactl("queue", "list")
+        self.assertEqual(code, 1)
+        self.assert_one_line_error("mta-spool/7")
+
+
+class CommandLineTests(CLITestCase):
+    def test_missing_config_file(self) -> None:
+        os.remove(self.config)
+        code, out = self.mtactl("user", "list")
+        self.assertEqual((code, out), (1, ""))
+        self.assert_one_line_error(self.config)
+
+    def test_bad_config_file(self) -> None:
+        with open(self.config, "w") as f:
+            f.write("[server]\nspool = \n")
+        code, _ = self.mtactl("queue", "list")
+        self.assertEqual(code, 1)
+        self.assert_one_line_error(self.config, "TOML")
+
+    def test_config_from_environment(self) -> None:
+        SpoolStore(self.spool_path).open()
+        old = os.environ.get("MTA_CONFIG")
+
+        def restore() -> None:
+            if old is None:
+                del os.environ["MTA_CONFIG"]
+            else:
+                os.environ["MTA_CONFIG"] = old
+
+        os.environ["MTA_CONFIG"] = self.config
+        self.addCleanup(restore)
+        out = io.StringIO()
+        self.assertEqual(main(["queue", "list"], out=out), 0)
+        self.assertEqual(out.getvalue(), "Mail queue is empty\n")
+
+    def test_usage_errors_exit_2(self) -> None:
+        for argv in (
+            [],
+            ["bogus"],
+            ["user"],
+            ["queue", "show"],
+            ["user", "add", "x@y", "--daily-limit", "many"],
+        ):
+            e = self.assertRaises(SystemExit, main, argv, io.StringIO())
+            self.assertEqual(e.code, 2, argv)
+
+
+class ExecutableTests(SynchronousTestCase):
+    """The installed command and C{python -m mta.cli}, as real processes."""
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.env = {k: v for k, v in os.environ.items() if k != "MTA_CONFIG"}
+
+    def run_command(self, argv: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=self.base,
+            env=self.env,
+            timeout=60,
+            check=False,
+        )
+
+    def mtactl_path(self) -> str:
+        path = os.path.join(os.path.dirname(sys.executable), "mtactl")
+        self.assertTrue(os.access(path, os.X_OK), f"{path} is not installed")
+        return path
+
+    def test_module_help(self) -> None:
+        result = self.run_command([sys.executable, "-m", "mta.cli", "--help"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("usage: mtactl", result.stdout)
+
+    def test_installed_help(self) -> None:
+        result = self.run_command([self.mtactl_path(), "--help"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("usage: mtactl", result.stdout)
+
+    def test_bad_subcommand(self) -> None:
+        for argv in ([self.mtactl_path(), "bogus"], [sys.executable, "-m", "mta.cli", "bogus"]):
+            result = self.run_command(argv)
+            self.assertEqual(result.returncode, 2, argv)
+            self.assertIn("invalid choice", result.stderr)
+            self.assertEqual(result.stdout, "")
+
+    def test_real_run(self) -> None:
+        spool = os.path.join(self.base, "spool")
+        users = os.path.join(self.base, "users.json")
+        config = os.path.join(self.base, "mta.toml")
+        write_config(config, spool, users)
+        SpoolStore(spool).open()
+        mtactl = self.mtactl_path()
+
+        result = self.run_command([mtactl, "--config", config, "queue", "list"])
+        self.assertEqual((result.returncode, result.stdout), (0, "Mail queue is empty\n"))
+
+        # Without --password-stdin a password is read from a stdin that is not a terminal.
+        result = self.run_command(
+            [mtactl, "--config", config, "user", "add", "dave@example.com"], stdin=PASSWORD + "\n"
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, "added dave@example.com\n"))
+        dave = UserFile(users).get("dave@example.com")
+        assert dave is not None
+        self.assertTrue(verify_password(dave.password, PASSWORD))
+
+        result = self.run_command([mtactl, "--config", config, "user", "del", "erin@example.com"])
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)

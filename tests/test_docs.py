@@ -1,0 +1,51 @@
+"""The documentation states every option and its real default."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta import config
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+def toml_literal(value: object) -> str:
+    if isinstance(value, float | int):
+        return repr(value)
+    return json.dumps(value, separators=(", ", ": "))
+
+
+class ConfigurationDocTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        with open(os.path.join(DOCS, "configuration.md"), encoding="utf-8") as f:
+            self.text = f.read()
+
+    def section(self, name: str) -> str:
+        start = self.text.index(f"## `[{name}]`")
+        end = self.text.find("\n## ", start + 1)
+        return self.text[start : end if end >= 0 else None]
+
+    def test_every_option_documented_with_its_default(self) -> None:
+        for section, options in config.defaults().items():
+            body = self.section(section)
+            for key, default in options.items():
+                row = re.search(rf"^\| `{key}` \| `([^`]*)` \|", body, re.M)
+                self.assertIsNotNone(row, f"[{section}] {key} is not documented")
+                assert row is not None
+                self.assertEqual(row.group(1), toml_literal(default), f"[{section}] {key}")
+
+    def test_no_documented_option_that_does_not_exist(self) -> None:
+        for section, options in config.defaults().items():
+            documented = re.findall(r"^\| `(\w+)` \|", self.section(section), re.M)
+            self.assertEqual(sorted(documented), sorted(options), section)
+
+    def test_example_configuration_is_valid(self) -> None:
+        with open(os.path.join(DOCS, "mta.example.toml"), "rb") as f:
+            doc = tomllib.load(f)
+        parsed = config.parse(doc, "mta.example.toml", "/etc/mta")
+        self.assertEqual(parsed.listen.submissions, ["tcp:465"])
