@@ -94,3 +94,27 @@ class StorageError(Exception):
 
 class ConfigError(Exception):
     """A configuration file or value is wrong; the text names file and key."""
+
+
+class DeliveryError(Exception):
+    """A failure to deliver that is not one recipient's reply.
+
+    Raised by next-hop lookup and the outbound client for things that apply
+    to a whole attempt: DNS failures, refused connections, timeouts, TLS
+    failures, a server that rejects the greeting or MAIL.  C{reply} is the
+    remote reply when there was one, or a locally made reply that describes
+    the error in SMTP terms (C{451 4.4.1 connection refused}); C{kind} is a
+    short machine word for the classifier (C{"dns"}, C{"network"},
+    C{"timeout"}, C{"tls"}, C{"protocol"}, C{"config"}, C{"remote"}).
+    C{remote} names the host that gave the reply, C{host[ip]:port}.
+    """
+
+    def __init__(self, reply: Reply, kind: str, *, remote: str | None = None) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.kind = kind
+        self.remote = remote
+
+    @property
+    def temporary(self) -> bool:
+        return self.reply.code < 500

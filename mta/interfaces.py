@@ -8,6 +8,7 @@ L{mta.testing} and are checked with C{verifyObject} like the real ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -63,3 +64,24 @@ class ISpool(Interface):
 
     def message_path(queue_id: str, state: str) -> str:
         """The file holding the raw message of C{queue_id} in C{state}."""
+
+
+class IResolver(Interface):
+    """DNS lookups for delivery; never blocks the reactor.
+
+    Implementations: L{mta.delivery.dns.DNSPythonResolver} (dnspython run in
+    a thread pool, servers and port configurable) and
+    L{mta.testing.FakeResolver} (a table).  Both fail with
+    L{mta.delivery.dns.DNSError}, whose C{kind} is C{"nxdomain"} (the name
+    does not exist), C{"nodata"} (it exists but has no record of that type)
+    or C{"temporary"} (SERVFAIL, timeout, refused, no server reachable).
+    """
+
+    def lookup_mx(domain: str) -> Deferred[Any]:
+        """Fire with a L{mta.delivery.dns.Answer} of L{mta.delivery.dns.MXRecord}."""
+
+    def lookup_addresses(host: str, rdtype: str) -> Deferred[Any]:
+        """Fire with an L{mta.delivery.dns.Answer} of address strings.
+
+        C{rdtype} is C{"A"} or C{"AAAA"}.
+        """

@@ -1,0 +1,1 @@
+"""Delivery: next hops (MX, routes), the delivery agent, MIME downgrade."""

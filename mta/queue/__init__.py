@@ -1,0 +1,1 @@
+"""The queue manager and its pure retry schedule."""
