@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TextIO
 
 from mta import config as configmod
 from mta.address import parse_mailbox, valid_domain
+from mta.bounce import Classifier, parse_reply
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.spool.format import FormatError, format_time
 from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolStore
@@ -24,6 +25,10 @@ from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_log
 
 class CommandError(Exception):
     """A failure to report on stderr with exit status 1."""
+
+
+class UsageError(Exception):
+    """Bad input on the command line: stderr and exit status 2."""
 
 
 def _fail(message: str) -> NoReturn:
@@ -204,6 +209,22 @@ def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: Text
     return 0
 
 
+def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Print how a reply would be treated: retry or bounce, and why."""
+    text = " ".join(args.reply)
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        reply = parse_reply(text.strip())
+    except ValueError as e:
+        raise UsageError(f"classify: {e}") from None
+    if reply.code < 400:
+        raise UsageError(f"classify: {reply.code} is a success reply, not a failure")
+    verdict = Classifier(extra=config.bounce_rules).classify(reply)
+    out.write(json.dumps(verdict.to_json()) + "\n")
+    return 0
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -217,7 +238,7 @@ def _count(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtactl", description="Manage an mta installation.")
     p.add_argument("-c", "--config", help="TOML configuration file (default: embedded)")
-    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue}")
+    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,classify}")
 
     user = sub.add_parser("user", help="manage submission users")
     usub = user.add_subparsers(dest="command", required=True)
@@ -250,6 +271,14 @@ def parser() -> argparse.ArgumentParser:
     qs.add_argument("--body", action="store_true", help="show the body too")
     qs.add_argument("--envelope-only", action="store_true")
     qs.set_defaults(func=cmd_queue_show)
+    cl = sub.add_parser(
+        "classify",
+        help="show whether a reply would be retried or bounced",
+        description='Classify an SMTP reply, e.g. mtactl classify "550 5.1.1 No such user". '
+        'Multi-line replies as in logs work too; "-" reads the reply from stdin.',
+    )
+    cl.add_argument("reply", nargs="+", help="the reply text, or - for stdin")
+    cl.set_defaults(func=cmd_classify)
     return p
 
 
@@ -262,6 +291,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (CommandError, ConfigError, StorageError) as e:
         sys.stderr.write(f"mtactl: {e}\n")
         return 1
+    except UsageError as e:
+        sys.stderr.write(f"mtactl: {e}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("mtactl: interrupted\n")
         return 1

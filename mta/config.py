@@ -72,12 +72,62 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    dns_servers: list[str] = _opt([])  # [] = the system's /etc/resolv.conf
+    dns_port: int = _opt(53, minimum=1)
+    dns_timeout: float = _opt(10.0, minimum=0.1)
+    port: int = _opt(25, minimum=1)  # the SMTP port of MX hosts
+    ip_versions: list[str] = _opt(["ipv4", "ipv6"])
+    tls: str = _opt("may", choices=("none", "may", "encrypt", "verify"))
+    tls_required: list[str] = _opt([])
+    address_limit: int = _opt(5, minimum=1)
+    session_limit: int = _opt(2, minimum=1)
+    recipients_per_transaction: int = _opt(50, minimum=1)
+    destination_concurrency: int = _opt(20, minimum=1)
+    max_connections: int = _opt(100, minimum=1)
+    connection_cache_time: float = _opt(2.0, minimum=0)
+    connection_reuse_limit: int = _opt(100, minimum=1)
+    connect_timeout: float = _opt(30.0, minimum=0.1)
+    greeting_timeout: float = _opt(300.0, minimum=0.1)
+    helo_timeout: float = _opt(300.0, minimum=0.1)
+    mail_timeout: float = _opt(300.0, minimum=0.1)
+    rcpt_timeout: float = _opt(300.0, minimum=0.1)
+    data_init_timeout: float = _opt(120.0, minimum=0.1)
+    data_block_timeout: float = _opt(180.0, minimum=0.1)
+    data_done_timeout: float = _opt(600.0, minimum=0.1)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    active_limit: int = _opt(1000, minimum=1)
+    minimal_backoff_time: float = _opt(300.0, minimum=0)
+    maximal_backoff_time: float = _opt(4000.0, minimum=0)
+    maximal_queue_lifetime: float = _opt(5 * 86400.0, minimum=0)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One entry of C{[routes]}: where mail for a domain goes instead of its MX."""
+
+    relay: str = ""
+    tls: str = _opt("", choices=("", "none", "may", "encrypt", "verify"))
+    ca_file: str = ""
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+    bounce_rules: tuple[Any, ...] = ()  # mta.bounce.Rule, from [[bounce.rules]]
     source: str = "<embedded default>"
     base_dir: str = "."
 
@@ -158,6 +208,8 @@ SECTIONS: dict[str, type] = {
     "tls": TLSConfig,
     "limits": LimitsConfig,
     "auth": AuthConfig,
+    "delivery": DeliveryConfig,
+    "queue": QueueConfig,
 }
 
 
@@ -165,16 +217,72 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
     """Build a L{Config} from a parsed TOML document."""
     sections: dict[str, Any] = {}
     for key, value in doc.items():
+        if key == "routes":
+            sections[key] = _load_routes(source, value, base_dir)
+            continue
+        if key == "bounce":
+            sections["bounce_rules"] = _load_bounce(source, value)
+            continue
         if key not in SECTIONS:
             raise ConfigError(f"{source}: unknown section or key {key!r}")
         sections[key] = _load_section(source, key, SECTIONS[key], value)
     config = Config(**sections, source=source, base_dir=base_dir)
+    for version in config.delivery.ip_versions:
+        if version not in ("ipv4", "ipv6"):
+            raise ConfigError(f"{source}: [delivery] ip_versions: {version!r} is not ipv4 or ipv6")
+    if not config.delivery.ip_versions:
+        raise ConfigError(f"{source}: [delivery] ip_versions must not be empty")
+    if config.queue.maximal_backoff_time < config.queue.minimal_backoff_time:
+        raise ConfigError(f"{source}: [queue] maximal_backoff_time must be >= minimal_backoff_time")
     tls = config.tls
     if bool(tls.certificate) != bool(tls.key):
         raise ConfigError(f"{source}: [tls] certificate and key must be given together")
     if config.auth.failure_delay_max < config.auth.failure_delay:
         raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
     return _resolve_paths(config)
+
+
+def _load_routes(source: str, doc: object, base_dir: str) -> dict[str, RouteConfig]:
+    """C{[routes]}: domain (or C{"*"}) = relay string, or a table of RouteConfig."""
+    from mta.delivery.routes import check_relay  # noqa: PLC0415 - avoids an import cycle
+
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: [routes] must be a table")
+    routes: dict[str, RouteConfig] = {}
+    for domain, value in doc.items():
+        where = f"[routes] {domain!r}"
+        table = {"relay": value} if isinstance(value, str) else value
+        route = _load_section(source, f"routes.{domain}", RouteConfig, table)
+        if not route.relay:
+            raise ConfigError(f"{source}: {where}: relay is missing")
+        problem = check_relay(route.relay)
+        if problem:
+            raise ConfigError(f"{source}: {where}: {problem}")
+        if route.password and route.password_file:
+            raise ConfigError(f"{source}: {where}: give password or password_file, not both")
+        if (route.password or route.password_file) and not route.username:
+            raise ConfigError(f"{source}: {where}: a password needs a username")
+        for key in ("ca_file", "password_file"):
+            path = getattr(route, key)
+            if path:
+                route = replace(route, **{key: os.path.join(base_dir, os.path.expanduser(path))})
+        routes[domain.lower()] = route
+    return routes
+
+
+def _load_bounce(source: str, doc: object) -> tuple[Any, ...]:
+    """C{[[bounce.rules]]}: operator classification rules, tried before the built-ins."""
+    from mta.bounce import rules_from_config  # noqa: PLC0415 - avoids an import cycle
+
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: [bounce] must be a table")
+    unknown = set(doc) - {"rules"}
+    if unknown:
+        raise ConfigError(f"{source}: [bounce] unknown key {sorted(unknown)[0]!r}")
+    rules = doc.get("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError(f"{source}: [bounce] rules must be an array of tables ([[bounce.rules]])")
+    return tuple(rules_from_config(rules, source))
 
 
 def _resolve_paths(config: Config) -> Config:

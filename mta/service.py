@@ -23,9 +23,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mta.bounce import Classifier
 from mta.config import Config
+from mta.delivery.dns import CachingResolver, DNSPythonResolver
+from mta.delivery.relay import DeliveryAgent, DeliverySettings
+from mta.delivery.routes import Router
 from mta.errors import ConfigError, StorageError
+from mta.queue.manager import QueueLimits, QueueManager
+from mta.queue.schedule import RetryPolicy
 from mta.smtp.auth import AuthThrottle, UserFileChecker
+from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
 from mta.spool.fs import Spool, SpoolLock, SpoolStore
 from mta.spool.queueid import QueueIdGenerator
@@ -88,6 +95,7 @@ class MTAService(MultiService):
             ),
             clock=reactor,
         )
+        self._build_delivery(config, reactor)
         self.listeners: list[tuple[str, IProtocolFactory]] = []
         for description in config.listen.submissions:
             inner = SubmissionFactory(self.settings, implicit_tls=True)
@@ -95,6 +103,63 @@ class MTAService(MultiService):
         for description in config.listen.submission:
             plain = SubmissionFactory(self.settings, implicit_tls=False)
             self.listeners.append((description, plain))
+
+    def _build_delivery(self, config: Config, reactor: Any) -> None:
+        """The resolver, route table, delivery agent and queue manager."""
+        d = config.delivery
+        self.resolver = CachingResolver(
+            DNSPythonResolver(
+                self._pool("dns", 8),
+                nameservers=d.dns_servers or None,
+                port=d.dns_port,
+                timeout=d.dns_timeout,
+            ),
+            reactor,
+        )
+        self.router = Router(config.routes, default_tls=d.tls, tls_required=d.tls_required)
+        families = tuple({"ipv4": "A", "ipv6": "AAAA"}[v] for v in d.ip_versions)
+        self.agent = DeliveryAgent(
+            reactor,
+            self.resolver,
+            self.router,
+            DeliverySettings(
+                hostname=self.hostname,
+                port=d.port,
+                families=families,
+                address_limit=d.address_limit,
+                session_limit=d.session_limit,
+                recipients_per_transaction=d.recipients_per_transaction,
+                connection_cache_time=d.connection_cache_time,
+                connection_reuse_limit=d.connection_reuse_limit,
+                timeouts=ClientTimeouts(
+                    connect=d.connect_timeout,
+                    greeting=d.greeting_timeout,
+                    helo=d.helo_timeout,
+                    starttls=d.helo_timeout,
+                    mail=d.mail_timeout,
+                    rcpt=d.rcpt_timeout,
+                    data_init=d.data_init_timeout,
+                    data_block=d.data_block_timeout,
+                    data_done=d.data_done_timeout,
+                ),
+            ),
+        )
+        self.queue = QueueManager(
+            self.store,
+            self.spool_runner,
+            self.agent.deliver,
+            self.router,
+            reactor,
+            limits=QueueLimits(
+                active=config.queue.active_limit,
+                destination_concurrency=d.destination_concurrency,
+                connections=d.max_connections,
+            ),
+            retry=lambda: RetryPolicy.from_config(self.config.queue),
+            classifier=Classifier(extra=config.bounce_rules),
+        )
+        self.spool.add_listener(self.queue.committed)
+        self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _pool(self, name: str, size: int) -> Callable[[Callable[[], Any]], Deferred[Any]]:
         pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
@@ -148,6 +213,7 @@ class MTAService(MultiService):
     def stopService(self) -> Deferred[Any]:
         children = super().stopService()  # type: ignore[no-untyped-call]
         listening = self._unlisten()
+        self.agent.cache.close_all()
 
         def release(_: object) -> None:
             # Waits for work already handed to the threads (commits in flight).

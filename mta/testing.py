@@ -7,13 +7,16 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from argon2 import PasswordHasher
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from mta.spool.fs import FileOps
+from mta.spool.queueid import QueueIdGenerator
 from mta.users import User, UserFile
 
 T = TypeVar("T")
@@ -45,6 +48,17 @@ def write_users(path: str, users: dict[str, str], **rights: dict[str, list[str]]
                 domains=list(rights.get("domains", {}).get(email, [])),
             )
     return user_file
+
+
+class NoSyncOps(FileOps):
+    """File operations without fsync, for tests where durability is not the
+    subject and thousands of fsyncs would only make them slow."""
+
+    def fsync(self, f: IO[bytes]) -> None:
+        f.flush()
+
+    def fsync_dir(self, path: str) -> None:
+        pass
 
 
 class FailingOps(FileOps):
@@ -99,3 +113,267 @@ class TLSStringTransport(StringTransport):
     def startTLS(self, contextFactory: object, normal: bool = True) -> None:
         self.tls_started_with = contextFactory
         self.written_before_tls = self.value()  # type: ignore[no-untyped-call]
+
+
+# -- a scriptable SMTP server (the far end of outbound delivery) -------------
+
+HANG = "<hang>"  # a reply that is never sent
+DROP = "<drop>"  # close the connection instead of replying
+
+
+@dataclass
+class SinkBehaviour:
+    """What a L{SinkServer} answers; each hook returns a reply line (or lines
+    joined by newlines), L{HANG} or L{DROP}.  Replies may be multi-line:
+    C{"250-a\\n250 b"}."""
+
+    greeting: str = "220 sink.test ESMTP"
+    extensions: tuple[str, ...] = (
+        "PIPELINING",
+        "SIZE 104857600",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "DSN",
+    )
+    ehlo: Callable[[str], str] | None = None
+    mail: Callable[[str], str] = lambda line: "250 2.1.0 Ok"
+    rcpt: Callable[[str], str] = lambda line: "250 2.1.5 Ok"
+    data: Callable[[], str] = lambda: "354 End data with <CR><LF>.<CR><LF>"
+    message: Callable[[bytes], str] = lambda data: "250 2.0.0 Ok: queued as SINK"
+    drop_after_data_bytes: int | None = None  # lose the connection mid-DATA
+    starttls: str = "220 2.0.0 Ready to start TLS"
+
+
+@dataclass
+class SinkMessage:
+    sender_line: str
+    rcpt_lines: list[str]
+    data: bytes  # unstuffed, CRLF line ends, without the final "."
+
+
+class SinkServer(Protocol):
+    """A small SMTP server that follows a L{SinkBehaviour} and records what it got."""
+
+    def __init__(self, factory: SinkFactory) -> None:
+        self.f = factory
+        self.buffer = b""
+        self.in_data = False
+        self.data = b""
+        self.mail: str | None = None
+        self.rcpts: list[str] = []
+        self.hung = False
+        self.tls = False
+        self.commands: list[str] = []
+        self._search = 0
+
+    def connectionMade(self) -> None:
+        self.f.connections += 1
+        self._reply(self.f.behaviour.greeting)
+
+    def _reply(self, reply: str) -> None:
+        if reply == HANG:
+            self.hung = True
+            return
+        if reply == DROP:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.transport.write(("\r\n".join(reply.split("\n")) + "\r\n").encode())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.hung:
+            return
+        self.buffer += data
+        while not self.hung:
+            if self.in_data:
+                if not self._data_step():
+                    return
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            line, self.buffer = self.buffer[:end].decode("utf-8", "replace"), self.buffer[end + 2 :]
+            self._command(line)
+
+    def _data_step(self) -> bool:
+        """Collect DATA; at CRLF.CRLF record the message and answer it."""
+        self.data += self.buffer
+        self.buffer = b""
+        limit = self.f.behaviour.drop_after_data_bytes
+        if limit is not None and len(self.data) >= limit:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.hung = True
+            return False
+        stream = b"\r\n" + self.data
+        end = stream.find(b"\r\n.\r\n", self._search)
+        if end < 0:
+            self._search = max(0, len(stream) - 4)
+            return False
+        body, self.buffer = stream[2 : end + 2], stream[end + 5 :]
+        self.in_data, self.data, self._search = False, b"", 0
+        unstuffed = (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+        assert self.mail is not None
+        self.f.messages.append(SinkMessage(self.mail, list(self.rcpts), unstuffed))
+        self.mail, self.rcpts = None, []
+        self._reply(self.f.behaviour.message(unstuffed))
+        return True
+
+    def _command(self, line: str) -> None:
+        self.commands.append(line)
+        self.f.commands.append(line)
+        verb = line.split(" ", 1)[0].upper()
+        b = self.f.behaviour
+        if verb == "EHLO":
+            if b.ehlo is not None:
+                self._reply(b.ehlo(line))
+                return
+            ext = list(b.extensions)
+            if self.f.tls is not None and not self.tls:
+                ext.append("STARTTLS")
+            lines = ["sink.test", *ext]
+            self._reply("\n".join([*(f"250-{x}" for x in lines[:-1]), f"250 {lines[-1]}"]))
+        elif verb == "HELO":
+            self._reply("250 sink.test")
+        elif verb == "STARTTLS" and self.f.tls is not None:
+            self._reply(b.starttls)
+            if b.starttls.startswith("220"):
+                self.buffer = b""
+                self.transport.startTLS(self.f.tls)  # type: ignore[union-attr]
+                self.tls = True
+        elif verb == "AUTH":
+            self._reply("235 2.7.0 Authentication successful")
+        elif verb == "MAIL":
+            reply = b.mail(line)
+            if reply.startswith("250"):
+                self.mail, self.rcpts = line, []
+            self._reply(reply)
+        elif verb == "RCPT":
+            if self.mail is None:
+                self._reply("503 5.5.1 Error: need MAIL command")
+                return
+            reply = b.rcpt(line)
+            if reply.startswith("25"):
+                self.rcpts.append(line)
+            self._reply(reply)
+        elif verb == "DATA":
+            if self.mail is None:
+                self._reply("503 5.5.1 Error: need RCPT command")
+                return
+            if not self.rcpts:
+                self._reply("554 5.5.1 No valid recipients")
+                return
+            reply = b.data()
+            if reply.startswith("354"):
+                self.in_data = True
+                self.data, self._search = b"", 0
+            self._reply(reply)
+        elif verb == "RSET":
+            self.mail, self.rcpts = None, []
+            self._reply("250 2.0.0 Ok")
+        elif verb == "NOOP":
+            self._reply("250 2.0.0 Ok")
+        elif verb == "QUIT":
+            self._reply("221 2.0.0 Bye")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self._reply("502 5.5.2 Error: command not recognized")
+
+
+class SinkFactory(Factory):
+    """Builds L{SinkServer}s sharing one behaviour and one record of messages.
+
+    C{tls} is a server TLS context factory (e.g. L{mta.tls.ServerTLS}) to
+    offer STARTTLS, or None.
+    """
+
+    noisy = False
+
+    def __init__(self, behaviour: SinkBehaviour | None = None, tls: Any = None) -> None:
+        self.behaviour = behaviour or SinkBehaviour()
+        self.tls = tls
+        self.messages: list[SinkMessage] = []
+        self.commands: list[str] = []
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> SinkServer:
+        return SinkServer(self)
+
+
+# -- the queue manager's collaborators -----------------------------------------
+
+
+class DeliverySpy:
+    """Stands in for the delivery agent: records jobs, answers when told.
+
+    Each call returns an unfired Deferred; the test fires it with
+    L{answer} (one reply for every recipient of the job) or L{answer_each}.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Deferred[Any]]] = []
+
+    def __call__(self, job: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((job, d))
+        return d
+
+    @property
+    def waiting(self) -> list[Any]:
+        return [job for job, d in self.calls if not d.called]
+
+    def answer(
+        self, index: int, reply: Any, kind: str = "remote", relay: str = "mx.test[192.0.2.1]:25"
+    ) -> None:
+        job, _ = self.calls[index]
+        self.answer_each(index, [reply] * len(job.recipients), kind, relay)
+
+    def answer_each(
+        self,
+        index: int,
+        replies: list[Any],
+        kind: str = "remote",
+        relay: str = "mx.test[192.0.2.1]:25",
+    ) -> None:
+        from mta.delivery.relay import RecipientResult  # noqa: PLC0415 - avoid a cycle
+
+        job, d = self.calls[index]
+        d.callback(
+            [
+                RecipientResult(r.address, reply, kind, relay)
+                for r, reply in zip(job.recipients, replies, strict=True)
+            ]
+        )
+
+
+_test_clock = [0.0]
+_test_ids = QueueIdGenerator(lambda: _test_clock[0])  # strictly increasing IDs
+
+
+def queue_message(
+    store: Any,
+    sender: str,
+    recipients: list[str],
+    data: bytes = b"From: a@example.com\r\nSubject: test\r\n\r\nbody\r\n",
+    *,
+    arrival: float = 1_700_000_000.0,
+    queue_id: str | None = None,
+) -> str:
+    """Put a committed message straight into a spool's incoming/ (for tests)."""
+    from mta.envelope import Envelope, Recipient  # noqa: PLC0415
+    from mta.spool import format as envformat  # noqa: PLC0415
+
+    _test_clock[0] = arrival
+    queue_id = queue_id or _test_ids()
+    envelope = Envelope(
+        queue_id=queue_id,
+        sender=sender,
+        recipients=[Recipient(r) for r in recipients],
+        arrival=arrival,
+        size=len(data),
+    )
+    message = store.create_tmp(queue_id)
+    message.write(data)
+    [error] = store.commit_group([(queue_id, message, envformat.dumps(envelope))])
+    if error is not None:
+        raise error
+    return queue_id

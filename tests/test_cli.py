@@ -546,3 +546,53 @@ class ExecutableTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+class ClassifyTests(CLITestCase):
+    def classify(self, *argv: str, stdin: str | None = None) -> dict[str, object]:
+        code, out = self.mtactl("classify", *argv, stdin=stdin)
+        self.assertEqual(code, 0)
+        return dict(json.loads(out))
+
+    def test_unknown_user_bounces(self) -> None:
+        verdict = self.classify(
+            "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown"
+        )
+        self.assertEqual(
+            {k: verdict[k] for k in ("action", "category", "code", "enhanced")},
+            {"action": "bounce", "category": "recipient", "code": 550, "enhanced": "5.1.1"},
+        )
+
+    def test_blocklist_on_5xx_retries(self) -> None:
+        verdict = self.classify(
+            "554",
+            "5.7.1",
+            "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+        )
+        self.assertEqual((verdict["action"], verdict["category"]), ("retry", "blocklist"))
+
+    def test_multi_line_from_stdin(self) -> None:
+        verdict = self.classify(
+            "-", stdin="452-4.2.2 The email account that you tried to reach is over quota.\n"
+            "452 4.2.2 Please direct the recipient to the help page.\n",
+        )  # fmt: skip
+        self.assertEqual((verdict["action"], verdict["category"]), ("retry", "capacity"))
+
+    def test_operator_rule_from_config(self) -> None:
+        with open(self.config, "a", encoding="utf-8") as f:
+            f.write(
+                '\n[[bounce.rules]]\nname = "acme"\npattern = "acme says no"\n'
+                'category = "capacity"\naction = "retry"\n'
+            )
+        verdict = self.classify("550 5.1.1 acme says no")
+        self.assertEqual((verdict["action"], verdict["rule"]), ("retry", "acme"))
+
+    def test_bad_reply_is_a_usage_error(self) -> None:
+        code, out = self.mtactl("classify", "no code here")
+        self.assertEqual((code, out), (2, ""))
+        self.assert_one_line_error("3-digit")
+
+    def test_success_reply_is_refused(self) -> None:
+        code, _ = self.mtactl("classify", "250 2.0.0 Ok")
+        self.assertEqual(code, 2)
+        self.assert_one_line_error("success")

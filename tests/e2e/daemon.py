@@ -43,7 +43,8 @@ def write_toml(path: str, sections: dict[str, dict[str, Any]]) -> None:
         for name, values in sections.items():
             f.write(f"[{name}]\n")
             for key, value in values.items():
-                f.write(f"{key} = {toml_value(value)}\n")
+                bare = key.replace("_", "").replace("-", "").isalnum()
+                f.write(f"{key if bare else toml_value(key)} = {toml_value(value)}\n")
             f.write("\n")
 
 
@@ -77,6 +78,10 @@ class Daemon:
                 "submission": [f"tcp:{self.plain_port}:interface=127.0.0.1"],
             },
             "auth": {"failure_delay": 0.05, "failure_delay_max": 0.2},
+            # Nothing leaves the machine: no system DNS, deliveries to a
+            # closed loopback port unless a test routes them to its sink.
+            "delivery": {"dns_servers": ["127.0.0.1"], "dns_port": free_port(), "dns_timeout": 2},
+            "routes": {"*": f"[127.0.0.1]:{free_port()}"},
         }
         for name, values in (sections or {}).items():
             base.setdefault(name, {}).update(values)
@@ -141,6 +146,17 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
-    def queued(self, state: str = "incoming") -> list[str]:
-        path = os.path.join(self.spool, state)
-        return sorted(n for n in os.listdir(path) if not n.startswith("."))
+    def queued(self, *states: str) -> list[str]:
+        """Queue IDs in the given states (default: every state)."""
+        found = []
+        for state in states or ("incoming", "active", "deferred", "hold", "corrupt", "done"):
+            path = os.path.join(self.spool, state)
+            found += [n for n in os.listdir(path) if not n.startswith(".")]
+        return sorted(found)
+
+    def message_dir(self, queue_id: str) -> str:
+        for state in ("incoming", "active", "deferred", "hold", "corrupt", "done"):
+            path = os.path.join(self.spool, state, queue_id)
+            if os.path.isdir(path):
+                return path
+        raise KeyError(queue_id)

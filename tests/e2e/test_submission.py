@@ -64,9 +64,7 @@ class DaemonTestCase(SynchronousTestCase):
         )
 
     def envelope_of(self, queue_id: str) -> bytes:
-        with open(
-            os.path.join(self.daemon.spool, "incoming", queue_id, "envelope.json"), "rb"
-        ) as f:
+        with open(os.path.join(self.daemon.message_dir(queue_id), "envelope.json"), "rb") as f:
             return f.read()
 
 
@@ -85,7 +83,7 @@ class SeedClientTests(DaemonTestCase):
         self.assertEqual(env.sender, LOGIN)
         self.assertEqual([r.address for r in env.recipients], ["recipient@example.com"])
         self.assertEqual(env.auth_user, LOGIN)
-        with open(os.path.join(self.daemon.spool, "incoming", queue_id, "message"), "rb") as f:
+        with open(os.path.join(self.daemon.message_dir(queue_id), "message"), "rb") as f:
             stored = f.read()
         self.assertTrue(stored.startswith(b"Received: from "))
         self.assertIn(b"Subject: Hello from Forward Email\r\n", stored)

@@ -1,0 +1,436 @@
+"""The delivery agent: one message, one destination, per-recipient results.
+
+For a L{DeliveryJob} (a message and the recipients it has at one
+destination) the agent finds the next hops (the route, or the MX hosts of
+the domain), connects to them in order within Postfix's limits (at most
+C{address_limit} addresses and C{session_limit} SMTP sessions per
+attempt), reuses a cached connection to the same destination when one is
+idle, sends the message in transactions of at most
+C{recipients_per_transaction} recipients, and returns one
+L{RecipientResult} per recipient.  It never raises: every failure becomes
+a result, so the queue manager records and classifies it.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mta.delivery import mx
+from mta.delivery.mime import DowngradeError, downgrade_8bit, header_section, is_8bit_file
+from mta.delivery.mime import needs_smtputf8 as _needs_smtputf8
+from mta.delivery.routes import Route, Router
+from mta.envelope import Envelope, Recipient
+from mta.errors import DeliveryError, Reply
+from mta.interfaces import IResolver
+from mta.smtp.client import (
+    ClientPolicy,
+    ClientTimeouts,
+    OutboundConnection,
+    OutboundMessage,
+    OutboundRecipient,
+    connect,
+)
+
+log = Logger(namespace="mta.delivery")
+
+Connector = Callable[[Any, str, str, int, ClientPolicy], Awaitable[OutboundConnection]]
+
+
+@dataclass
+class DeliveryJob:
+    """A message and those of its recipients that share one destination."""
+
+    envelope: Envelope
+    recipients: list[Recipient]
+    message_path: str
+    destination: str  # the grouping key (L{Router.destination})
+    domain: str  # the recipients' domain
+
+
+@dataclass
+class RecipientResult:
+    """What happened to one recipient in one attempt.
+
+    C{kind} is C{"remote"} when C{reply} is the server's answer about this
+    recipient, otherwise the L{DeliveryError} kind of a failure that hit
+    the whole attempt.  C{dsn_passed} is whether the next hop took the DSN
+    parameters (RFC 3461 section 4), which decides "relayed" vs "delivered"
+    in a success notice.
+    """
+
+    address: str
+    reply: Reply
+    kind: str
+    relay: str = "none"
+    dsn_passed: bool = False
+    setup_time: float = 0.0
+    transfer_time: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.code < 400
+
+
+@dataclass
+class DeliverySettings:
+    hostname: str
+    port: int = 25
+    families: tuple[str, ...] = ("A", "AAAA")
+    address_limit: int = 5
+    session_limit: int = 2
+    recipients_per_transaction: int = 50
+    connection_cache_time: float = 2.0
+    connection_reuse_limit: int = 100
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+
+
+class ConnectionCache:
+    """Idle connections per destination, closed after C{idle} seconds.
+
+    Postfix's connection cache: the next message to the same destination
+    skips the TCP, TLS and EHLO set-up.
+    """
+
+    def __init__(self, clock: IReactorTime, idle: float, reuse_limit: int) -> None:
+        self._clock = clock
+        self._idle = idle
+        self._reuse_limit = reuse_limit
+        self._idle_conns: dict[str, list[tuple[OutboundConnection, IDelayedCall]]] = {}
+
+    def take(self, destination: str) -> OutboundConnection | None:
+        conns = self._idle_conns.get(destination, [])
+        while conns:
+            conn, timer = conns.pop()
+            if timer.active():
+                timer.cancel()
+            if conn.usable:
+                return conn
+        self._idle_conns.pop(destination, None)
+        return None
+
+    def give(self, destination: str, conn: OutboundConnection) -> None:
+        """Keep a connection for reuse, or close it when it should not be kept."""
+        if not conn.usable or self._idle <= 0 or conn.transactions >= self._reuse_limit:
+            self._close(conn)
+            return
+        conns = self._idle_conns.setdefault(destination, [])
+        timer = self._clock.callLater(self._idle, self._expire, destination, conn)
+        conns.append((conn, timer))
+
+    def _expire(self, destination: str, conn: OutboundConnection) -> None:
+        conns = self._idle_conns.get(destination, [])
+        self._idle_conns[destination] = [(c, t) for c, t in conns if c is not conn]
+        if not self._idle_conns[destination]:
+            del self._idle_conns[destination]
+        self._close(conn)
+
+    @staticmethod
+    def _close(conn: OutboundConnection) -> None:
+        Deferred.fromCoroutine(conn.quit()).addErrback(lambda _: None)
+
+    def close_all(self) -> None:
+        for conns in self._idle_conns.values():
+            for conn, timer in conns:
+                if timer.active():
+                    timer.cancel()
+                self._close(conn)
+        self._idle_conns.clear()
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._idle_conns.values())
+
+
+class _MessageFacts:
+    """What the agent learns about a message's bytes, at most once per job."""
+
+    def __init__(self, path: str, envelope: Envelope, recipients: list[str]) -> None:
+        self.path = path
+        self.envelope = envelope
+        self.recipients = recipients
+        self._eight_bit: bool | None = None
+        self._smtputf8: bool | None = None
+        self._downgraded: bytes | None = None
+
+    def open(self) -> IO[bytes]:
+        return open(self.path, "rb")
+
+    @property
+    def eight_bit(self) -> bool:
+        if self._eight_bit is None:
+            if self.envelope.body == "8BITMIME":
+                self._eight_bit = True
+            else:
+                with self.open() as f:
+                    self._eight_bit = is_8bit_file(f)
+        return self._eight_bit
+
+    @property
+    def smtputf8(self) -> bool:
+        if self._smtputf8 is None:
+            if not self.envelope.smtputf8:
+                self._smtputf8 = False
+            else:
+                with self.open() as f:
+                    head = header_section(f)
+                self._smtputf8 = _needs_smtputf8(self.envelope.sender, self.recipients, head)
+        return self._smtputf8
+
+    def downgraded(self) -> bytes:
+        if self._downgraded is None:
+            with self.open() as f:
+                self._downgraded = downgrade_8bit(f.read())
+        return self._downgraded
+
+
+class DeliveryAgent:
+    """Delivers jobs; see the module docstring."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: IResolver,
+        router: Router,
+        settings: DeliverySettings,
+        *,
+        connector: Connector = connect,
+        shuffle: Callable[[list[Any]], None] = random.shuffle,
+    ) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.router = router
+        self.settings = settings
+        self.connector = connector
+        self.shuffle = shuffle
+        self.cache = ConnectionCache(
+            reactor, settings.connection_cache_time, settings.connection_reuse_limit
+        )
+
+    def deliver(self, job: DeliveryJob) -> Deferred[list[RecipientResult]]:
+        """Deliver a job; fires with one result per recipient, never fails."""
+        return Deferred.fromCoroutine(_Attempt(self, job).run())
+
+    def policy(self, domain: str, route: Route | None) -> ClientPolicy:
+        s = self.settings
+        if route is None:
+            return ClientPolicy(s.hostname, s.timeouts, tls=self.router.tls_policy(domain))
+        return ClientPolicy(
+            s.hostname,
+            s.timeouts,
+            tls=route.tls,
+            ca_file=route.ca_file,
+            username=route.username,
+            password=route.password,
+        )
+
+    async def hops(self, domain: str, route: Route | None) -> list[mx.NextHop]:
+        s = self.settings
+        if route is not None:
+            return await mx.route_hops(
+                self.resolver,
+                route.relay,
+                families=s.families,
+                shuffle=self.shuffle,
+                address_limit=s.address_limit,
+            )
+        return await mx.next_hops(
+            self.resolver,
+            domain,
+            port=s.port,
+            families=s.families,
+            shuffle=self.shuffle,
+            address_limit=s.address_limit,
+        )
+
+    async def connect(
+        self, hop: mx.NextHop, address: str, policy: ClientPolicy
+    ) -> OutboundConnection:
+        try:
+            return await self.connector(self.reactor, hop.host, address, hop.port, policy)
+        except DeliveryError as e:
+            if e.kind != "tls" or policy.tls != "may":
+                raise
+            # Opportunistic TLS that fails is retried in plaintext at once,
+            # as Postfix does; "encrypt" and "verify" never fall back.
+            log.info("{error}; retrying without TLS", error=str(e.reply))
+            return await self.connector(
+                self.reactor, hop.host, address, hop.port, replace(policy, tls="none")
+            )
+
+
+class _Attempt:
+    """One delivery attempt of one job: the state shared by its steps."""
+
+    def __init__(self, agent: DeliveryAgent, job: DeliveryJob) -> None:
+        self.agent = agent
+        self.job = job
+        self.clock = agent.reactor
+        self.start = agent.reactor.seconds()
+        self.setup_done = self.start
+        self.facts = _MessageFacts(
+            job.message_path, job.envelope, [r.address for r in job.recipients]
+        )
+        self.results: dict[str, RecipientResult] = {}
+
+    async def run(self) -> list[RecipientResult]:
+        job = self.job
+        try:
+            await self._try_hosts()
+        except DeliveryError as e:
+            self._fail_all(job.recipients, e)
+        except Exception as e:
+            log.failure(
+                "delivery of {qid} to {dest} crashed", qid=job.envelope.queue_id,
+                dest=job.destination,
+            )  # fmt: skip
+            self._fail_all(
+                job.recipients,
+                DeliveryError(Reply(451, "4.3.0", f"internal error: {e!r}"), "local"),
+            )
+        return [self.results[r.address] for r in job.recipients]
+
+    def _fail_all(self, recipients: list[Recipient], error: DeliveryError) -> None:
+        for rcpt in recipients:
+            self.results.setdefault(
+                rcpt.address,
+                RecipientResult(
+                    rcpt.address,
+                    error.reply,
+                    error.kind,
+                    relay=error.remote or "none",
+                    setup_time=self.clock.seconds() - self.start,
+                ),
+            )
+
+    async def _try_hosts(self) -> None:
+        agent, job = self.agent, self.job
+        route = agent.router.route(job.domain)
+        policy = agent.policy(job.domain, route)
+        pending = list(job.recipients)
+        last_error: DeliveryError | None = None
+        conn = agent.cache.take(job.destination)
+        if conn is not None:
+            pending, last_error = await self._use(conn, pending)
+            if not pending:
+                return
+        sessions = 0
+        for hop in await agent.hops(job.domain, route):
+            for address in hop.addresses:
+                if sessions >= agent.settings.session_limit:
+                    break
+                try:
+                    conn = await agent.connect(hop, address, policy)
+                except DeliveryError as e:
+                    last_error = e
+                    log.info("{qid}: {error}", qid=job.envelope.queue_id, error=str(e.reply))
+                    continue
+                sessions += 1
+                self.setup_done = self.clock.seconds()
+                pending, last_error = await self._use(conn, pending)
+                if not pending:
+                    return
+        self._fail_all(
+            pending,
+            last_error
+            or DeliveryError(
+                Reply(451, "4.4.1", f"no next hop for {job.domain} could take the message"),
+                "network",
+            ),
+        )
+
+    async def _use(
+        self, conn: OutboundConnection, pending: list[Recipient]
+    ) -> tuple[list[Recipient], DeliveryError | None]:
+        """Send to C{pending} over C{conn}; returns the recipients worth another host.
+
+        Recipients that got a reply from this server are finished for this
+        attempt.  When a whole transaction fails with a temporary error
+        (MAIL 4xx, a lost connection), its recipients and the rest stay
+        pending, with that error, so that the next MX host can try.
+        """
+        limit = self.agent.settings.recipients_per_transaction
+        left = list(pending)
+        try:
+            while left:
+                batch, left = left[:limit], left[limit:]
+                outcome = await self._transaction(conn, batch)
+                if isinstance(outcome, DeliveryError):
+                    return batch + left, outcome
+                for result in outcome:
+                    self.results[result.address] = result
+            return [], None
+        finally:
+            self.agent.cache.give(self.job.destination, conn)
+
+    async def _transaction(
+        self, conn: OutboundConnection, batch: list[Recipient]
+    ) -> list[RecipientResult] | DeliveryError:
+        """One transaction; a DeliveryError when the next host should try again."""
+        env, facts = self.job.envelope, self.facts
+        setup = self.setup_done - self.start
+
+        def everyone(reply: Reply) -> list[RecipientResult]:
+            return [
+                RecipientResult(r.address, reply, "remote", conn.remote, setup_time=setup)
+                for r in batch
+            ]
+
+        if facts.smtputf8 and "SMTPUTF8" not in conn.extensions:
+            text = f"{conn.remote} does not support SMTPUTF8, which this message needs (RFC 6531)"
+            return everyone(Reply(553, "5.6.7", text))
+        opener: Callable[[], IO[bytes]] = facts.open
+        size, eight_bit = env.size, facts.eight_bit
+        if eight_bit and "8BITMIME" not in conn.extensions:
+            try:
+                data = facts.downgraded()
+            except (DowngradeError, OSError) as e:
+                text = (
+                    f"{conn.remote} does not support 8BITMIME and the message "
+                    f"cannot be converted to 7 bit: {e}"
+                )
+                return everyone(Reply(554, "5.6.3", text))
+            opener, size, eight_bit = (lambda: io.BytesIO(data)), len(data), False
+        message = OutboundMessage(
+            sender=env.sender,
+            recipients=[OutboundRecipient(r.address, r.notify, r.orcpt) for r in batch],
+            open=opener,
+            size=size,
+            eight_bit=eight_bit,
+            smtputf8=facts.smtputf8,
+            ret=env.ret,
+            envid=env.envid,
+        )
+        sent_at = self.clock.seconds()
+        try:
+            outcome = await conn.send(message)
+        except DeliveryError as e:
+            if e.temporary and e.kind in ("remote", "network", "timeout", "protocol"):
+                log.info(
+                    "{qid}: {remote}: {error}", qid=env.queue_id, remote=conn.remote,
+                    error=str(e.reply),
+                )  # fmt: skip
+                return e
+            return [
+                RecipientResult(r.address, e.reply, e.kind, conn.remote, setup_time=setup)
+                for r in batch
+            ]
+        transfer = self.clock.seconds() - sent_at
+        return [
+            RecipientResult(
+                rcpt.address,
+                reply,
+                "remote",
+                conn.remote,
+                dsn_passed=outcome.dsn,
+                setup_time=setup,
+                transfer_time=transfer,
+            )
+            for rcpt, reply in zip(batch, outcome.replies, strict=True)
+        ]

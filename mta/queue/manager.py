@@ -1,0 +1,411 @@
+"""The queue manager: from the spool to the delivery agent and back.
+
+It keeps a bounded set of I{active} messages in memory (their envelopes,
+never their bytes).  Everything else stays on disk:
+
+  - C{incoming/} messages wait in a FIFO of queue IDs, fed by the spool's
+    commit notifications and, at start-up, by a directory listing;
+  - C{deferred/} messages wait in a heap of (due time, queue ID), built at
+    start-up from directory modification times (L{SpoolStore.settle}) and
+    served by a single timer, so nothing is scanned on a tick.
+
+An active message's due recipients are grouped by destination into
+L{DeliveryJob}s; jobs wait per destination and run within a per-destination
+and a global concurrency limit, taking destinations in turn.  Each result
+is classified, logged in Postfix's shape and written to the envelope; when
+no job of the message is running any more, the message moves to C{done/}
+(nothing pending) or back to C{deferred/} (with its next due time).
+
+All file work happens in the spool thread pool; envelope writes of one
+message are chained so they never overlap.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mta import maillog
+from mta.address import domain_of
+from mta.batch import Batcher
+from mta.bounce import Classifier, Verdict
+from mta.delivery.relay import DeliveryJob, RecipientResult
+from mta.delivery.routes import Router
+from mta.envelope import Envelope, Recipient, RecipientState
+from mta.errors import DeliveryError, Reply
+from mta.queue.schedule import RetryPolicy, no_jitter
+from mta.spool.format import FormatError
+from mta.spool.fs import MESSAGE, SpoolStore
+
+log = Logger(namespace="mta.queue")
+maillog_log = Logger(namespace="mta.maillog")
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
+
+
+@dataclass
+class QueueLimits:
+    active: int = 1000
+    destination_concurrency: int = 20
+    connections: int = 100
+
+
+@dataclass
+class _Active:
+    envelope: Envelope
+    activated: float
+    jobs: int = 0
+    io: Deferred[Any] = field(default_factory=lambda: succeed(None))
+
+
+@dataclass
+class _Job:
+    message: _Active
+    job: DeliveryJob
+    queued: float
+
+
+class QueueManager(Service):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        runner: Runner[Any],
+        deliver: Callable[[DeliveryJob], Deferred[list[RecipientResult]]],
+        router: Router,
+        clock: IReactorTime,
+        *,
+        limits: QueueLimits | None = None,
+        retry: Callable[[], RetryPolicy] = RetryPolicy,
+        classifier: Classifier | None = None,
+        jitter: Callable[[float], float] = no_jitter,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.deliver = deliver
+        self.router = router
+        self.clock = clock
+        self.limits = limits or QueueLimits()
+        self.retry = retry
+        self.classifier = classifier or Classifier()
+        self.jitter = jitter
+        self.incoming: deque[tuple[str, str]] = deque()  # (queue ID, state)
+        self.deferred: list[tuple[float, str]] = []  # heap of (due, queue ID)
+        self.active: dict[str, _Active] = {}
+        self._loading = 0
+        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._running: Counter[str] = Counter()
+        self._running_total = 0
+        self._timer: IDelayedCall | None = None
+        self._settles: Batcher[tuple[Envelope, str, str, float | None], None] = Batcher(
+            runner, store.settle_group
+        )
+        self._stopped = True
+        self.idle_waiters: list[Deferred[None]] = []
+
+    # -- life cycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._stopped = False
+        self.runner(self._scan).addCallbacks(self._scanned, self._scan_failed)
+
+    def _scan(self) -> tuple[list[tuple[str, str]], list[tuple[float, str]]]:
+        # Messages left in active/ by a crash go first: they were already due.
+        ready = [(qid, "active") for qid in sorted(self.store.ids("active"))]
+        ready += [(qid, "incoming") for qid in sorted(self.store.ids("incoming"))]
+        return ready, self.store.due_times("deferred")
+
+    def _scanned(self, found: tuple[list[tuple[str, str]], list[tuple[float, str]]]) -> None:
+        ready, due = found
+        known = {qid for qid, _ in self.incoming}
+        self.incoming.extendleft(reversed([x for x in ready if x[0] not in known]))
+        for item in due:
+            heapq.heappush(self.deferred, item)
+        log.info(
+            "queue: {ready} messages ready, {deferred} deferred",
+            ready=len(ready),
+            deferred=len(due),
+        )
+        self._pump()
+
+    def _scan_failed(self, failure: Failure) -> None:
+        log.failure("cannot read the queue", failure)
+
+    def stopService(self) -> None:
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        super().stopService()  # type: ignore[no-untyped-call]
+
+    def committed(self, queue_id: str, state: str) -> None:
+        """Spool listener: a new message is in C{incoming/}."""
+        self.incoming.append((queue_id, state))
+        self._pump()
+
+    # -- activation --------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Take messages into the active set while there is room."""
+        if self._stopped:
+            return
+        now = self.clock.seconds()
+        while len(self.active) + self._loading < self.limits.active:
+            if self.incoming:
+                queue_id, state = self.incoming.popleft()
+            elif self.deferred and self.deferred[0][0] <= now:
+                _, queue_id = heapq.heappop(self.deferred)
+                state = "deferred"
+            else:
+                break
+            if queue_id in self.active:
+                continue
+            self._activate(queue_id, state)
+        self._arm()
+        self._check_idle()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        full = len(self.active) + self._loading >= self.limits.active
+        # When the active set is full, a finishing message calls _pump.
+        if self.deferred and not self._stopped and not full:
+            delay = max(0.0, self.deferred[0][0] - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._pump)
+
+    def _activate(self, queue_id: str, state: str) -> None:
+        self._loading += 1
+
+        def load() -> Envelope | None:
+            try:
+                found, envelope = self.store.load(queue_id)
+            except KeyError:
+                return None  # delivered, deleted or moved meanwhile
+            except FormatError as e:
+                log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id, e=e)
+                self.store.move(queue_id, self.store.find(queue_id), "corrupt")
+                return None
+            if found not in (state, "active"):
+                return None  # e.g. put on hold meanwhile
+            if found != "active":
+                self.store.move(queue_id, found, "active", durable=False)
+            return envelope
+
+        def loaded(envelope: Envelope | None) -> None:
+            self._loading -= 1
+            if envelope is not None and not self._stopped:
+                message = _Active(envelope, self.clock.seconds())
+                self.active[queue_id] = message
+                self._plan(message)
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            self._loading -= 1
+            log.failure("{qid}: cannot activate", failure, qid=queue_id)
+            self._pump()
+
+        self.runner(load).addCallbacks(loaded, failed)
+
+    # -- planning and dispatch -----------------------------------------------
+
+    def _plan(self, message: _Active) -> None:
+        env = message.envelope
+        now = self.clock.seconds()
+        due = [
+            r
+            for r in env.recipients
+            if not r.state.final and (r.next_attempt is None or r.next_attempt <= now)
+        ]
+        groups: dict[str, list[Recipient]] = {}
+        domains: dict[str, str] = {}
+        for rcpt in due:
+            domain = domain_of(rcpt.address)
+            dest = self.router.destination(domain)
+            key = f"{dest}\0{domain}"
+            groups.setdefault(key, []).append(rcpt)
+            domains[key] = domain
+        if not groups:
+            self._finish(message)
+            return
+        path = self.store.path("active", env.queue_id, MESSAGE)
+        for key, recipients in groups.items():
+            dest = key.split("\0", 1)[0]
+            job = DeliveryJob(env, recipients, path, dest, domains[key])
+            message.jobs += 1
+            self._queues.setdefault(dest, deque()).append(_Job(message, job, now))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        progress = True
+        while progress and self._running_total < self.limits.connections:
+            progress = False
+            for dest in list(self._queues):
+                if self._running_total >= self.limits.connections:
+                    break
+                if self._running[dest] >= self.limits.destination_concurrency:
+                    continue
+                waiting = self._queues[dest]
+                item = waiting.popleft()
+                if not waiting:
+                    del self._queues[dest]
+                else:
+                    self._queues.move_to_end(dest)
+                self._start(item)
+                progress = True
+
+    def _start(self, item: _Job) -> None:
+        dest = item.job.destination
+        self._running[dest] += 1
+        self._running_total += 1
+        started = self.clock.seconds()
+
+        def done(results: list[RecipientResult]) -> None:
+            self._record(item, results, started)
+
+        def crashed(failure: Failure) -> None:
+            log.failure("{qid}: delivery crashed", failure, qid=item.job.envelope.queue_id)
+            reply = Reply(451, "4.3.0", "internal error during delivery")
+            self._record(
+                item,
+                [RecipientResult(r.address, reply, "local") for r in item.job.recipients],
+                started,
+            )
+
+        self.deliver(item.job).addCallbacks(done, crashed)
+
+    # -- results -------------------------------------------------------------
+
+    def _record(self, item: _Job, results: list[RecipientResult], started: float) -> None:
+        dest = item.job.destination
+        self._running[dest] -= 1
+        if self._running[dest] <= 0:
+            del self._running[dest]
+        self._running_total -= 1
+        message = item.message
+        env = message.envelope
+        now = self.clock.seconds()
+        policy = self.retry()
+        by_address = {r.address: r for r in item.job.recipients}
+        for result in results:
+            rcpt = by_address[result.address]
+            verdict = None if result.ok else self.classify(result)
+            rcpt.attempts += 1
+            rcpt.last_attempt = now
+            rcpt.reply = str(result.reply)
+            rcpt.dsn_status = maillog.dsn_code(result.reply)
+            rcpt.relay = result.relay
+            if verdict is None:
+                rcpt.state = RecipientState.SENT
+                rcpt.category = None
+                rcpt.next_attempt = None
+                status = "sent"
+            elif verdict.temporary and not policy.expired(env.arrival, now):
+                rcpt.state = RecipientState.DEFERRED
+                rcpt.category = verdict.category
+                rcpt.next_attempt = policy.next_attempt(env.arrival, now, self.jitter)
+                status = "deferred"
+            else:
+                rcpt.state = RecipientState.FAILED
+                rcpt.category = verdict.category
+                rcpt.next_attempt = None
+                status = "expired" if verdict.temporary else "bounced"
+            maillog_log.info(
+                "{line}",
+                line=maillog.delivery_line(
+                    env.queue_id,
+                    rcpt.address,
+                    relay=result.relay,
+                    status=status,
+                    reply=result.reply,
+                    arrival=env.arrival,
+                    activated=message.activated,
+                    started=started,
+                    setup=result.setup_time,
+                    transfer=result.transfer_time,
+                    now=now,
+                ),
+            )
+        message.jobs -= 1
+        if message.jobs == 0:
+            self._finish(message)
+        else:
+            snapshot = copy.deepcopy(env)
+            self._write(message, lambda: self.store.write_envelope("active", snapshot))
+        self._dispatch()
+
+    def classify(self, result: RecipientResult) -> Verdict:
+        """Retry or bounce, and why (L{mta.bounce})."""
+        return self.classifier.classify_error(
+            DeliveryError(result.reply, result.kind, remote=result.relay)
+        )
+
+    def _write(self, message: _Active, work: Callable[[], None]) -> Deferred[Any]:
+        """Run spool work for a message after any earlier work for it."""
+
+        def run(_: object) -> Deferred[None]:
+            return self.runner(work)
+
+        message.io = message.io.addCallback(run).addErrback(self._io_failed, message)
+        return message.io
+
+    @staticmethod
+    def _io_failed(failure: Failure, message: _Active) -> None:
+        log.failure("{qid}: cannot record delivery results", failure, qid=message.envelope.queue_id)
+
+    def _finish(self, message: _Active) -> None:
+        """No job of the message is running: file it as done or deferred.
+
+        The envelope is copied here, in the reactor thread, and written in
+        a group with other messages' (one directory fsync per group).
+        """
+        env = message.envelope
+        queue_id = env.queue_id
+        waiting = [r.next_attempt for r in env.recipients if not r.state.final]
+        due: float | None = None
+        if waiting:
+            due = min(t if t is not None else self.clock.seconds() for t in waiting)
+        item = (copy.deepcopy(env), "active", "deferred" if waiting else "done", due)
+        message.io = message.io.addCallback(lambda _: self._settles.submit(item))
+        message.io.addErrback(self._io_failed, message)
+
+        def filed(_: object) -> None:
+            self.active.pop(queue_id, None)
+            if due is not None:
+                heapq.heappush(self.deferred, (due, queue_id))
+            else:
+                log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
+            self._pump()
+
+        message.io.addCallback(filed)
+
+    # -- tests and operations ------------------------------------------------
+
+    def _check_idle(self) -> None:
+        if self.idle and self.idle_waiters:
+            waiters, self.idle_waiters = self.idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing active, loading or ready (deferred messages may wait)."""
+        return not self.active and not self._loading and not self.incoming
+
+    def when_idle(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.idle_waiters.append(d)
+        self._check_idle()
+        return d

@@ -1,0 +1,718 @@
+"""The outbound ESMTP client: one connection, any number of transactions.
+
+Why not Twisted's C{SMTPClient}: it does not pipeline, passes no MAIL/RCPT
+parameters, and dot-stuffs each 16 KiB chunk on its own, so a line "."
+that begins exactly at a chunk boundary goes out unstuffed and ends the
+message early.  This client keeps the stuffing state across chunks
+(L{DotStuffer}), pipelines MAIL/RCPT/DATA when the server offers
+PIPELINING (RFC 2920), and reports every recipient's own reply.
+
+Layers:
+  - L{ClientProtocol} reads replies (RFC 5321 section 4.2) and hands each
+    to the next waiting Deferred, with a timeout per step (section
+    4.5.3.2);
+  - L{OutboundConnection} runs the dialogue on it: greeting, EHLO, STARTTLS,
+    AUTH, transactions, QUIT;
+  - L{connect} makes a TCP connection and returns a ready connection.
+
+All failures that concern the whole attempt are L{DeliveryError}s; the
+caller classifies them.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.address import xtext_encode
+from mta.errors import DeliveryError, Reply
+
+log = Logger(namespace="mta.smtp")
+
+MAX_REPLY_LINE = 2048  # RFC 5321 allows 512; be tolerant, not unbounded
+MAX_REPLY_LINES = 100
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """Seconds to wait for each step (RFC 5321 section 4.5.3.2; Postfix names)."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    helo: float = 300.0
+    starttls: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_done: float = 600.0
+    quit: float = 30.0
+
+
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """How to talk to one destination.
+
+    C{tls}: C{"none"} never STARTTLS; C{"may"} use it when offered
+    (opportunistic, no certificate check); C{"encrypt"} require TLS, no
+    certificate check; C{"verify"} require TLS with a certificate valid for
+    the host name (the system's CAs, or C{ca_file}).
+    """
+
+    hostname: str
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    tls: str = "may"
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def tls_required(self) -> bool:
+        return self.tls in ("encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class OutboundRecipient:
+    address: str
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None  # "type;address", decoded
+
+
+@dataclass
+class OutboundMessage:
+    """One transaction's worth: envelope and a way to read the message."""
+
+    sender: str
+    recipients: list[OutboundRecipient]
+    open: Callable[[], IO[bytes]]
+    size: int
+    eight_bit: bool = False  # send with BODY=8BITMIME
+    smtputf8: bool = False  # send with SMTPUTF8
+    ret: str | None = None
+    envid: str | None = None
+
+
+@dataclass
+class TransactionResult:
+    """Each recipient's reply, in order: its RCPT reply if refused, else the
+    final reply to the message.  C{dsn} says whether the DSN parameters were
+    passed on (the server offered DSN, RFC 3461 section 4)."""
+
+    replies: list[Reply]
+    dsn: bool
+    data_reply: Reply | None = None
+
+
+def parse_reply_lines(lines: list[bytes]) -> Reply:
+    """Build a L{Reply} from complete reply lines (codes already checked)."""
+    code = int(lines[0][:3])
+    texts = [ln[4:].decode("utf-8", "replace") for ln in lines]
+    enhanced = None
+    m = _ENHANCED.match(texts[0])
+    if m and m.group(1) == str(code)[0]:
+        enhanced = m.group(0).strip()
+        texts = [_ENHANCED.sub("", t, count=1) if t.startswith(enhanced) else t for t in texts]
+    return Reply(code, enhanced, "\n".join(texts))
+
+
+def local_reply(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, text)
+
+
+class DotStuffer:
+    """Stateful dot-stuffing across chunks (RFC 5321 section 4.5.2).
+
+    The message in the spool has CRLF line ends.  A dot at the start of a
+    line gets a second dot; the state carries whether the last chunk ended
+    at a line start or in the middle of a CRLF, so a line beginning exactly
+    at a chunk boundary is handled like any other.
+    """
+
+    LINE_START, MID_LINE, AFTER_CR = range(3)
+
+    def __init__(self) -> None:
+        self.state = self.LINE_START
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        prefix = b""
+        if self.state == self.LINE_START and chunk[:1] == b".":
+            prefix = b"."
+        elif self.state == self.AFTER_CR and chunk[:2] == b"\n.":
+            chunk = b"\n." + chunk[1:]
+        out = prefix + chunk.replace(b"\r\n.", b"\r\n..")
+        if chunk.endswith(b"\r\n") or (chunk == b"\n" and self.state == self.AFTER_CR):
+            self.state = self.LINE_START
+        elif chunk.endswith(b"\r"):
+            self.state = self.AFTER_CR
+        else:
+            self.state = self.MID_LINE
+        return out
+
+    def terminator(self) -> bytes:
+        """What ends the data: CRLF if the message lacked a final one, then "."."""
+        return b".\r\n" if self.state == self.LINE_START else b"\r\n.\r\n"
+
+
+@implementer(IHandshakeListener)
+class ClientProtocol(Protocol):
+    """Reads SMTP replies and gives each to the next waiter, in order."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._buffer = b""
+        self._lines: list[bytes] = []
+        self._waiters: deque[tuple[Deferred[Reply], float]] = deque()
+        self._timer: IDelayedCall | None = None
+        self._error: DeliveryError | None = None
+        self.remote = "unknown"
+        self.tls_handshaking = False
+        self.tls_done = False
+        self.connected_once: Deferred[None] = Deferred()
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        if not self.connected_once.called:
+            self.connected_once.callback(None)
+
+    def handshakeCompleted(self) -> None:
+        self.tls_handshaking = False
+        self.tls_done = True
+
+    def expect(self, timeout: float) -> Deferred[Reply]:
+        """A Deferred for the next reply; fails after C{timeout} seconds."""
+        d: Deferred[Reply] = Deferred()
+        if self._error is not None:
+            d.errback(self._error)
+            return d
+        self._waiters.append((d, timeout))
+        if len(self._waiters) == 1:
+            self._arm(timeout)
+        return d
+
+    def _arm(self, timeout: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def retime(self, timeout: float) -> None:
+        """Give the reply now awaited a new timeout, counted from now."""
+        if self._waiters:
+            d, _ = self._waiters[0]
+            self._waiters[0] = (d, timeout)
+            self._arm(timeout)
+
+    def touch(self) -> None:
+        """Progress on our side (data sent): restart the current timeout."""
+        if self._timer is not None and self._timer.active() and self._waiters:
+            self._timer.reset(self._waiters[0][1])
+
+    def _timed_out(self) -> None:
+        self._fail(
+            DeliveryError(
+                local_reply(451, "4.4.2", f"{self.remote}: timeout waiting for a reply"),
+                "timeout",
+                remote=self.remote,
+            )
+        )
+        self.abort()
+
+    def start_tls(self, creator: Any) -> None:
+        """Switch to TLS after the server's 220.
+
+        Anything the server sent after that reply, before the handshake,
+        would otherwise be read as the answer to our first command inside
+        TLS (the client side of the CVE-2011-0411 class): refuse it.
+        """
+        if self._buffer or self._lines:
+            self._protocol_error("data after the STARTTLS reply")
+            raise DeliveryError(
+                local_reply(451, "4.5.0", f"{self.remote}: data after the STARTTLS reply"),
+                "protocol",
+                remote=self.remote,
+            )
+        self.tls_handshaking = True
+        self.transport.startTLS(creator)  # type: ignore[union-attr]
+
+    def send_line(self, line: str) -> None:
+        self.transport.write(line.encode("utf-8") + b"\r\n")  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    self._protocol_error("reply line too long")
+                return
+            raw, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            line = raw.rstrip(b"\r")
+            if (
+                len(line) < 3
+                or not line[:3].isdigit()
+                or line[3:4] not in (b"", b" ", b"-")
+                or not 200 <= int(line[:3]) <= 599
+            ):
+                self._protocol_error(f"malformed reply line {line[:60]!r}")
+                return
+            if self._lines and line[:3] != self._lines[0][:3]:
+                self._protocol_error("reply lines with different codes")
+                return
+            self._lines.append(line)
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._protocol_error("reply too long")
+                return
+            if line[3:4] != b"-":
+                reply = parse_reply_lines(self._lines)
+                self._lines = []
+                self._deliver(reply)
+
+    def _deliver(self, reply: Reply) -> None:
+        if not self._waiters:
+            self._protocol_error(f"unexpected reply {reply}")
+            return
+        d, _ = self._waiters.popleft()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._waiters:
+            self._arm(self._waiters[0][1])
+        d.callback(reply)
+
+    def _protocol_error(self, what: str) -> None:
+        self._fail(
+            DeliveryError(
+                local_reply(451, "4.5.0", f"{self.remote}: protocol error: {what}"),
+                "protocol",
+                remote=self.remote,
+            )
+        )
+        self.abort()
+
+    def _fail(self, error: DeliveryError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        waiters, self._waiters = self._waiters, deque()
+        for d, _ in waiters:
+            d.errback(self._error)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        if self.tls_handshaking:
+            error = DeliveryError(
+                local_reply(
+                    454, "4.7.0", f"{self.remote}: TLS handshake failed: {reason.getErrorMessage()}"
+                ),
+                "tls",
+                remote=self.remote,
+            )
+        else:
+            error = DeliveryError(
+                local_reply(451, "4.4.2", f"{self.remote}: lost connection"),
+                "network",
+                remote=self.remote,
+            )
+        self._fail(error)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _OpportunisticTLS:
+    """TLS without certificate checks, with SNI (Postfix "may"/"encrypt")."""
+
+    def __init__(self, server_name: str) -> None:
+        self._server_name = server_name
+        self._context = CertificateOptions(
+            raiseMinimumTo=TLSVersion.TLSv1_2, verify=False
+        ).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self._context, None)
+        try:
+            conn.set_tlsext_host_name(self._server_name.encode("idna"))
+        except (UnicodeError, ValueError):
+            pass
+        conn.set_connect_state()
+        return conn
+
+
+def tls_creator(policy: ClientPolicy, server_name: str) -> Any:
+    """The client TLS settings for a policy and the host we connected to."""
+    if policy.tls == "verify":
+        if policy.ca_file:
+            with open(policy.ca_file, "rb") as f:
+                root = Certificate.loadPEM(f.read())
+            return optionsForClientTLS(server_name, trustRoot=root)
+        return optionsForClientTLS(server_name)
+    return _OpportunisticTLS(server_name)
+
+
+class OutboundConnection:
+    """An SMTP session with one server, ready for transactions after L{setup}."""
+
+    def __init__(self, protocol: ClientProtocol, policy: ClientPolicy, server_name: str) -> None:
+        self.p = protocol
+        self.policy = policy
+        self.server_name = server_name
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.greeting: Reply | None = None
+        self.transactions = 0
+        self.broken = False
+
+    @property
+    def remote(self) -> str:
+        return self.p.remote
+
+    @property
+    def tls(self) -> bool:
+        return self.p.tls_done
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and not self.p.lost
+
+    def _fail_reply(self, reply: Reply, kind: str = "remote") -> DeliveryError:
+        self.broken = True
+        return DeliveryError(reply, kind, remote=self.remote)
+
+    async def _command(self, line: str, timeout: float) -> Reply:
+        self.p.send_line(line)
+        return await self.p.expect(timeout)
+
+    async def setup(self) -> None:
+        """Greeting, EHLO, STARTTLS when wanted, EHLO again, AUTH when configured."""
+        t = self.policy.timeouts
+        self.greeting = await self.p.expect(t.greeting)
+        if self.greeting.code != 220:
+            # RFC 5321 section 3.1: wait for QUIT's reply no more than politely.
+            self.p.send_line("QUIT")
+            raise self._fail_reply(self.greeting)
+        await self._hello()
+        if "STARTTLS" in self.extensions and self.policy.tls != "none":
+            reply = await self._command("STARTTLS", t.starttls)
+            if reply.code != 220:
+                if self.policy.tls_required:
+                    raise self._fail_reply(
+                        local_reply(451, "4.7.5", f"{self.remote}: STARTTLS refused: {reply}"),
+                        "tls",
+                    )
+            else:
+                self.p.start_tls(tls_creator(self.policy, self.server_name))
+                await self._hello()
+        if self.policy.tls_required and not self.tls:
+            raise self._fail_reply(
+                local_reply(451, "4.7.4", f"{self.remote}: TLS is required but not offered"),
+                "tls",
+            )
+        if self.policy.username is not None:
+            await self._auth()
+
+    async def _hello(self) -> None:
+        t = self.policy.timeouts
+        reply = await self._command(f"EHLO {self.policy.hostname}", t.helo)
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = {}
+            for line in reply.text.split("\n")[1:]:
+                keyword, _, params = line.strip().partition(" ")
+                if keyword:
+                    self.extensions[keyword.upper()] = params
+            return
+        if 500 <= reply.code < 600 and not self.tls:
+            reply = await self._command(f"HELO {self.policy.hostname}", t.helo)
+            if reply.code == 250:
+                self.esmtp = False
+                self.extensions = {}
+                return
+        raise self._fail_reply(reply)
+
+    async def _auth(self) -> None:
+        if not self.tls:
+            raise self._fail_reply(
+                local_reply(451, "4.7.0", f"{self.remote}: not sending a password without TLS"),
+                "config",
+            )
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        username, password = self.policy.username or "", self.policy.password or ""
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+            reply = await self._command(f"AUTH PLAIN {token}", self.policy.timeouts.helo)
+        elif "LOGIN" in mechanisms:
+            reply = await self._command("AUTH LOGIN", self.policy.timeouts.helo)
+            if reply.code == 334:
+                reply = await self._command(
+                    base64.b64encode(username.encode()).decode(), self.policy.timeouts.helo
+                )
+            if reply.code == 334:
+                reply = await self._command(
+                    base64.b64encode(password.encode()).decode(), self.policy.timeouts.helo
+                )
+        else:
+            raise self._fail_reply(
+                local_reply(451, "4.7.0", f"{self.remote}: offers no AUTH PLAIN or LOGIN"),
+                "config",
+            )
+        if reply.code != 235:
+            raise self._fail_reply(reply, "auth" if reply.code >= 500 else "remote")
+
+    def _mail_line(self, msg: OutboundMessage, dsn: bool) -> str:
+        params = []
+        limit = self.extensions.get("SIZE")
+        if limit is not None:
+            params.append(f"SIZE={msg.size}")
+        if msg.eight_bit and "8BITMIME" in self.extensions:
+            params.append("BODY=8BITMIME")
+        if msg.smtputf8 and "SMTPUTF8" in self.extensions:
+            params.append("SMTPUTF8")
+        if dsn:
+            if msg.ret:
+                params.append(f"RET={msg.ret}")
+            if msg.envid:
+                params.append(f"ENVID={xtext_encode(msg.envid)}")
+        return " ".join([f"MAIL FROM:<{msg.sender}>", *params])
+
+    def _rcpt_line(self, rcpt: OutboundRecipient, dsn: bool) -> str:
+        params = []
+        if dsn and rcpt.notify:
+            params.append("NOTIFY=" + ",".join(rcpt.notify))
+        if dsn and rcpt.orcpt:
+            kind, _, address = rcpt.orcpt.partition(";")
+            params.append(f"ORCPT={kind};{xtext_encode(address)}")
+        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
+
+    def size_limit(self) -> int | None:
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    async def send(self, msg: OutboundMessage) -> TransactionResult:
+        """One mail transaction; per-recipient replies.
+
+        Raises L{DeliveryError} when the transaction failed as a whole (MAIL
+        refused, connection lost, timeout): then no recipient was accepted.
+        """
+        t = self.policy.timeouts
+        limit = self.size_limit()
+        if limit is not None and msg.size > limit:
+            raise DeliveryError(
+                local_reply(
+                    552,
+                    "5.3.4",
+                    f"message size {msg.size} exceeds the limit {limit} of {self.remote}",
+                ),
+                "message",
+                remote=self.remote,
+            )
+        self.transactions += 1
+        dsn = "DSN" in self.extensions
+        lines = [self._mail_line(msg, dsn)] + [self._rcpt_line(r, dsn) for r in msg.recipients]
+        if "PIPELINING" in self.extensions:
+            mail, rcpts, data = await self._pipelined(lines)
+        else:
+            mail, rcpts, data = await self._one_by_one(lines)
+        if any(r.code == 421 for r in [mail, *rcpts, *([data] if data else [])]):
+            # RFC 5321 section 3.8: the server is closing the connection.
+            self.broken = True
+        if mail.code != 250:
+            if data is not None and data.code == 354:
+                await self._command(".", t.data_done)
+            await self._reset()
+            raise DeliveryError(mail, "remote", remote=self.remote)
+        accepted = [r.code in (250, 251) for r in rcpts]
+        if not any(accepted):
+            if data is not None and data.code == 354:
+                # A server that accepted DATA with no valid recipient: end the
+                # (empty) message so the session stays in step.
+                await self._command(".", t.data_done)
+            await self._reset()
+            return TransactionResult(list(rcpts), dsn)
+        if data is None or data.code != 354:
+            final = data or local_reply(451, "4.5.0", "no reply to DATA")
+            if data is not None:
+                await self._reset()
+            return TransactionResult(
+                [final if ok else r for ok, r in zip(accepted, rcpts, strict=True)], dsn, final
+            )
+        final = await self._transmit(msg)
+        return TransactionResult(
+            [final if ok else r for ok, r in zip(accepted, rcpts, strict=True)], dsn, final
+        )
+
+    async def _pipelined(self, lines: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, replies in order."""
+        t = self.policy.timeouts
+        self.p.transport.write(  # type: ignore[union-attr]
+            b"".join(ln.encode("utf-8") + b"\r\n" for ln in [*lines, "DATA"])
+        )
+        waiting = [self.p.expect(t.mail)]
+        waiting += [self.p.expect(t.rcpt) for _ in lines[1:]]
+        waiting.append(self.p.expect(t.data_init))
+        # Wait for all so that no failed Deferred is left unobserved.
+        results = await DeferredList(waiting, consumeErrors=True)
+        replies: list[Reply] = []
+        for ok, value in results:
+            if not ok:
+                assert isinstance(value, Failure)
+                value.raiseException()
+            replies.append(value)
+        return replies[0], replies[1:-1], replies[-1]
+
+    async def _one_by_one(self, lines: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
+        t = self.policy.timeouts
+        mail = await self._command(lines[0], t.mail)
+        if mail.code != 250:
+            return mail, [mail] * (len(lines) - 1), None
+        rcpts = [await self._command(line, t.rcpt) for line in lines[1:]]
+        if not any(r.code in (250, 251) for r in rcpts):
+            return mail, rcpts, None
+        data = await self._command("DATA", t.data_init)
+        return mail, rcpts, data
+
+    async def _transmit(self, msg: OutboundMessage) -> Reply:
+        t = self.policy.timeouts
+        stuffer = DotStuffer()
+
+        def transform(chunk: bytes) -> bytes:
+            self.p.touch()
+            return stuffer(chunk)
+
+        try:
+            f = msg.open()
+        except OSError as e:
+            self.abort()
+            raise DeliveryError(
+                local_reply(451, "4.3.0", f"cannot read the queued message: {e}"), "local"
+            ) from None
+        # While sending, each chunk restarts the data block timeout; then the
+        # final reply gets the (longer) data termination timeout.
+        done = self.p.expect(t.data_block)
+        try:
+            await FileSender().beginFileTransfer(f, self.p.transport, transform)
+        except OSError as e:
+            self.abort()
+            done.addErrback(lambda _: None)
+            raise DeliveryError(
+                local_reply(451, "4.3.0", f"cannot read the queued message: {e}"), "local"
+            ) from None
+        except Exception:
+            # The connection went away while sending; the waiter says why.
+            return await done
+        finally:
+            f.close()
+        self.p.transport.write(stuffer.terminator())  # type: ignore[union-attr]
+        self.p.retime(t.data_done)
+        reply = await done
+        if reply.code == 421:
+            self.broken = True
+        return reply
+
+    async def _reset(self) -> None:
+        if self.broken:
+            return
+        try:
+            reply = await self._command("RSET", self.policy.timeouts.mail)
+        except DeliveryError:
+            self.broken = True
+            return
+        if reply.code != 250:
+            self.broken = True
+
+    async def quit(self) -> None:
+        """Say goodbye politely; errors are of no interest any more."""
+        if self.p.lost:
+            return
+        try:
+            await self._command("QUIT", self.policy.timeouts.quit)
+        except DeliveryError:
+            pass
+        finally:
+            if self.p.transport is not None:
+                self.p.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.broken = True
+        self.p.abort()
+
+
+class _ClientFactory(Factory):
+    noisy = False
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        p = ClientProtocol(self.clock)
+        p.factory = self
+        return p
+
+
+async def connect(
+    reactor: Any,
+    host: str,
+    address: str,
+    port: int,
+    policy: ClientPolicy,
+) -> OutboundConnection:
+    """Connect to C{address}:C{port} (for MX C{host}) and set the session up."""
+    remote = f"{host}[{address}]:{port}"
+    endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+    endpoint = endpoint_type(reactor, address, port, timeout=policy.timeouts.connect)
+    try:
+        protocol = await endpoint.connect(_ClientFactory(reactor))
+    except ConnectionRefusedError:
+        raise DeliveryError(
+            local_reply(451, "4.4.1", f"connect to {remote}: Connection refused"),
+            "network",
+            remote=remote,
+        ) from None
+    except TimeoutError:
+        raise DeliveryError(
+            local_reply(451, "4.4.1", f"connect to {remote}: Connection timed out"),
+            "timeout",
+            remote=remote,
+        ) from None
+    except ConnectError as e:
+        raise DeliveryError(
+            local_reply(451, "4.4.1", f"connect to {remote}: {e.osError or e}"),
+            "network",
+            remote=remote,
+        ) from None
+    assert isinstance(protocol, ClientProtocol)
+    protocol.remote = remote
+    conn = OutboundConnection(protocol, policy, host)
+    try:
+        await conn.setup()
+    except BaseException:
+        conn.abort()
+        raise
+    return conn

@@ -1,0 +1,261 @@
+"""The queue manager with a Clock, a real spool directory and a delivery spy."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta.delivery.routes import Router
+from mta.envelope import RecipientState
+from mta.errors import Reply
+from mta.queue.manager import QueueLimits, QueueManager
+from mta.queue.schedule import RetryPolicy
+from mta.spool.fs import SpoolStore
+from mta.testing import DeliverySpy, NoSyncOps, queue_message, run_inline
+
+T0 = 1_700_000_000.0
+OK = Reply(250, "2.0.0", "Ok: queued as X")
+LATER = Reply(451, "4.3.0", "Try again later")
+NO_USER = Reply(550, "5.1.1", "No such user")
+
+
+class CountingStore(SpoolStore):
+    """A SpoolStore that counts envelope loads (to prove what is not read)."""
+
+    loads = 0
+
+    def load(self, queue_id: str, state: str | None = None) -> Any:
+        self.loads += 1
+        return super().load(queue_id, state)
+
+
+class QueueTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = CountingStore(os.path.abspath(self.mktemp()), NoSyncOps())
+        self.store.open()
+        self.spy = DeliverySpy()
+        self.router = Router({})
+
+    def manager(self, **limits: int) -> QueueManager:
+        qm = QueueManager(
+            self.store,
+            run_inline,
+            self.spy,
+            self.router,
+            self.clock,
+            limits=QueueLimits(**limits),
+            retry=lambda: RetryPolicy(300, 4000, 5 * 86400),
+        )
+        qm.startService()
+        self.addCleanup(qm.stopService)
+        return qm
+
+    def queue(self, *recipients: str, arrival: float | None = None) -> str:
+        return queue_message(
+            self.store,
+            "sender@example.com",
+            list(recipients),
+            arrival=arrival or self.clock.seconds(),
+        )
+
+    def envelope(self, queue_id: str) -> Any:
+        return self.store.load(queue_id)
+
+
+class DeliveryFlowTests(QueueTestCase):
+    def test_message_at_startup_is_delivered_and_done(self) -> None:
+        qid = self.queue("bob@example.net")
+        self.manager()
+        [job] = self.spy.waiting
+        self.assertEqual(job.envelope.queue_id, qid)
+        self.assertEqual([r.address for r in job.recipients], ["bob@example.net"])
+        self.assertEqual(job.domain, "example.net")
+        self.assertEqual(self.store.find(qid), "active")
+        self.spy.answer(0, OK)
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "done")
+        [rcpt] = env.recipients
+        self.assertEqual(rcpt.state, RecipientState.SENT)
+        self.assertEqual(rcpt.attempts, 1)
+        self.assertEqual(rcpt.reply, "250 2.0.0 Ok: queued as X")
+        self.assertEqual(rcpt.dsn_status, "2.0.0")
+        self.assertEqual(rcpt.relay, "mx.test[192.0.2.1]:25")
+
+    def test_committed_message_is_picked_up_at_once(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        self.assertEqual(len(self.spy.waiting), 1)
+
+    def test_recipients_grouped_by_domain(self) -> None:
+        qid = self.queue("a@one.example", "b@two.example", "c@ONE.example")
+        self.manager()
+        jobs = sorted(self.spy.waiting, key=lambda j: j.domain)
+        self.assertEqual([j.domain for j in jobs], ["one.example", "two.example"])
+        self.assertEqual(
+            [r.address for r in jobs[0].recipients], ["a@one.example", "c@ONE.example"]
+        )
+        self.spy.answer(0, OK)
+        self.assertEqual(self.store.find(qid), "active", "one job still running")
+        self.spy.answer(1, OK)
+        self.assertEqual(self.store.find(qid), "done")
+
+    def test_permanent_failure_is_final(self) -> None:
+        qid = self.queue("nobody@example.net", "bob@example.net")
+        self.manager()
+        self.spy.answer_each(0, [NO_USER, OK])
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "done")
+        self.assertEqual(
+            [r.state for r in env.recipients], [RecipientState.FAILED, RecipientState.SENT]
+        )
+        self.assertEqual(env.recipients[0].dsn_status, "5.1.1")
+
+
+class RetryTests(QueueTestCase):
+    def test_temporary_failure_defers_with_backoff(self) -> None:
+        qid = self.queue("bob@example.net")
+        self.manager()
+        self.spy.answer(0, LATER)
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "deferred")
+        self.assertEqual(env.recipients[0].state, RecipientState.DEFERRED)
+        self.assertEqual(env.recipients[0].next_attempt, T0 + 300)
+        self.assertEqual(os.stat(self.store.path("deferred", qid)).st_mtime, T0 + 300)
+        self.clock.advance(299)
+        self.assertEqual(len(self.spy.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.spy.calls), 2)
+        self.spy.answer(1, OK)
+        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_postfix_schedule_then_expiry(self) -> None:
+        """Attempts at 0, 5, 10, 20, 40, 80 minutes, then every 4000 s, until 5 days."""
+        qid = self.queue("bob@example.net")
+        self.manager()
+        times = []
+        while True:
+            waiting = [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]
+            if not waiting:
+                state, env = self.envelope(qid)
+                if state != "deferred":
+                    break
+                self.clock.advance(env.recipients[0].next_attempt - self.clock.seconds())
+                continue
+            times.append(self.clock.seconds() - T0)
+            self.spy.answer(waiting[0], LATER)
+        self.assertEqual(times[:6], [0, 300, 600, 1200, 2400, 4800])
+        self.assertEqual(times[6] - times[5], 4000)
+        self.assertEqual(times[-1], 5 * 86400)
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "done")
+        self.assertEqual(env.recipients[0].state, RecipientState.FAILED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_only_deferred_recipients_are_retried(self) -> None:
+        qid = self.queue("a@example.net", "b@example.net")
+        self.manager()
+        self.spy.answer_each(0, [OK, LATER])
+        self.clock.advance(300)
+        [job] = self.spy.waiting
+        self.assertEqual([r.address for r in job.recipients], ["b@example.net"])
+        self.spy.answer(1, OK)
+        _, env = self.envelope(qid)
+        self.assertEqual([r.attempts for r in env.recipients], [1, 2])
+
+    def test_restart_finds_deferred_and_active_messages(self) -> None:
+        deferred = self.queue("a@example.net")
+        qm = self.manager()
+        self.spy.answer(0, LATER)
+        crashed = self.queue("b@example.net")
+        qm.committed(crashed, "incoming")
+        self.assertEqual(self.store.find(crashed), "active")
+        qm.stopService()
+        # A new manager on the same spool: the crash leftover runs at once,
+        # the deferred message at its due time, read from stat only.
+        self.spy = DeliverySpy()
+        self.manager()
+        self.assertEqual([j.envelope.queue_id for j in self.spy.waiting], [crashed])
+        self.clock.advance(300)
+        self.assertEqual(
+            sorted(j.envelope.queue_id for j in self.spy.waiting), sorted([crashed, deferred])
+        )
+
+
+class LimitTests(QueueTestCase):
+    def test_destination_concurrency(self) -> None:
+        for i in range(25):
+            self.queue(f"user{i}@busy.example")
+        self.queue("x@quiet.example")
+        self.manager(destination_concurrency=20)
+        domains = [j.domain for j in self.spy.waiting]
+        self.assertEqual(domains.count("busy.example"), 20)
+        self.assertEqual(domains.count("quiet.example"), 1)
+        self.spy.answer(0, OK)
+        self.assertEqual([j.domain for j in self.spy.waiting].count("busy.example"), 20)
+
+    def test_global_limit(self) -> None:
+        for i in range(10):
+            self.queue(f"user@d{i}.example")
+        self.manager(connections=4)
+        self.assertEqual(len(self.spy.waiting), 4)
+        self.spy.answer(0, OK)
+        self.assertEqual(len(self.spy.waiting), 4)
+        self.assertEqual(len(self.spy.calls), 5)
+
+    def test_bounded_active_set(self) -> None:
+        for i in range(30):
+            self.queue(f"user{i}@example.net")
+        qm = self.manager(active=5)
+        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(self.spy.waiting), 5)
+        for i in range(5):
+            self.spy.answer(i, OK)
+        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(self.spy.calls), 10)
+
+    def test_large_deferred_queue_is_not_loaded(self) -> None:
+        """Deferred messages cost a heap entry each until due, not an envelope read."""
+        for i in range(2000):
+            self.queue(f"user{i}@example.net")
+        qm = self.manager(active=100)
+        answered = 0
+        while waiting := [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]:
+            for i in waiting:
+                self.spy.answer(i, LATER)
+                answered += 1
+        self.assertEqual(answered, 2000)
+        self.assertEqual(len(qm.active), 0)
+        self.assertEqual(len(qm.deferred), 2000)
+        loads = self.store.loads
+        self.clock.advance(299)
+        self.assertEqual(self.store.loads, loads, "nothing read before anything is due")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one timer for the whole queue")
+        self.clock.advance(1)
+        self.assertEqual(len(qm.active), 100, "only the active limit is loaded")
+
+
+class RobustnessTests(QueueTestCase):
+    def test_corrupt_envelope_moves_to_corrupt(self) -> None:
+        qid = self.queue("a@example.net")
+        with open(self.store.path("incoming", qid, "envelope.json"), "w") as f:
+            f.write("{not json")
+        self.manager()
+        self.assertEqual(self.spy.calls, [])
+        self.assertEqual(self.store.find(qid), "corrupt")
+
+    def test_delivery_crash_is_a_temporary_failure(self) -> None:
+        qid = self.queue("a@example.net")
+        self.manager()
+        _, d = self.spy.calls[0]
+        d.errback(RuntimeError("boom"))
+        self.flushLoggedErrors(RuntimeError)
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "deferred")
+        self.assertEqual(env.recipients[0].dsn_status, "4.3.0")
