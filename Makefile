@@ -26,8 +26,8 @@ deps: $(STAMP)
 	bash scripts/install-test-deps.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check mta tests twisted
-	$(BIN)/ruff format --check mta tests twisted
+	$(BIN)/ruff check mta tests twisted bench
+	$(BIN)/ruff format --check mta tests twisted bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

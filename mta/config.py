@@ -12,6 +12,7 @@ file and the key, so that start-up can stop with that line and no traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import socket
@@ -69,6 +70,7 @@ class AuthConfig:
     failure_window: float = _opt(900.0, minimum=1)
     failure_delay: float = _opt(1.0, minimum=0)
     failure_delay_max: float = _opt(8.0, minimum=0)
+    trusted_networks: list[str] = _opt([])  # may submit without TLS and AUTH
 
 
 @dataclass(frozen=True)
@@ -227,16 +229,24 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
             raise ConfigError(f"{source}: unknown section or key {key!r}")
         sections[key] = _load_section(source, key, SECTIONS[key], value)
     config = Config(**sections, source=source, base_dir=base_dir)
-    for version in config.delivery.ip_versions:
+    versions = config.delivery.ip_versions
+    for version in versions:
         if version not in ("ipv4", "ipv6"):
             raise ConfigError(f"{source}: [delivery] ip_versions: {version!r} is not ipv4 or ipv6")
-    if not config.delivery.ip_versions:
-        raise ConfigError(f"{source}: [delivery] ip_versions must not be empty")
+    if not versions or len(set(versions)) != len(versions):
+        raise ConfigError(f"{source}: [delivery] ip_versions must list ipv4 and/or ipv6 once each")
     if config.queue.maximal_backoff_time < config.queue.minimal_backoff_time:
         raise ConfigError(f"{source}: [queue] maximal_backoff_time must be >= minimal_backoff_time")
     tls = config.tls
     if bool(tls.certificate) != bool(tls.key):
         raise ConfigError(f"{source}: [tls] certificate and key must be given together")
+    for network in config.auth.trusted_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: [auth] trusted_networks: {network!r} is not an address or network"
+            ) from None
     if config.auth.failure_delay_max < config.auth.failure_delay:
         raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
     return _resolve_paths(config)

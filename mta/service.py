@@ -6,6 +6,7 @@ here and handed down.  L{MTAService} is what C{twistd -n mta} runs.
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import sys
 from collections.abc import Callable
@@ -94,6 +95,9 @@ class MTAService(MultiService):
                 delay_max=auth.failure_delay_max,
             ),
             clock=reactor,
+            trusted_networks=tuple(
+                ipaddress.ip_network(n, strict=False) for n in auth.trusted_networks
+            ),
         )
         self._build_delivery(config, reactor)
         self.listeners: list[tuple[str, IProtocolFactory]] = []
@@ -213,7 +217,7 @@ class MTAService(MultiService):
     def stopService(self) -> Deferred[Any]:
         children = super().stopService()  # type: ignore[no-untyped-call]
         listening = self._unlisten()
-        self.agent.cache.close_all()
+        closing = self.agent.cache.close_all()
 
         def release(_: object) -> None:
             # Waits for work already handed to the threads (commits in flight).
@@ -221,7 +225,7 @@ class MTAService(MultiService):
                 pool.stop()
             self.lock.release()
 
-        return DeferredList([children, listening]).addBoth(release)
+        return DeferredList([children, listening, closing]).addBoth(release)
 
     def _sighup(self, signum: int, frame: FrameType | None) -> None:
         self.reactor.callFromThread(self.reload)

@@ -15,9 +15,27 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
+from mta.delivery.fakedns import FakeResolver
 from mta.spool.fs import FileOps
 from mta.spool.queueid import QueueIdGenerator
 from mta.users import User, UserFile
+
+__all__ = [
+    "DROP",
+    "FAST_HASHER",
+    "HANG",
+    "DeliverySpy",
+    "FailingOps",
+    "FakeResolver",
+    "NoSyncOps",
+    "SinkBehaviour",
+    "SinkFactory",
+    "SinkServer",
+    "TLSStringTransport",
+    "queue_message",
+    "run_inline",
+    "write_users",
+]
 
 T = TypeVar("T")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 import tempfile
@@ -79,6 +80,9 @@ class Harness:
             checker=UserFileChecker(self.users, run_inline),
             throttle=self.throttle,
             clock=self.clock,
+            trusted_networks=tuple(
+                ipaddress.ip_network(n, strict=False) for n in self.config.auth.trusted_networks
+            ),
         )
 
     def connect(self, *, implicit_tls: bool = True, peer: str = "192.0.2.10") -> Client:

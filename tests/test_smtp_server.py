@@ -656,3 +656,29 @@ class StorageFailureTests(SessionTestCase):
         with self.h.users.editing() as users:
             del users[LOGIN]
         self.assertEqual(c.command(f"MAIL FROM:<{LOGIN}>")[0], 535)
+
+
+class TrustedNetworkTests(SessionTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp(), make_config(auth={"trusted_networks": ["192.0.2.0/24"]}))
+
+    def test_trusted_client_submits_without_tls_or_auth(self) -> None:
+        c = self.h.connect(implicit_tls=False, peer="192.0.2.77")
+        c.replies()
+        c.command("EHLO app.local")
+        code, text = self.submit(c, sender="cron@anything.example")
+        self.assertEqual(code, 250)
+        _, env, stored = self.h.spool.messages[text.rpartition(" ")[2]]
+        self.assertIsNone(env.auth_user)
+        self.assertIn(b"with ESMTP id", stored)
+
+    def test_untrusted_client_still_needs_tls_and_auth(self) -> None:
+        c = self.h.connect(implicit_tls=False, peer="198.51.100.1")
+        c.replies()
+        c.command("EHLO app.local")
+        self.assertEqual(c.command("MAIL FROM:<cron@anything.example>")[0], 530)
+
+    def test_trusted_client_that_logs_in_is_aligned(self) -> None:
+        c = self.h.connect(peer="192.0.2.77")
+        c.login()
+        self.assertEqual(c.command("MAIL FROM:<cron@anything.example>")[0], 550)

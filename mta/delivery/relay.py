@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -133,16 +133,19 @@ class ConnectionCache:
         self._close(conn)
 
     @staticmethod
-    def _close(conn: OutboundConnection) -> None:
-        Deferred.fromCoroutine(conn.quit()).addErrback(lambda _: None)
+    def _close(conn: OutboundConnection) -> Deferred[None]:
+        return Deferred.fromCoroutine(conn.quit()).addErrback(lambda _: None)
 
-    def close_all(self) -> None:
+    def close_all(self) -> Deferred[Any]:
+        """Close every idle connection; fires when all are closed."""
+        closing = []
         for conns in self._idle_conns.values():
             for conn, timer in conns:
                 if timer.active():
                     timer.cancel()
-                self._close(conn)
+                closing.append(self._close(conn))
         self._idle_conns.clear()
+        return DeferredList(closing)
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._idle_conns.values())

@@ -22,6 +22,7 @@ caller classifies them.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable
@@ -196,6 +197,7 @@ class ClientProtocol(Protocol):
         self.tls_done = False
         self.connected_once: Deferred[None] = Deferred()
         self.lost = False
+        self._closed_waiters: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
         if not self.connected_once.called:
@@ -327,8 +329,20 @@ class ClientProtocol(Protocol):
         for d, _ in waiters:
             d.errback(self._error)
 
+    def when_closed(self) -> Deferred[None]:
+        """Fires once the connection is gone."""
+        d: Deferred[None] = Deferred()
+        if self.lost:
+            d.callback(None)
+        else:
+            self._closed_waiters.append(d)
+        return d
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         if self.tls_handshaking:
             error = DeliveryError(
                 local_reply(
@@ -346,6 +360,14 @@ class ClientProtocol(Protocol):
         self._fail(error)
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _OpportunisticTLS:
     """TLS without certificate checks, with SNI (Postfix "may"/"encrypt")."""
@@ -358,10 +380,11 @@ class _OpportunisticTLS:
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         conn = SSL.Connection(self._context, None)
-        try:
-            conn.set_tlsext_host_name(self._server_name.encode("idna"))
-        except (UnicodeError, ValueError):
-            pass
+        if not _is_ip(self._server_name):  # RFC 6066 section 3: no literal addresses in SNI
+            try:
+                conn.set_tlsext_host_name(self._server_name.encode("idna"))
+            except (UnicodeError, ValueError):
+                pass
         conn.set_connect_state()
         return conn
 
@@ -648,16 +671,21 @@ class OutboundConnection:
             self.broken = True
 
     async def quit(self) -> None:
-        """Say goodbye politely; errors are of no interest any more."""
+        """Say goodbye politely and wait until the connection is closed.
+
+        Errors are of no interest any more; a server that does not answer
+        within the quit timeout is cut off.
+        """
         if self.p.lost:
             return
+        closed = self.p.when_closed()
         try:
             await self._command("QUIT", self.policy.timeouts.quit)
         except DeliveryError:
             pass
-        finally:
-            if self.p.transport is not None:
-                self.p.transport.loseConnection()
+        if not self.p.lost and self.p.transport is not None:
+            self.p.transport.loseConnection()
+        await closed
 
     def abort(self) -> None:
         self.broken = True

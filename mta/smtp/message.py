@@ -37,19 +37,23 @@ class TraceInfo:
     smtputf8: bool
     recipients: tuple[str, ...]
     when: float
+    authenticated: bool = True
+    encrypted: bool = True
 
 
 def received_field(trace: TraceInfo) -> bytes:
     """The C{Received:} field this server prepends, folded, CRLF-terminated.
 
-    The protocol is C{ESMTPSA} (RFC 3848: ESMTP with TLS and AUTH) or
-    C{UTF8SMTPSA} (RFC 6531); the recipient is named only when there is
-    exactly one, so that Bcc recipients stay private.
+    The protocol is C{ESMTP} or C{UTF8SMTP} (RFC 6531) with C{S} for TLS
+    and C{A} for AUTH (RFC 3848): C{ESMTPSA} for every authenticated
+    submission.  The recipient is named only when there is exactly one,
+    so that Bcc recipients stay private.
     """
     helo = trace.helo if valid_domain(trace.helo, utf8=True) else "unknown"
     if trace.helo.startswith("[") and valid_domain(trace.helo):
         helo = trace.helo
-    proto = "UTF8SMTPSA" if trace.smtputf8 else "ESMTPSA"
+    proto = ("UTF8SMTP" if trace.smtputf8 else "ESMTP") + ("S" if trace.encrypted else "")
+    proto += "A" if trace.authenticated else ""
     literal = trace.client_address
     literal = f"IPv6:{literal}" if ":" in literal else literal
     lines = [f"Received: from {helo} ([{literal}])"]
@@ -129,7 +133,7 @@ class MessageBuilder:
     def __init__(
         self,
         trace: TraceInfo,
-        user: User,
+        user: User | None,
         out: Callable[[bytes], None],
         *,
         max_received: int,
@@ -218,7 +222,7 @@ class MessageBuilder:
                 Reply(554, "5.4.6", f"Too many Received: headers ({received}); mail loop?")
             )
         sender = from_address([raw for name, raw in fields if name == b"from"])
-        if not self._user.may_send_as(sender):
+        if self._user is not None and not self._user.may_send_as(sender):
             raise SMTPReplyError(
                 Reply(
                     550,

@@ -19,6 +19,7 @@ Reply texts are written for the person reading them in a mail client.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,18 @@ NO_PARAMS = Reply(501, "5.5.4", "This command takes no arguments")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded; closing connection")
 
 
+def _in_networks(
+    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 def storage_reply(e: StorageError) -> Reply:
     if e.disk_full:
         return Reply(452, "4.3.1", "Insufficient system storage; try again later")
@@ -80,6 +93,7 @@ class SessionSettings:
     checker: ICredentialsChecker
     throttle: auth.AuthThrottle
     clock: IReactorTime
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass
@@ -118,6 +132,7 @@ class SubmissionSession(Protocol):
         self.helo: str | None = None
         self.esmtp = False
         self.login: str | None = None
+        self.trusted = False  # a client in [auth] trusted_networks
         self.txn: _Transaction | None = None
         self._buffer = b""
         self._discarding = False  # inside an over-long line
@@ -135,6 +150,7 @@ class SubmissionSession(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = getattr(peer, "host", "unknown")
+        self.trusted = _in_networks(self.peer, self.s.trusted_networks)
         log.info("connect from [{peer}]", peer=self.peer)
         self._reset_timer()
         self._write(Reply(220, None, f"{self.s.hostname} ESMTP mta"))
@@ -462,10 +478,11 @@ class SubmissionSession(Protocol):
     def do_MAIL(self, args: str) -> Reply:
         if self.helo is None:
             return NEED_EHLO
-        if not self.tls_active:
-            return NEED_STARTTLS
-        if self.login is None:
-            return NEED_AUTH
+        if not self.trusted:
+            if not self.tls_active:
+                return NEED_STARTTLS
+            if self.login is None:
+                return NEED_AUTH
         if self.txn is not None:
             return Reply(503, "5.5.1", "Nested MAIL command")
         path, param_text = addr.split_path(args, "FROM:")
@@ -476,11 +493,11 @@ class SubmissionSession(Protocol):
         if not smtputf8:
             params = addr.parse_params(param_text, utf8=False)
         size = self._mail_params(params)
-        if not path:
+        if not path and self.login is not None:
             return Reply(550, "5.7.1", "A null sender <> is not accepted for submission")
-        sender = str(addr.parse_mailbox(path, utf8=smtputf8))
-        user = self._user()
-        if not user.may_send_as(sender):
+        sender = str(addr.parse_mailbox(path, utf8=smtputf8)) if path else ""
+        user = self._user() if self.login is not None else None
+        if user is not None and not user.may_send_as(sender):
             return Reply(
                 550,
                 "5.7.1",
@@ -578,10 +595,12 @@ class SubmissionSession(Protocol):
             smtputf8=txn.smtputf8,
             recipients=tuple(r.address for r in txn.recipients),
             when=self.s.clock.seconds(),
+            authenticated=self.login is not None,
+            encrypted=self.tls_active,
         )
         self._builder = MessageBuilder(
             trace,
-            self._user(),
+            self._user() if self.login is not None else None,
             txn.spool.write,
             max_received=self.limits.received_headers,
             max_header_size=self.limits.header_size,

@@ -62,7 +62,9 @@ def mtactl(
 
 
 class Daemon:
-    def __init__(self, directory: str, sections: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, directory: str, sections: dict[str, dict[str, Any] | None] | None = None
+    ) -> None:
         self.dir = os.path.abspath(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.tls_port = free_port()
@@ -84,7 +86,10 @@ class Daemon:
             "routes": {"*": f"[127.0.0.1]:{free_port()}"},
         }
         for name, values in (sections or {}).items():
-            base.setdefault(name, {}).update(values)
+            if values is None:
+                base.pop(name, None)  # drop a default section (e.g. the route to nowhere)
+            else:
+                base.setdefault(name, {}).update(values)
         write_toml(self.config, base)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -160,3 +165,43 @@ class Daemon:
             if os.path.isdir(path):
                 return path
         raise KeyError(queue_id)
+
+
+class Helper:
+    """A helper process (DNS server, sink) that prints its port first."""
+
+    def __init__(self, argv: list[str], log_path: str) -> None:
+        self.log_path = log_path
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=log, cwd=REPO
+        )
+        log.close()
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"{argv[0]} did not start: {line!r}")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll C{condition()} (bounded) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,103 @@
+"""A scriptable SMTP sink, run as its own process for end-to-end tests.
+
+    python tests/e2e/sink.py OUTDIR [--port N] [--script script.json]
+
+It listens on 127.0.0.1 (port 0: any free one), prints the port on the
+first line of stdout, and writes each message it accepts to
+C{OUTDIR/N.eml} with the envelope in C{OUTDIR/N.json}.  The script file
+(re-read for every command, so a test can change it while the sink runs)
+says what to answer::
+
+    {
+      "rcpt": {"user@example.test": ["451 4.7.1 Greylisted", "250 2.1.5 Ok"]},
+      "message": ["250 2.0.0 Ok"],
+      "extensions": ["PIPELINING", "8BITMIME", "DSN"]
+    }
+
+For a recipient with a list, each RCPT for it takes the next reply and
+the last one repeats; recipients not named get 250.  Every RCPT line is
+also appended to C{OUTDIR/rcpt.log}, so tests can count attempts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from twisted.internet import reactor as global_reactor
+
+from mta.testing import SinkBehaviour, SinkFactory
+
+_RCPT = re.compile(r"RCPT TO:<([^>]*)>", re.IGNORECASE)
+
+
+class Script:
+    def __init__(self, path: str | None, out: str) -> None:
+        self.path = path
+        self.out = out
+        self.used: dict[str, int] = {}
+        self.count = 0
+
+    def load(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return dict(json.load(f))
+        except (OSError, ValueError):
+            return {}
+
+    def rcpt(self, line: str) -> str:
+        with open(os.path.join(self.out, "rcpt.log"), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        m = _RCPT.search(line)
+        address = m.group(1).lower() if m else ""
+        replies = self.load().get("rcpt", {}).get(address)
+        if not replies:
+            return "250 2.1.5 Ok"
+        n = self.used.get(address, 0)
+        self.used[address] = n + 1
+        return str(replies[min(n, len(replies) - 1)])
+
+    def message(self, factory: SinkFactory, data: bytes) -> str:
+        replies = self.load().get("message") or ["250 2.0.0 Ok: queued"]
+        reply = str(replies[min(self.count, len(replies) - 1)])
+        self.count += 1
+        if reply.startswith("2"):
+            n = len(factory.messages)
+            msg = factory.messages[-1]
+            with open(os.path.join(self.out, f"{n}.eml.tmp"), "wb") as f:
+                f.write(data)
+            with open(os.path.join(self.out, f"{n}.json"), "w", encoding="utf-8") as f:
+                json.dump({"mail": msg.sender_line, "rcpt": msg.rcpt_lines}, f)
+            os.rename(os.path.join(self.out, f"{n}.eml.tmp"), os.path.join(self.out, f"{n}.eml"))
+        return reply
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A scriptable SMTP sink on loopback.")
+    parser.add_argument("out", help="directory for received messages")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--script", default=None, help="JSON file with replies")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    script = Script(args.script, args.out)
+    extensions = script.load().get("extensions")
+    behaviour = SinkBehaviour(rcpt=script.rcpt)
+    if extensions is not None:
+        behaviour.extensions = tuple(extensions)
+    factory = SinkFactory(behaviour)
+    behaviour.message = lambda data: script.message(factory, data)
+    reactor: Any = global_reactor
+    port = reactor.listenTCP(args.port, factory, interface="127.0.0.1")
+    sys.stdout.write(f"{port.getHost().port}\n")
+    sys.stdout.flush()
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
