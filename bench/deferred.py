@@ -1,0 +1,154 @@
+"""A large deferred queue: start-up cost, memory, and idle CPU.
+
+    python bench/deferred.py [--messages 100000]
+
+Fills a spool with N deferred messages (due in an hour), starts a real
+mta daemon on it, and reports how long start-up took until the queue
+manager had indexed them, the daemon's RSS then, and its CPU use over the
+next 10 seconds (the queue must not be scanned on a tick, so this should
+be near zero).  A reference: the RSS of the same daemon on an empty spool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.run import BIN, cpu_seconds, free_port
+from mta.envelope import Envelope, Recipient, RecipientState
+from mta.spool import format as envformat
+from mta.spool.fs import FileOps, SpoolStore
+from mta.spool.queueid import QueueIdGenerator
+
+MESSAGE = b"From: a@example.com\r\nSubject: deferred\r\n\r\n" + b"x" * 2000 + b"\r\n"
+
+
+class Fast(FileOps):
+    """No fsync while filling the test spool: it is not the subject here."""
+
+    def fsync(self, f: object) -> None:
+        f.flush()  # type: ignore[attr-defined]
+
+    def fsync_dir(self, path: str) -> None:
+        pass
+
+
+def fill(spool: str, count: int) -> None:
+    store = SpoolStore(spool, Fast())
+    store.open()
+    now = time.time()
+    due = now + 3600
+    ids = QueueIdGenerator(lambda: now - 60)
+    for _ in range(count):
+        qid = ids()
+        env = Envelope(
+            queue_id=qid,
+            sender="a@example.com",
+            recipients=[
+                Recipient(
+                    "b@example.net",
+                    state=RecipientState.DEFERRED,
+                    attempts=1,
+                    next_attempt=due,
+                    reply="451 4.3.0 later",
+                )
+            ],
+            arrival=now - 60,
+            size=len(MESSAGE),
+        )
+        f = store.create_tmp(qid)
+        f.write(MESSAGE)
+        store.commit_group([(qid, f, envformat.dumps(env))])
+        store.move(qid, "incoming", "deferred", durable=False)
+        os.utime(store.path("deferred", qid), (due, due))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(work: str, expect: int) -> dict[str, float]:
+    config = os.path.join(work, "mta.toml")
+    with open(config, "w") as f:
+        f.write(
+            f"""[server]
+hostname = "bench.localhost"
+[listen]
+submissions = ["tcp:{free_port()}:interface=127.0.0.1"]
+submission = ["tcp:{free_port()}:interface=127.0.0.1"]
+[delivery]
+dns_servers = ["127.0.0.1"]
+dns_port = {free_port()}
+"""
+        )
+    log_path = os.path.join(work, "mta.log")
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(
+            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config],
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        marker = f"0 messages ready, {expect} deferred"
+        while time.monotonic() - start < 600:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                if marker in f.read():
+                    break
+            time.sleep(0.05)
+        else:
+            sys.exit("bench: the daemon did not index the queue in time")
+        indexed = time.monotonic() - start
+        rss = rss_kib(daemon.pid)
+        cpu0 = cpu_seconds(daemon.pid)
+        time.sleep(10)
+        idle_cpu = cpu_seconds(daemon.pid) - cpu0
+        return {"start_to_indexed_s": round(indexed, 2), "rss_mib": round(rss / 1024, 1),
+                "cpu_s_over_next_10s": round(idle_cpu, 3)}  # fmt: skip
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--messages", type=int, default=100_000)
+    args = p.parse_args()
+    empty = tempfile.mkdtemp(prefix="mta-bench-empty-")
+    full = tempfile.mkdtemp(prefix="mta-bench-deferred-")
+    try:
+        reference = measure(empty, 0)
+        t0 = time.monotonic()
+        fill(os.path.join(full, "spool"), args.messages)
+        filled = time.monotonic() - t0
+        loaded = measure(full, args.messages)
+        print(json.dumps({
+            "messages": args.messages,
+            "fill_s": round(filled, 1),
+            "empty_spool": reference,
+            "deferred_spool": loaded,
+            "rss_per_deferred_message_bytes": round(
+                (loaded["rss_mib"] - reference["rss_mib"]) * 1024 * 1024 / args.messages
+            ),
+        }, indent=2))  # fmt: skip
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+        shutil.rmtree(full, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
