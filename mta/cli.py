@@ -124,7 +124,7 @@ def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: Text
     store = _store(config)
     rows: list[dict[str, Any]] = []
     for state in STATES:
-        if state == "done" and not args.all:
+        if state in ("done", "redacted") and not args.all:
             continue
         for queue_id in sorted(store.ids(state)):
             try:

@@ -105,6 +105,15 @@ class QueueConfig:
     minimal_backoff_time: float = _opt(300.0, minimum=0)
     maximal_backoff_time: float = _opt(4000.0, minimum=0)
     maximal_queue_lifetime: float = _opt(5 * 86400.0, minimum=0)
+    delay_warning_time: float = _opt(4 * 3600.0, minimum=0)  # 0: no delay notices
+    blocklist_rest_time: float = _opt(3600.0, minimum=0)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    retention_days: float = _opt(30.0, minimum=0)  # 0: redact as soon as finished
+    remove_after_days: float = _opt(30.0, minimum=0)  # after redaction
+    sweep_interval: float = _opt(3600.0, minimum=0.01)
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     bounce_rules: tuple[Any, ...] = ()  # mta.bounce.Rule, from [[bounce.rules]]
     source: str = "<embedded default>"
@@ -212,6 +222,7 @@ SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
+    "retention": RetentionConfig,
 }
 
 

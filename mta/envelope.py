@@ -38,6 +38,7 @@ class Recipient:
     dsn_status: str | None = None  # enhanced status of the last result, "5.1.1"
     relay: str | None = None  # host[ip]:port that gave the last result
     delay_notified: bool = False  # a delay DSN was sent for this recipient
+    final_notified: bool = False  # a failure or success DSN was sent
     category: str | None = None  # bounce classification of the last failure
 
 
@@ -60,6 +61,7 @@ class Envelope:
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
     message_id: str | None = None
     kind: str = "message"  # "message" or "dsn" (a report this MTA generated)
+    redacted: float | None = None  # when the content was removed (retention)
     extra: dict[str, object] = field(default_factory=dict)
 
     def pending(self) -> list[Recipient]:

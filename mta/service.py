@@ -7,6 +7,7 @@ here and handed down.  L{MTAService} is what C{twistd -n mta} runs.
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mta import config as configmod
 from mta.bounce import Classifier
 from mta.config import Config
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
@@ -31,7 +33,7 @@ from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
 from mta.errors import ConfigError, StorageError
 from mta.queue.manager import QueueLimits, QueueManager
-from mta.queue.schedule import RetryPolicy
+from mta.queue.retention import Retention
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
@@ -159,9 +161,16 @@ class MTAService(MultiService):
                 destination_concurrency=d.destination_concurrency,
                 connections=d.max_connections,
             ),
-            retry=lambda: RetryPolicy.from_config(self.config.queue),
+            settings=lambda: self.config.queue,
             classifier=Classifier(extra=config.bounce_rules),
+            reports=self.spool,
+            hostname=self.hostname,
         )
+        self.retention = Retention(
+            self.store, self.spool_runner, reactor, lambda: self.config.retention
+        )
+        self.queue.on_done = self.retention.finished
+        self.retention.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.spool.add_listener(self.queue.committed)
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
 
@@ -231,13 +240,42 @@ class MTAService(MultiService):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the certificate; established connections keep theirs."""
+        """SIGHUP: re-read the configuration file and the certificate.
+
+        The retry schedule, delay notices, blocklist rest, retention and
+        bounce rules take effect at once (they are read at each use);
+        other changes need a restart, which the log says.  Established
+        connections keep their certificate.
+        """
+        self._reload_config()
         try:
             info = self.tls.reload()
         except ConfigError as e:
             log.error("reload failed, keeping the old certificate: {e}", e=str(e))
             return
         log.info("reloaded TLS certificate {path} (SHA-256 {fp})", path=info.path, fp=info.sha256)
+
+    def _reload_config(self) -> None:
+        if not os.path.isfile(self.config.source):
+            return
+        try:
+            new = configmod.load(self.config.source)
+        except ConfigError as e:
+            log.error("reload failed, keeping the old configuration: {e}", e=str(e))
+            return
+        restart = [
+            name
+            for name in ("server", "listen", "tls", "limits", "auth", "delivery", "routes")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        self.config = new
+        self.queue.classifier = Classifier(extra=new.bounce_rules)
+        log.info("reloaded {source}", source=new.source)
+        if restart:
+            log.warn(
+                "changes to [{sections}] take effect after a restart",
+                sections="], [".join(restart),
+            )
 
 
 def build(config: Config, reactor: Any) -> MTAService:

@@ -71,7 +71,8 @@ class DefaultTests(SynchronousTestCase):
     def test_defaults_table(self) -> None:
         defaults = config.defaults()
         self.assertEqual(
-            set(defaults), {"server", "listen", "tls", "limits", "auth", "delivery", "queue"}
+            set(defaults),
+            {"server", "listen", "tls", "limits", "auth", "delivery", "queue", "retention"},
         )
         self.assertEqual(defaults["limits"]["message_size"], 50 * 1024 * 1024)
         self.assertEqual(defaults["server"]["spool"], "spool")

@@ -8,12 +8,14 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mta.config import QueueConfig
+from mta.delivery.relay import RecipientResult
 from mta.delivery.routes import Router
 from mta.envelope import RecipientState
 from mta.errors import Reply
 from mta.queue.manager import QueueLimits, QueueManager
-from mta.queue.schedule import RetryPolicy
-from mta.spool.fs import SpoolStore
+from mta.spool.fs import Spool, SpoolStore
+from mta.spool.queueid import QueueIdGenerator
 from mta.testing import DeliverySpy, NoSyncOps, queue_message, run_inline
 
 T0 = 1_700_000_000.0
@@ -40,6 +42,7 @@ class QueueTestCase(SynchronousTestCase):
         self.store.open()
         self.spy = DeliverySpy()
         self.router = Router({})
+        self.settings = QueueConfig()
 
     def manager(self, **limits: int) -> QueueManager:
         qm = QueueManager(
@@ -49,7 +52,7 @@ class QueueTestCase(SynchronousTestCase):
             self.router,
             self.clock,
             limits=QueueLimits(**limits),
-            retry=lambda: RetryPolicy(300, 4000, 5 * 86400),
+            settings=lambda: self.settings,
         )
         qm.startService()
         self.addCleanup(qm.stopService)
@@ -259,3 +262,183 @@ class RobustnessTests(QueueTestCase):
         state, env = self.envelope(qid)
         self.assertEqual(state, "deferred")
         self.assertEqual(env.recipients[0].dsn_status, "4.3.0")
+
+
+class SuspensionTests(QueueTestCase):
+    """Dead-site detection and blocklist rest: the destination waits as a whole."""
+
+    def test_unreachable_destination_is_suspended(self) -> None:
+        ids = [self.queue(f"user{i}@down.example") for i in range(3)]
+        self.manager(destination_concurrency=1)
+        refused = Reply(
+            451, "4.4.1", "connect to mx.down.example[192.0.2.9]:25: Connection refused"
+        )
+        self.spy.answer(0, refused, kind="network", relay="none")
+        # The two queued jobs were deferred without a connection.
+        self.assertEqual(len(self.spy.calls), 1)
+        for qid in ids:
+            state, env = self.envelope(qid)
+            self.assertEqual(state, "deferred")
+            self.assertEqual(env.recipients[0].next_attempt, T0 + 300)
+        _, skipped = self.envelope(ids[1])
+        self.assertEqual(skipped.recipients[0].attempts, 0, "a suspended job is no attempt")
+        self.assertIn("suspended (unreachable)", skipped.recipients[0].reply)
+        # After the backoff the destination is tried again, once per message.
+        self.clock.advance(300)
+        self.assertEqual(len(self.spy.calls), 2)
+        self.spy.answer(1, OK)
+        self.assertEqual(len(self.spy.calls), 3)
+
+    def test_other_destinations_unaffected(self) -> None:
+        self.queue("a@down.example")
+        self.queue("b@up.example")
+        self.manager()
+        refused = Reply(451, "4.4.1", "Connection refused")
+        down = next(i for i, (j, _) in enumerate(self.spy.calls) if j.domain == "down.example")
+        self.spy.answer(down, refused, kind="network", relay="none")
+        self.assertIn("up.example", [j.domain for j in self.spy.waiting])
+
+    def test_recipient_refusal_does_not_suspend(self) -> None:
+        self.queue("a@example.net")
+        self.queue("b@example.net")
+        self.manager(destination_concurrency=1)
+        self.spy.answer(0, NO_USER)
+        self.assertEqual(len(self.spy.waiting), 1)
+
+    def test_blocklist_rests_destination(self) -> None:
+        self.settings = QueueConfig(blocklist_rest_time=1800)
+        first = self.queue("a@strict.example")
+        self.queue("b@strict.example")
+        self.manager(destination_concurrency=1)
+        listed = Reply(
+            554, "5.7.1", "Service unavailable; Client host blocked using zen.spamhaus.org"
+        )
+        self.spy.answer(0, listed)
+        state, env = self.envelope(first)
+        self.assertEqual((state, env.recipients[0].category), ("deferred", "blocklist"))
+        self.assertEqual(env.recipients[0].next_attempt, T0 + 300)
+        self.assertEqual(len(self.spy.calls), 1, "the second message was not tried")
+        self.clock.advance(300)
+        # The first is due but the destination still rests: no connection.
+        self.assertEqual(len(self.spy.calls), 1)
+        self.clock.advance(1500)
+        self.assertEqual(len(self.spy.waiting), 1)
+        self.assertEqual(self.clock.seconds() - T0, 1800)
+
+
+class NotificationTests(QueueTestCase):
+    """Reports go through the spool like any message (RFC 3461/3464)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reports = Spool(self.store, run_inline, QueueIdGenerator(self.clock.seconds))
+
+    def manager(self, **limits: int) -> QueueManager:
+        qm = QueueManager(
+            self.store,
+            run_inline,
+            self.spy,
+            self.router,
+            self.clock,
+            limits=QueueLimits(**limits),
+            settings=lambda: self.settings,
+            reports=self.reports,
+            hostname="mta.test",
+        )
+        self.reports.add_listener(qm.committed)
+        qm.startService()
+        self.addCleanup(qm.stopService)
+        return qm
+
+    def reports_sent(self) -> list[tuple[Any, bytes]]:
+        out = []
+        for state in ("incoming", "active", "deferred", "done"):
+            for qid in self.store.ids(state):
+                _, env = self.store.load(qid, state)
+                if env.kind == "dsn":
+                    with open(self.store.path(state, qid, "message"), "rb") as f:
+                        out.append((env, f.read()))
+        return out
+
+    def queue_with(self, notify: tuple[str, ...] | None, sender: str = "sender@example.com") -> str:
+        qid = queue_message(self.store, sender, ["bob@example.net"], arrival=self.clock.seconds())
+        _, env = self.store.load(qid)
+        env.recipients[0].notify = notify
+        self.store.write_envelope("incoming", env)
+        return qid
+
+    def test_failure_report_to_the_sender(self) -> None:
+        qid = self.queue_with(None)
+        self.manager()
+        self.spy.answer(0, NO_USER)
+        [(report_env, report)] = self.reports_sent()
+        self.assertEqual(report_env.sender, "")
+        self.assertEqual([r.address for r in report_env.recipients], ["sender@example.com"])
+        self.assertEqual(report_env.recipients[0].notify, ("NEVER",))
+        self.assertIn(b"Action: failed", report)
+        self.assertIn(b"Status: 5.1.1", report)
+        self.assertIn(b"From: Mail Delivery System <MAILER-DAEMON@mta.test>", report)
+        _, env = self.envelope(qid)
+        self.assertTrue(env.recipients[0].final_notified)
+
+    def test_report_is_delivered_like_any_message(self) -> None:
+        self.queue_with(None)
+        self.manager()
+        self.spy.answer(0, NO_USER)
+        [job] = self.spy.waiting
+        self.assertEqual(job.envelope.kind, "dsn")
+        self.assertEqual(job.domain, "example.com")
+
+    def test_never_for_null_sender_or_notify_never(self) -> None:
+        self.queue_with(None, sender="")
+        self.queue_with(("NEVER",))
+        self.manager()
+        for i in range(2):
+            self.spy.answer(i, NO_USER)
+        self.assertEqual(self.reports_sent(), [])
+
+    def test_delay_report_once_after_warning_time(self) -> None:
+        self.settings = QueueConfig(delay_warning_time=3600)
+        qid = self.queue_with(None)
+        self.manager()
+        answered = 0
+        while self.clock.seconds() - T0 < 4 * 3600:
+            waiting = [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]
+            for i in waiting:
+                self.spy.answer(i, LATER)
+                answered += 1
+            self.clock.advance(60)
+        [(_, report)] = self.reports_sent()
+        self.assertIn(b"Action: delayed", report)
+        self.assertIn(b"Will-Retry-Until:", report)
+        _, env = self.envelope(qid)
+        self.assertTrue(env.recipients[0].delay_notified)
+        self.assertGreater(answered, 5)
+
+    def test_relayed_success_only_when_asked_and_next_hop_lacks_dsn(self) -> None:
+        self.queue_with(("SUCCESS",))
+        self.queue_with(("SUCCESS",))
+        self.queue_with(None)
+        self.manager()
+        job0, d0 = self.spy.calls[0]
+        d0.callback([RecipientResult(job0.recipients[0].address, OK, "remote", dsn_passed=False)])
+        job1, d1 = self.spy.calls[1]
+        d1.callback([RecipientResult(job1.recipients[0].address, OK, "remote", dsn_passed=True)])
+        self.spy.answer(2, OK)
+        [(_, report)] = self.reports_sent()
+        self.assertIn(b"Action: relayed", report)
+
+    def test_expiry_reports_failure(self) -> None:
+        self.settings = QueueConfig(maximal_queue_lifetime=900, delay_warning_time=0)
+        qid = self.queue_with(None)
+        self.manager()
+        for _ in range(10):
+            waiting = [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]
+            for i in waiting:
+                self.spy.answer(i, LATER)
+            self.clock.advance(300)
+        state, env = self.envelope(qid)
+        self.assertEqual((state, env.recipients[0].state), ("done", RecipientState.FAILED))
+        [(_, report)] = self.reports_sent()
+        self.assertIn(b"Action: failed", report)
+        self.assertIn(b"Status: 4.3.0", report)

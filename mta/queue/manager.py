@@ -16,6 +16,16 @@ is classified, logged in Postfix's shape and written to the envelope; when
 no job of the message is running any more, the message moves to C{done/}
 (nothing pending) or back to C{deferred/} (with its next due time).
 
+A destination is suspended as a whole (its jobs are deferred without a
+connection) when every connection to it failed (Postfix's dead-site
+detection, for C{minimal_backoff_time}) or when it refused us as
+blocklisted (for C{blocklist_rest_time}).
+
+Delivery status notifications (L{mta.dsn}) are made when a message's
+round ends: failures and "relayed" successes as they happen, a delay
+notice once per recipient after C{delay_warning_time}.  A report is
+committed to the spool, like any message, before the original is filed.
+
 All file work happens in the spool thread pool; envelope writes of one
 message are chained so they never overlap.
 """
@@ -35,19 +45,22 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta import maillog
+from mta import dsn, maillog
 from mta.address import domain_of
 from mta.batch import Batcher
 from mta.bounce import Classifier, Verdict
+from mta.config import QueueConfig
 from mta.delivery.relay import DeliveryJob, RecipientResult
 from mta.delivery.routes import Router
 from mta.envelope import Envelope, Recipient, RecipientState
 from mta.errors import DeliveryError, Reply
+from mta.interfaces import ISpool
 from mta.queue.schedule import RetryPolicy, no_jitter
 from mta.spool.format import FormatError
 from mta.spool.fs import MESSAGE, SpoolStore
 
 log = Logger(namespace="mta.queue")
+REPORT_READ_LIMIT = 1 << 20  # enough for any header section and a returned message
 maillog_log = Logger(namespace="mta.maillog")
 
 T = TypeVar("T")
@@ -67,6 +80,14 @@ class _Active:
     activated: float
     jobs: int = 0
     io: Deferred[Any] = field(default_factory=lambda: succeed(None))
+    notices: list[dsn.Notice] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Suspension:
+    until: float
+    reason: Reply
+    why: str  # "unreachable" or "blocklisted"
 
 
 @dataclass
@@ -88,9 +109,12 @@ class QueueManager(Service):
         clock: IReactorTime,
         *,
         limits: QueueLimits | None = None,
-        retry: Callable[[], RetryPolicy] = RetryPolicy,
+        settings: Callable[[], QueueConfig] = QueueConfig,
         classifier: Classifier | None = None,
         jitter: Callable[[float], float] = no_jitter,
+        reports: ISpool | None = None,
+        hostname: str = "localhost",
+        on_done: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -98,9 +122,13 @@ class QueueManager(Service):
         self.router = router
         self.clock = clock
         self.limits = limits or QueueLimits()
-        self.retry = retry
+        self.settings = settings
         self.classifier = classifier or Classifier()
         self.jitter = jitter
+        self.reports = reports
+        self.hostname = hostname
+        self.on_done = on_done
+        self.suspended: dict[str, _Suspension] = {}
         self.incoming: deque[tuple[str, str]] = deque()  # (queue ID, state)
         self.deferred: list[tuple[float, str]] = []  # heap of (due, queue ID)
         self.active: dict[str, _Active] = {}
@@ -263,8 +291,45 @@ class QueueManager(Service):
                     del self._queues[dest]
                 else:
                     self._queues.move_to_end(dest)
-                self._start(item)
+                suspension = self._suspension(dest)
+                if suspension is not None:
+                    self._skip(item, suspension)
+                else:
+                    self._start(item)
                 progress = True
+
+    def _suspension(self, dest: str) -> _Suspension | None:
+        suspension = self.suspended.get(dest)
+        if suspension is not None and suspension.until <= self.clock.seconds():
+            del self.suspended[dest]
+            return None
+        return suspension
+
+    def _suspend(self, dest: str, seconds: float, reason: Reply, why: str) -> None:
+        if seconds <= 0:
+            return
+        until = self.clock.seconds() + seconds
+        current = self.suspended.get(dest)
+        if current is None or current.until < until:
+            self.suspended[dest] = _Suspension(until, reason, why)
+            log.info(
+                "{dest}: {why}; delivery suspended for {secs:.0f} s ({reason})",
+                dest=dest,
+                why=why,
+                secs=seconds,
+                reason=str(reason),
+            )
+
+    def _skip(self, item: _Job, suspension: _Suspension) -> None:
+        """Defer a job's recipients without a connection: the destination rests."""
+        reason = suspension.reason
+        reply = Reply(
+            451,
+            reason.enhanced if reason.enhanced and reason.code < 500 else "4.4.1",
+            f"delivery temporarily suspended ({suspension.why}): {reason}",
+        )
+        results = [RecipientResult(r.address, reply, "suspended") for r in item.job.recipients]
+        self._record(item, results, self.clock.seconds(), ran=False, resume=suspension.until)
 
     def _start(self, item: _Job) -> None:
         dest = item.job.destination
@@ -288,22 +353,40 @@ class QueueManager(Service):
 
     # -- results -------------------------------------------------------------
 
-    def _record(self, item: _Job, results: list[RecipientResult], started: float) -> None:
+    def _record(
+        self,
+        item: _Job,
+        results: list[RecipientResult],
+        started: float,
+        *,
+        ran: bool = True,
+        resume: float = 0.0,
+    ) -> None:
+        """Apply one job's results to the envelope, log them, decide what next.
+
+        C{ran} is False for a job skipped because its destination rests:
+        that is no attempt, and C{resume} is the earliest time to retry.
+        """
         dest = item.job.destination
-        self._running[dest] -= 1
-        if self._running[dest] <= 0:
-            del self._running[dest]
-        self._running_total -= 1
+        if ran:
+            self._running[dest] -= 1
+            if self._running[dest] <= 0:
+                del self._running[dest]
+            self._running_total -= 1
         message = item.message
         env = message.envelope
         now = self.clock.seconds()
-        policy = self.retry()
+        settings = self.settings()
+        policy = RetryPolicy.from_config(settings)
         by_address = {r.address: r for r in item.job.recipients}
+        verdicts = []
         for result in results:
             rcpt = by_address[result.address]
             verdict = None if result.ok else self.classify(result)
-            rcpt.attempts += 1
-            rcpt.last_attempt = now
+            verdicts.append(verdict)
+            if ran:
+                rcpt.attempts += 1
+                rcpt.last_attempt = now
             rcpt.reply = str(result.reply)
             rcpt.dsn_status = maillog.dsn_code(result.reply)
             rcpt.relay = result.relay
@@ -312,16 +395,23 @@ class QueueManager(Service):
                 rcpt.category = None
                 rcpt.next_attempt = None
                 status = "sent"
+                if not result.dsn_passed and dsn.needs_notice(env, rcpt, "relayed"):
+                    message.notices.append(dsn.Notice(rcpt, "relayed"))
             elif verdict.temporary and not policy.expired(env.arrival, now):
                 rcpt.state = RecipientState.DEFERRED
                 rcpt.category = verdict.category
-                rcpt.next_attempt = policy.next_attempt(env.arrival, now, self.jitter)
+                rcpt.next_attempt = max(
+                    policy.next_attempt(env.arrival, now, self.jitter),
+                    min(resume, policy.expires_at(env.arrival)),
+                )
                 status = "deferred"
             else:
                 rcpt.state = RecipientState.FAILED
                 rcpt.category = verdict.category
                 rcpt.next_attempt = None
                 status = "expired" if verdict.temporary else "bounced"
+                if dsn.needs_notice(env, rcpt, "failed"):
+                    message.notices.append(dsn.Notice(rcpt, "failed"))
             maillog_log.info(
                 "{line}",
                 line=maillog.delivery_line(
@@ -338,6 +428,8 @@ class QueueManager(Service):
                     now=now,
                 ),
             )
+        if ran:
+            self._watch_destination(dest, results, verdicts, policy, settings)
         message.jobs -= 1
         if message.jobs == 0:
             self._finish(message)
@@ -345,6 +437,23 @@ class QueueManager(Service):
             snapshot = copy.deepcopy(env)
             self._write(message, lambda: self.store.write_envelope("active", snapshot))
         self._dispatch()
+
+    def _watch_destination(
+        self,
+        dest: str,
+        results: list[RecipientResult],
+        verdicts: list[Verdict | None],
+        policy: RetryPolicy,
+        settings: QueueConfig,
+    ) -> None:
+        """Dead-site detection and blocklist rest (see the module docstring)."""
+        if results and all(r.kind in ("network", "timeout") for r in results):
+            self._suspend(dest, policy.minimal_backoff, results[0].reply, "unreachable")
+            return
+        for result, verdict in zip(results, verdicts, strict=True):
+            if verdict is not None and verdict.category == "blocklist":
+                self._suspend(dest, settings.blocklist_rest_time, result.reply, "blocklisted")
+                return
 
     def classify(self, result: RecipientResult) -> Verdict:
         """Retry or bounce, and why (L{mta.bounce})."""
@@ -366,18 +475,32 @@ class QueueManager(Service):
         log.failure("{qid}: cannot record delivery results", failure, qid=message.envelope.queue_id)
 
     def _finish(self, message: _Active) -> None:
-        """No job of the message is running: file it as done or deferred.
+        """No job of the message is running: notify, then file it as done or deferred.
 
         The envelope is copied here, in the reactor thread, and written in
         a group with other messages' (one directory fsync per group).
         """
         env = message.envelope
         queue_id = env.queue_id
+        self._delay_notices(message)
+        if message.notices:
+            notices, message.notices = message.notices, []
+            message.io.addCallback(lambda _: self._send_report(env, notices))
+            for notice in notices:
+                if notice.action == "delayed":
+                    notice.recipient.delay_notified = True
+                else:
+                    notice.recipient.final_notified = True
         waiting = [r.next_attempt for r in env.recipients if not r.state.final]
         due: float | None = None
         if waiting:
             due = min(t if t is not None else self.clock.seconds() for t in waiting)
-        item = (copy.deepcopy(env), "active", "deferred" if waiting else "done", due)
+        item = (
+            copy.deepcopy(env),
+            "active",
+            "deferred" if waiting else "done",
+            due if waiting else self.clock.seconds(),
+        )
         message.io = message.io.addCallback(lambda _: self._settles.submit(item))
         message.io.addErrback(self._io_failed, message)
 
@@ -387,9 +510,82 @@ class QueueManager(Service):
                 heapq.heappush(self.deferred, (due, queue_id))
             else:
                 log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
+                if self.on_done is not None:
+                    self.on_done(queue_id)
             self._pump()
 
         message.io.addCallback(filed)
+
+    def _delay_notices(self, message: _Active) -> None:
+        """A delay notice, once per recipient, after C{delay_warning_time} (RFC 3461)."""
+        env = message.envelope
+        warn_after = self.settings().delay_warning_time
+        if warn_after <= 0 or self.clock.seconds() - env.arrival < warn_after:
+            return
+        for rcpt in env.recipients:
+            if (
+                rcpt.state == RecipientState.DEFERRED
+                and not rcpt.delay_notified
+                and dsn.needs_notice(env, rcpt, "delayed")
+            ):
+                message.notices.append(dsn.Notice(rcpt, "delayed"))
+
+    def _send_report(self, env: Envelope, notices: list[dsn.Notice]) -> Deferred[Any]:
+        """Build a report from the stored message and commit it to the spool.
+
+        A report that cannot be made is logged, never fatal: the original
+        message is filed all the same.
+        """
+        if self.reports is None:
+            return succeed(None)
+        reports = self.reports
+        path = self.store.path("active", env.queue_id, MESSAGE)
+        now = self.clock.seconds()
+        retry_until = RetryPolicy.from_config(self.settings()).expires_at(env.arrival)
+        snapshot = copy.deepcopy(env)
+        notices = [dsn.Notice(copy.deepcopy(n.recipient), n.action) for n in notices]
+
+        def build() -> bytes:
+            with open(path, "rb") as f:
+                original = f.read(REPORT_READ_LIMIT)
+            return dsn.build_report(
+                snapshot,
+                notices,
+                original,
+                hostname=self.hostname,
+                now=now,
+                retry_until=retry_until,
+                message_id=f"<{env.queue_id}.{int(now)}.dsn@{self.hostname}>",
+            )
+
+        def commit(report: bytes) -> Deferred[str]:
+            txn = reports.begin()
+            txn.write(report)
+            report_env = Envelope(
+                queue_id=txn.queue_id,
+                sender="",
+                recipients=[Recipient(env.sender, notify=("NEVER",))],
+                arrival=now,
+                size=len(report),
+                body="8BITMIME" if dsn.report_is_8bit(report) else None,
+                smtputf8=not env.sender.isascii() or dsn.report_needs_smtputf8(report),
+                kind="dsn",
+            )
+            return txn.commit(report_env)
+
+        def sent(queue_id: str) -> None:
+            log.info(
+                "{qid}: sender notification: {report} ({actions})",
+                qid=env.queue_id,
+                report=queue_id,
+                actions=", ".join(f"{n.recipient.address} {n.action}" for n in notices),
+            )
+
+        def failed(failure: Failure) -> None:
+            log.failure("{qid}: cannot make a sender notification", failure, qid=env.queue_id)
+
+        d = self.runner(build).addCallback(commit)
+        return d.addCallbacks(sent, failed)
 
     # -- tests and operations ------------------------------------------------
 

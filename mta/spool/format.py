@@ -18,7 +18,7 @@ FORMAT = "mta-envelope/1"
 
 _TOP_KEYS = {
     "format", "id", "kind", "arrival", "sender", "size", "body", "smtputf8", "dsn",
-    "auth_user", "client", "message_id", "recipients",
+    "auth_user", "client", "message_id", "recipients", "redacted",
 }  # fmt: skip
 
 
@@ -57,6 +57,7 @@ def _recipient_to_json(r: Recipient) -> dict[str, Any]:
         "relay": r.relay,
         "category": r.category,
         "delay_notified": r.delay_notified,
+        "final_notified": r.final_notified,
     }
 
 
@@ -78,6 +79,7 @@ def to_json(env: Envelope) -> dict[str, Any]:
             "tls": env.tls,
         },
         "message_id": env.message_id,
+        "redacted": format_time(env.redacted),
         "recipients": [_recipient_to_json(r) for r in env.recipients],
     }
     for key, value in env.extra.items():
@@ -128,6 +130,7 @@ def _recipient_from_json(doc: object) -> Recipient:
         relay=_get(doc, "relay", str, null=True),
         category=_get(doc, "category", str, null=True),
         delay_notified=_get(doc, "delay_notified", bool),
+        final_notified=bool(_get(doc, "final_notified", bool, null=True)),
     )
 
 
@@ -159,6 +162,7 @@ def from_json(doc: object) -> Envelope:
         client_helo=_get(client, "helo", str, null=True),
         tls=_get(client, "tls", str, null=True),
         message_id=_get(doc, "message_id", str, null=True),
+        redacted=parse_time(doc.get("redacted")),
         extra={k: v for k, v in doc.items() if k not in _TOP_KEYS},
     )
 

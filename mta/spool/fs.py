@@ -47,7 +47,7 @@ T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
 SPOOL_FORMAT = "mta-spool/1"
-STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done")
+STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done", "redacted")
 MESSAGE = "message"
 ENVELOPE = "envelope.json"
 TMP = "tmp"

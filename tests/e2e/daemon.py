@@ -20,6 +20,7 @@ from typing import Any
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT = 30.0
+STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done", "redacted")
 
 
 def free_port() -> int:
@@ -154,13 +155,21 @@ class Daemon:
     def queued(self, *states: str) -> list[str]:
         """Queue IDs in the given states (default: every state)."""
         found = []
-        for state in states or ("incoming", "active", "deferred", "hold", "corrupt", "done"):
+        for state in states or (
+            "incoming",
+            "active",
+            "deferred",
+            "hold",
+            "corrupt",
+            "done",
+            "redacted",
+        ):
             path = os.path.join(self.spool, state)
             found += [n for n in os.listdir(path) if not n.startswith(".")]
         return sorted(found)
 
     def message_dir(self, queue_id: str) -> str:
-        for state in ("incoming", "active", "deferred", "hold", "corrupt", "done"):
+        for state in STATES:
             path = os.path.join(self.spool, state, queue_id)
             if os.path.isdir(path):
                 return path

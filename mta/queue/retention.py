@@ -1,0 +1,170 @@
+"""Retention: finished messages keep their content for a while, then only the facts.
+
+A finished message sits in C{done/} with its content for
+C{retention_days} (the seed's default: 30), counted from when it was
+finished (the directory's modification time, set when it was filed).  Then
+it is redacted: the header section is kept, the body is replaced by a
+short notice, the envelope (with every recipient's result) is kept and
+marked, and the message moves to C{redacted/}.  C{remove_after_days} after
+the redaction it is removed from the spool.  C{retention_days = 0} redacts
+a message as soon as it is finished.
+
+A sweep runs every C{sweep_interval} seconds in the spool thread pool; it
+reads directory modification times only, and envelopes only of messages
+whose time has come.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mta.config import RetentionConfig
+from mta.spool.fs import MESSAGE, SpoolStore, storage_error
+from mta.spool.queueid import is_queue_id
+
+log = Logger(namespace="mta.retention")
+DAY = 86400.0
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
+
+
+def redacted_message(original: bytes, days: float, when: float) -> bytes:
+    """The header section of C{original} and a notice instead of the body."""
+    end = original.find(b"\r\n\r\n")
+    head = original if end < 0 else original[: end + 2]
+    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    notice = (
+        f"The content of this message was removed on {date}, after the\r\n"
+        f"retention period of {days:g} days. Its delivery results are kept.\r\n"
+    )
+    return head + b"\r\n" + notice.encode()
+
+
+class Retention(Service):
+    """Redacts and removes finished messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        runner: Runner[Any],
+        clock: IReactorTime,
+        settings: Callable[[], RetentionConfig] = RetentionConfig,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.clock = clock
+        self.settings = settings
+        self._loop: LoopingCall | None = None
+        self._sweeping: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = LoopingCall(self.sweep)
+        self._loop.clock = self.clock
+        self._loop.start(self.settings().sweep_interval, now=True).addErrback(
+            lambda f: log.failure("retention sweeps stopped", f)
+        )
+
+    def stopService(self) -> Deferred[Any] | None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self._sweeping
+
+    def sweep(self) -> Deferred[Any] | None:
+        """One pass over C{done/} and C{redacted/}; skipped if the last still runs."""
+        if self._sweeping is not None:
+            return None
+        settings = self.settings()
+        now = self.clock.seconds()
+        self._sweeping = self.runner(lambda: self._sweep(settings, now))
+
+        def done(counts: tuple[int, int]) -> None:
+            redacted, removed = counts
+            if redacted or removed:
+                log.info(
+                    "retention: {redacted} messages redacted, {removed} removed",
+                    redacted=redacted,
+                    removed=removed,
+                )
+
+        def failed(failure: Failure) -> None:
+            log.failure("retention sweep failed", failure)
+
+        def finished(_: object) -> None:
+            self._sweeping = None
+
+        self._sweeping.addCallbacks(done, failed).addBoth(finished)
+        return self._sweeping
+
+    def finished(self, queue_id: str) -> None:
+        """The queue manager filed a message in C{done/}: redact now if so configured."""
+        settings = self.settings()
+        if settings.retention_days <= 0:
+            now = self.clock.seconds()
+            self.runner(lambda: self._redact(queue_id, settings, now)).addErrback(
+                lambda f: log.failure("{qid}: cannot redact", f, qid=queue_id)
+            )
+
+    # -- in the worker thread -------------------------------------------------
+
+    def _due(self, state: str, age: float, now: float) -> list[str]:
+        out = []
+        with os.scandir(self.store.path(state)) as it:
+            for entry in it:
+                if not is_queue_id(entry.name):
+                    continue
+                try:
+                    if entry.stat().st_mtime + age <= now:
+                        out.append(entry.name)
+                except FileNotFoundError:
+                    continue
+        return out
+
+    def _sweep(self, settings: RetentionConfig, now: float) -> tuple[int, int]:
+        redacted = removed = 0
+        for queue_id in self._due("done", settings.retention_days * DAY, now):
+            if self._redact(queue_id, settings, now):
+                redacted += 1
+        for queue_id in self._due("redacted", settings.remove_after_days * DAY, now):
+            self.store.remove(queue_id, "redacted")
+            removed += 1
+        return redacted, removed
+
+    def _redact(self, queue_id: str, settings: RetentionConfig, now: float) -> bool:
+        """Replace the body, mark the envelope, move to C{redacted/}."""
+        try:
+            _, envelope = self.store.load(queue_id, "done")
+        except KeyError:
+            return False
+        message = self.store.path("done", queue_id, MESSAGE)
+        tmp = message + ".tmp"
+        try:
+            with open(message, "rb") as f:
+                original = f.read()
+            with open(tmp, "wb") as f:
+                f.write(redacted_message(original, settings.retention_days, now))
+                self.store.ops.fsync(f)
+            self.store.ops.rename(tmp, message)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise storage_error(f"cannot redact {queue_id}", e) from e
+        envelope.redacted = now
+        self.store.settle(envelope, "done", "redacted", now)
+        log.info("{qid}: content redacted after {days:g} days", qid=queue_id,
+                 days=settings.retention_days)  # fmt: skip
+        return True
