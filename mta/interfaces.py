@@ -71,7 +71,7 @@ class IResolver(Interface):
 
     Implementations: L{mta.delivery.dns.DNSPythonResolver} (dnspython run in
     a thread pool, servers and port configurable) and
-    L{mta.testing.FakeResolver} (a table).  Both fail with
+    L{mta.testing.FakeResolver} (a table, from L{mta.delivery.fakedns}).  Both fail with
     L{mta.delivery.dns.DNSError}, whose C{kind} is C{"nxdomain"} (the name
     does not exist), C{"nodata"} (it exists but has no record of that type)
     or C{"temporary"} (SERVFAIL, timeout, refused, no server reachable).

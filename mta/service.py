@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import signal
 import sys
 from collections.abc import Callable
@@ -162,6 +163,8 @@ class MTAService(MultiService):
                 connections=d.max_connections,
             ),
             settings=lambda: self.config.queue,
+            # Spread the retries of messages that failed together (+-5 %).
+            jitter=lambda delay: delay * random.uniform(0.95, 1.05),
             classifier=Classifier(extra=config.bounce_rules),
             reports=self.spool,
             hostname=self.hostname,

@@ -237,18 +237,15 @@ async def next_hops(
         answer = Answer((), 0)
     records = [MXRecord(r.preference, r.exchange.lower().rstrip(".")) for r in answer.records]
     if not records:
-        hops, errors = await _resolve_hosts(
+        return await _host_hops(
             resolver,
-            [(name, 0)],
+            name,
             port=port,
             families=families,
             shuffle=shuffle,
             address_limit=address_limit,
-            mx=False,
+            missing=f"Domain {domain} has no MX and no address record",
         )
-        if hops:
-            return hops
-        raise _no_address(errors, f"Domain {domain} has no MX and no address record")
     if all(r.exchange == "" for r in records):
         raise DeliveryError(Reply(556, "5.1.10", "Recipient address has null MX"), "dns")
     candidates = _order_mx(records, shuffle)
@@ -308,24 +305,46 @@ async def route_hops(
                 shuffle=shuffle,
                 address_limit=address_limit,
             )
-        hops, errors = await _resolve_hosts(
+        return await _host_hops(
             resolver,
-            [(host, 0)],
+            host,
             port=port,
             families=families,
             shuffle=shuffle,
             address_limit=address_limit,
-            mx=False,
+            missing=f"Relay host {host} has no address record",
         )
-        if hops:
-            return hops
-        raise _no_address(errors, f"Relay host {host} has no address record")
     except DeliveryError as e:
         if e.temporary:
             raise
         raise DeliveryError(
             Reply(451, "4.3.5", f"{e.reply.text} (relay {spec.strip()})"), e.kind
         ) from None
+
+
+async def _host_hops(
+    resolver: IResolver,
+    host: str,
+    *,
+    port: int,
+    families: tuple[str, ...],
+    shuffle: Callable[[list[Any]], None],
+    address_limit: int,
+    missing: str,
+) -> list[NextHop]:
+    """One host that is not an MX (an implicit MX, a [relay]): its addresses."""
+    hops, errors = await _resolve_hosts(
+        resolver,
+        [(host, 0)],
+        port=port,
+        families=families,
+        shuffle=shuffle,
+        address_limit=address_limit,
+        mx=False,
+    )
+    if hops:
+        return hops
+    raise _no_address(errors, missing)
 
 
 def _check_arguments(families: tuple[str, ...], address_limit: int) -> None:
