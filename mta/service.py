@@ -150,6 +150,7 @@ class MTAService(MultiService):
                     data_done=d.data_done_timeout,
                 ),
             ),
+            runner=self.spool_runner,
         )
         self.queue = QueueManager(
             self.store,

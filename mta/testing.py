@@ -340,10 +340,15 @@ class DeliverySpy:
         return [job for job, d in self.calls if not d.called]
 
     def answer(
-        self, index: int, reply: Any, kind: str = "remote", relay: str = "mx.test[192.0.2.1]:25"
+        self,
+        index: int,
+        reply: Any,
+        kind: str = "remote",
+        relay: str = "mx.test[192.0.2.1]:25",
+        connected: bool | None = None,
     ) -> None:
         job, _ = self.calls[index]
-        self.answer_each(index, [reply] * len(job.recipients), kind, relay)
+        self.answer_each(index, [reply] * len(job.recipients), kind, relay, connected)
 
     def answer_each(
         self,
@@ -351,13 +356,16 @@ class DeliverySpy:
         replies: list[Any],
         kind: str = "remote",
         relay: str = "mx.test[192.0.2.1]:25",
+        connected: bool | None = None,
     ) -> None:
+        """Answer a job; C{connected} defaults to whether a server replied."""
         from mta.delivery.relay import RecipientResult  # noqa: PLC0415 - avoid a cycle
 
         job, d = self.calls[index]
+        session = kind == "remote" if connected is None else connected
         d.callback(
             [
-                RecipientResult(r.address, reply, kind, relay)
+                RecipientResult(r.address, reply, kind, relay, connected=session)
                 for r, reply in zip(job.recipients, replies, strict=True)
             ]
         )

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -42,6 +42,7 @@ from mta.smtp.client import (
 log = Logger(namespace="mta.delivery")
 
 Connector = Callable[[Any, str, str, int, ClientPolicy], Awaitable[OutboundConnection]]
+Runner = Callable[[Callable[[], Any]], Deferred[Any]]
 
 
 @dataclass
@@ -63,7 +64,9 @@ class RecipientResult:
     recipient, otherwise the L{DeliveryError} kind of a failure that hit
     the whole attempt.  C{dsn_passed} is whether the next hop took the DSN
     parameters (RFC 3461 section 4), which decides "relayed" vs "delivered"
-    in a success notice.
+    in a success notice.  C{connected} is whether the attempt got an SMTP
+    session with any host at all: only an attempt that never did makes a
+    destination look dead.
     """
 
     address: str
@@ -73,6 +76,7 @@ class RecipientResult:
     dsn_passed: bool = False
     setup_time: float = 0.0
     transfer_time: float = 0.0
+    connected: bool = False
 
     @property
     def ok(self) -> bool:
@@ -104,6 +108,7 @@ class ConnectionCache:
         self._idle = idle
         self._reuse_limit = reuse_limit
         self._idle_conns: dict[str, list[tuple[OutboundConnection, IDelayedCall]]] = {}
+        self._closed = False  # shutting down: connections given back are closed
 
     def take(self, destination: str) -> OutboundConnection | None:
         conns = self._idle_conns.get(destination, [])
@@ -118,7 +123,12 @@ class ConnectionCache:
 
     def give(self, destination: str, conn: OutboundConnection) -> None:
         """Keep a connection for reuse, or close it when it should not be kept."""
-        if not conn.usable or self._idle <= 0 or conn.transactions >= self._reuse_limit:
+        if (
+            self._closed
+            or not conn.usable
+            or self._idle <= 0
+            or conn.transactions >= self._reuse_limit
+        ):
             self._close(conn)
             return
         conns = self._idle_conns.setdefault(destination, [])
@@ -137,7 +147,8 @@ class ConnectionCache:
         return Deferred.fromCoroutine(conn.quit()).addErrback(lambda _: None)
 
     def close_all(self) -> Deferred[Any]:
-        """Close every idle connection; fires when all are closed."""
+        """Close every idle connection (and any given back later); fires when closed."""
+        self._closed = True
         closing = []
         for conns in self._idle_conns.values():
             for conn, timer in conns:
@@ -152,12 +163,19 @@ class ConnectionCache:
 
 
 class _MessageFacts:
-    """What the agent learns about a message's bytes, at most once per job."""
+    """What the agent learns about a message's bytes, at most once per job.
 
-    def __init__(self, path: str, envelope: Envelope, recipients: list[str]) -> None:
+    Reading a message (up to 50 MB) blocks, so every read runs in the
+    agent's runner (the spool thread pool in the daemon).
+    """
+
+    def __init__(
+        self, path: str, envelope: Envelope, recipients: list[str], runner: Runner
+    ) -> None:
         self.path = path
         self.envelope = envelope
         self.recipients = recipients
+        self.runner = runner
         self._eight_bit: bool | None = None
         self._smtputf8: bool | None = None
         self._downgraded: bytes | None = None
@@ -165,32 +183,47 @@ class _MessageFacts:
     def open(self) -> IO[bytes]:
         return open(self.path, "rb")
 
-    @property
-    def eight_bit(self) -> bool:
+    async def eight_bit(self) -> bool:
         if self._eight_bit is None:
             if self.envelope.body == "8BITMIME":
                 self._eight_bit = True
             else:
-                with self.open() as f:
-                    self._eight_bit = is_8bit_file(f)
+                self._eight_bit = await self.runner(self._scan_8bit)
         return self._eight_bit
 
-    @property
-    def smtputf8(self) -> bool:
+    def _scan_8bit(self) -> bool:
+        with self.open() as f:
+            return is_8bit_file(f)
+
+    async def smtputf8(self) -> bool:
         if self._smtputf8 is None:
             if not self.envelope.smtputf8:
                 self._smtputf8 = False
             else:
-                with self.open() as f:
-                    head = header_section(f)
+                head = await self.runner(self._header)
                 self._smtputf8 = _needs_smtputf8(self.envelope.sender, self.recipients, head)
         return self._smtputf8
 
-    def downgraded(self) -> bytes:
+    def _header(self) -> bytes:
+        with self.open() as f:
+            return header_section(f)
+
+    async def downgraded(self) -> bytes:
         if self._downgraded is None:
-            with self.open() as f:
-                self._downgraded = downgrade_8bit(f.read())
+            self._downgraded = await self.runner(self._downgrade)
         return self._downgraded
+
+    def _downgrade(self) -> bytes:
+        with self.open() as f:
+            return downgrade_8bit(f.read())
+
+
+def run_now(work: Callable[[], Any]) -> Deferred[Any]:
+    """The default runner: do blocking work at once (tests, small messages)."""
+    try:
+        return succeed(work())
+    except BaseException:
+        return fail()
 
 
 class DeliveryAgent:
@@ -205,8 +238,10 @@ class DeliveryAgent:
         *,
         connector: Connector = connect,
         shuffle: Callable[[list[Any]], None] = random.shuffle,
+        runner: Runner = run_now,
     ) -> None:
         self.reactor = reactor
+        self.runner = runner
         self.resolver = resolver
         self.router = router
         self.settings = settings
@@ -278,9 +313,10 @@ class _Attempt:
         self.start = agent.reactor.seconds()
         self.setup_done = self.start
         self.facts = _MessageFacts(
-            job.message_path, job.envelope, [r.address for r in job.recipients]
+            job.message_path, job.envelope, [r.address for r in job.recipients], agent.runner
         )
         self.results: dict[str, RecipientResult] = {}
+        self.connected = False  # an SMTP session was set up with some host
 
     async def run(self) -> list[RecipientResult]:
         job = self.job
@@ -309,6 +345,7 @@ class _Attempt:
                     error.kind,
                     relay=error.remote or "none",
                     setup_time=self.clock.seconds() - self.start,
+                    connected=self.connected,
                 ),
             )
 
@@ -360,6 +397,7 @@ class _Attempt:
         """
         limit = self.agent.settings.recipients_per_transaction
         left = list(pending)
+        self.connected = True
         try:
             while left:
                 batch, left = left[:limit], left[limit:]
@@ -369,6 +407,9 @@ class _Attempt:
                 for result in outcome:
                     self.results[result.address] = result
             return [], None
+        except BaseException:
+            conn.abort()  # in an unknown state: never reuse it
+            raise
         finally:
             self.agent.cache.give(self.job.destination, conn)
 
@@ -381,18 +422,34 @@ class _Attempt:
 
         def everyone(reply: Reply) -> list[RecipientResult]:
             return [
-                RecipientResult(r.address, reply, "remote", conn.remote, setup_time=setup)
+                RecipientResult(
+                    r.address, reply, "remote", conn.remote, setup_time=setup, connected=True
+                )
                 for r in batch
             ]
 
-        if facts.smtputf8 and "SMTPUTF8" not in conn.extensions:
+        try:
+            needs_utf8 = await facts.smtputf8()
+            eight_bit = await facts.eight_bit()
+        except OSError as e:
+            return [
+                RecipientResult(
+                    r.address,
+                    Reply(451, "4.3.0", f"cannot read the queued message: {e}"),
+                    "local",
+                    setup_time=setup,
+                    connected=True,
+                )
+                for r in batch
+            ]
+        if needs_utf8 and "SMTPUTF8" not in conn.extensions:
             text = f"{conn.remote} does not support SMTPUTF8, which this message needs (RFC 6531)"
             return everyone(Reply(553, "5.6.7", text))
         opener: Callable[[], IO[bytes]] = facts.open
-        size, eight_bit = env.size, facts.eight_bit
+        size = env.size
         if eight_bit and "8BITMIME" not in conn.extensions:
             try:
-                data = facts.downgraded()
+                data = await facts.downgraded()
             except (DowngradeError, OSError) as e:
                 text = (
                     f"{conn.remote} does not support 8BITMIME and the message "
@@ -406,7 +463,7 @@ class _Attempt:
             open=opener,
             size=size,
             eight_bit=eight_bit,
-            smtputf8=facts.smtputf8,
+            smtputf8=needs_utf8,
             ret=env.ret,
             envid=env.envid,
         )
@@ -421,7 +478,9 @@ class _Attempt:
                 )  # fmt: skip
                 return e
             return [
-                RecipientResult(r.address, e.reply, e.kind, conn.remote, setup_time=setup)
+                RecipientResult(
+                    r.address, e.reply, e.kind, conn.remote, setup_time=setup, connected=True
+                )
                 for r in batch
             ]
         transfer = self.clock.seconds() - sent_at
@@ -434,6 +493,7 @@ class _Attempt:
                 dsn_passed=outcome.dsn,
                 setup_time=setup,
                 transfer_time=transfer,
+                connected=True,
             )
             for rcpt, reply in zip(batch, outcome.replies, strict=True)
         ]

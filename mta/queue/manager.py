@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -61,6 +62,7 @@ from mta.spool.fs import MESSAGE, SpoolStore
 
 log = Logger(namespace="mta.queue")
 REPORT_READ_LIMIT = 1 << 20  # enough for any header section and a returned message
+RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
 maillog_log = Logger(namespace="mta.maillog")
 
 T = TypeVar("T")
@@ -129,10 +131,15 @@ class QueueManager(Service):
         self.hostname = hostname
         self.on_done = on_done
         self.suspended: dict[str, _Suspension] = {}
-        self.incoming: deque[tuple[str, str]] = deque()  # (queue ID, state)
+        self._next_prune = 0.0
+        self.incoming: deque[str] = deque()  # queue IDs ready now
         self.deferred: list[tuple[float, str]] = []  # heap of (due, queue ID)
+        self._due: dict[str, float] = {}  # the valid heap entry of each deferred ID
         self.active: dict[str, _Active] = {}
-        self._loading = 0
+        self._loading: set[str] = set()
+        self._turn = 0  # alternates the sources _pump takes from
+        self._dispatching = False
+        self._dispatch_again = False
         self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()
         self._running: Counter[str] = Counter()
         self._running_total = 0
@@ -141,6 +148,7 @@ class QueueManager(Service):
             runner, store.settle_group
         )
         self._stopped = True
+        self._retries: list[IDelayedCall] = []
         self.idle_waiters: list[Deferred[None]] = []
 
     # -- life cycle --------------------------------------------------------
@@ -148,39 +156,66 @@ class QueueManager(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._stopped = False
+        self._start_scan()
+
+    def _start_scan(self) -> None:
         self.runner(self._scan).addCallbacks(self._scanned, self._scan_failed)
 
-    def _scan(self) -> tuple[list[tuple[str, str]], list[tuple[float, str]]]:
+    def _scan(self) -> tuple[list[str], list[tuple[float, str]]]:
         # Messages left in active/ by a crash go first: they were already due.
-        ready = [(qid, "active") for qid in sorted(self.store.ids("active"))]
-        ready += [(qid, "incoming") for qid in sorted(self.store.ids("incoming"))]
+        ready = sorted(self.store.ids("active")) + sorted(self.store.ids("incoming"))
         return ready, self.store.due_times("deferred")
 
-    def _scanned(self, found: tuple[list[tuple[str, str]], list[tuple[float, str]]]) -> None:
+    def _scanned(self, found: tuple[list[str], list[tuple[float, str]]]) -> None:
         ready, due = found
-        known = {qid for qid, _ in self.incoming}
-        self.incoming.extendleft(reversed([x for x in ready if x[0] not in known]))
-        for item in due:
-            heapq.heappush(self.deferred, item)
+        # Messages committed while the scan ran are already known.
+        known = set(self.incoming) | set(self.active) | self._loading | set(self._due)
+        fresh = [qid for qid in ready if qid not in known]
+        self.incoming.extendleft(reversed(fresh))
+        for when, queue_id in due:
+            if queue_id not in known:
+                self._schedule(queue_id, when)
         log.info(
             "queue: {ready} messages ready, {deferred} deferred",
-            ready=len(ready),
+            ready=len(fresh),
             deferred=len(due),
         )
         self._pump()
 
     def _scan_failed(self, failure: Failure) -> None:
-        log.failure("cannot read the queue", failure)
+        log.failure("cannot read the queue; trying again in a minute", failure)
+        self._later(RETRY_DELAY, self._start_scan)
+
+    def _later(self, delay: float, action: Callable[[], object]) -> None:
+        """Run C{action} after C{delay} unless stopped; for recovery from errors."""
+        if self._stopped:
+            return
+
+        def run() -> None:
+            self._retries = [c for c in self._retries if c.active()]
+            if not self._stopped:
+                action()
+
+        self._retries.append(self.clock.callLater(delay, run))
+
+    def _schedule(self, queue_id: str, due: float) -> None:
+        """Put a message in the deferred heap; an older entry for it is void."""
+        self._due[queue_id] = due
+        heapq.heappush(self.deferred, (due, queue_id))
 
     def stopService(self) -> None:
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        for call in self._retries:
+            if call.active():
+                call.cancel()
+        self._retries = []
         super().stopService()  # type: ignore[no-untyped-call]
 
     def committed(self, queue_id: str, state: str) -> None:
         """Spool listener: a new message is in C{incoming/}."""
-        self.incoming.append((queue_id, state))
+        self.incoming.append(queue_id)
         self._pump()
 
     # -- activation --------------------------------------------------------
@@ -190,32 +225,48 @@ class QueueManager(Service):
         if self._stopped:
             return
         now = self.clock.seconds()
-        while len(self.active) + self._loading < self.limits.active:
-            if self.incoming:
-                queue_id, state = self.incoming.popleft()
-            elif self.deferred and self.deferred[0][0] <= now:
-                _, queue_id = heapq.heappop(self.deferred)
-                state = "deferred"
-            else:
+        while len(self.active) + len(self._loading) < self.limits.active:
+            queue_id = self._next_ready(now)
+            if queue_id is None:
                 break
-            if queue_id in self.active:
+            if queue_id in self.active or queue_id in self._loading:
                 continue
-            self._activate(queue_id, state)
+            self._activate(queue_id)
         self._arm()
         self._check_idle()
+
+    def _next_ready(self, now: float) -> str | None:
+        """The next message to activate: new and due deferred ones take turns.
+
+        Taking new mail first always would starve retries (and their expiry
+        and delay notices) under a steady inflow; Postfix alternates too.
+        """
+        while self.deferred and self._due.get(self.deferred[0][1]) != self.deferred[0][0]:
+            heapq.heappop(self.deferred)  # void: rescheduled or activated since
+        due = bool(self.deferred) and self.deferred[0][0] <= now
+        self._turn += 1
+        if self.incoming and (not due or self._turn % 2):
+            return self.incoming.popleft()
+        if due:
+            _, queue_id = heapq.heappop(self.deferred)
+            del self._due[queue_id]
+            return queue_id
+        return None
 
     def _arm(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        full = len(self.active) + self._loading >= self.limits.active
+        full = len(self.active) + len(self._loading) >= self.limits.active
         # When the active set is full, a finishing message calls _pump.
         if self.deferred and not self._stopped and not full:
             delay = max(0.0, self.deferred[0][0] - self.clock.seconds())
             self._timer = self.clock.callLater(delay, self._pump)
 
-    def _activate(self, queue_id: str, state: str) -> None:
-        self._loading += 1
+    def _activate(self, queue_id: str) -> None:
+        """Load a message and move it to C{active/} (the caller made sure it is
+        neither active nor loading in this process)."""
+        self._loading.add(queue_id)
 
         def load() -> Envelope | None:
             try:
@@ -226,14 +277,14 @@ class QueueManager(Service):
                 log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id, e=e)
                 self.store.move(queue_id, self.store.find(queue_id), "corrupt")
                 return None
-            if found not in (state, "active"):
-                return None  # e.g. put on hold meanwhile
+            if found not in ("incoming", "deferred", "active"):
+                return None  # e.g. put on hold, or finished, meanwhile
             if found != "active":
                 self.store.move(queue_id, found, "active", durable=False)
             return envelope
 
         def loaded(envelope: Envelope | None) -> None:
-            self._loading -= 1
+            self._loading.discard(queue_id)
             if envelope is not None and not self._stopped:
                 message = _Active(envelope, self.clock.seconds())
                 self.active[queue_id] = message
@@ -241,8 +292,11 @@ class QueueManager(Service):
             self._pump()
 
         def failed(failure: Failure) -> None:
-            self._loading -= 1
-            log.failure("{qid}: cannot activate", failure, qid=queue_id)
+            # An I/O error (e.g. out of file descriptors) must not make the
+            # queue forget the message: look at it again in a minute.
+            self._loading.discard(queue_id)
+            log.failure("{qid}: cannot activate; trying again in a minute", failure, qid=queue_id)
+            self._schedule(queue_id, self.clock.seconds() + RETRY_DELAY)
             self._pump()
 
         self.runner(load).addCallbacks(loaded, failed)
@@ -277,26 +331,43 @@ class QueueManager(Service):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        progress = True
-        while progress and self._running_total < self.limits.connections:
-            progress = False
-            for dest in list(self._queues):
-                if self._running_total >= self.limits.connections:
-                    break
-                if self._running[dest] >= self.limits.destination_concurrency:
-                    continue
-                waiting = self._queues[dest]
-                item = waiting.popleft()
-                if not waiting:
-                    del self._queues[dest]
-                else:
-                    self._queues.move_to_end(dest)
-                suspension = self._suspension(dest)
-                if suspension is not None:
-                    self._skip(item, suspension)
-                else:
-                    self._start(item)
-                progress = True
+        """Start waiting jobs within the limits, destinations in turn.
+
+        Not re-entrant: a job that completes at once (a cached DNS failure,
+        a suspended destination) calls back here; that call only asks the
+        running loop to go round again, so the stack stays flat however
+        many jobs wait.
+        """
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._dispatch_round()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_round(self) -> None:
+        for dest in list(self._queues):
+            if self._running_total >= self.limits.connections:
+                return
+            waiting = self._queues.get(dest)
+            if not waiting or self._running[dest] >= self.limits.destination_concurrency:
+                continue
+            item = waiting.popleft()
+            if not waiting:
+                del self._queues[dest]
+            else:
+                self._queues.move_to_end(dest)
+            suspension = self._suspension(dest)
+            if suspension is not None:
+                self._skip(item, suspension)
+            else:
+                self._start(item)
+            self._dispatch_again = True
 
     def _suspension(self, dest: str) -> _Suspension | None:
         suspension = self.suspended.get(dest)
@@ -305,10 +376,21 @@ class QueueManager(Service):
             return None
         return suspension
 
+    def _prune_suspensions(self, *, force: bool = False) -> None:
+        """Forget suspensions that have ended (at most once a minute unless forced)."""
+        now = self.clock.seconds()
+        if not self.suspended or (not force and now < self._next_prune):
+            return
+        self._next_prune = now + 60
+        for name in [d for d, s in self.suspended.items() if s.until <= now]:
+            del self.suspended[name]
+
     def _suspend(self, dest: str, seconds: float, reason: Reply, why: str) -> None:
         if seconds <= 0:
             return
-        until = self.clock.seconds() + seconds
+        now = self.clock.seconds()
+        self._prune_suspensions(force=True)
+        until = now + seconds
         current = self.suspended.get(dest)
         if current is None or current.until < until:
             self.suspended[dest] = _Suspension(until, reason, why)
@@ -430,6 +512,7 @@ class QueueManager(Service):
             )
         if ran:
             self._watch_destination(dest, results, verdicts, policy, settings)
+        self._prune_suspensions()
         message.jobs -= 1
         if message.jobs == 0:
             self._finish(message)
@@ -447,7 +530,7 @@ class QueueManager(Service):
         settings: QueueConfig,
     ) -> None:
         """Dead-site detection and blocklist rest (see the module docstring)."""
-        if results and all(r.kind in ("network", "timeout") for r in results):
+        if results and all(not r.connected and r.kind in ("network", "timeout") for r in results):
             self._suspend(dest, policy.minimal_backoff, results[0].reply, "unreachable")
             return
         for result, verdict in zip(results, verdicts, strict=True):
@@ -475,46 +558,53 @@ class QueueManager(Service):
         log.failure("{qid}: cannot record delivery results", failure, qid=message.envelope.queue_id)
 
     def _finish(self, message: _Active) -> None:
-        """No job of the message is running: notify, then file it as done or deferred.
+        """No job of the message is running: notify, then file it as done or deferred."""
+        self._delay_notices(message)
+        message.io = message.io.addCallback(lambda _: Deferred.fromCoroutine(self._file(message)))
 
-        The envelope is copied here, in the reactor thread, and written in
-        a group with other messages' (one directory fsync per group).
+    async def _file(self, message: _Active) -> None:
+        """Send the owed report, then record the envelope and move the message.
+
+        Either step may fail (a full disk): then the message stays active in
+        memory, as it is on disk, and the step is tried again a minute later
+        — never dropped, never filed with a report marked sent that was not.
+        The envelope is copied in the reactor thread and written in a group
+        with other messages' (one directory fsync per group).
         """
         env = message.envelope
         queue_id = env.queue_id
-        self._delay_notices(message)
-        if message.notices:
-            notices, message.notices = message.notices, []
-            message.io.addCallback(lambda _: self._send_report(env, notices))
-            for notice in notices:
-                if notice.action == "delayed":
-                    notice.recipient.delay_notified = True
-                else:
-                    notice.recipient.final_notified = True
-        waiting = [r.next_attempt for r in env.recipients if not r.state.final]
-        due: float | None = None
-        if waiting:
-            due = min(t if t is not None else self.clock.seconds() for t in waiting)
-        item = (
-            copy.deepcopy(env),
-            "active",
-            "deferred" if waiting else "done",
-            due if waiting else self.clock.seconds(),
-        )
-        message.io = message.io.addCallback(lambda _: self._settles.submit(item))
-        message.io.addErrback(self._io_failed, message)
-
-        def filed(_: object) -> None:
-            self.active.pop(queue_id, None)
-            if due is not None:
-                heapq.heappush(self.deferred, (due, queue_id))
-            else:
-                log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
-                if self.on_done is not None:
-                    self.on_done(queue_id)
-            self._pump()
-
-        message.io.addCallback(filed)
+        while True:
+            try:
+                if message.notices:
+                    await self._send_report(env, message.notices)
+                    for notice in message.notices:
+                        if notice.action == "delayed":
+                            notice.recipient.delay_notified = True
+                        else:
+                            notice.recipient.final_notified = True
+                    message.notices = []
+                waiting = [r.next_attempt for r in env.recipients if not r.state.final]
+                now = self.clock.seconds()
+                due = min(t if t is not None else now for t in waiting) if waiting else None
+                state = "deferred" if waiting else "done"
+                await self._settles.submit(
+                    (copy.deepcopy(env), "active", state, now if due is None else due)
+                )
+                break
+            except Exception:
+                log.failure("{qid}: cannot file the message; trying again in a minute",
+                            qid=queue_id)  # fmt: skip
+                if self._stopped:
+                    return  # it stays in active/ and is taken up at the next start
+                await deferLater(self.clock, RETRY_DELAY, lambda: None)
+        self.active.pop(queue_id, None)
+        if due is not None:
+            self._schedule(queue_id, due)
+        else:
+            log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
+            if self.on_done is not None:
+                self.on_done(queue_id)
+        self._pump()
 
     def _delay_notices(self, message: _Active) -> None:
         """A delay notice, once per recipient, after C{delay_warning_time} (RFC 3461)."""
@@ -533,8 +623,8 @@ class QueueManager(Service):
     def _send_report(self, env: Envelope, notices: list[dsn.Notice]) -> Deferred[Any]:
         """Build a report from the stored message and commit it to the spool.
 
-        A report that cannot be made is logged, never fatal: the original
-        message is filed all the same.
+        Fails when the report could not be committed, so that the caller
+        keeps the notices owed and tries again.
         """
         if self.reports is None:
             return succeed(None)
@@ -560,7 +650,11 @@ class QueueManager(Service):
 
         def commit(report: bytes) -> Deferred[str]:
             txn = reports.begin()
-            txn.write(report)
+            try:
+                txn.write(report)
+            except BaseException:
+                txn.abort()
+                raise
             report_env = Envelope(
                 queue_id=txn.queue_id,
                 sender="",
@@ -581,11 +675,7 @@ class QueueManager(Service):
                 actions=", ".join(f"{n.recipient.address} {n.action}" for n in notices),
             )
 
-        def failed(failure: Failure) -> None:
-            log.failure("{qid}: cannot make a sender notification", failure, qid=env.queue_id)
-
-        d = self.runner(build).addCallback(commit)
-        return d.addCallbacks(sent, failed)
+        return self.runner(build).addCallback(commit).addCallback(sent)
 
     # -- tests and operations ------------------------------------------------
 

@@ -24,13 +24,15 @@ from email.utils import format_datetime
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta.config import RetentionConfig
+from mta.errors import StorageError
+from mta.spool.format import FormatError
 from mta.spool.fs import MESSAGE, SpoolStore, storage_error
 from mta.spool.queueid import is_queue_id
 
@@ -69,6 +71,9 @@ class Retention(Service):
         self.settings = settings
         self._loop: LoopingCall | None = None
         self._sweeping: Deferred[Any] | None = None
+        # Sweeps and immediate redactions run one after another, never in
+        # two threads on the same message.
+        self._serial: Deferred[Any] = succeed(None)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -90,7 +95,7 @@ class Retention(Service):
             return None
         settings = self.settings()
         now = self.clock.seconds()
-        self._sweeping = self.runner(lambda: self._sweep(settings, now))
+        self._sweeping = self._serialized(lambda: self._sweep(settings, now))
 
         def done(counts: tuple[int, int]) -> None:
             redacted, removed = counts
@@ -115,9 +120,21 @@ class Retention(Service):
         settings = self.settings()
         if settings.retention_days <= 0:
             now = self.clock.seconds()
-            self.runner(lambda: self._redact(queue_id, settings, now)).addErrback(
+            self._serialized(lambda: self._redact(queue_id, settings, now)).addErrback(
                 lambda f: log.failure("{qid}: cannot redact", f, qid=queue_id)
             )
+
+    def _serialized(self, work: Callable[[], T]) -> Deferred[T]:
+        """Run C{work} in the runner after all earlier retention work."""
+        result: Deferred[T] = Deferred()
+
+        def run(_: object) -> Deferred[Any]:
+            d = self.runner(work)
+            d.chainDeferred(result)
+            return d.addErrback(lambda _: None)
+
+        self._serial = self._serial.addCallback(run)
+        return result
 
     # -- in the worker thread -------------------------------------------------
 
@@ -135,14 +152,31 @@ class Retention(Service):
         return out
 
     def _sweep(self, settings: RetentionConfig, now: float) -> tuple[int, int]:
+        """One pass; a message that cannot be handled is logged and skipped,
+        so that one bad entry never stops the redaction of the others."""
         redacted = removed = 0
         for queue_id in self._due("done", settings.retention_days * DAY, now):
-            if self._redact(queue_id, settings, now):
-                redacted += 1
+            try:
+                if self._redact(queue_id, settings, now):
+                    redacted += 1
+            except FormatError as e:
+                log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id, e=e)
+                self._quarantine(queue_id, "done")
+            except (OSError, StorageError) as e:
+                log.error("{qid}: cannot redact: {e}", qid=queue_id, e=str(e))
         for queue_id in self._due("redacted", settings.remove_after_days * DAY, now):
-            self.store.remove(queue_id, "redacted")
-            removed += 1
+            try:
+                self.store.remove(queue_id, "redacted")
+                removed += 1
+            except (OSError, StorageError) as e:
+                log.error("{qid}: cannot remove: {e}", qid=queue_id, e=str(e))
         return redacted, removed
+
+    def _quarantine(self, queue_id: str, state: str) -> None:
+        try:
+            self.store.move(queue_id, state, "corrupt")
+        except StorageError as e:
+            log.error("{qid}: cannot move to corrupt/: {e}", qid=queue_id, e=str(e))
 
     def _redact(self, queue_id: str, settings: RetentionConfig, now: float) -> bool:
         """Replace the body, mark the envelope, move to C{redacted/}."""

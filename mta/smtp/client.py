@@ -245,6 +245,11 @@ class ClientProtocol(Protocol):
         )
         self.abort()
 
+    @property
+    def failed(self) -> bool:
+        """Whether a timeout or protocol error ended this connection."""
+        return self._error is not None
+
     def start_tls(self, creator: Any) -> None:
         """Switch to TLS after the server's 220.
 
@@ -423,7 +428,9 @@ class OutboundConnection:
 
     @property
     def usable(self) -> bool:
-        return not self.broken and not self.p.lost
+        # failed: a timeout or protocol error already aborted the connection,
+        # even if connectionLost has not run yet.
+        return not self.broken and not self.p.lost and not self.p.failed
 
     def _fail_reply(self, reply: Reply, kind: str = "remote") -> DeliveryError:
         self.broken = True

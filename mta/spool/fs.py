@@ -266,11 +266,13 @@ class SpoolStore:
         """Record envelopes and move their messages, one fsync per target directory.
 
         Each new envelope is written to a temporary file, fsync'd and
-        renamed over the old one; then the message directory is renamed
-        into C{dst}.  Both renames are atomic, so after a crash a message
-        has its old or its new envelope in its old or its new state, never
-        a torn one; the fsync of each target directory at the end makes
-        the group durable.  C{due} (for C{deferred}) becomes the message
+        renamed over the old one, and the message directory is fsync'd (so
+        the new envelope is durable before the message changes state);
+        then the message directory is renamed into C{dst}.  Both renames
+        are atomic, so after a crash a message has its old or its new
+        envelope, never a torn one, and never its old envelope in its new
+        state.  One fsync of each source and target directory at the end
+        makes the group's moves durable.  C{due} (for C{deferred}) becomes the message
         directory's modification time, so that start-up can index the
         deferred queue from C{stat} alone, without reading every envelope
         (Postfix does the same with its queue files); the envelope stays
@@ -287,8 +289,10 @@ class SpoolStore:
                     f.write(envformat.dumps(envelope))
                     self.ops.fsync(f)
                 self.ops.rename(tmp, target)
+                self.ops.fsync_dir(self.path(src, queue_id))
                 if dst != src:
                     self.ops.rename(self.path(src, queue_id), self.path(dst, queue_id))
+                    targets.add(src)
                 if due is not None:
                     os.utime(self.path(dst, queue_id), (due, due))
                 targets.add(dst)
