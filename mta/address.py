@@ -253,17 +253,28 @@ def parse_envid(value: str | None) -> str:
     return decoded
 
 
-def normalize_for_alignment(address: str) -> str:
-    """The form in which a sender address is compared with a login.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
-    Lower-cased (mailbox names are case-insensitive in practice at every
-    provider this serves) and with a C{+tag} sub-address removed.
+
+def ascii_lower(text: str) -> str:
+    """Lower-case ASCII letters only.
+
+    C{str.lower} folds some non-ASCII letters into ASCII ones (KELVIN SIGN
+    U+212A becomes "k"), which would let a look-alike address match a real
+    one; non-ASCII characters must match exactly.
     """
-    local, _, domain = address.rpartition("@")
-    local = local.split("+", 1)[0] if not local.startswith('"') else local
-    return f"{local}@{domain}".lower()
+    return text.translate(_ASCII_LOWER)
+
+
+def normalize_for_alignment(address: str) -> str:
+    """The form in which addresses are compared for sender alignment.
+
+    ASCII case-insensitive (mailbox names are case-insensitive in practice
+    at every provider this serves); nothing else is changed.
+    """
+    return ascii_lower(address)
 
 
 def domain_of(address: str) -> str:
-    """The domain part of an address, lower-cased (no IDNA conversion)."""
-    return address.rpartition("@")[2].lower()
+    """The domain part of an address, ASCII lower-cased (no IDNA conversion)."""
+    return ascii_lower(address.rpartition("@")[2])

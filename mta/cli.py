@@ -15,12 +15,19 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from mta import config as configmod
-from mta.address import parse_mailbox, valid_domain
+from mta.address import ascii_lower, parse_mailbox, valid_domain
 from mta.bounce import Classifier, parse_reply
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.spool.format import FormatError, format_time
 from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolStore
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
+
+_CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), 127, *range(128, 160)]}
+
+
+def printable(text: str) -> str:
+    """Text from messages and servers, safe for a terminal (no escape codes)."""
+    return text.translate(_CONTROLS)
 
 
 class CommandError(Exception):
@@ -61,7 +68,7 @@ def _users(config: configmod.Config) -> UserFile:
 def cmd_user_add(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     email = normalize_login(_valid_address(args.email, "login"))
     aliases = [_valid_address(a, "alias") for a in args.alias]
-    domains = [d.strip().lower() for d in args.domain]
+    domains = [ascii_lower(d.strip()) for d in args.domain]
     for domain in domains:
         if not valid_domain(domain, utf8=True) or domain.startswith("["):
             _fail(f"domain {domain!r} is not a valid domain name")
@@ -155,17 +162,19 @@ def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: Text
     )
     for row in rows:
         if "error" in row:
-            out.write(f"{row['id']:<17} {row['state']:<9} unreadable: {row['error']}\n")
+            out.write(
+                printable(f"{row['id']:<17} {row['state']:<9} unreadable: {row['error']}") + "\n"
+            )
             continue
         arrival = str(row["arrival"])[:19].replace("T", " ")
         out.write(
             f"{row['id']:<17} {row['state']:<9} {row['size']:>8} {arrival:<20}"
-            f" {row['sender'] or '<>'}\n"
+            f" {printable(row['sender']) or '<>'}\n"
         )
         for r in row["recipients"]:
             if r["reply"] and r["state"] != "sent":
-                out.write(f"{'':>57} ({r['reply'][:70]})\n")
-            out.write(f"{'':>57} {r['address']} [{r['state']}]\n")
+                out.write(printable(f"{'':>57} ({r['reply'][:70]})") + "\n")
+            out.write(printable(f"{'':>57} {r['address']} [{r['state']}]") + "\n")
     out.write(f"-- {len(rows)} message(s)\n")
     return 0
 
@@ -198,14 +207,14 @@ def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: Text
     store = _store(config)
     state, envelope, message = _read_message(store, args.id)
     out.write(f"# state: {state}\n# envelope: {store.path(state, args.id, ENVELOPE)}\n")
-    out.write(envelope.decode("utf-8", "replace"))
+    out.write(printable(envelope.decode("utf-8", "replace")))
     if args.envelope_only:
         return 0
     out.write("\n# message\n")
     if not args.body:
         end = message.find(b"\r\n\r\n")
         message = message if end < 0 else message[: end + 2]
-    out.write(message.decode("utf-8", "replace").replace("\r\n", "\n"))
+    out.write(printable(message.decode("utf-8", "replace").replace("\r\n", "\n")))
     return 0
 
 

@@ -61,6 +61,8 @@ class LimitsConfig:
     connections: int = _opt(1000, minimum=1)
     idle_timeout: float = _opt(300.0, minimum=0.1)
     errors: int = _opt(20, minimum=1)
+    junk_commands: int = _opt(100, minimum=1)
+    daily_messages: int = _opt(300, minimum=0)  # per login and UTC day; 0: no limit
     header_size: int = _opt(1024 * 1024, minimum=1024)
 
 
@@ -82,6 +84,9 @@ class DeliveryConfig:
     ip_versions: list[str] = _opt(["ipv4", "ipv6"])
     tls: str = _opt("may", choices=("none", "may", "encrypt", "verify"))
     tls_required: list[str] = _opt([])
+    refuse_networks: list[str] = _opt(
+        ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10"]
+    )
     address_limit: int = _opt(5, minimum=1)
     session_limit: int = _opt(2, minimum=1)
     recipients_per_transaction: int = _opt(50, minimum=1)
@@ -251,13 +256,17 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
     tls = config.tls
     if bool(tls.certificate) != bool(tls.key):
         raise ConfigError(f"{source}: [tls] certificate and key must be given together")
-    for network in config.auth.trusted_networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"{source}: [auth] trusted_networks: {network!r} is not an address or network"
-            ) from None
+    for where, networks in (
+        ("[auth] trusted_networks", config.auth.trusted_networks),
+        ("[delivery] refuse_networks", config.delivery.refuse_networks),
+    ):
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{source}: {where}: {network!r} is not an address or network"
+                ) from None
     if config.auth.failure_delay_max < config.auth.failure_delay:
         raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
     return _resolve_paths(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from mta.delivery.routes import Router
 from mta.errors import ConfigError, StorageError
 from mta.queue.manager import QueueLimits, QueueManager
 from mta.queue.retention import Retention
+from mta.ratelimit import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
@@ -101,6 +103,7 @@ class MTAService(MultiService):
             trusted_networks=tuple(
                 ipaddress.ip_network(n, strict=False) for n in auth.trusted_networks
             ),
+            daily=DailyCounter(os.path.join(self.store.root, "state"), reactor),
         )
         self._build_delivery(config, reactor)
         self.listeners: list[tuple[str, IProtocolFactory]] = []
@@ -138,6 +141,9 @@ class MTAService(MultiService):
                 recipients_per_transaction=d.recipients_per_transaction,
                 connection_cache_time=d.connection_cache_time,
                 connection_reuse_limit=d.connection_reuse_limit,
+                refuse_networks=tuple(
+                    ipaddress.ip_network(n, strict=False) for n in d.refuse_networks
+                ),
                 timeouts=ClientTimeouts(
                     connect=d.connect_timeout,
                     greeting=d.greeting_timeout,
@@ -188,6 +194,7 @@ class MTAService(MultiService):
             self.lock.acquire()
         except (OSError, StorageError) as e:
             fatal(str(e))
+        self._raise_file_limit()
         removed = self.store.clean_tmp()
         if removed:
             log.info(
@@ -205,6 +212,26 @@ class MTAService(MultiService):
             fp=self.tls.info.sha256,
         )
         super().startService()  # type: ignore[no-untyped-call]
+
+    def _raise_file_limit(self) -> None:
+        """Each connection and each message being received needs descriptors:
+        raise the soft limit to the hard one, and warn if it is still low."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):
+                pass
+        needed = 2 * self.config.limits.connections + self.config.delivery.max_connections + 100
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            log.warn(
+                "only {soft} file descriptors allowed; [limits] connections = {n} may need "
+                "{needed} (raise the limit, or lower connections)",
+                soft=soft,
+                n=self.config.limits.connections,
+                needed=needed,
+            )
 
     def _listen(self) -> None:
         for description, factory in self.listeners:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from mta.address import normalize_for_alignment
+from mta.address import ascii_lower, normalize_for_alignment
 from mta.errors import ConfigError
 
 FORMAT = "mta-users/1"
@@ -45,7 +45,7 @@ def verify_password(stored: str, password: str) -> bool:
 
 
 def normalize_login(email: str) -> str:
-    return email.strip().lower()
+    return ascii_lower(email.strip())
 
 
 @dataclass
@@ -59,14 +59,24 @@ class User:
     daily_limit: int | None = None  # None = the configured default
 
     def may_send_as(self, address: str) -> bool:
-        """Sender alignment: the login itself (ignoring +tag), an alias, or a domain."""
+        """Sender alignment: the login or an alias, each also with any C{+tag}
+        added, or any address in one of the user's domains.
+
+        The tag is removed from the sender only: a login that has a tag
+        itself (C{team+billing@}) may not send as the untagged address,
+        which can be someone else's mailbox.
+        """
         wanted = normalize_for_alignment(address)
-        if wanted == normalize_for_alignment(self.email):
-            return True
-        if any(wanted == normalize_for_alignment(a) for a in self.aliases):
-            return True
-        domain = wanted.rpartition("@")[2]
-        return domain in (d.lower() for d in self.domains)
+        local, _, domain = wanted.rpartition("@")
+        for own in (self.email, *self.aliases):
+            own_local, _, own_domain = normalize_for_alignment(own).rpartition("@")
+            if domain != own_domain:
+                continue
+            if local == own_local:
+                return True
+            if not local.startswith('"') and local.startswith(own_local + "+"):
+                return True  # a sub-address of this one (RFC 5233)
+        return domain in {ascii_lower(d) for d in self.domains}
 
     def to_json(self) -> dict[str, object]:
         doc: dict[str, object] = {"password": self.password}

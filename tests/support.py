@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 
 from mta import config as configmod
 from mta.config import Config
+from mta.ratelimit import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.server import SessionSettings, SubmissionFactory, SubmissionSession
 from mta.spool.memory import MemorySpool
@@ -83,6 +84,7 @@ class Harness:
             trusted_networks=tuple(
                 ipaddress.ip_network(n, strict=False) for n in self.config.auth.trusted_networks
             ),
+            daily=DailyCounter(os.path.join(directory, "state"), self.clock),
         )
 
     def connect(self, *, implicit_tls: bool = True, peer: str = "192.0.2.10") -> Client:

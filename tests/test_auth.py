@@ -161,10 +161,31 @@ class AuthThrottleTests(SynchronousTestCase):
         self.assertTrue(self.throttle.blocked(self.IP))
 
     def test_same_password_counts_once(self) -> None:
-        """A client retrying one saved wrong password does not lock itself out."""
-        for _ in range(10):
+        """A client retrying one saved wrong password now and then is not locked out..."""
+        for _ in range(8):
             self.throttle.failure(self.IP, "alice@example.com", "old password")
         self.assertFalse(self.throttle.blocked(self.IP))
+
+    def test_same_password_hammered_is_blocked(self) -> None:
+        """... but three times max_failures attempts of any kind in the window are."""
+        for _ in range(9):
+            self.throttle.failure(self.IP, "alice@example.com", "old password")
+        self.assertTrue(self.throttle.blocked(self.IP))
+        self.clock.advance(901)
+        self.assertFalse(self.throttle.blocked(self.IP))
+
+    def test_known_failure_skips_the_hash(self) -> None:
+        self.throttle.failure(self.IP, "alice@example.com", "old password", "hash-1")
+        self.assertTrue(
+            self.throttle.known_failure(self.IP, "Alice@Example.com", "old password", "hash-1")
+        )
+        # A new stored hash (the password was changed) means: check again.
+        self.assertFalse(
+            self.throttle.known_failure(self.IP, "alice@example.com", "old password", "hash-2")
+        )
+        self.assertFalse(
+            self.throttle.known_failure("192.0.2.99", "alice@example.com", "old password", "hash-1")
+        )
 
     def test_same_password_other_user_counts(self) -> None:
         for user in ["a@example.com", "b@example.com", "c@example.com"]:

@@ -7,6 +7,7 @@ through a table-driven resolver, so the agent walks real TCP connections.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from typing import Any
@@ -405,5 +406,41 @@ class ContentTests(RelayTestCase):
             self.assertIn("NOTIFY=SUCCESS", dsn.messages[0].rcpt_lines[0])
             self.assertIn("RET=HDRS", dsn.messages[0].sender_line)
             self.assertNotIn("NOTIFY", plain.messages[0].rcpt_lines[0])
+
+        return ensureDeferred(go())
+
+
+class RefusedNetworkTests(RelayTestCase):
+    def test_loopback_mx_is_refused(self) -> Any:
+        """A domain whose MX points at this host must not reach its local services."""
+        self.mx("evil.example", (10, "mx.evil.example", "127.0.0.2"))
+
+        async def go() -> None:
+            sink = await self.sink("127.0.0.2")
+            agent = self.agent(refuse_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+            [result] = await agent.deliver(self.job("x@evil.example"))
+            self.assertEqual((result.reply.code, result.reply.enhanced), (554, "5.4.4"))
+            self.assertEqual(sink.connections, 0)
+
+        return ensureDeferred(go())
+
+    def test_address_literal_is_refused(self) -> Any:
+        async def go() -> None:
+            sink = await self.sink("127.0.0.2")
+            agent = self.agent(refuse_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+            [result] = await agent.deliver(self.job("x@[127.0.0.2]"))
+            self.assertEqual(result.reply.code, 554)
+            self.assertEqual(sink.connections, 0)
+
+        return ensureDeferred(go())
+
+    def test_routes_are_not_checked(self) -> Any:
+        async def go() -> None:
+            sink = await self.sink("127.0.0.5")
+            router = Router({"*": RouteConfig(relay=f"[127.0.0.5]:{self.port}")})
+            agent = self.agent(router, refuse_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+            [result] = await agent.deliver(self.job("x@anywhere.example"))
+            self.assertTrue(result.ok)
+            self.assertEqual(len(sink.messages), 1)
 
         return ensureDeferred(go())

@@ -14,6 +14,7 @@ a result, so the queue manager records and classifies it.
 from __future__ import annotations
 
 import io
+import ipaddress
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -94,6 +95,8 @@ class DeliverySettings:
     connection_cache_time: float = 2.0
     connection_reuse_limit: int = 100
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    # Addresses MX delivery never connects to (routes may): see [delivery] refuse_networks.
+    refuse_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 class ConnectionCache:
@@ -216,6 +219,18 @@ class _MessageFacts:
     def _downgrade(self) -> bytes:
         with self.open() as f:
             return downgrade_8bit(f.read())
+
+
+def _in_networks(
+    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 def run_now(work: Callable[[], Any]) -> Deferred[Any]:
@@ -361,7 +376,10 @@ class _Attempt:
             if not pending:
                 return
         sessions = 0
-        for hop in await agent.hops(job.domain, route):
+        hops = await agent.hops(job.domain, route)
+        if route is None:
+            hops = self._allowed(hops)
+        for hop in hops:
             for address in hop.addresses:
                 if sessions >= agent.settings.session_limit:
                     break
@@ -384,6 +402,32 @@ class _Attempt:
                 "network",
             ),
         )
+
+    def _allowed(self, hops: list[mx.NextHop]) -> list[mx.NextHop]:
+        """Drop addresses in refused networks (loopback ...) from MX next hops.
+
+        A recipient domain, or an address literal, must not make this
+        server connect to itself or to a service on its own host.
+        """
+        refused = self.agent.settings.refuse_networks
+        if not refused:
+            return hops
+        allowed = []
+        for hop in hops:
+            addresses = tuple(a for a in hop.addresses if not _in_networks(a, refused))
+            if addresses:
+                allowed.append(replace(hop, addresses=addresses))
+        if hops and not allowed:
+            raise DeliveryError(
+                Reply(
+                    554,
+                    "5.4.4",
+                    f"The mail servers of {self.job.domain} resolve only to refused "
+                    "addresses (loopback or link-local)",
+                ),
+                "dns",
+            )
+        return allowed
 
     async def _use(
         self, conn: OutboundConnection, pending: list[Recipient]

@@ -13,15 +13,16 @@ import hashlib
 import ipaddress
 import secrets
 from base64 import b64decode
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -83,13 +84,20 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_hex(16))
 
 
+class TooBusy(Exception):  # noqa: N818 - a state, not an error of the caller
+    """Too many password checks are in progress; the client should come back."""
+
+
 @implementer(ICredentialsChecker)
 class UserFileChecker:
     """Checks username/password against the users file in a worker thread.
 
     Fires with the normalised login address, or fails with
     L{UnauthorizedLogin}.  An unknown user costs the same hashing work as a
-    known one, so response time does not reveal which logins exist.
+    known one, so response time does not reveal which logins exist.  At
+    most C{max_in_flight} checks wait for the (small) thread pool at once;
+    beyond that the check fails at once with L{TooBusy}, so that a flood
+    of logins cannot queue without bound in front of the real ones.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -98,9 +106,17 @@ class UserFileChecker:
         self,
         users: UserFile,
         runner: Callable[[Callable[[], Any]], Deferred[Any]],
+        max_in_flight: int = 32,
     ) -> None:
         self._users = users
         self._runner = runner
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    def stored_hash(self, username: str) -> str:
+        """The current hash of a login ("" for none): part of a failure's identity."""
+        user = self._users.get(normalize_login(username))
+        return user.password if user is not None else ""
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         assert isinstance(credentials, UsernamePassword)
@@ -110,10 +126,12 @@ class UserFileChecker:
             username.decode("utf-8") if isinstance(username, bytes) else username
         )
         secret = password.decode("utf-8") if isinstance(password, bytes) else password
+        if self.in_flight >= self._max_in_flight:
+            return fail(TooBusy())
         user = self._users.get(login)
-        stored = user.password if user is not None else _dummy_hash()
 
         def check() -> bool:
+            stored = user.password if user is not None else _dummy_hash()
             return verify_password(stored, secret) and user is not None
 
         def result(ok: bool) -> str:
@@ -121,7 +139,13 @@ class UserFileChecker:
                 raise UnauthorizedLogin(login)
             return login
 
-        return self._runner(check).addCallback(result)
+        def done(outcome: Any) -> Any:
+            self.in_flight -= 1
+            return outcome
+
+        self.in_flight += 1
+        checked: Deferred[Any] = self._runner(check)
+        return checked.addBoth(done).addCallback(result)
 
 
 def client_key(address: str) -> str:
@@ -137,14 +161,24 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
+@dataclass
+class _Client:
+    failures: dict[bytes, float] = field(default_factory=dict)  # digest -> time
+    attempts: deque[float] = field(default_factory=deque)  # every failure's time
+
+
 class AuthThrottle:
-    """Counts distinct wrong passwords per client; blocks after too many.
+    """Counts wrong passwords per client; blocks after too many.
 
     A client is blocked while it has C{max_failures} distinct wrong
-    (username, password) pairs younger than C{window} seconds: a mail client
-    retrying one saved wrong password does not lock itself out, a guesser
-    does.  Each failure also earns a growing delay before the reply.  Only
-    keyed hashes of the attempts are kept, never the passwords.
+    (username, password) pairs younger than C{window} seconds (a guesser),
+    or three times as many wrong attempts of any kind (a client hammering
+    one wrong password): a mail client retrying one saved wrong password
+    now and then does not lock itself out.  Each failure also earns a
+    growing delay before the reply, and a pair already known to be wrong
+    is answered without running the slow hash again (L{known_failure}).
+    Only keyed hashes of the attempts are kept, never the passwords; the
+    stored hash is part of the key, so a changed password is checked anew.
     """
 
     MAX_CLIENTS = 100_000
@@ -163,33 +197,44 @@ class AuthThrottle:
         self._delay = delay
         self._delay_max = delay_max
         self._key = secrets.token_bytes(16)
-        self._failures: OrderedDict[str, dict[bytes, float]] = OrderedDict()
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
 
-    def _recent(self, client: str) -> dict[bytes, float]:
-        attempts = self._failures.get(client)
-        if attempts is None:
-            return {}
+    def _recent(self, client: str) -> _Client:
+        record = self._clients.get(client)
+        if record is None:
+            return _Client()
         cutoff = self._clock.seconds() - self._window
-        for digest in [d for d, t in attempts.items() if t <= cutoff]:
-            del attempts[digest]
-        if not attempts:
-            del self._failures[client]
-        return attempts
+        for digest in [d for d, t in record.failures.items() if t <= cutoff]:
+            del record.failures[digest]
+        while record.attempts and record.attempts[0] <= cutoff:
+            record.attempts.popleft()
+        if not record.attempts:
+            del self._clients[client]
+        return record
+
+    def _digest(self, username: str, password: str, stored: str) -> bytes:
+        data = f"{normalize_login(username)}\0{password}\0{stored}".encode()
+        return hashlib.blake2b(data, key=self._key, digest_size=16).digest()
 
     def blocked(self, address: str) -> bool:
-        return len(self._recent(client_key(address))) >= self._max
+        record = self._recent(client_key(address))
+        return len(record.failures) >= self._max or len(record.attempts) >= 3 * self._max
 
-    def failure(self, address: str, username: str, password: str) -> float:
+    def known_failure(self, address: str, username: str, password: str, stored: str) -> bool:
+        """Whether this client already failed with exactly these credentials."""
+        record = self._recent(client_key(address))
+        return self._digest(username, password, stored) in record.failures
+
+    def failure(self, address: str, username: str, password: str, stored: str = "") -> float:
         """Record a wrong password; returns the delay before replying."""
         client = client_key(address)
-        attempts = self._recent(client)
-        digest = hashlib.blake2b(
-            f"{username}\0{password}".encode(), key=self._key, digest_size=16
-        ).digest()
-        attempts[digest] = self._clock.seconds()
-        self._failures[client] = attempts
-        self._failures.move_to_end(client)
-        while len(self._failures) > self.MAX_CLIENTS:
-            self._failures.popitem(last=False)
-        delay: float = self._delay * 2 ** (len(attempts) - 1)
+        record = self._recent(client)
+        now = self._clock.seconds()
+        record.failures[self._digest(username, password, stored)] = now
+        record.attempts.append(now)
+        self._clients[client] = record
+        self._clients.move_to_end(client)
+        while len(self._clients) > self.MAX_CLIENTS:
+            self._clients.popitem(last=False)
+        delay: float = self._delay * 2 ** (len(record.failures) - 1)
         return min(delay, self._delay_max)

@@ -543,7 +543,7 @@ class OutboundConnection:
 
     def size_limit(self) -> int | None:
         value = self.extensions.get("SIZE", "")
-        return int(value) if value.isdigit() and int(value) > 0 else None
+        return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
 
     async def send(self, msg: OutboundMessage) -> TransactionResult:
         """One mail transaction; per-recipient replies.

@@ -18,11 +18,16 @@ from email import policy
 from email.utils import format_datetime
 from typing import Any
 
+from twisted.logger import Logger
+
 from mta.address import valid_domain
 from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.users import User
 
+log = Logger(namespace="mta.smtpd")
+
 _FIELD_NAME = re.compile(rb"[!-9;-~]+")
+MAX_FROM = 2048  # characters of an unfolded From: value
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ def received_field(trace: TraceInfo) -> bytes:
     submission.  The recipient is named only when there is exactly one,
     so that Bcc recipients stay private.
     """
-    helo = trace.helo if valid_domain(trace.helo, utf8=True) else "unknown"
+    # A UTF-8 EHLO name only in a UTF-8 message: anything else must stay ASCII.
+    helo = trace.helo if valid_domain(trace.helo, utf8=trace.smtputf8) else "unknown"
     if trace.helo.startswith("[") and valid_domain(trace.helo):
         helo = trace.helo
     proto = ("UTF8SMTP" if trace.smtputf8 else "ESMTP") + ("S" if trace.encrypted else "")
@@ -108,19 +114,30 @@ def from_address(raw_fields: list[bytes]) -> str:
         )
     if len(raw_fields) > 1:
         raise SMTPReplyError(Reply(550, "5.6.0", "Message has more than one From: header"))
-    header = policy.default.header_factory("from", field_value(raw_fields[0]))
-    addresses: tuple[Any, ...] = getattr(header, "addresses", ())
-    groups: tuple[Any, ...] = getattr(header, "groups", ())
+    invalid = SMTPReplyError(
+        Reply(550, "5.6.0", "The From: header must hold exactly one valid address")
+    )
+    value = field_value(raw_fields[0])
+    # Python's address parser takes quadratic time on some inputs and can
+    # crash on others; a From: this long is not a real one anyway.
+    if len(value) > MAX_FROM:
+        raise invalid
+    try:
+        header = policy.default.header_factory("from", value)
+        addresses: tuple[Any, ...] = getattr(header, "addresses", ())
+        groups: tuple[Any, ...] = getattr(header, "groups", ())
+        defects = list(header.defects)
+        address = str(addresses[0].addr_spec) if len(addresses) == 1 else ""
+    except Exception:
+        raise invalid from None
     if (
-        len(addresses) != 1
+        not address
         or any(g.display_name is not None for g in groups)
-        or "@" not in addresses[0].addr_spec
-        or any(type(d).__name__ == "InvalidHeaderDefect" for d in header.defects)
+        or "@" not in address
+        or any(type(d).__name__ == "InvalidHeaderDefect" for d in defects)
     ):
-        raise SMTPReplyError(
-            Reply(550, "5.6.0", "The From: header must hold exactly one valid address")
-        )
-    return str(addresses[0].addr_spec)
+        raise invalid
+    return address
 
 
 class MessageBuilder:
@@ -144,7 +161,7 @@ class MessageBuilder:
         self._out = out
         self._max_received = max_received
         self._max_header_size = max_header_size
-        self._head = b""
+        self._head = bytearray()
         self._in_body = False
         self.error: Reply | None = None
         self.storage_error: StorageError | None = None
@@ -156,6 +173,8 @@ class MessageBuilder:
         if self._in_body:
             self._emit(data)
             return
+        # A bytearray grows in place and only the new tail is searched, so
+        # a header section sent in tiny pieces costs linear time.
         searched = max(0, len(self._head) - 3)
         self._head += data
         if self._head.startswith(b"\r\n"):
@@ -169,8 +188,8 @@ class MessageBuilder:
                     552, "5.3.4", f"Header section exceeds {self._max_header_size} bytes"
                 )
             return
-        head, rest = self._head[:end], self._head[end:]
-        self._head = b""
+        head, rest = bytes(self._head[:end]), bytes(self._head[end:])
+        self._head = bytearray()
         self._in_body = True
         if len(head) > self._max_header_size:
             self.error = Reply(
@@ -190,7 +209,7 @@ class MessageBuilder:
     def finish(self) -> None:
         """End of data: a message without an empty line is all header section."""
         if not self._in_body and self.error is None and self.storage_error is None:
-            head, self._head = self._head, b""
+            head, self._head = bytes(self._head), bytearray()
             self._in_body = True
             self._header_section(head)
 
@@ -201,6 +220,11 @@ class MessageBuilder:
         except SMTPReplyError as e:
             self.error = e.reply
             return
+        except Exception:
+            # Never let hostile input escape as a crash of the session.
+            log.failure("cannot check a header section")
+            self.error = Reply(550, "5.6.0", "The message header section cannot be read")
+            return
         names = {name for name, _ in fields}
         out = [received_field(self._trace)]
         out += [raw for name, raw in fields if name != b"bcc"]
@@ -209,7 +233,9 @@ class MessageBuilder:
             out.append(f"Message-ID: {self.message_id}\r\n".encode())
         else:
             raw = next(raw for name, raw in fields if name == b"message-id")
-            self.message_id = field_value(raw)[:200]
+            # For logs and the envelope only: printable ASCII, whatever was sent.
+            value = field_value(raw)[:200]
+            self.message_id = "".join(c if " " <= c <= "~" else "?" for c in value)
         if b"date" not in names:
             when = datetime.fromtimestamp(self._trace.when, UTC)
             out.append(f"Date: {format_datetime(when)}\r\n".encode())

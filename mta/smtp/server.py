@@ -30,7 +30,12 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +46,7 @@ from mta.config import Config
 from mta.envelope import Envelope, Recipient
 from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.interfaces import ISpool, ISpoolTransaction
+from mta.ratelimit import DailyCounter
 from mta.smtp import auth
 from mta.smtp.dataread import DataReader
 from mta.smtp.message import MessageBuilder, TraceInfo
@@ -51,6 +57,8 @@ log = Logger(namespace="mta.smtpd")
 
 MAX_COMMAND_LINE = 512  # RFC 5321 section 4.5.3.1.4, CRLF included
 MAX_PAUSED_INPUT = 256 * 1024  # pipelined input held while a reply is pending
+# Commands that do not move a mail transaction on (Postfix smtpd_junk_command_limit).
+JUNK_COMMANDS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "HELP", "VRFY", "EXPN"})
 
 OK = Reply(250, "2.0.0", "Ok")
 NEED_EHLO = Reply(503, "5.5.1", "Send EHLO first")
@@ -94,6 +102,12 @@ class SessionSettings:
     throttle: auth.AuthThrottle
     clock: IReactorTime
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    daily: DailyCounter | None = None
+
+    def stored_hash(self, username: str) -> str:
+        """The login's current password hash, "" when there is no such login."""
+        user = self.users.get(username)
+        return user.password if user is not None else ""
 
 
 @dataclass
@@ -110,9 +124,16 @@ class _Transaction:
     recipients: list[Recipient] = field(default_factory=list)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SubmissionSession(Protocol):
-    """One client connection to a submission listener."""
+    """One client connection to a submission listener.
+
+    Flow control both ways: input is not processed while a reply is
+    pending (and not read once a lot is waiting), and not read either
+    while our replies pile up unread in the transport, so a client that
+    sends and never reads cannot make the server buffer without bound.
+    As the transport's producer, the session is told when that happens.
+    """
 
     def __init__(
         self,
@@ -137,7 +158,9 @@ class SubmissionSession(Protocol):
         self._buffer = b""
         self._discarding = False  # inside an over-long line
         self._busy = False
-        self._paused = False
+        self._paused = False  # reading from the transport is paused
+        self._output_blocked = False  # the transport's write buffer is full
+        self._junk = 0  # commands that do not move a transaction on
         self._closed = False
         self._reader: DataReader | None = None
         self._builder: MessageBuilder | None = None
@@ -152,8 +175,40 @@ class SubmissionSession(Protocol):
         self.peer = getattr(peer, "host", "unknown")
         self.trusted = _in_networks(self.peer, self.s.trusted_networks)
         log.info("connect from [{peer}]", peer=self.peer)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reset_timer()
         self._write(Reply(220, None, f"{self.s.hostname} ESMTP mta"))
+
+    # IPushProducer: the transport's verdict on our output.
+
+    def pauseProducing(self) -> None:
+        self._output_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._output_blocked = False
+        self._update_reading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._closed = True
+
+    def _update_reading(self) -> None:
+        """Pause reading while much input waits that cannot be processed now.
+
+        Input waits while a reply is pending or our output is blocked.
+        Reading itself is only paused once the waiting input is large: the
+        TLS layer also blocks our output during its handshake, and that
+        handshake must still be read.
+        """
+        stalled = self._busy or self._output_blocked
+        want = stalled and len(self._buffer) > MAX_PAUSED_INPUT
+        if want != self._paused and not self._closed:
+            self._paused = want
+            if want:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+            else:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
         self.tls_info = describe_connection(self.transport.getHandle())  # type: ignore[union-attr]
@@ -176,6 +231,11 @@ class SubmissionSession(Protocol):
             self._timer = self.s.clock.callLater(self.limits.idle_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
+        if self._busy:
+            # Our own work (a commit) is in progress: its reply is owed
+            # first; a 421 now could precede a 250 for a queued message.
+            self._reset_timer()
+            return
         log.info("timeout after {state} from [{peer}]", state=self._state(), peer=self.peer)
         self._write(TIMEOUT)
         self._close()
@@ -193,6 +253,9 @@ class SubmissionSession(Protocol):
 
     def _close(self) -> None:
         self._closed = True
+        # A transport with a registered producer waits for it to go away
+        # before it closes (TLS would never send its close_notify).
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- input ---------------------------------------------------------------
@@ -200,15 +263,14 @@ class SubmissionSession(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._reset_timer()
+        if self._reader is not None:
+            self._reset_timer()  # DATA: any progress counts
         self._buffer += data
-        if self._busy and len(self._buffer) > MAX_PAUSED_INPUT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._update_reading()
         self._process()
 
     def _process(self) -> None:
-        while self._buffer and not self._busy and not self._closed:
+        while self._buffer and not self._busy and not self._closed and not self._output_blocked:
             if self._reader is not None:
                 rest = self._reader.feed(self._buffer)
                 self._buffer = b""
@@ -219,10 +281,11 @@ class SubmissionSession(Protocol):
             line = self._next_line()
             if line is None:
                 break
+            # Only a whole command line counts as activity: a client that
+            # trickles a byte at a time does not hold a connection forever.
+            self._reset_timer()
             self._line(line)
-        if self._paused and not self._busy:
-            self._paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._update_reading()
 
     def _next_line(self) -> bytes | None:
         """Take one line from the buffer, handling over-long ones.
@@ -274,6 +337,13 @@ class SubmissionSession(Protocol):
             self._reply(Reply(500, "5.5.2", "Command not recognized"))
             return
         self.stats[verb.lower()] += 1
+        if verb in JUNK_COMMANDS:
+            self._junk += 1
+            if self._junk > self.limits.junk_commands:
+                log.info("too many junk commands from [{peer}]", peer=self.peer)
+                self._write(Reply(421, "4.7.0", "Too many commands without mail; closing"))
+                self._close()
+                return
         self._run(lambda: handler(self, args.strip(" ")))
 
     def _run(self, action: Callable[[], Reply | Deferred[Reply] | None]) -> None:
@@ -433,6 +503,11 @@ class SubmissionSession(Protocol):
         return Reply(334, None, auth.PASSWORD_CHALLENGE)
 
     def _check_password(self, method: str, username: str, password: str) -> Deferred[Reply]:
+        throttle = self.s.throttle
+        stored = self.s.stored_hash(username)
+        if throttle.known_failure(self.peer, username, password, stored):
+            # Exactly this wrong password again: no need to run argon2.
+            return self._wrong_password(method, username, password, stored)
         credentials = UsernamePassword(username.encode(), password.encode())
         d = self.s.checker.requestAvatarId(credentials)
 
@@ -446,26 +521,34 @@ class SubmissionSession(Protocol):
             )
             return Reply(235, "2.7.0", "Authentication successful")
 
-        def failed(f: Failure) -> Deferred[Reply]:
+        def failed(f: Failure) -> Deferred[Reply] | Reply:
+            if f.check(auth.TooBusy):
+                log.warn("[{peer}]: too many logins in progress", peer=self.peer)
+                return Reply(454, "4.7.0", "Too many logins in progress; try again shortly")
             f.trap(UnauthorizedLogin)
-            delay = self.s.throttle.failure(self.peer, username, password)
-            log.warn(
-                "[{peer}]: SASL {method} authentication failed for {user!r}",
-                peer=self.peer,
-                method=method,
-                user=username[:100],
-            )
-            reply = Reply(
-                535,
-                "5.7.8",
-                "Authentication failed: wrong username or password "
-                "(the username is your full email address)",
-            )
-            later: Deferred[Reply] = Deferred()
-            self.s.clock.callLater(delay, later.callback, reply)
-            return later
+            return self._wrong_password(method, username, password, stored)
 
         return d.addCallbacks(ok, failed)
+
+    def _wrong_password(
+        self, method: str, username: str, password: str, stored: str
+    ) -> Deferred[Reply]:
+        delay = self.s.throttle.failure(self.peer, username, password, stored)
+        log.warn(
+            "[{peer}]: SASL {method} authentication failed for {user!r}",
+            peer=self.peer,
+            method=method,
+            user=username[:100],
+        )
+        reply = Reply(
+            535,
+            "5.7.8",
+            "Authentication failed: wrong username or password "
+            "(the username is your full email address)",
+        )
+        later: Deferred[Reply] = Deferred()
+        self.s.clock.callLater(delay, later.callback, reply)
+        return later
 
     def _user(self) -> User:
         assert self.login is not None
@@ -497,6 +580,16 @@ class SubmissionSession(Protocol):
             return Reply(550, "5.7.1", "A null sender <> is not accepted for submission")
         sender = str(addr.parse_mailbox(path, utf8=smtputf8)) if path else ""
         user = self._user() if self.login is not None else None
+        if user is not None and self.s.daily is not None:
+            limit = user.daily_limit if user.daily_limit is not None else self.limits.daily_messages
+            if limit and self.s.daily.count(user.email) >= limit:
+                log.info("{login}: daily limit of {n} messages reached", login=user.email, n=limit)
+                return Reply(
+                    451,
+                    "4.7.1",
+                    f"Daily sending limit of {limit} messages reached for <{user.email}>; "
+                    "try again tomorrow",
+                )
         if user is not None and not user.may_send_as(sender):
             return Reply(
                 550,
@@ -526,7 +619,7 @@ class SubmissionSession(Protocol):
         size: int | None = None
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     raise SMTPReplyError(Reply(501, "5.5.4", "SIZE needs a number"))
                 size = int(value)
                 if size > self.limits.message_size:
@@ -574,7 +667,9 @@ class SubmissionSession(Protocol):
             else:
                 return Reply(555, "5.5.4", f"Unsupported parameter {key}")
         # A repeated recipient is accepted but kept once (duplicate filter).
-        if rcpt.address.lower() not in {r.address.lower() for r in self.txn.recipients}:
+        if addr.ascii_lower(rcpt.address) not in {
+            addr.ascii_lower(r.address) for r in self.txn.recipients
+        }:
             self.txn.recipients.append(rcpt)
         return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
 
@@ -615,8 +710,12 @@ class SubmissionSession(Protocol):
         assert reader is not None
         assert builder is not None
         assert txn is not None
-        if reader.error is None:
-            builder.finish()
+        try:
+            if reader.error is None:
+                builder.finish()
+        except BaseException:
+            txn.spool.abort()
+            raise
         error = reader.error or builder.error
         if error is None and builder.storage_error is not None:
             log.error("{qid}: {e}", qid=txn.spool.queue_id, e=str(builder.storage_error))
@@ -648,6 +747,8 @@ class SubmissionSession(Protocol):
         )
 
         def queued(queue_id: str) -> Reply:
+            if self.s.daily is not None and self.login is not None:
+                self.s.daily.add(self.login)
             log.info(
                 "{qid}: message-id={mid}, from=<{sender}>, size={size}, nrcpt={n} (queued)",
                 qid=queue_id,
@@ -727,7 +828,8 @@ class SubmissionFactory(Factory):
         self.total = 0
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        host = getattr(addr, "host", "unknown")
+        # IPv6 clients are counted per /64, as the AUTH throttle does.
+        host = auth.client_key(getattr(addr, "host", "unknown"))
         limits = self.settings.config.limits
         if self.total >= limits.connections:
             return _Refuse(Reply(421, "4.3.2", "Too many connections; try again later"))

@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -382,12 +382,15 @@ class _Transaction:
     def commit(self, envelope: Envelope) -> Deferred[str]:
         if self._error is not None or self._file is None:
             self.abort()
-            from twisted.internet.defer import fail
-
             return fail(self._error or StorageError("transaction is closed"))
         envelope.queue_id = self.queue_id
+        try:
+            data = envformat.dumps(envelope)
+        except Exception as e:  # e.g. text that is not valid UTF-8
+            self.abort()
+            return fail(StorageError(f"cannot write the envelope of {self.queue_id}: {e}"))
         message, self._file = self._file, None
-        return self._spool.commit(self.queue_id, message, envformat.dumps(envelope))
+        return self._spool.commit(self.queue_id, message, data)
 
     def abort(self) -> None:
         if self._file is not None:

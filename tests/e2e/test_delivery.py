@@ -74,6 +74,8 @@ class DeliveryEndToEnd(SynchronousTestCase):
                     "dns_port": cls.dns.port,
                     "port": cls.sink.port,
                     "ip_versions": ["ipv4"],
+                    # The test's MX host is 127.0.0.1, refused by default.
+                    "refuse_networks": [],
                 },
                 "routes": None,
             },
