@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import email.policy
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.errors import SMTPReplyError, StorageError
@@ -501,3 +504,25 @@ class StorageErrorTests(SynchronousTestCase):
         builder.write(HEAD + BODY)
         self.assertEqual(len(calls), 1)
         self.assertTrue(builder.storage_error.disk_full)
+
+
+class FromFastPathTests(SynchronousTestCase):
+    """The quick path for common From: forms agrees with the full RFC 5322 parser."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        local=st.from_regex(r"[A-Za-z0-9_+-]{1,10}(\.[A-Za-z0-9_+-]{1,5}){0,2}", fullmatch=True),
+        domain=st.from_regex(r"[a-z0-9-]{1,10}(\.[a-z0-9-]{1,8}){1,2}", fullmatch=True),
+        name=st.one_of(
+            st.just(""),
+            st.from_regex(r"[A-Za-z0-9 ]{1,20}", fullmatch=True),
+            st.from_regex(r'"[A-Za-z0-9 ,.@:;<>]{0,20}"', fullmatch=True),
+        ),
+    )
+    def test_same_address_as_the_full_parser(self, local: str, domain: str, name: str) -> None:
+        address = f"{local}@{domain}"
+        value = f"{name} <{address}>" if name else address
+        header = email.policy.default.header_factory("from", value)
+        expected = [a.addr_spec for a in header.addresses]
+        self.assertEqual(expected, [address])
+        self.assertEqual(from_address([f"From: {value}\r\n".encode()]), address)

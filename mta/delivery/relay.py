@@ -187,9 +187,13 @@ class _MessageFacts:
         return open(self.path, "rb")
 
     async def eight_bit(self) -> bool:
+        """Whether the message has 8-bit octets: from the envelope when it
+        says (the submission server records what it saw), else by reading."""
         if self._eight_bit is None:
             if self.envelope.body == "8BITMIME":
                 self._eight_bit = True
+            elif self.envelope.body == "7BIT":
+                self._eight_bit = False
             else:
                 self._eight_bit = await self.runner(self._scan_8bit)
         return self._eight_bit

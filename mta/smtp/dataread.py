@@ -43,6 +43,7 @@ class DataReader:
         self._max_size = max_size
         self._partial = b""  # the incomplete line at the end of the last chunk
         self.size = 0
+        self.eight_bit = False  # some octet above 127 was seen
         self.error: Reply | None = None
         self.done = False
 
@@ -103,6 +104,8 @@ class DataReader:
             self._fail(LINE_TOO_LONG)
             return
         self.size += len(block)
+        if not self.eight_bit and not block.isascii():
+            self.eight_bit = True
         if self.size > self._max_size:
             self._fail(too_big(self._max_size))
             return

@@ -28,6 +28,12 @@ log = Logger(namespace="mta.smtpd")
 
 _FIELD_NAME = re.compile(rb"[!-9;-~]+")
 MAX_FROM = 2048  # characters of an unfolded From: value
+# An addr-spec made of atoms (RFC 5322 dot-atom text, no quotes or comments).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE_FROM = re.compile(
+    rf'({_ADDR})|(?:[A-Za-z0-9!#$%&\'*+/=?^_`{{|}}~. \t-]*|"[^"\\\r\n]*")[ \t]*<({_ADDR})>'
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,11 @@ def from_address(raw_fields: list[bytes]) -> str:
     # crash on others; a From: this long is not a real one anyway.
     if len(value) > MAX_FROM:
         raise invalid
+    simple = _SIMPLE_FROM.fullmatch(value)
+    if simple:
+        # The common forms (a@b, Name <a@b>, "Name" <a@b>) without the cost
+        # of the full RFC 5322 parser; anything else goes through it.
+        return simple.group(1) or simple.group(2)
     try:
         header = policy.default.header_factory("from", value)
         addresses: tuple[Any, ...] = getattr(header, "addresses", ())

@@ -607,12 +607,6 @@ class SubmissionSession(Protocol):
         self.txn.ret = params.get("RET")
         if "ENVID" in params:
             self.txn.envid = addr.parse_envid(params["ENVID"])
-        log.info(
-            "{qid}: client=[{peer}], sasl_username={login}",
-            qid=spool_txn.queue_id,
-            peer=self.peer,
-            login=self.login,
-        )
         return Reply(250, "2.1.0", f"Sender <{sender}> OK")
 
     def _mail_params(self, params: dict[str, str | None]) -> int | None:
@@ -735,7 +729,9 @@ class SubmissionSession(Protocol):
             recipients=txn.recipients,
             arrival=self.s.clock.seconds(),
             size=txn.spool.size,
-            body=txn.body,
+            # What the message really is: the delivery agent then need not
+            # read it again to decide about BODY=8BITMIME or a downgrade.
+            body="8BITMIME" if reader.eight_bit else (txn.body or "7BIT"),
             smtputf8=txn.smtputf8,
             ret=txn.ret,
             envid=txn.envid,
@@ -750,8 +746,11 @@ class SubmissionSession(Protocol):
             if self.s.daily is not None and self.login is not None:
                 self.s.daily.add(self.login)
             log.info(
-                "{qid}: message-id={mid}, from=<{sender}>, size={size}, nrcpt={n} (queued)",
+                "{qid}: client=[{peer}], sasl_username={login}, message-id={mid}, "
+                "from=<{sender}>, size={size}, nrcpt={n} (queued)",
                 qid=queue_id,
+                peer=self.peer,
+                login=self.login,
                 mid=envelope.message_id,
                 sender=envelope.sender,
                 size=envelope.size,
