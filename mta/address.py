@@ -278,3 +278,22 @@ def normalize_for_alignment(address: str) -> str:
 def domain_of(address: str) -> str:
     """The domain part of an address, ASCII lower-cased (no IDNA conversion)."""
     return ascii_lower(address.rpartition("@")[2])
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(texts: list[str]) -> tuple[Network, ...]:
+    """Networks from configuration text ("127.0.0.1/32", "2001:db8::/64", "::1")."""
+    return tuple(ipaddress.ip_network(t, strict=False) for t in texts)
+
+
+def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether an IP address (IPv4-mapped IPv6 counts as IPv4) is in any network."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)

@@ -6,7 +6,6 @@ here and handed down.  L{MTAService} is what C{twistd -n mta} runs.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import random
 import resource
@@ -28,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mta import config as configmod
+from mta.address import parse_networks
 from mta.bounce import Classifier
 from mta.config import Config
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
@@ -100,9 +100,7 @@ class MTAService(MultiService):
                 delay_max=auth.failure_delay_max,
             ),
             clock=reactor,
-            trusted_networks=tuple(
-                ipaddress.ip_network(n, strict=False) for n in auth.trusted_networks
-            ),
+            trusted_networks=parse_networks(auth.trusted_networks),
             daily=DailyCounter(os.path.join(self.store.root, "state"), reactor),
         )
         self._build_delivery(config, reactor)
@@ -141,9 +139,7 @@ class MTAService(MultiService):
                 recipients_per_transaction=d.recipients_per_transaction,
                 connection_cache_time=d.connection_cache_time,
                 connection_reuse_limit=d.connection_reuse_limit,
-                refuse_networks=tuple(
-                    ipaddress.ip_network(n, strict=False) for n in d.refuse_networks
-                ),
+                refuse_networks=parse_networks(d.refuse_networks),
                 timeouts=ClientTimeouts(
                     connect=d.connect_timeout,
                     greeting=d.greeting_timeout,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import ipaddress
 import os
 import re
 import tempfile
@@ -14,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from mta import config as configmod
+from mta.address import parse_networks
 from mta.config import Config
 from mta.ratelimit import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
@@ -81,9 +81,7 @@ class Harness:
             checker=UserFileChecker(self.users, run_inline),
             throttle=self.throttle,
             clock=self.clock,
-            trusted_networks=tuple(
-                ipaddress.ip_network(n, strict=False) for n in self.config.auth.trusted_networks
-            ),
+            trusted_networks=parse_networks(self.config.auth.trusted_networks),
             daily=DailyCounter(os.path.join(directory, "state"), self.clock),
         )
 

@@ -14,7 +14,6 @@ a result, so the queue manager records and classifies it.
 from __future__ import annotations
 
 import io
-import ipaddress
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mta.address import Network, in_networks
 from mta.delivery import mx
 from mta.delivery.mime import DowngradeError, downgrade_8bit, header_section, is_8bit_file
 from mta.delivery.mime import needs_smtputf8 as _needs_smtputf8
@@ -96,7 +96,7 @@ class DeliverySettings:
     connection_reuse_limit: int = 100
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     # Addresses MX delivery never connects to (routes may): see [delivery] refuse_networks.
-    refuse_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    refuse_networks: tuple[Network, ...] = ()
 
 
 class ConnectionCache:
@@ -223,18 +223,6 @@ class _MessageFacts:
     def _downgrade(self) -> bytes:
         with self.open() as f:
             return downgrade_8bit(f.read())
-
-
-def _in_networks(
-    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
 
 
 def run_now(work: Callable[[], Any]) -> Deferred[Any]:
@@ -418,7 +406,7 @@ class _Attempt:
             return hops
         allowed = []
         for hop in hops:
-            addresses = tuple(a for a in hop.addresses if not _in_networks(a, refused))
+            addresses = tuple(a for a in hop.addresses if not in_networks(a, refused))
             if addresses:
                 allowed.append(replace(hop, addresses=addresses))
         if hops and not allowed:

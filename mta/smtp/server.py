@@ -19,7 +19,6 @@ Reply texts are written for the person reading them in a mail client.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,18 +70,6 @@ NO_PARAMS = Reply(501, "5.5.4", "This command takes no arguments")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded; closing connection")
 
 
-def _in_networks(
-    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
-
-
 def storage_reply(e: StorageError) -> Reply:
     if e.disk_full:
         return Reply(452, "4.3.1", "Insufficient system storage; try again later")
@@ -101,7 +88,7 @@ class SessionSettings:
     checker: ICredentialsChecker
     throttle: auth.AuthThrottle
     clock: IReactorTime
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_networks: tuple[addr.Network, ...] = ()
     daily: DailyCounter | None = None
 
     def stored_hash(self, username: str) -> str:
@@ -173,7 +160,7 @@ class SubmissionSession(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = getattr(peer, "host", "unknown")
-        self.trusted = _in_networks(self.peer, self.s.trusted_networks)
+        self.trusted = addr.in_networks(self.peer, self.s.trusted_networks)
         log.info("connect from [{peer}]", peer=self.peer)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reset_timer()
