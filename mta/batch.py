@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,6 +21,14 @@ I = TypeVar("I")  # noqa: E741 - the item type
 R = TypeVar("R")
 
 log = Logger(namespace="mta.batch")
+
+
+def run_now(work: Callable[[], R]) -> Deferred[R]:
+    """A runner that does the work at once in the calling thread (tests, defaults)."""
+    try:
+        return succeed(work())
+    except BaseException:
+        return fail()
 
 
 class Batcher(Generic[I, R]):

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from argon2 import PasswordHasher
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
+from mta.batch import run_now
 from mta.delivery.fakedns import FakeResolver
 from mta.spool.fs import FileOps
 from mta.spool.queueid import QueueIdGenerator
@@ -43,12 +44,7 @@ T = TypeVar("T")
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 
 
-def run_inline(work: Callable[[], T]) -> Deferred[T]:
-    """A runner that does the work at once in the calling thread."""
-    try:
-        return succeed(work())
-    except BaseException:
-        return fail()
+run_inline = run_now  # the same runner under the name the tests use
 
 
 def write_users(path: str, users: dict[str, str], **rights: dict[str, list[str]]) -> UserFile:

@@ -43,6 +43,7 @@ class QueueTestCase(SynchronousTestCase):
         self.spy = DeliverySpy()
         self.router = Router({})
         self.settings = QueueConfig()
+        self.reports: Spool | None = None  # where notifications go, if anywhere
 
     def manager(self, **limits: int) -> QueueManager:
         qm = QueueManager(
@@ -53,7 +54,11 @@ class QueueTestCase(SynchronousTestCase):
             self.clock,
             limits=QueueLimits(**limits),
             settings=lambda: self.settings,
+            reports=self.reports,
+            hostname="mta.test",
         )
+        if self.reports is not None:
+            self.reports.add_listener(qm.committed)
         qm.startService()
         self.addCleanup(qm.stopService)
         return qm
@@ -332,23 +337,6 @@ class NotificationTests(QueueTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.reports = Spool(self.store, run_inline, QueueIdGenerator(self.clock.seconds))
-
-    def manager(self, **limits: int) -> QueueManager:
-        qm = QueueManager(
-            self.store,
-            run_inline,
-            self.spy,
-            self.router,
-            self.clock,
-            limits=QueueLimits(**limits),
-            settings=lambda: self.settings,
-            reports=self.reports,
-            hostname="mta.test",
-        )
-        self.reports.add_listener(qm.committed)
-        qm.startService()
-        self.addCleanup(qm.stopService)
-        return qm
 
     def reports_sent(self) -> list[tuple[Any, bytes]]:
         out = []

@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mta.address import Network, in_networks
+from mta.batch import run_now
 from mta.delivery import mx
 from mta.delivery.mime import DowngradeError, downgrade_8bit, header_section, is_8bit_file
 from mta.delivery.mime import needs_smtputf8 as _needs_smtputf8
@@ -223,14 +224,6 @@ class _MessageFacts:
     def _downgrade(self) -> bytes:
         with self.open() as f:
             return downgrade_8bit(f.read())
-
-
-def run_now(work: Callable[[], Any]) -> Deferred[Any]:
-    """The default runner: do blocking work at once (tests, small messages)."""
-    try:
-        return succeed(work())
-    except BaseException:
-        return fail()
 
 
 class DeliveryAgent:

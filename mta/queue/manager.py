@@ -96,7 +96,6 @@ class _Suspension:
 class _Job:
     message: _Active
     job: DeliveryJob
-    queued: float
 
 
 class QueueManager(Service):
@@ -327,7 +326,7 @@ class QueueManager(Service):
             dest = key.split("\0", 1)[0]
             job = DeliveryJob(env, recipients, path, dest, domains[key])
             message.jobs += 1
-            self._queues.setdefault(dest, deque()).append(_Job(message, job, now))
+            self._queues.setdefault(dest, deque()).append(_Job(message, job))
         self._dispatch()
 
     def _dispatch(self) -> None:

@@ -141,10 +141,6 @@ def parse_reply_lines(lines: list[bytes]) -> Reply:
     return Reply(code, enhanced, "\n".join(texts))
 
 
-def local_reply(code: int, enhanced: str, text: str) -> Reply:
-    return Reply(code, enhanced, text)
-
-
 class DotStuffer:
     """Stateful dot-stuffing across chunks (RFC 5321 section 4.5.2).
 
@@ -195,13 +191,8 @@ class ClientProtocol(Protocol):
         self.remote = "unknown"
         self.tls_handshaking = False
         self.tls_done = False
-        self.connected_once: Deferred[None] = Deferred()
         self.lost = False
         self._closed_waiters: list[Deferred[None]] = []
-
-    def connectionMade(self) -> None:
-        if not self.connected_once.called:
-            self.connected_once.callback(None)
 
     def handshakeCompleted(self) -> None:
         self.tls_handshaking = False
@@ -238,7 +229,7 @@ class ClientProtocol(Protocol):
     def _timed_out(self) -> None:
         self._fail(
             DeliveryError(
-                local_reply(451, "4.4.2", f"{self.remote}: timeout waiting for a reply"),
+                Reply(451, "4.4.2", f"{self.remote}: timeout waiting for a reply"),
                 "timeout",
                 remote=self.remote,
             )
@@ -260,7 +251,7 @@ class ClientProtocol(Protocol):
         if self._buffer or self._lines:
             self._protocol_error("data after the STARTTLS reply")
             raise DeliveryError(
-                local_reply(451, "4.5.0", f"{self.remote}: data after the STARTTLS reply"),
+                Reply(451, "4.5.0", f"{self.remote}: data after the STARTTLS reply"),
                 "protocol",
                 remote=self.remote,
             )
@@ -318,7 +309,7 @@ class ClientProtocol(Protocol):
     def _protocol_error(self, what: str) -> None:
         self._fail(
             DeliveryError(
-                local_reply(451, "4.5.0", f"{self.remote}: protocol error: {what}"),
+                Reply(451, "4.5.0", f"{self.remote}: protocol error: {what}"),
                 "protocol",
                 remote=self.remote,
             )
@@ -350,7 +341,7 @@ class ClientProtocol(Protocol):
             waiter.callback(None)
         if self.tls_handshaking:
             error = DeliveryError(
-                local_reply(
+                Reply(
                     454, "4.7.0", f"{self.remote}: TLS handshake failed: {reason.getErrorMessage()}"
                 ),
                 "tls",
@@ -358,7 +349,7 @@ class ClientProtocol(Protocol):
             )
         else:
             error = DeliveryError(
-                local_reply(451, "4.4.2", f"{self.remote}: lost connection"),
+                Reply(451, "4.4.2", f"{self.remote}: lost connection"),
                 "network",
                 remote=self.remote,
             )
@@ -454,7 +445,7 @@ class OutboundConnection:
             if reply.code != 220:
                 if self.policy.tls_required:
                     raise self._fail_reply(
-                        local_reply(451, "4.7.5", f"{self.remote}: STARTTLS refused: {reply}"),
+                        Reply(451, "4.7.5", f"{self.remote}: STARTTLS refused: {reply}"),
                         "tls",
                     )
             else:
@@ -462,7 +453,7 @@ class OutboundConnection:
                 await self._hello()
         if self.policy.tls_required and not self.tls:
             raise self._fail_reply(
-                local_reply(451, "4.7.4", f"{self.remote}: TLS is required but not offered"),
+                Reply(451, "4.7.4", f"{self.remote}: TLS is required but not offered"),
                 "tls",
             )
         if self.policy.username is not None:
@@ -490,7 +481,7 @@ class OutboundConnection:
     async def _auth(self) -> None:
         if not self.tls:
             raise self._fail_reply(
-                local_reply(451, "4.7.0", f"{self.remote}: not sending a password without TLS"),
+                Reply(451, "4.7.0", f"{self.remote}: not sending a password without TLS"),
                 "config",
             )
         mechanisms = self.extensions.get("AUTH", "").upper().split()
@@ -510,7 +501,7 @@ class OutboundConnection:
                 )
         else:
             raise self._fail_reply(
-                local_reply(451, "4.7.0", f"{self.remote}: offers no AUTH PLAIN or LOGIN"),
+                Reply(451, "4.7.0", f"{self.remote}: offers no AUTH PLAIN or LOGIN"),
                 "config",
             )
         if reply.code != 235:
@@ -555,7 +546,7 @@ class OutboundConnection:
         limit = self.size_limit()
         if limit is not None and msg.size > limit:
             raise DeliveryError(
-                local_reply(
+                Reply(
                     552,
                     "5.3.4",
                     f"message size {msg.size} exceeds the limit {limit} of {self.remote}",
@@ -587,7 +578,7 @@ class OutboundConnection:
             await self._reset()
             return TransactionResult(list(rcpts), dsn)
         if data is None or data.code != 354:
-            final = data or local_reply(451, "4.5.0", "no reply to DATA")
+            final = data or Reply(451, "4.5.0", "no reply to DATA")
             if data is not None:
                 await self._reset()
             return TransactionResult(
@@ -641,7 +632,7 @@ class OutboundConnection:
         except OSError as e:
             self.abort()
             raise DeliveryError(
-                local_reply(451, "4.3.0", f"cannot read the queued message: {e}"), "local"
+                Reply(451, "4.3.0", f"cannot read the queued message: {e}"), "local"
             ) from None
         # While sending, each chunk restarts the data block timeout; then the
         # final reply gets the (longer) data termination timeout.
@@ -652,7 +643,7 @@ class OutboundConnection:
             self.abort()
             done.addErrback(lambda _: None)
             raise DeliveryError(
-                local_reply(451, "4.3.0", f"cannot read the queued message: {e}"), "local"
+                Reply(451, "4.3.0", f"cannot read the queued message: {e}"), "local"
             ) from None
         except Exception:
             # The connection went away while sending; the waiter says why.
@@ -726,19 +717,19 @@ async def connect(
         protocol = await endpoint.connect(_ClientFactory(reactor))
     except ConnectionRefusedError:
         raise DeliveryError(
-            local_reply(451, "4.4.1", f"connect to {remote}: Connection refused"),
+            Reply(451, "4.4.1", f"connect to {remote}: Connection refused"),
             "network",
             remote=remote,
         ) from None
     except TimeoutError:
         raise DeliveryError(
-            local_reply(451, "4.4.1", f"connect to {remote}: Connection timed out"),
+            Reply(451, "4.4.1", f"connect to {remote}: Connection timed out"),
             "timeout",
             remote=remote,
         ) from None
     except ConnectError as e:
         raise DeliveryError(
-            local_reply(451, "4.4.1", f"connect to {remote}: {e.osError or e}"),
+            Reply(451, "4.4.1", f"connect to {remote}: {e.osError or e}"),
             "network",
             remote=remote,
         ) from None

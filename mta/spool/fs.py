@@ -282,23 +282,17 @@ class SpoolStore:
         targets: set[str] = set()
         for i, (envelope, src, dst, due) in enumerate(items):
             queue_id = envelope.queue_id
-            target = self.path(src, queue_id, ENVELOPE)
-            tmp = target + ".tmp"
             try:
-                with open(tmp, "wb") as f:
-                    f.write(envformat.dumps(envelope))
-                    self.ops.fsync(f)
-                self.ops.rename(tmp, target)
-                self.ops.fsync_dir(self.path(src, queue_id))
+                self.write_envelope(src, envelope)
                 if dst != src:
                     self.ops.rename(self.path(src, queue_id), self.path(dst, queue_id))
                     targets.add(src)
                 if due is not None:
                     os.utime(self.path(dst, queue_id), (due, due))
                 targets.add(dst)
+            except StorageError as e:
+                results[i] = e
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
                 results[i] = storage_error(f"cannot record {queue_id}", e)
         for state in sorted(targets):
             try:
