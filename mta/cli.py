@@ -11,15 +11,21 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from mta import config as configmod
 from mta.address import ascii_lower, parse_mailbox, valid_domain
 from mta.bounce import Classifier, parse_reply
+from mta.control import DaemonNotRunningError
+from mta.control import request as control_request
 from mta.errors import ConfigError, SMTPReplyError, StorageError
+from mta.queue import control
+from mta.queue.control import ControlError, control_socket
 from mta.spool.format import FormatError, format_time
-from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolStore
+from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolLock, SpoolStore
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
 _CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), 127, *range(128, 160)]}
@@ -127,17 +133,38 @@ def _store(config: configmod.Config) -> SpoolStore:
     return store
 
 
-def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
-    store = _store(config)
+def _recipient_row(r: Any) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "state": r.state.value,
+        "attempts": r.attempts,
+        "reply": r.reply,
+        "next_attempt": format_time(r.next_attempt),
+    }
+
+
+def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> list[dict[str, Any]]:
+    states = args.state or [s for s in STATES if args.all or s not in ("done", "redacted")]
+    domain = ascii_lower(args.domain).rstrip(".") if args.domain else None
+    sender = ascii_lower(args.sender) if args.sender else None
     rows: list[dict[str, Any]] = []
     for state in STATES:
-        if state in ("done", "redacted") and not args.all:
+        if state not in states:
             continue
         for queue_id in sorted(store.ids(state)):
             try:
                 _, env = store.load(queue_id, state)
-            except (KeyError, FormatError) as e:
-                rows.append({"id": queue_id, "state": state, "error": str(e)})
+            except KeyError:
+                continue  # moved or removed while we looked
+            except FormatError as e:
+                if not (domain or sender):
+                    rows.append({"id": queue_id, "state": state, "error": str(e)})
+                continue
+            if sender is not None and ascii_lower(env.sender) != sender:
+                continue
+            if domain is not None and not any(
+                ascii_lower(r.address).rpartition("@")[2] == domain for r in env.recipients
+            ):
                 continue
             rows.append({
                 "id": queue_id,
@@ -145,11 +172,14 @@ def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: Text
                 "arrival": format_time(env.arrival),
                 "size": env.size,
                 "sender": env.sender,
-                "recipients": [
-                    {"address": r.address, "state": r.state.value, "reply": r.reply}
-                    for r in env.recipients
-                ],
+                "kind": env.kind,
+                "recipients": [_recipient_row(r) for r in env.recipients],
             })  # fmt: skip
+    return rows
+
+
+def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    rows = _queue_rows(_store(config), args)
     if args.json:
         out.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
         return 0
@@ -157,25 +187,115 @@ def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: Text
         out.write("Mail queue is empty\n")
         return 0
     out.write(
-        f"{'-Queue ID-':<17} {'-State-':<9} {'-Size-':>8} {'----Arrival Time----':<20}"
+        f"{'-Queue ID-':<16} {'--Size--':>8} {'----Arrival Time----':<20} {'-State-':<9}"
         " -Sender/Recipient-------\n"
     )
+    indent = " " * 57
+    total = 0
+    by_state: Counter[str] = Counter()
     for row in rows:
+        by_state[row["state"]] += 1
         if "error" in row:
-            out.write(
-                printable(f"{row['id']:<17} {row['state']:<9} unreadable: {row['error']}") + "\n"
-            )
+            out.write(printable(f"{row['id']:<16} {'':>8} {'':<20} {row['state']:<9} "
+                                f"unreadable envelope: {row['error']}") + "\n")  # fmt: skip
             continue
+        total += row["size"]
         arrival = str(row["arrival"])[:19].replace("T", " ")
-        out.write(
-            f"{row['id']:<17} {row['state']:<9} {row['size']:>8} {arrival:<20}"
-            f" {printable(row['sender']) or '<>'}\n"
-        )
+        sender = printable(row["sender"]) or "<>"
+        out.write(f"{row['id']:<16} {row['size']:>8} {arrival:<20} {row['state']:<9} {sender}\n")
         for r in row["recipients"]:
             if r["reply"] and r["state"] != "sent":
-                out.write(printable(f"{'':>57} ({r['reply'][:70]})") + "\n")
-            out.write(printable(f"{'':>57} {r['address']} [{r['state']}]") + "\n")
-    out.write(f"-- {len(rows)} message(s)\n")
+                out.write(printable(f"{indent}({r['reply'][:100]})") + "\n")
+            detail = [r["state"]]
+            if r["attempts"]:
+                detail.append(f"{r['attempts']} attempt{'s' if r['attempts'] != 1 else ''}")
+            if r["next_attempt"] and r["state"] not in ("sent", "failed"):
+                detail.append("next " + str(r["next_attempt"])[:19].replace("T", " "))
+            out.write(printable(f"{indent}{r['address']} [{', '.join(detail)}]") + "\n")
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
+    out.write(f"-- {(total + 1023) // 1024} Kbytes in {len(rows)} requests ({summary}).\n")
+    return 0
+
+
+def _act(
+    config: configmod.Config, doc: dict[str, Any], offline: Callable[[SpoolStore], str]
+) -> str:
+    """Ask the running daemon to act; without one, act on the spool under its lock."""
+    store = _store(config)
+    try:
+        ok, text = control_request(control_socket(store), doc)
+    except DaemonNotRunningError:
+        lock = SpoolLock(store.root)
+        try:
+            lock.acquire()
+        except StorageError:
+            _fail(
+                f"the spool {store.root} is locked by a daemon that does not answer on "
+                f"{control_socket(store)} (is it starting?)"
+            )
+        try:
+            return offline(store)
+        finally:
+            lock.release()
+    except ControlError as e:
+        _fail(str(e))
+    if not ok:
+        _fail(text)
+    return text
+
+
+def cmd_queue_action(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    op = args.command
+    status = 0
+    for queue_id in args.ids:
+
+        def offline(store: SpoolStore, queue_id: str = queue_id) -> str:
+            control.apply(store, op, queue_id, time.time())
+            return f"{queue_id}: {_DONE[op]}" + (
+                " (the daemon sends the report when it starts)" if op == "bounce" else ""
+            )
+
+        try:
+            out.write(printable(_act(config, {"op": op, "id": queue_id}, offline)) + "\n")
+        except (CommandError, ControlError) as e:
+            sys.stderr.write(printable(f"mtactl: {e}") + "\n")
+            status = 1
+    return status
+
+
+_DONE = {
+    "flush": "flushed",
+    "hold": "put on hold",
+    "release": "released",
+    "delete": "deleted",
+    "bounce": "bounced to the sender",
+    "requeue": "requeued",
+}
+
+
+def cmd_queue_flush(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    if sum(bool(x) for x in (args.ids, args.domain, args.all)) != 1:
+        raise UsageError("queue flush: give queue IDs, --domain DOMAIN or --all")
+    if args.ids:
+        args.command = "flush"
+        return cmd_queue_action(config, args, out)
+    domain = ascii_lower(args.domain.strip()).rstrip(".") if args.domain else None
+    if domain is not None and not valid_domain(domain, utf8=True):
+        raise UsageError(f"queue flush: {args.domain!r} is not a domain name")
+    doc: dict[str, Any] = {"op": "flush", "all": True}
+    if domain is not None:
+        doc = {"op": "flush", "domain": domain}
+
+    def offline(store: SpoolStore) -> str:
+        ids = sorted(store.ids("deferred"))
+        if domain is not None:
+            ids = control.ids_for_domain(store, ids, domain)
+        now = time.time()
+        for queue_id in ids:
+            control.apply(store, "flush", queue_id, now)
+        return f"flushed {len(ids)} deferred message(s)" + (f" for {domain}" if domain else "")
+
+    out.write(printable(_act(config, doc, offline)) + "\n")
     return 0
 
 
@@ -269,12 +389,30 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_user_list)
 
-    queue = sub.add_parser("queue", help="inspect the mail queue")
+    queue = sub.add_parser("queue", help="inspect and steer the mail queue")
     qsub = queue.add_subparsers(dest="command", required=True)
     ql = qsub.add_parser("list", help="list queued messages (like mailq)")
     ql.add_argument("--json", action="store_true")
     ql.add_argument("--all", action="store_true", help="include finished, retained messages")
+    ql.add_argument("--state", action="append", choices=STATES, help="only this state (may repeat)")
+    ql.add_argument("--domain", help="only messages with a recipient at this domain")
+    ql.add_argument("--sender", help="only messages from this envelope sender")
     ql.set_defaults(func=cmd_queue_list)
+    qf = qsub.add_parser("flush", help="retry deferred messages now")
+    qf.add_argument("ids", nargs="*", metavar="ID")
+    qf.add_argument("--domain", help="the messages with recipients at this domain")
+    qf.add_argument("--all", action="store_true", help="every deferred message")
+    qf.set_defaults(func=cmd_queue_flush)
+    for name, text in (
+        ("hold", "keep messages from delivery until released"),
+        ("release", "let held messages be delivered again"),
+        ("delete", "remove messages from the queue (no report is sent)"),
+        ("bounce", "give up on messages now; the sender gets a failure report"),
+        ("requeue", "put deferred, held or repaired corrupt messages back, due now"),
+    ):
+        qa = qsub.add_parser(name, help=text)
+        qa.add_argument("ids", nargs="+", metavar="ID")
+        qa.set_defaults(func=cmd_queue_action)
     qs = qsub.add_parser("show", help="show a message's envelope and headers")
     qs.add_argument("id")
     qs.add_argument("--body", action="store_true", help="show the body too")
@@ -297,7 +435,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         config = configmod.load(args.config or os.environ.get("MTA_CONFIG"))
         return int(args.func(config, args, out))
-    except (CommandError, ConfigError, StorageError) as e:
+    except (CommandError, ConfigError, StorageError, ControlError) as e:
         sys.stderr.write(f"mtactl: {e}\n")
         return 1
     except UsageError as e:

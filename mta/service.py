@@ -6,6 +6,7 @@ here and handed down.  L{MTAService} is what C{twistd -n mta} runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
@@ -30,10 +31,12 @@ from mta import config as configmod
 from mta.address import parse_networks
 from mta.bounce import Classifier
 from mta.config import Config
+from mta.control import ControlFactory
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
 from mta.errors import ConfigError, StorageError
+from mta.queue.control import control_socket, socket_address
 from mta.queue.manager import QueueLimits, QueueManager
 from mta.queue.retention import Retention
 from mta.ratelimit import DailyCounter
@@ -69,6 +72,7 @@ class MTAService(MultiService):
         self.hostname = config.hostname
         self.ports: list[IListeningPort] = []
         self._pools: list[ThreadPool] = []
+        self._control_dir: int | None = None
 
         self.store = SpoolStore(config.server.spool)
         self.store.open()
@@ -197,6 +201,7 @@ class MTAService(MultiService):
                 "removed {n} incomplete messages from {spool}/tmp", n=removed, spool=self.store.root
             )
         self._listen()
+        self._listen_control()
         for pool in self._pools:
             pool.start()
         signal.signal(signal.SIGHUP, self._sighup)
@@ -245,6 +250,18 @@ class MTAService(MultiService):
             self.ports.append(outcome[0])
             log.info("listening on {desc}", desc=description)
 
+    def _listen_control(self) -> None:
+        """The control socket for mtactl (L{mta.control}); ours to replace, as we hold the lock."""
+        path = control_socket(self.store)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        try:
+            address, self._control_dir = socket_address(path)
+            port = self.reactor.listenUNIX(address, ControlFactory(self.queue), mode=0o600)
+        except Exception as e:  # CannotListenError and OS errors alike
+            fatal(f"cannot listen on the control socket {path}: {e}")
+        self.ports.append(port)
+
     def _unlisten(self) -> Deferred[Any]:
         ports, self.ports = self.ports, []
         stopping = [maybeDeferred(port.stopListening) for port in ports]
@@ -259,6 +276,9 @@ class MTAService(MultiService):
             # Waits for work already handed to the threads (commits in flight).
             for pool in self._pools:
                 pool.stop()
+            if self._control_dir is not None:
+                os.close(self._control_dir)
+                self._control_dir = None
             self.lock.release()
 
         return DeferredList([children, listening, closing]).addBoth(release)

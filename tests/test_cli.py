@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.cli import main
 from mta.envelope import Envelope, Recipient, RecipientState
-from mta.spool.fs import ENVELOPE, MESSAGE, Spool, SpoolStore
+from mta.spool.fs import ENVELOPE, MESSAGE, Spool, SpoolLock, SpoolStore
 from mta.spool.queueid import QueueIdGenerator
 from mta.testing import run_inline, write_users
 from mta.users import UserFile, verify_password
@@ -286,13 +286,13 @@ class QueueTests(CLITestCase):
         self.assertIn("Queue ID", lines[0])
         row = lines[1].split()
         self.assertEqual(row[0], queue_id)
-        self.assertEqual(row[1], "incoming")
-        self.assertEqual(row[2], str(len(MESSAGE_BYTES)))
+        self.assertEqual(row[1], str(len(MESSAGE_BYTES)))
+        self.assertEqual(row[4], "incoming")
         self.assertEqual(row[-1], "alice@example.com")
         self.assertIn("2023-11-14 22:13:20", lines[1])
         self.assertEqual(lines[2].split(), ["bob@example.net", "[pending]"])
         self.assertEqual(lines[3].split(), ["carol@example.org", "[pending]"])
-        self.assertEqual(lines[-1], "-- 1 message(s)")
+        self.assertEqual(lines[-1], "-- 1 Kbytes in 1 requests (1 incoming).")
 
     def test_list_json(self) -> None:
         queue_id = self.commit("bob@example.net")
@@ -304,7 +304,16 @@ class QueueTests(CLITestCase):
         self.assertEqual(row["sender"], "alice@example.com")
         self.assertEqual(row["size"], len(MESSAGE_BYTES))
         self.assertEqual(
-            row["recipients"], [{"address": "bob@example.net", "state": "pending", "reply": None}]
+            row["recipients"],
+            [
+                {
+                    "address": "bob@example.net",
+                    "state": "pending",
+                    "attempts": 0,
+                    "reply": None,
+                    "next_attempt": None,
+                }
+            ],
         )
 
     def test_list_shows_the_last_reply(self) -> None:
@@ -312,13 +321,16 @@ class QueueTests(CLITestCase):
         _, envelope = self.store.load(queue_id)
         envelope.recipients[0].state = RecipientState.DEFERRED
         envelope.recipients[0].reply = "451 4.7.1 greylisted, try later"
+        envelope.recipients[0].attempts = 2
+        envelope.recipients[0].next_attempt = 1_700_000_600.0
         self.store.write_envelope("incoming", envelope)
         self.store.move(queue_id, "incoming", "deferred")
         code, out = self.mtactl("queue", "list")
         self.assertEqual(code, 0)
         self.assertIn("(451 4.7.1 greylisted, try later)", out)
-        self.assertIn("bob@example.net [deferred]", out)
-        self.assertIn(f"{queue_id} deferred", " ".join(out.split()))
+        self.assertIn("bob@example.net [deferred, 2 attempts, next 2023-11-14 22:23:20]", out)
+        self.assertIn("deferred alice@example.com", " ".join(out.split()))
+        self.assertIn("(1 deferred)", out)
 
     def test_done_only_with_all(self) -> None:
         queue_id = self.commit()
@@ -410,6 +422,109 @@ class QueueTests(CLITestCase):
         code, _ = self.mtactl("queue", "show", queue_id)
         self.assertEqual(code, 1)
         self.assert_one_line_error(queue_id)
+
+
+class QueueFilterTests(QueueTests):
+    def test_filters(self) -> None:
+        net = self.commit("bob@example.net")
+        org = self.commit("carol@EXAMPLE.org")
+        self.store.move(org, "incoming", "hold")
+
+        def ids(*argv: str) -> list[str]:
+            code, out = self.mtactl("queue", "list", "--json", *argv)
+            self.assertEqual(code, 0)
+            return [row["id"] for row in json.loads(out)]
+
+        self.assertEqual(ids("--state", "hold"), [org])
+        self.assertEqual(ids("--state", "hold", "--state", "incoming"), [net, org])
+        self.assertEqual(ids("--domain", "example.org."), [org])
+        self.assertEqual(ids("--sender", "ALICE@example.com"), [net, org])
+        self.assertEqual(ids("--sender", "mallory@example.com"), [])
+        e = self.assertRaises(SystemExit, self.mtactl, "queue", "list", "--state", "limbo")
+        self.assertEqual(e.code, 2)
+
+
+class OfflineActionTests(QueueTests):
+    """With no daemon running, mtactl changes the spool itself, under the spool lock."""
+
+    def deferred(self) -> str:
+        queue_id = self.commit("bob@example.net")
+        _, envelope = self.store.load(queue_id)
+        envelope.recipients[0].state = RecipientState.DEFERRED
+        envelope.recipients[0].next_attempt = 1_900_000_000.0
+        self.store.settle(envelope, "incoming", "deferred", 1_900_000_000.0)
+        return queue_id
+
+    def test_hold_release(self) -> None:
+        queue_id = self.deferred()
+        self.assertEqual(self.mtactl("queue", "hold", queue_id), (0, f"{queue_id}: put on hold\n"))
+        self.assertEqual(self.store.find(queue_id), "hold")
+        code, _ = self.mtactl("queue", "hold", queue_id)
+        self.assertEqual(code, 1)
+        self.assert_one_line_error(queue_id, "on hold")
+        self.assertEqual(self.mtactl("queue", "release", queue_id), (0, f"{queue_id}: released\n"))
+        self.assertEqual(self.store.find(queue_id), "deferred")
+        self.assertEqual(os.stat(self.store.path("deferred", queue_id)).st_mtime, 1_900_000_000.0)
+
+    def test_delete_several_with_one_unknown(self) -> None:
+        first, second = self.deferred(), self.commit()
+        code, out = self.mtactl("queue", "delete", first, "0000000000Z0000", second)
+        self.assertEqual(code, 1)
+        self.assertEqual(out, f"{first}: deleted\n{second}: deleted\n")
+        self.assert_one_line_error("no message 0000000000Z0000")
+        for queue_id in (first, second):
+            self.assertRaises(KeyError, self.store.find, queue_id)
+
+    def test_flush_rewrites_the_schedule(self) -> None:
+        queue_id = self.deferred()
+        code, out = self.mtactl("queue", "flush", "--all")
+        self.assertEqual((code, out), (0, "flushed 1 deferred message(s)\n"))
+        _, envelope = self.store.load(queue_id)
+        self.assertLess(envelope.recipients[0].next_attempt, 1_900_000_000.0)
+        self.assertEqual(self.mtactl("queue", "flush", "--domain", "example.org"),
+                         (0, "flushed 0 deferred message(s) for example.org\n"))  # fmt: skip
+
+    def test_flush_usage(self) -> None:
+        for argv in ((), ("--all", "--domain", "example.com"), ("--domain", "not a domain")):
+            code, _ = self.mtactl("queue", "flush", *argv)
+            self.assertEqual(code, 2, argv)
+
+    def test_bounce_marks_failures_for_the_daemon(self) -> None:
+        queue_id = self.deferred()
+        code, out = self.mtactl("queue", "bounce", queue_id)
+        self.assertEqual(code, 0)
+        self.assertIn("the daemon sends the report when it starts", out)
+        state, envelope = self.store.load(queue_id)
+        self.assertEqual(state, "incoming")
+        self.assertEqual(envelope.recipients[0].state, RecipientState.FAILED)
+        self.assertEqual(envelope.recipients[0].dsn_status, "5.4.7")
+        self.assertFalse(envelope.recipients[0].final_notified)
+
+    def test_requeue_corrupt_needs_a_repair(self) -> None:
+        queue_id = self.deferred()
+        self.store.move(queue_id, "deferred", "corrupt")
+        path = self.store.path("corrupt", queue_id, ENVELOPE)
+        with open(path, "rb") as f:
+            good = f.read()
+        with open(path, "wb") as f:
+            f.write(b"{")
+        code, _ = self.mtactl("queue", "requeue", queue_id)
+        self.assertEqual(code, 1)
+        self.assert_one_line_error(queue_id, "unreadable")
+        with open(path, "wb") as f:
+            f.write(good)
+        self.assertEqual(self.mtactl("queue", "requeue", queue_id), (0, f"{queue_id}: requeued\n"))
+        self.assertEqual(self.store.find(queue_id), "incoming")
+
+    def test_locked_spool_without_a_daemon_answering(self) -> None:
+        queue_id = self.deferred()
+        lock = SpoolLock(self.store.root)
+        lock.acquire()
+        self.addCleanup(lock.release)
+        code, _ = self.mtactl("queue", "hold", queue_id)
+        self.assertEqual(code, 1)
+        self.assert_one_line_error("does not answer")
+        self.assertEqual(self.store.find(queue_id), "deferred")
 
 
 class NotASpoolTests(CLITestCase):

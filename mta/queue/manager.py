@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import copy
 import heapq
+import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -56,14 +57,25 @@ from mta.delivery.routes import Router
 from mta.envelope import Envelope, Recipient, RecipientState
 from mta.errors import DeliveryError, Reply
 from mta.interfaces import ISpool
+from mta.queue import control
+from mta.queue.control import ControlError
 from mta.queue.schedule import RetryPolicy, no_jitter
 from mta.spool.format import FormatError
 from mta.spool.fs import MESSAGE, SpoolStore
+from mta.spool.queueid import arrival_of
 
 log = Logger(namespace="mta.queue")
 REPORT_READ_LIMIT = 1 << 20  # enough for any header section and a returned message
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
 maillog_log = Logger(namespace="mta.maillog")
+_PAST = {
+    "flush": "flushed",
+    "hold": "put on hold",
+    "release": "released",
+    "delete": "deleted",
+    "bounce": "bounced to the sender",
+    "requeue": "requeued",
+}
 
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
@@ -149,6 +161,13 @@ class QueueManager(Service):
         self._stopped = True
         self._retries: list[IDelayedCall] = []
         self.idle_waiters: list[Deferred[None]] = []
+        # Operator actions (L{control}): those waiting for an active
+        # message's round to end, the messages whose files an action is
+        # changing right now (nobody else touches them), and the messages
+        # flushed, whose pending recipients are all due at their next plan.
+        self._requests: dict[str, str] = {}
+        self._controlling: set[str] = set()
+        self._flushed: set[str] = set()
 
     # -- life cycle --------------------------------------------------------
 
@@ -168,7 +187,9 @@ class QueueManager(Service):
     def _scanned(self, found: tuple[list[str], list[tuple[float, str]]]) -> None:
         ready, due = found
         # Messages committed while the scan ran are already known.
-        known = set(self.incoming) | set(self.active) | self._loading | set(self._due)
+        known = (
+            set(self.incoming) | set(self.active) | self._loading | set(self._due)
+        ) | self._controlling
         fresh = [qid for qid in ready if qid not in known]
         self.incoming.extendleft(reversed(fresh))
         for when, queue_id in due:
@@ -286,8 +307,19 @@ class QueueManager(Service):
             self._loading.discard(queue_id)
             if envelope is not None and not self._stopped:
                 message = _Active(envelope, self.clock.seconds())
+                # Reports owed from before a crash, or from "mtactl queue bounce".
+                message.notices = [
+                    dsn.Notice(r, "failed")
+                    for r in envelope.recipients
+                    if r.state == RecipientState.FAILED
+                    and not r.final_notified
+                    and dsn.needs_notice(envelope, r, "failed")
+                ]
                 self.active[queue_id] = message
-                self._plan(message)
+                if queue_id in self._requests:
+                    self._finish(message)  # an operator action waits; no delivery
+                else:
+                    self._plan(message)
             self._pump()
 
         def failed(failure: Failure) -> None:
@@ -305,10 +337,12 @@ class QueueManager(Service):
     def _plan(self, message: _Active) -> None:
         env = message.envelope
         now = self.clock.seconds()
+        flushed = env.queue_id in self._flushed
+        self._flushed.discard(env.queue_id)
         due = [
             r
             for r in env.recipients
-            if not r.state.final and (r.next_attempt is None or r.next_attempt <= now)
+            if not r.state.final and (flushed or r.next_attempt is None or r.next_attempt <= now)
         ]
         groups: dict[str, list[Recipient]] = {}
         domains: dict[str, str] = {}
@@ -569,11 +603,24 @@ class QueueManager(Service):
         — never dropped, never filed with a report marked sent that was not.
         The envelope is copied in the reactor thread and written in a group
         with other messages' (one directory fsync per group).
+
+        An operator action that waited for the round to end is applied
+        here: C{delete} removes the message, C{bounce} fails its pending
+        recipients (and the report goes out), C{hold} files it in C{hold/},
+        C{flush} makes it due again at once.
         """
         env = message.envelope
         queue_id = env.queue_id
         while True:
+            request = self._requests.get(queue_id)
             try:
+                if request == "delete":
+                    await self.runner(lambda: self.store.remove(queue_id, "active"))
+                    log.info("{qid}: removed by the mail administrator", qid=queue_id)
+                    state, due = "", None
+                    break
+                if request == "bounce":
+                    self._expire(message)
                 if message.notices:
                     await self._send_report(env, message.notices)
                     for notice in message.notices:
@@ -585,7 +632,11 @@ class QueueManager(Service):
                 waiting = [r.next_attempt for r in env.recipients if not r.state.final]
                 now = self.clock.seconds()
                 due = min(t if t is not None else now for t in waiting) if waiting else None
+                if waiting and queue_id in self._flushed:
+                    due = now
                 state = "deferred" if waiting else "done"
+                if waiting and request == "hold":
+                    state, due = "hold", None
                 await self._settles.submit(
                     (copy.deepcopy(env), "active", state, now if due is None else due)
                 )
@@ -597,13 +648,54 @@ class QueueManager(Service):
                     return  # it stays in active/ and is taken up at the next start
                 await deferLater(self.clock, RETRY_DELAY, lambda: None)
         self.active.pop(queue_id, None)
-        if due is not None:
+        late = self._requests.pop(queue_id, None)
+        if state == "deferred" and due is not None:
             self._schedule(queue_id, due)
-        else:
+        elif state == "hold":
+            log.info("{qid}: put on hold by the mail administrator", qid=queue_id)
+        elif state == "done":
             log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
             if self.on_done is not None:
                 self.on_done(queue_id)
+        if late is not None and late != request and state in ("deferred", "hold"):
+            # Asked for while the message was being filed: apply it now.
+            self.control(late, queue_id).addErrback(
+                lambda f: log.error("{qid}: {op}: {e}", qid=queue_id, op=late, e=f.value)
+            )
         self._pump()
+
+    def _expire(self, message: _Active) -> None:
+        """C{mtactl queue bounce} on an active message: fail what is pending, report it."""
+        env = message.envelope
+        now = self.clock.seconds()
+        for rcpt in control.expire(env, now):
+            if dsn.needs_notice(env, rcpt, "failed"):
+                message.notices.append(dsn.Notice(rcpt, "failed"))
+            self._log_admin_bounce(env, rcpt, message.activated, now)
+
+    def _log_admin_bounce(
+        self, env: Envelope, rcpt: Recipient, activated: float, now: float
+    ) -> None:
+        maillog_log.info(
+            "{line}",
+            line=maillog.delivery_line(
+                env.queue_id,
+                rcpt.address,
+                relay="none",
+                status="expired",
+                reply=control.ADMIN_BOUNCE,
+                arrival=env.arrival,
+                activated=activated,
+                started=now,
+                setup=0.0,
+                transfer=0.0,
+                now=now,
+            ),
+            queue_id=env.queue_id,
+            recipient=rcpt.address,
+            status="expired",
+            dsn=control.ADMIN_BOUNCE.enhanced,
+        )
 
     def _delay_notices(self, message: _Active) -> None:
         """A delay notice, once per recipient, after C{delay_warning_time} (RFC 3461)."""
@@ -675,6 +767,161 @@ class QueueManager(Service):
             )
 
         return self.runner(build).addCallback(commit).addCallback(sent)
+
+    # -- operator actions ----------------------------------------------------
+
+    def control(self, op: str, queue_id: str) -> Deferred[str]:
+        """Apply an operator action (L{mta.queue.control}); fires with a line to show.
+
+        A message being delivered is never changed under the delivery: its
+        waiting jobs are withdrawn, the connections in flight finish, and
+        the action is applied when the round ends (L{_file}), so a delete
+        that races a delivery loses nothing and sends nothing twice.  Any
+        other message is taken out of the manager's bookkeeping while its
+        files change, and put back where the action leaves it.
+        """
+        if op not in control.OPERATIONS:
+            return fail(ControlError(f"unknown action {op!r}"))
+        if queue_id in self._controlling:
+            return fail(ControlError(f"{queue_id}: another action on it is in progress"))
+        message = self.active.get(queue_id)
+        if message is not None or queue_id in self._loading:
+            return maybeDeferred(self._request, op, queue_id, message)
+        was_ready = queue_id in self.incoming
+        was_due = self._due.pop(queue_id, None)
+        if was_ready:
+            self.incoming = deque(q for q in self.incoming if q != queue_id)
+        self._controlling.add(queue_id)
+        now = self.clock.seconds()
+        if op == "flush" and (was_ready or was_due is not None):
+            self._controlling.discard(queue_id)
+            self._flush_one(queue_id, was_ready)
+            return succeed(f"{queue_id}: flushed")
+
+        def done(outcome: control.Outcome) -> str:
+            self._controlling.discard(queue_id)
+            if outcome.state == "incoming":
+                self.incoming.appendleft(queue_id)
+            elif outcome.state == "deferred" and outcome.due is not None:
+                self._schedule(queue_id, outcome.due)
+            if outcome.envelope is not None:
+                for rcpt in outcome.expired:
+                    self._log_admin_bounce(outcome.envelope, rcpt, now, now)
+            if op == "delete":
+                log.info("{qid}: removed by the mail administrator", qid=queue_id)
+            elif op == "hold":
+                log.info("{qid}: put on hold by the mail administrator", qid=queue_id)
+            elif op in ("release", "requeue"):
+                log.info("{qid}: {op}d by the mail administrator", qid=queue_id, op=op)
+            self._pump()
+            return f"{queue_id}: {_PAST[op]}"
+
+        def failed(failure: Failure) -> Failure:
+            self._controlling.discard(queue_id)
+            if was_ready:
+                self.incoming.append(queue_id)
+            if was_due is not None:
+                self._schedule(queue_id, was_due)
+            self._pump()
+            return failure
+
+        return self.runner(lambda: control.apply(self.store, op, queue_id, now)).addCallbacks(
+            done, failed
+        )
+
+    def _request(self, op: str, queue_id: str, message: _Active | None) -> str:
+        """An action on a message in delivery: applied when its round ends."""
+        if op == "release":
+            raise ControlError(f"cannot release {queue_id}: it is not on hold")
+        if op in ("flush", "requeue"):
+            self._flushed.add(queue_id)
+            return f"{queue_id}: being delivered now; flushed"
+        self._requests[queue_id] = op
+        if message is not None:
+            self._withdraw(message)
+        return f"{queue_id}: being delivered; {_PAST[op]} when the attempt in flight ends"
+
+    def _withdraw(self, message: _Active) -> None:
+        """Take a message's jobs that have not started out of the waiting queues."""
+        removed = 0
+        for dest in list(self._queues):
+            waiting = self._queues[dest]
+            keep = deque(item for item in waiting if item.message is not message)
+            removed += len(waiting) - len(keep)
+            if keep:
+                self._queues[dest] = keep
+            else:
+                del self._queues[dest]
+        if removed:
+            message.jobs -= removed
+            if message.jobs == 0:
+                self._finish(message)
+
+    def _flush_one(self, queue_id: str, ready: bool) -> None:
+        self._flushed.add(queue_id)
+        if not ready:
+            self._schedule(queue_id, self.clock.seconds())
+        else:
+            self.incoming.appendleft(queue_id)
+        self._pump()
+
+    def flush(self, domain: str | None = None) -> Deferred[str]:
+        """Retry now: every deferred message, or those with recipients at C{domain}.
+
+        The suspension of the destinations concerned ends too.  Messages
+        being delivered are left alone (they are being tried now).
+        """
+        if domain is None:
+            self.suspended.clear()
+            ids = list(self._due)
+            for queue_id in ids:
+                self._flush_one(queue_id, False)
+            return succeed(f"flushed {len(ids)} deferred message(s)")
+        dest = self.router.destination(domain.lower().rstrip("."))
+        self.suspended.pop(dest, None)
+        candidates = list(self._due)
+
+        def found(ids: list[str]) -> str:
+            flushed = [q for q in ids if q in self._due]
+            for queue_id in flushed:
+                self._flush_one(queue_id, False)
+            return f"flushed {len(flushed)} deferred message(s) for {domain}"
+
+        return self.runner(
+            lambda: control.ids_for_domain(self.store, candidates, domain)
+        ).addCallback(found)
+
+    def pickup(self, queue_id: str) -> str:
+        """A message another process committed to C{incoming/} (C{mta-sendmail})."""
+        known = (
+            queue_id in self.active
+            or queue_id in self._loading
+            or queue_id in self._due
+            or queue_id in self._controlling
+            or queue_id in self.incoming
+        )
+        if not known:
+            if not os.path.isdir(self.store.path("incoming", queue_id)):
+                raise ControlError(f"no message {queue_id} in incoming/")
+            self.committed(queue_id, "incoming")
+        return f"{queue_id}: queued"
+
+    def counts(self) -> dict[str, int]:
+        """Messages by state as the manager sees them (for metrics)."""
+        return {
+            "incoming": len(self.incoming),
+            "active": len(self.active) + len(self._loading),
+            "deferred": len(self._due),
+        }
+
+    def oldest_arrival(self) -> float | None:
+        """Arrival time of the oldest message waiting or in delivery."""
+        ids = [*self.incoming, *self.active, *self._loading]
+        oldest = min(ids, default=None)
+        if self._due:
+            first = min(self._due)
+            oldest = first if oldest is None else min(oldest, first)
+        return None if oldest is None else arrival_of(oldest)
 
     # -- tests and operations ------------------------------------------------
 

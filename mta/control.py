@@ -1,0 +1,155 @@
+"""The daemon's control socket: how C{mtactl} and C{mta-sendmail} reach a running daemon.
+
+A UNIX socket at C{SPOOL/control.sock}, mode 0600 (only the spool's owner
+may steer the queue).  One request per connection: a JSON object on one
+line, answered by one JSON line, then the daemon closes::
+
+    {"op": "hold", "id": "0ABC..."}          -> {"ok": true, "text": "0ABC...: put on hold"}
+    {"op": "flush", "all": true}             -> {"ok": true, "text": "flushed 12 ..."}
+    {"op": "flush", "domain": "example.com"}
+    {"op": "pickup", "id": "0ABC..."}        a message written into incoming/ by another process
+    {"op": "ping"}                           -> {"ok": true, "text": "pid 1234"}
+
+Errors are C{{"ok": false, "text": "one line"}}.  The queue manager does the
+work (L{mta.queue.manager.QueueManager.control}); this module only carries it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from mta.address import valid_domain
+from mta.errors import StorageError
+from mta.queue.control import OPERATIONS, ControlError, socket_address
+from mta.queue.manager import QueueManager
+from mta.spool.queueid import is_queue_id
+
+log = Logger(namespace="mta.control")
+MAX_REQUEST = 4096
+CLIENT_TIMEOUT = 120.0
+
+
+class DaemonNotRunningError(Exception):
+    """No daemon answers on the control socket."""
+
+
+def handle(queue: QueueManager, request: object) -> Deferred[str]:
+    """Carry out one request; fires with the text for the operator."""
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        return fail(ControlError("a request is a JSON object with an 'op'"))
+    op = request["op"]
+    queue_id = request.get("id")
+    if op == "ping":
+        return succeed(f"pid {os.getpid()}")
+    if op == "flush" and queue_id is None:
+        domain = request.get("domain")
+        if domain is None:
+            if request.get("all") is not True:
+                return fail(ControlError("flush needs an ID, a domain or all"))
+            return queue.flush()
+        if not isinstance(domain, str) or not valid_domain(domain.rstrip("."), utf8=True):
+            return fail(ControlError(f"{domain!r} is not a domain name"))
+        return queue.flush(domain)
+    if not isinstance(queue_id, str) or not is_queue_id(queue_id):
+        return fail(ControlError(f"{queue_id!r} is not a queue ID"))
+    if op == "pickup":
+        return maybeDeferred(queue.pickup, queue_id)
+    if op not in OPERATIONS:
+        return fail(ControlError(f"unknown action {op!r}"))
+    return queue.control(op, queue_id)
+
+
+class ControlProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REQUEST
+
+    def __init__(self, queue: QueueManager) -> None:
+        self.queue = queue
+        self._answered = False
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        try:
+            request = json.loads(line)
+        except ValueError:
+            self._reply(False, "the request is not JSON")
+            return
+        handle(self.queue, request).addCallbacks(lambda text: self._reply(True, text), self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(ControlError, StorageError):
+            self._reply(False, str(failure.value))
+            return
+        log.failure("control request failed", failure)
+        self._reply(False, f"internal error: {failure.getErrorMessage()}")
+
+    def _reply(self, ok: bool, text: str) -> None:
+        if self.transport is None or not self.connected:
+            return
+        self.sendLine(json.dumps({"ok": ok, "text": text}).encode())  # type: ignore[no-untyped-call]
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._answered = True
+        self._reply(False, "request too long")
+
+
+class ControlFactory(Factory):
+    def __init__(self, queue: QueueManager) -> None:
+        self.queue = queue
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        return ControlProtocol(self.queue)
+
+
+def request(path: str, doc: dict[str, Any], timeout: float = CLIENT_TIMEOUT) -> tuple[bool, str]:
+    """Send one request to the daemon (blocking; for the command-line tools).
+
+    Raises L{DaemonNotRunningError} when nothing listens on C{path}.
+    """
+    address, fd = socket_address(path)
+    try:
+        return _request(address, path, doc, timeout)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _request(address: str, path: str, doc: dict[str, Any], timeout: float) -> tuple[bool, str]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunningError(path) from None
+        except OSError as e:
+            raise ControlError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
+        try:
+            s.sendall(json.dumps(doc).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise ControlError(f"the daemon did not answer within {timeout:g} s") from None
+        except OSError as e:
+            raise ControlError(f"lost the daemon at {path}: {e.strerror or e}") from None
+    with contextlib.suppress(ValueError):
+        reply = json.loads(data)
+        if isinstance(reply, dict) and isinstance(reply.get("text"), str):
+            return bool(reply.get("ok")), reply["text"]
+    raise ControlError("the daemon's answer was not understood")

@@ -1,0 +1,344 @@
+"""Operator actions in the daemon: the queue manager's C{control}, C{flush} and C{pickup}.
+
+A Clock, a real spool directory and a delivery spy whose Deferreds the test
+fires: so a delivery "in flight" is one the spy has not answered yet.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, globalLogPublisher
+
+from mta.control import ControlProtocol, handle
+from mta.envelope import RecipientState
+from mta.queue.control import ControlError
+from mta.spool.fs import ENVELOPE, Spool
+from mta.spool.queueid import QueueIdGenerator
+from mta.testing import run_inline
+from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
+
+
+class ControlTestCase(QueueTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.reports = Spool(self.store, run_inline, QueueIdGenerator(self.clock.seconds))
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def act(self, qm: Any, op: str, queue_id: str) -> str:
+        return str(self.successResultOf(qm.control(op, queue_id)))
+
+    def refused(self, d: Deferred[Any]) -> str:
+        return str(self.failureResultOf(d, ControlError).value)
+
+    def deferred_message(self, qm: Any, *recipients: str) -> str:
+        """A message that failed once and waits 300 s for its next attempt."""
+        qid = self.queue(*recipients)
+        qm.committed(qid, "incoming")
+        self.spy.answer(len(self.spy.calls) - 1, LATER)
+        self.assertEqual(self.store.find(qid), "deferred")
+        return qid
+
+    def dsn_reports(self) -> list[Any]:
+        return [
+            env
+            for state in ("incoming", "active", "deferred", "done")
+            for qid in self.store.ids(state)
+            for env in [self.store.load(qid, state)[1]]
+            if env.kind == "dsn"
+        ]
+
+    def logged(self, text: str) -> bool:
+        from twisted.logger import formatEvent  # noqa: PLC0415
+
+        return any(text in formatEvent(e) for e in self.events)
+
+
+class HoldReleaseTests(ControlTestCase):
+    def test_held_message_is_not_delivered(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.assertEqual(self.act(qm, "hold", qid), f"{qid}: put on hold")
+        self.assertEqual(self.store.find(qid), "hold")
+        self.clock.advance(86400)
+        self.assertEqual(len(self.spy.calls), 1, "a held message was delivered")
+        self.assertEqual(qm.counts()["deferred"], 0)
+
+    def test_release_makes_it_due_again(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.act(qm, "hold", qid)
+        self.clock.advance(1000)
+        self.assertEqual(self.act(qm, "release", qid), f"{qid}: released")
+        self.assertEqual(len(self.spy.waiting), 1, "overdue when released: delivered at once")
+        self.spy.answer(1, OK)
+        self.assertEqual(self.store.find(qid), "done")
+
+    def test_release_keeps_a_future_schedule(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.act(qm, "hold", qid)
+        self.act(qm, "release", qid)
+        self.assertEqual(self.store.find(qid), "deferred")
+        self.clock.advance(299)
+        self.assertEqual(len(self.spy.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.spy.calls), 2)
+
+    def test_hold_twice_and_release_of_unheld_are_refused(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.assertIn("it is deferred", self.refused(qm.control("release", qid)))
+        self.act(qm, "hold", qid)
+        self.assertIn("on hold", self.refused(qm.control("hold", qid)))
+        self.assertIn("on hold", self.refused(qm.control("flush", qid)))
+
+    def test_hold_during_delivery_applies_when_it_ends(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        text = self.act(qm, "hold", qid)
+        self.assertIn("being delivered", text)
+        self.assertEqual(self.store.find(qid), "active")
+        self.spy.answer(0, LATER)
+        self.assertEqual(self.store.find(qid), "hold")
+        self.clock.advance(3600)
+        self.assertEqual(len(self.spy.calls), 1)
+
+    def test_hold_of_a_message_delivered_meanwhile_leaves_it_done(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        self.act(qm, "hold", qid)
+        self.spy.answer(0, OK)
+        self.assertEqual(self.store.find(qid), "done")
+
+
+class DeleteTests(ControlTestCase):
+    def test_delete_deferred(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.assertEqual(self.act(qm, "delete", qid), f"{qid}: deleted")
+        self.assertRaises(KeyError, self.store.find, qid)
+        self.clock.advance(86400)
+        self.assertEqual(len(self.spy.calls), 1)
+        self.assertEqual(self.dsn_reports(), [], "a deleted message gets no report")
+        self.assertTrue(self.logged(f"{qid}: removed by the mail administrator"))
+
+    def test_delete_racing_a_delivery_that_succeeds(self) -> None:
+        """The delivery in flight finishes; the message is then gone, sent once."""
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        self.assertIn("being delivered", self.act(qm, "delete", qid))
+        self.spy.answer(0, OK)
+        self.assertRaises(KeyError, self.store.find, qid)
+        self.clock.advance(86400 * 6)
+        self.assertEqual(len(self.spy.calls), 1)
+        self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
+
+    def test_delete_racing_a_delivery_that_fails(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        self.act(qm, "delete", qid)
+        self.spy.answer(0, LATER)
+        self.assertRaises(KeyError, self.store.find, qid)
+        self.clock.advance(86400)
+        self.assertEqual(len(self.spy.calls), 1, "retried after delete")
+
+    def test_delete_withdraws_jobs_not_started(self) -> None:
+        """Of two destinations, one job runs and one waits: the waiting one never starts."""
+        qm = self.manager(connections=1)
+        qid = self.queue("a@one.example", "b@two.example")
+        qm.committed(qid, "incoming")
+        self.assertEqual(len(self.spy.calls), 1)
+        self.act(qm, "delete", qid)
+        self.spy.answer(0, OK)
+        self.assertEqual(len(self.spy.calls), 1, "the withdrawn job was started")
+        self.assertRaises(KeyError, self.store.find, qid)
+
+    def test_delete_corrupt_and_held(self) -> None:
+        qm = self.manager()
+        held = self.deferred_message(qm, "bob@example.net")
+        self.act(qm, "hold", held)
+        self.act(qm, "delete", held)
+        self.assertRaises(KeyError, self.store.find, held)
+
+    def test_unknown_and_malformed_ids(self) -> None:
+        qm = self.manager()
+        self.assertIn("no message", self.refused(qm.control("delete", "0000000000Z0000")))
+        self.assertIn("not a queue ID", self.refused(qm.control("delete", "../x")))
+        self.assertIn("unknown action", self.refused(qm.control("explode", "0000000000Z0000")))
+
+    def test_finished_message_is_left_to_retention(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        self.spy.answer(0, OK)
+        self.assertIn("finished", self.refused(qm.control("delete", qid)))
+
+
+class BounceTests(ControlTestCase):
+    def test_bounce_deferred_sends_one_report(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net", "carol@example.net")
+        self.assertEqual(self.act(qm, "bounce", qid), f"{qid}: bounced to the sender")
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "done")
+        self.assertEqual([r.state for r in env.recipients], [RecipientState.FAILED] * 2)
+        self.assertEqual([r.dsn_status for r in env.recipients], ["5.4.7", "5.4.7"])
+        self.assertTrue(all(r.final_notified for r in env.recipients))
+        self.assertIn("last attempt: 451 4.3.0 Try again later", env.recipients[0].reply)
+        [report] = self.dsn_reports()
+        self.assertEqual([r.address for r in report.recipients], ["sender@example.com"])
+        self.assertTrue(self.logged("status=expired"))
+        attempts = [job.envelope.queue_id for job, _ in self.spy.calls[1:]]
+        self.assertNotIn(qid, attempts, "a bounced message was tried again")
+
+    def test_bounce_during_delivery(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net", "nobody@example.net")
+        qm.committed(qid, "incoming")
+        self.assertIn("being delivered", self.act(qm, "bounce", qid))
+        self.spy.answer_each(0, [OK, LATER])
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "done")
+        self.assertEqual(
+            [r.state for r in env.recipients], [RecipientState.SENT, RecipientState.FAILED]
+        )
+        [report] = self.dsn_reports()
+        self.assertEqual(report.sender, "")
+
+    def test_bounce_held_message(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.act(qm, "hold", qid)
+        self.act(qm, "bounce", qid)
+        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(len(self.dsn_reports()), 1)
+
+
+class FlushTests(ControlTestCase):
+    def test_flush_one(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        self.assertEqual(self.act(qm, "flush", qid), f"{qid}: flushed")
+        self.assertEqual(len(self.spy.waiting), 1, "not retried at once")
+        self.spy.answer(1, OK)
+        self.assertEqual(self.store.find(qid), "done")
+
+    def test_flush_all_ends_suspensions(self) -> None:
+        qm = self.manager()
+        first = self.deferred_message(qm, "bob@example.net")
+        second = self.deferred_message(qm, "carol@example.org")
+        qm.suspended["example.net"] = qm.suspended.get("x") or _suspension(self.clock)
+        self.assertEqual(self.successResultOf(qm.flush()), "flushed 2 deferred message(s)")
+        self.assertEqual(qm.suspended, {})
+        self.assertEqual(
+            sorted(j.envelope.queue_id for j in self.spy.waiting), sorted([first, second])
+        )
+
+    def test_flush_domain(self) -> None:
+        qm = self.manager()
+        net = self.deferred_message(qm, "bob@example.net")
+        self.deferred_message(qm, "carol@example.org")
+        text = self.successResultOf(qm.flush("EXAMPLE.net."))
+        self.assertEqual(text, "flushed 1 deferred message(s) for EXAMPLE.net.")
+        self.assertEqual([j.envelope.queue_id for j in self.spy.waiting], [net])
+
+    def test_flush_during_delivery_retries_right_after(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        self.act(qm, "flush", qid)
+        self.spy.answer(0, LATER)
+        self.assertEqual(len(self.spy.waiting), 1)
+
+    def test_requeue_repaired_corrupt_message(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        path = self.store.path("deferred", qid, ENVELOPE)
+        with open(path, "rb") as f:
+            good = f.read()
+        with open(path, "wb") as f:
+            f.write(b"{broken")
+        qm.flush()  # the manager finds it unreadable and files it as corrupt
+        self.assertEqual(self.store.find(qid), "corrupt")
+        self.assertTrue(self.logged(f"{qid}: unreadable envelope, moved to corrupt/"))
+        self.assertIn("unreadable", self.refused(qm.control("requeue", qid)))
+        with open(self.store.path("corrupt", qid, ENVELOPE), "wb") as f:
+            f.write(good)
+        self.assertEqual(self.act(qm, "requeue", qid), f"{qid}: requeued")
+        self.spy.answer(len(self.spy.calls) - 1, NO_USER)
+        self.assertEqual(self.store.find(qid), "done")
+
+
+class PickupTests(ControlTestCase):
+    def test_pickup_of_a_message_written_by_another_process(self) -> None:
+        qm = self.manager()
+        qid = self.queue("bob@example.net")  # written behind the manager's back
+        self.assertEqual(self.spy.calls, [])
+        self.assertEqual(qm.pickup(qid), f"{qid}: queued")
+        self.assertEqual(qm.pickup(qid), f"{qid}: queued")  # twice is harmless
+        self.assertEqual(len(self.spy.calls), 1)
+
+    def test_pickup_of_nothing(self) -> None:
+        qm = self.manager()
+        self.assertRaises(ControlError, qm.pickup, "0000000000Z0000")
+
+
+class ProtocolTests(ControlTestCase):
+    def converse(self, qm: Any, line: bytes) -> dict[str, Any]:
+        proto = ControlProtocol(qm)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(line)
+        self.assertTrue(transport.disconnecting)
+        reply = json.loads(transport.value())
+        self.assertIsInstance(reply, dict)
+        return dict(reply)
+
+    def test_requests(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        ok = self.converse(qm, json.dumps({"op": "hold", "id": qid}).encode() + b"\n")
+        self.assertEqual(ok, {"ok": True, "text": f"{qid}: put on hold"})
+        again = self.converse(qm, json.dumps({"op": "hold", "id": qid}).encode() + b"\n")
+        self.assertFalse(again["ok"])
+        self.assertIn("on hold", again["text"])
+
+    def test_bad_requests(self) -> None:
+        qm = self.manager()
+        for line, words in [
+            (b"not json\n", "not JSON"),
+            (b"[]\n", "'op'"),
+            (b'{"op": "flush"}\n', "ID, a domain or all"),
+            (b'{"op": "flush", "domain": "bad domain"}\n', "not a domain"),
+            (b'{"op": "hold", "id": 5}\n', "not a queue ID"),
+            (b'{"op": "format", "id": "0000000000Z0000"}\n', "unknown action"),
+            (b"x" * 5000, "too long"),
+        ]:
+            reply = self.converse(qm, line)
+            self.assertFalse(reply["ok"], line)
+            self.assertIn(words, reply["text"])
+
+    def test_ping(self) -> None:
+        qm = self.manager()
+        text = self.successResultOf(handle(qm, {"op": "ping"}))
+        self.assertTrue(text.startswith("pid "))
+
+
+def _suspension(clock: Any) -> Any:
+    from mta.errors import Reply  # noqa: PLC0415
+    from mta.queue.manager import _Suspension  # noqa: PLC0415
+
+    return _Suspension(clock.seconds() + 3600, Reply(421, "4.4.2", "gone"), "unreachable")
+
+
+__all__ = ["T0"]
