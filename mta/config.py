@@ -122,6 +122,17 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Twisted server endpoint descriptions for /metrics and /health; [] = off.
+    listen: list[str] = _opt([])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    json_file: str = ""  # also write every log event as a JSON line here; "" = off
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One entry of C{[routes]}: where mail for a domain goes instead of its MX."""
 
@@ -143,6 +154,8 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     bounce_rules: tuple[Any, ...] = ()  # mta.bounce.Rule, from [[bounce.rules]]
     source: str = "<embedded default>"
@@ -163,6 +176,7 @@ _PATH_OPTIONS = {
     ("tls", "certificate"),
     ("tls", "key"),
     ("tls", "selfsigned_dir"),
+    ("log", "json_file"),
 }
 
 
@@ -228,6 +242,8 @@ SECTIONS: dict[str, type] = {
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
     "retention": RetentionConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
 }
 
 

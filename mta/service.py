@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -36,6 +36,9 @@ from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
 from mta.errors import ConfigError, StorageError
+from mta.logs import json_observer
+from mta.metrics import Metrics, count_entries
+from mta.metrics import site as metrics_site
 from mta.queue.control import control_socket, socket_address
 from mta.queue.manager import QueueLimits, QueueManager
 from mta.queue.retention import Retention
@@ -84,6 +87,7 @@ class MTAService(MultiService):
             cert, key = ensure_selfsigned(config.tls.selfsigned_dir, self.hostname)
         self.tls = ServerTLS(cert, key)
 
+        self.metrics = Metrics()
         self.spool_runner = self._pool("spool-io", 4)
         self.spool = Spool(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
         self.users = UserFile(config.server.users_file)
@@ -106,6 +110,7 @@ class MTAService(MultiService):
             clock=reactor,
             trusted_networks=parse_networks(auth.trusted_networks),
             daily=DailyCounter(os.path.join(self.store.root, "state"), reactor),
+            metrics=self.metrics,
         )
         self._build_delivery(config, reactor)
         self.listeners: list[tuple[str, IProtocolFactory]] = []
@@ -115,6 +120,9 @@ class MTAService(MultiService):
         for description in config.listen.submission:
             plain = SubmissionFactory(self.settings, implicit_tls=False)
             self.listeners.append((description, plain))
+        self.metrics.watch_queue(self.queue_counts, self.queue.oldest_arrival, reactor.seconds)
+        for description in config.metrics.listen:
+            self.listeners.append((description, metrics_site(self.metrics, self.health)))
 
     def _build_delivery(self, config: Config, reactor: Any) -> None:
         """The resolver, route table, delivery agent and queue manager."""
@@ -157,6 +165,7 @@ class MTAService(MultiService):
                 ),
             ),
             runner=self.spool_runner,
+            metrics=self.metrics,
         )
         self.queue = QueueManager(
             self.store,
@@ -175,6 +184,7 @@ class MTAService(MultiService):
             classifier=Classifier(extra=config.bounce_rules),
             reports=self.spool,
             hostname=self.hostname,
+            metrics=self.metrics,
         )
         self.retention = Retention(
             self.store, self.spool_runner, reactor, lambda: self.config.retention
@@ -183,6 +193,26 @@ class MTAService(MultiService):
         self.retention.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.spool.add_listener(self.queue.committed)
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def queue_counts(self) -> dict[str, int]:
+        """Messages per state: the manager's bookkeeping, and a listing of the rest."""
+        counts = self.queue.counts()
+        for state in ("hold", "corrupt"):
+            counts[state] = count_entries(self.store.path(state))
+        return counts
+
+    def health(self) -> dict[str, Any]:
+        """For C{/health}: the queue runs and the spool takes new messages."""
+        problems = []
+        if not self.queue.running:
+            problems.append("the queue manager is not running")
+        if not os.access(self.store.path("tmp"), os.W_OK | os.X_OK):
+            problems.append(f"the spool {self.store.root} is not writable")
+        doc: dict[str, Any] = {"status": "ok" if not problems else "failing"}
+        if problems:
+            doc["problems"] = problems
+        doc["queue"] = self.queue_counts()
+        return doc
 
     def _pool(self, name: str, size: int) -> Callable[[Callable[[], Any]], Deferred[Any]]:
         pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
@@ -195,6 +225,7 @@ class MTAService(MultiService):
         except (OSError, StorageError) as e:
             fatal(str(e))
         self._raise_file_limit()
+        self._log_json()
         removed = self.store.clean_tmp()
         if removed:
             log.info(
@@ -249,6 +280,17 @@ class MTAService(MultiService):
                 fatal(f"cannot listen on {description}: {reason}")
             self.ports.append(outcome[0])
             log.info("listening on {desc}", desc=description)
+
+    def _log_json(self) -> None:
+        """C{[log] json_file}: every event as a JSON line, beside the text log."""
+        path = self.config.log.json_file
+        if not path:
+            return
+        try:
+            stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the process
+        except OSError as e:
+            fatal(f"{self.config.source}: [log] json_file: cannot open {path}: {e.strerror}")
+        globalLogPublisher.addObserver(json_observer(stream))
 
     def _listen_control(self) -> None:
         """The control socket for mtactl (L{mta.control}); ours to replace, as we hold the lock."""
@@ -312,7 +354,17 @@ class MTAService(MultiService):
             return
         restart = [
             name
-            for name in ("server", "listen", "tls", "limits", "auth", "delivery", "routes")
+            for name in (
+                "server",
+                "listen",
+                "tls",
+                "limits",
+                "auth",
+                "delivery",
+                "routes",
+                "metrics",
+                "log",
+            )
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config = new

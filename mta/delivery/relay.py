@@ -32,6 +32,7 @@ from mta.delivery.routes import Route, Router
 from mta.envelope import Envelope, Recipient
 from mta.errors import DeliveryError, Reply
 from mta.interfaces import IResolver
+from mta.metrics import Metrics
 from mta.smtp.client import (
     ClientPolicy,
     ClientTimeouts,
@@ -239,8 +240,10 @@ class DeliveryAgent:
         connector: Connector = connect,
         shuffle: Callable[[list[Any]], None] = random.shuffle,
         runner: Runner = run_now,
+        metrics: Metrics | None = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics or Metrics()
         self.runner = runner
         self.resolver = resolver
         self.router = router
@@ -288,6 +291,17 @@ class DeliveryAgent:
         )
 
     async def connect(
+        self, hop: mx.NextHop, address: str, policy: ClientPolicy
+    ) -> OutboundConnection:
+        try:
+            conn = await self._connect(hop, address, policy)
+        except DeliveryError as e:
+            self.metrics.connection_failures_out.labels(e.kind).inc()
+            raise
+        self.metrics.connections_out.labels("yes" if conn.tls else "no").inc()
+        return conn
+
+    async def _connect(
         self, hop: mx.NextHop, address: str, policy: ClientPolicy
     ) -> OutboundConnection:
         try:

@@ -57,6 +57,7 @@ from mta.delivery.routes import Router
 from mta.envelope import Envelope, Recipient, RecipientState
 from mta.errors import DeliveryError, Reply
 from mta.interfaces import ISpool
+from mta.metrics import Metrics
 from mta.queue import control
 from mta.queue.control import ControlError
 from mta.queue.schedule import RetryPolicy, no_jitter
@@ -128,8 +129,10 @@ class QueueManager(Service):
         reports: ISpool | None = None,
         hostname: str = "localhost",
         on_done: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.runner = runner
         self.deliver = deliver
         self.router = router
@@ -502,6 +505,7 @@ class QueueManager(Service):
             if ran:
                 rcpt.attempts += 1
                 rcpt.last_attempt = now
+                self.metrics.attempts.inc()
             rcpt.reply = str(result.reply)
             rcpt.dsn_status = maillog.dsn_code(result.reply)
             rcpt.relay = result.relay
@@ -512,6 +516,7 @@ class QueueManager(Service):
                 status = "sent"
                 if not result.dsn_passed and dsn.needs_notice(env, rcpt, "relayed"):
                     message.notices.append(dsn.Notice(rcpt, "relayed"))
+                self.metrics.delivery_latency.observe(max(0.0, now - env.arrival))
             elif verdict.temporary and not policy.expired(env.arrival, now):
                 rcpt.state = RecipientState.DEFERRED
                 rcpt.category = verdict.category
@@ -527,8 +532,15 @@ class QueueManager(Service):
                 status = "expired" if verdict.temporary else "bounced"
                 if dsn.needs_notice(env, rcpt, "failed"):
                     message.notices.append(dsn.Notice(rcpt, "failed"))
+            self.metrics.deliveries.labels(status, rcpt.category or "").inc()
             maillog_log.info(
                 "{line}",
+                queue_id=env.queue_id,
+                recipient=rcpt.address,
+                relay=result.relay,
+                status=status,
+                dsn=rcpt.dsn_status,
+                reply=rcpt.reply,
                 line=maillog.delivery_line(
                     env.queue_id,
                     rcpt.address,
@@ -676,6 +688,7 @@ class QueueManager(Service):
     def _log_admin_bounce(
         self, env: Envelope, rcpt: Recipient, activated: float, now: float
     ) -> None:
+        self.metrics.deliveries.labels("expired", rcpt.category or "").inc()
         maillog_log.info(
             "{line}",
             line=maillog.delivery_line(

@@ -45,6 +45,7 @@ from mta.config import Config
 from mta.envelope import Envelope, Recipient
 from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.interfaces import ISpool, ISpoolTransaction
+from mta.metrics import Metrics
 from mta.ratelimit import DailyCounter
 from mta.smtp import auth
 from mta.smtp.dataread import DataReader
@@ -90,6 +91,7 @@ class SessionSettings:
     clock: IReactorTime
     trusted_networks: tuple[addr.Network, ...] = ()
     daily: DailyCounter | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
     def stored_hash(self, username: str) -> str:
         """The login's current password hash, "" when there is no such login."""
@@ -109,6 +111,7 @@ class _Transaction:
     ret: str | None = None
     envid: str | None = None
     recipients: list[Recipient] = field(default_factory=list)
+    started: float = 0.0  # when MAIL was accepted, for the latency metric
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -162,6 +165,8 @@ class SubmissionSession(Protocol):
         self.peer = getattr(peer, "host", "unknown")
         self.trusted = addr.in_networks(self.peer, self.s.trusted_networks)
         log.info("connect from [{peer}]", peer=self.peer)
+        listener = "submissions" if self.implicit_tls else "submission"
+        self.s.metrics.connections_in.labels(listener).inc()
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reset_timer()
         self._write(Reply(220, None, f"{self.s.hostname} ESMTP mta"))
@@ -199,6 +204,7 @@ class SubmissionSession(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.tls_info = describe_connection(self.transport.getHandle())  # type: ignore[union-attr]
+        self.s.metrics.tls_in.labels((self.tls_info or "").split(" ")[0] or "unknown").inc()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
@@ -521,6 +527,7 @@ class SubmissionSession(Protocol):
         self, method: str, username: str, password: str, stored: str
     ) -> Deferred[Reply]:
         delay = self.s.throttle.failure(self.peer, username, password, stored)
+        self.s.metrics.auth_failures.inc()
         log.warn(
             "[{peer}]: SASL {method} authentication failed for {user!r}",
             peer=self.peer,
@@ -590,6 +597,7 @@ class SubmissionSession(Protocol):
             log.error("cannot start a message: {e}", e=str(e))
             return storage_reply(e)
         self.txn = _Transaction(sender=sender, spool=spool_txn, size=size, smtputf8=smtputf8)
+        self.txn.started = self.s.clock.seconds()
         self.txn.body = params.get("BODY")
         self.txn.ret = params.get("RET")
         if "ENVID" in params:
@@ -732,6 +740,8 @@ class SubmissionSession(Protocol):
         def queued(queue_id: str) -> Reply:
             if self.s.daily is not None and self.login is not None:
                 self.s.daily.add(self.login)
+            self.s.metrics.messages_accepted.inc()
+            self.s.metrics.submission_latency.observe(self.s.clock.seconds() - txn.started)
             log.info(
                 "{qid}: client=[{peer}], sasl_username={login}, message-id={mid}, "
                 "from=<{sender}>, size={size}, nrcpt={n} (queued)",

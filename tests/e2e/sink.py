@@ -11,8 +11,12 @@ says what to answer::
     {
       "rcpt": {"user@example.test": ["451 4.7.1 Greylisted", "250 2.1.5 Ok"]},
       "message": ["250 2.0.0 Ok"],
-      "extensions": ["PIPELINING", "8BITMIME", "DSN"]
+      "extensions": ["PIPELINING", "8BITMIME", "DSN"],
+      "message_delay": 2.5
     }
+
+C{message_delay} holds the reply to the end of data that many seconds
+(blocking the sink), so that a test can act while a delivery is in flight.
 
 For a recipient with a list, each RCPT for it takes the next reply and
 the last one repeats; recipients not named get 250.  Every RCPT line is
@@ -26,6 +30,7 @@ import json
 import os
 import re
 import sys
+import time
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
@@ -64,7 +69,12 @@ class Script:
         return str(replies[min(n, len(replies) - 1)])
 
     def message(self, factory: SinkFactory, data: bytes) -> str:
-        replies = self.load().get("message") or ["250 2.0.0 Ok: queued"]
+        script = self.load()
+        delay = float(script.get("message_delay", 0))
+        if delay > 0:
+            # Holds the whole sink: enough for one delivery "in flight".
+            time.sleep(min(delay, 30.0))
+        replies = script.get("message") or ["250 2.0.0 Ok: queued"]
         reply = str(replies[min(self.count, len(replies) - 1)])
         self.count += 1
         if reply.startswith("2"):

@@ -1,0 +1,58 @@
+"""Metrics (L{mta.metrics}) and what the queue manager counts into them."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import generate_latest
+from twisted.web.test.requesthelper import DummyRequest
+
+from mta.metrics import Metrics, site
+from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    value = metrics.registry.get_sample_value(name, labels)
+    return None if value is None else float(value)
+
+
+class ExpositionTests(QueueTestCase):
+    def test_queue_gauges_are_read_when_scraped(self) -> None:
+        metrics = Metrics()
+        counts = {"incoming": 2, "deferred": 5}
+        metrics.watch_queue(lambda: counts, lambda: T0 - 90, lambda: T0)
+        self.assertEqual(sample(metrics, "mta_queue_messages", state="deferred"), 5)
+        counts["deferred"] = 7
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('mta_queue_messages{state="deferred"} 7.0', text)
+        self.assertIn("mta_queue_oldest_message_age_seconds 90.0", text)
+
+    def test_health_resource(self) -> None:
+        resource = site(Metrics(), lambda: {"status": "failing", "problems": ["disk"]}).resource
+        request = DummyRequest([b"health"])
+        child = resource.getChildWithDefault(b"health", request)
+        body = child.render(request)  # type: ignore[attr-defined]
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(json.loads(body)["problems"], ["disk"])
+
+
+class QueueCountingTests(QueueTestCase):
+    def test_results_by_status_and_category(self) -> None:
+        self.queue("a@example.net", "b@example.net")
+        qm = self.manager()
+        metrics = qm.metrics
+        qm.committed(self.queue("c@example.org"), "incoming")
+        self.spy.answer_each(0, [OK, NO_USER])
+        self.clock.advance(7)
+        self.spy.answer(1, LATER)
+        self.assertEqual(sample(metrics, "mta_delivery_attempts_total"), 3)
+        self.assertEqual(sample(metrics, "mta_deliveries_total", status="sent", category=""), 1)
+        self.assertEqual(
+            sample(metrics, "mta_deliveries_total", status="bounced", category="recipient"), 1
+        )
+        self.assertEqual(
+            sample(metrics, "mta_deliveries_total", status="deferred", category="greylist"), 1
+        )
+        self.assertEqual(sample(metrics, "mta_delivery_latency_seconds_count"), 1)
+        self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 1})
+        self.assertLess(abs((qm.oldest_arrival() or 0) - T0), 0.01)
