@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from mta import config as configmod
@@ -143,11 +143,11 @@ def _recipient_row(r: Any) -> dict[str, Any]:
     }
 
 
-def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The listing's rows, one message at a time (a queue may be large)."""
     states = args.state or [s for s in STATES if args.all or s not in ("done", "redacted")]
     domain = ascii_lower(args.domain).rstrip(".") if args.domain else None
     sender = ascii_lower(args.sender) if args.sender else None
-    rows: list[dict[str, Any]] = []
     for state in STATES:
         if state not in states:
             continue
@@ -158,7 +158,7 @@ def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> list[dict[str, A
                 continue  # moved or removed while we looked
             except FormatError as e:
                 if not (domain or sender):
-                    rows.append({"id": queue_id, "state": state, "error": str(e)})
+                    yield {"id": queue_id, "state": state, "error": str(e)}
                 continue
             if sender is not None and ascii_lower(env.sender) != sender:
                 continue
@@ -166,7 +166,7 @@ def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> list[dict[str, A
                 ascii_lower(r.address).rpartition("@")[2] == domain for r in env.recipients
             ):
                 continue
-            rows.append({
+            yield {
                 "id": queue_id,
                 "state": state,
                 "arrival": format_time(env.arrival),
@@ -174,26 +174,29 @@ def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> list[dict[str, A
                 "sender": env.sender,
                 "kind": env.kind,
                 "recipients": [_recipient_row(r) for r in env.recipients],
-            })  # fmt: skip
-    return rows
+            }
 
 
 def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     rows = _queue_rows(_store(config), args)
     if args.json:
-        out.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        # A JSON array written as it is read: constant memory for any queue.
+        first = True
+        for row in rows:
+            text = json.dumps(row, indent=2, ensure_ascii=False)
+            out.write(("[\n" if first else ",\n") + _indent(text))
+            first = False
+        out.write("[]\n" if first else "\n]\n")
         return 0
-    if not rows:
-        out.write("Mail queue is empty\n")
-        return 0
-    out.write(
-        f"{'-Queue ID-':<16} {'--Size--':>8} {'----Arrival Time----':<20} {'-State-':<9}"
-        " -Sender/Recipient-------\n"
-    )
     indent = " " * 57
     total = 0
     by_state: Counter[str] = Counter()
     for row in rows:
+        if not by_state:
+            out.write(
+                f"{'-Queue ID-':<16} {'--Size--':>8} {'----Arrival Time----':<20} {'-State-':<9}"
+                " -Sender/Recipient-------\n"
+            )
         by_state[row["state"]] += 1
         if "error" in row:
             out.write(printable(f"{row['id']:<16} {'':>8} {'':<20} {row['state']:<9} "
@@ -212,9 +215,17 @@ def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: Text
             if r["next_attempt"] and r["state"] not in ("sent", "failed"):
                 detail.append("next " + str(r["next_attempt"])[:19].replace("T", " "))
             out.write(printable(f"{indent}{r['address']} [{', '.join(detail)}]") + "\n")
+    if not by_state:
+        out.write("Mail queue is empty\n")
+        return 0
     summary = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
-    out.write(f"-- {(total + 1023) // 1024} Kbytes in {len(rows)} requests ({summary}).\n")
+    count = sum(by_state.values())
+    out.write(f"-- {(total + 1023) // 1024} Kbytes in {count} requests ({summary}).\n")
     return 0
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.split("\n"))
 
 
 def _act(
