@@ -56,3 +56,24 @@ class QueueCountingTests(QueueTestCase):
         self.assertEqual(sample(metrics, "mta_delivery_latency_seconds_count"), 1)
         self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 1})
         self.assertLess(abs((qm.oldest_arrival() or 0) - T0), 0.01)
+
+
+class JSONLogTests(QueueTestCase):
+    def test_json_stdout_writes_one_object_per_line(self) -> None:
+        import io  # noqa: PLC0415
+        import sys  # noqa: PLC0415
+
+        from twisted.logger import Logger  # noqa: PLC0415
+
+        from mta.logs import json_stdout  # noqa: PLC0415
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        observer = json_stdout()
+        Logger(namespace="mta.test", observer=observer).info(
+            "{queue_id}: to=<{recipient}>", queue_id="0ABC", recipient="bob@example.net"
+        )
+        [line] = out.getvalue().splitlines()
+        event = json.loads(line)
+        self.assertEqual((event["queue_id"], event["recipient"]), ("0ABC", "bob@example.net"))
+        self.assertEqual(event["log_namespace"], "mta.test")

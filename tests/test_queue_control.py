@@ -7,6 +7,7 @@ fires: so a delivery "in flight" is one the spy has not answered yet.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -277,6 +278,17 @@ class FlushTests(ControlTestCase):
         self.assertEqual(self.act(qm, "requeue", qid), f"{qid}: requeued")
         self.spy.answer(len(self.spy.calls) - 1, NO_USER)
         self.assertEqual(self.store.find(qid), "done")
+
+
+class CorruptTests(ControlTestCase):
+    def test_missing_envelope_is_set_aside(self) -> None:
+        qm = self.manager()
+        qid = self.deferred_message(qm, "bob@example.net")
+        os.remove(self.store.path("deferred", qid, ENVELOPE))
+        qm.flush()
+        self.assertEqual(self.store.find(qid), "corrupt")
+        self.assertTrue(self.logged(f"{qid}: no envelope, moved to corrupt/"))
+        self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
 
 
 class PickupTests(ControlTestCase):

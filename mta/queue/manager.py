@@ -295,7 +295,15 @@ class QueueManager(Service):
             try:
                 found, envelope = self.store.load(queue_id)
             except KeyError:
-                return None  # delivered, deleted or moved meanwhile
+                try:
+                    found = self.store.find(queue_id)
+                except KeyError:
+                    return None  # delivered or deleted meanwhile
+                if found in ("incoming", "deferred", "active"):
+                    # The directory is there but its envelope is not.
+                    log.error("{qid}: no envelope, moved to corrupt/", qid=queue_id)
+                    self.store.move(queue_id, found, "corrupt")
+                return None
             except FormatError as e:
                 log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id, e=e)
                 self.store.move(queue_id, self.store.find(queue_id), "corrupt")
