@@ -821,6 +821,8 @@ class QueueManager(Service):
 
         def done(outcome: control.Outcome) -> str:
             self._controlling.discard(queue_id)
+            if op in ("delete", "hold", "bounce"):
+                self._flushed.discard(queue_id)
             if outcome.state == "incoming":
                 self.incoming.appendleft(queue_id)
             elif outcome.state == "deferred" and outcome.due is not None:
