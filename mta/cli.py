@@ -262,7 +262,7 @@ def cmd_queue_action(config: configmod.Config, args: argparse.Namespace, out: Te
 
         def offline(store: SpoolStore, queue_id: str = queue_id) -> str:
             control.apply(store, op, queue_id, time.time())
-            return f"{queue_id}: {_DONE[op]}" + (
+            return f"{queue_id}: {control.DONE[op]}" + (
                 " (the daemon sends the report when it starts)" if op == "bounce" else ""
             )
 
@@ -272,16 +272,6 @@ def cmd_queue_action(config: configmod.Config, args: argparse.Namespace, out: Te
             sys.stderr.write(printable(f"mtactl: {e}") + "\n")
             status = 1
     return status
-
-
-_DONE = {
-    "flush": "flushed",
-    "hold": "put on hold",
-    "release": "released",
-    "delete": "deleted",
-    "bounce": "bounced to the sender",
-    "requeue": "requeued",
-}
 
 
 def cmd_queue_flush(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:

@@ -41,7 +41,6 @@ from mta.envelope import Envelope, Recipient
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.queue.control import ControlError, control_socket
 from mta.smtp.message import field_value, split_fields
-from mta.spool import format as envformat
 from mta.spool.fs import SpoolStore
 from mta.spool.queueid import QueueIdGenerator
 
@@ -204,18 +203,9 @@ def queue(args: argparse.Namespace, stdin: BinaryIO) -> str:
         message_id=None,
     )
     try:
-        f = store.create_tmp(queue_id)
-        try:
-            f.write(stored)
-        except BaseException:
-            f.close()
-            store.discard_tmp(queue_id)
-            raise
-        [error] = store.commit_group([(queue_id, f, envformat.dumps(envelope))])
-    except OSError as e:
-        _fail(EX_CANTCREAT, f"cannot write to the spool {store.root}: {e.strerror or e}")
-    if error is not None:
-        _fail(EX_TEMPFAIL, str(error))
+        store.add(envelope, stored)
+    except StorageError as e:
+        _fail(EX_TEMPFAIL if e.disk_full else EX_CANTCREAT, str(e))
     try:
         control_request(control_socket(store), {"op": "pickup", "id": queue_id}, timeout=30)
     except DaemonNotRunningError:

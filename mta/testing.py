@@ -382,7 +382,6 @@ def queue_message(
 ) -> str:
     """Put a committed message straight into a spool's incoming/ (for tests)."""
     from mta.envelope import Envelope, Recipient  # noqa: PLC0415
-    from mta.spool import format as envformat  # noqa: PLC0415
 
     _test_clock[0] = arrival
     queue_id = queue_id or _test_ids()
@@ -393,9 +392,5 @@ def queue_message(
         arrival=arrival,
         size=len(data),
     )
-    message = store.create_tmp(queue_id)
-    message.write(data)
-    [error] = store.commit_group([(queue_id, message, envformat.dumps(envelope))])
-    if error is not None:
-        raise error
+    store.add(envelope, data)
     return queue_id

@@ -42,6 +42,15 @@ ALLOWED = {
     "bounce": ("incoming", "deferred", "active", "hold"),
     "requeue": ("incoming", "deferred", "active", "hold", "corrupt"),
 }
+#: What each action did, for the operator ("ID: deleted").
+DONE = {
+    "flush": "flushed",
+    "hold": "put on hold",
+    "release": "released",
+    "delete": "deleted",
+    "bounce": "bounced to the sender",
+    "requeue": "requeued",
+}
 ADMIN_BOUNCE = Reply(550, "5.4.7", "delivery time expired: returned by the mail administrator")
 
 

@@ -69,14 +69,6 @@ log = Logger(namespace="mta.queue")
 REPORT_READ_LIMIT = 1 << 20  # enough for any header section and a returned message
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
 maillog_log = Logger(namespace="mta.maillog")
-_PAST = {
-    "flush": "flushed",
-    "hold": "put on hold",
-    "release": "released",
-    "delete": "deleted",
-    "bounce": "bounced to the sender",
-    "requeue": "requeued",
-}
 
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
@@ -540,29 +532,11 @@ class QueueManager(Service):
                 status = "expired" if verdict.temporary else "bounced"
                 if dsn.needs_notice(env, rcpt, "failed"):
                     message.notices.append(dsn.Notice(rcpt, "failed"))
-            self.metrics.deliveries.labels(status, rcpt.category or "").inc()
-            maillog_log.info(
-                "{line}",
-                queue_id=env.queue_id,
-                recipient=rcpt.address,
-                relay=result.relay,
-                status=status,
-                dsn=rcpt.dsn_status,
-                reply=rcpt.reply,
-                line=maillog.delivery_line(
-                    env.queue_id,
-                    rcpt.address,
-                    relay=result.relay,
-                    status=status,
-                    reply=result.reply,
-                    arrival=env.arrival,
-                    activated=message.activated,
-                    started=started,
-                    setup=result.setup_time,
-                    transfer=result.transfer_time,
-                    now=now,
-                ),
-            )
+            self._log_result(
+                env, rcpt, status, reply=result.reply, relay=result.relay,
+                activated=message.activated, started=started, now=now,
+                setup=result.setup_time, transfer=result.transfer_time,
+            )  # fmt: skip
         if ran:
             self._watch_destination(dest, results, verdicts, policy, settings)
         self._prune_suspensions()
@@ -691,31 +665,39 @@ class QueueManager(Service):
         for rcpt in control.expire(env, now):
             if dsn.needs_notice(env, rcpt, "failed"):
                 message.notices.append(dsn.Notice(rcpt, "failed"))
-            self._log_admin_bounce(env, rcpt, message.activated, now)
+            self._log_result(
+                env, rcpt, "expired", reply=control.ADMIN_BOUNCE, relay="none",
+                activated=message.activated, started=now, now=now,
+            )  # fmt: skip
 
-    def _log_admin_bounce(
-        self, env: Envelope, rcpt: Recipient, activated: float, now: float
-    ) -> None:
-        self.metrics.deliveries.labels("expired", rcpt.category or "").inc()
+    def _log_result(
+        self, env: Envelope, rcpt: Recipient, status: str, *, reply: Reply, relay: str,
+        activated: float, started: float, now: float, setup: float = 0.0,
+        transfer: float = 0.0,
+    ) -> None:  # fmt: skip
+        """Count a recipient's result and log it in Postfix's shape, with its fields."""
+        self.metrics.deliveries.labels(status, rcpt.category or "").inc()
         maillog_log.info(
             "{line}",
+            queue_id=env.queue_id,
+            recipient=rcpt.address,
+            relay=relay,
+            status=status,
+            dsn=rcpt.dsn_status,
+            reply=rcpt.reply,
             line=maillog.delivery_line(
                 env.queue_id,
                 rcpt.address,
-                relay="none",
-                status="expired",
-                reply=control.ADMIN_BOUNCE,
+                relay=relay,
+                status=status,
+                reply=reply,
                 arrival=env.arrival,
                 activated=activated,
-                started=now,
-                setup=0.0,
-                transfer=0.0,
+                started=started,
+                setup=setup,
+                transfer=transfer,
                 now=now,
             ),
-            queue_id=env.queue_id,
-            recipient=rcpt.address,
-            status="expired",
-            dsn=control.ADMIN_BOUNCE.enhanced,
         )
 
     def _delay_notices(self, message: _Active) -> None:
@@ -829,7 +811,10 @@ class QueueManager(Service):
                 self._schedule(queue_id, outcome.due)
             if outcome.envelope is not None:
                 for rcpt in outcome.expired:
-                    self._log_admin_bounce(outcome.envelope, rcpt, now, now)
+                    self._log_result(
+                        outcome.envelope, rcpt, "expired", reply=control.ADMIN_BOUNCE,
+                        relay="none", activated=now, started=now, now=now,
+                    )  # fmt: skip
             if op == "delete":
                 log.info("{qid}: removed by the mail administrator", qid=queue_id)
             elif op == "hold":
@@ -837,7 +822,7 @@ class QueueManager(Service):
             elif op in ("release", "requeue"):
                 log.info("{qid}: {op}d by the mail administrator", qid=queue_id, op=op)
             self._pump()
-            return f"{queue_id}: {_PAST[op]}"
+            return f"{queue_id}: {control.DONE[op]}"
 
         def failed(failure: Failure) -> Failure:
             self._controlling.discard(queue_id)
@@ -862,7 +847,7 @@ class QueueManager(Service):
         self._requests[queue_id] = op
         if message is not None:
             self._withdraw(message)
-        return f"{queue_id}: being delivered; {_PAST[op]} when the attempt in flight ends"
+        return f"{queue_id}: being delivered; {control.DONE[op]} when the attempt in flight ends"
 
     def _withdraw(self, message: _Active) -> None:
         """Take a message's jobs that have not started out of the waiting queues."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 BIN = os.path.dirname(sys.executable)
@@ -167,6 +169,29 @@ class Daemon:
             path = os.path.join(self.spool, state)
             found += [n for n in os.listdir(path) if not n.startswith(".")]
         return sorted(found)
+
+    def submit(
+        self,
+        login: str,
+        password: str,
+        data: bytes | str,
+        rcpts: list[str],
+        mail_options: Sequence[str] = (),
+        rcpt_options: Sequence[str] = (),
+    ) -> str:
+        """Submit one message over implicit TLS with smtplib; returns its queue ID."""
+        ctx = ssl.create_default_context(cafile=self.cafile)
+        with smtplib.SMTP_SSL("localhost", self.tls_port, context=ctx, timeout=30) as s:
+            s.login(login, password)
+            s.mail(login, list(mail_options))
+            for rcpt in rcpts:
+                code, text = s.rcpt(rcpt, list(rcpt_options))
+                if code != 250:
+                    raise AssertionError(f"RCPT {rcpt}: {code} {text!r}")
+            code, text = s.data(data)
+        if code != 250:
+            raise AssertionError(f"DATA: {code} {text!r}")
+        return text.decode().rpartition(" ")[2]
 
     def message_dir(self, queue_id: str) -> str:
         for state in STATES:

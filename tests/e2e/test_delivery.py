@@ -11,8 +11,6 @@ import json
 import os
 import re
 import shutil
-import smtplib
-import ssl
 import tempfile
 from typing import Any
 
@@ -91,16 +89,7 @@ class DeliveryEndToEnd(SynchronousTestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def submit(self, data: bytes, rcpts: list[str], **options: Any) -> str:
-        ctx = ssl.create_default_context(cafile=self.daemon.cafile)
-        with smtplib.SMTP_SSL("localhost", self.daemon.tls_port, context=ctx, timeout=30) as s:
-            s.login(LOGIN, PASSWORD)
-            s.mail(LOGIN, options.get("mail_options", []))
-            for rcpt in rcpts:
-                code, text = s.rcpt(rcpt, options.get("rcpt_options", []))
-                self.assertEqual(code, 250, text)
-            code, text = s.data(data)
-        self.assertEqual(code, 250, text)
-        return text.decode().rpartition(" ")[2]
+        return self.daemon.submit(LOGIN, PASSWORD, data, rcpts, **options)
 
     def received(self, count: int) -> list[tuple[bytes, dict[str, Any]]]:
         def ready() -> list[str] | None:

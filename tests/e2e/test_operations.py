@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import smtplib
-import ssl
 import subprocess
 import tempfile
 import time
@@ -79,16 +77,8 @@ class OperationsEndToEnd(SynchronousTestCase):
     # -- helpers -------------------------------------------------------------
 
     def submit(self, rcpt: str, subject: str) -> str:
-        ctx = ssl.create_default_context(cafile=self.daemon.cafile)
-        with smtplib.SMTP_SSL("localhost", self.daemon.tls_port, context=ctx, timeout=30) as s:
-            s.login(LOGIN, PASSWORD)
-            s.mail(LOGIN)
-            s.rcpt(rcpt)
-            code, text = s.data(
-                f"From: {LOGIN}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\nHello.\r\n"
-            )
-        self.assertEqual(code, 250, text)
-        return text.decode().rpartition(" ")[2]
+        message = f"From: {LOGIN}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\nHello.\r\n"
+        return self.daemon.submit(LOGIN, PASSWORD, message, [rcpt])
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return mtactl(args, self.daemon.config)

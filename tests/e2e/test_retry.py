@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import smtplib
-import ssl
 import tempfile
 import time
 from email import message_from_bytes, policy
@@ -85,16 +83,8 @@ class RetryEndToEnd(SynchronousTestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def submit(self, rcpt: str) -> str:
-        ctx = ssl.create_default_context(cafile=self.daemon.cafile)
-        with smtplib.SMTP_SSL("localhost", self.daemon.tls_port, context=ctx, timeout=30) as s:
-            s.login(LOGIN, PASSWORD)
-            s.mail(LOGIN)
-            s.rcpt(rcpt)
-            code, text = s.data(
-                f"From: {LOGIN}\r\nTo: {rcpt}\r\nSubject: retry test for {rcpt}\r\n\r\nHello.\r\n"
-            )
-        self.assertEqual(code, 250, text)
-        return text.decode().rpartition(" ")[2]
+        message = f"From: {LOGIN}\r\nTo: {rcpt}\r\nSubject: retry test for {rcpt}\r\n\r\nHello.\r\n"
+        return self.daemon.submit(LOGIN, PASSWORD, message, [rcpt])
 
     def envelope(self, queue_id: str) -> dict[str, Any]:
         for _ in range(20):
