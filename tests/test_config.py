@@ -72,7 +72,7 @@ class DefaultTests(SynchronousTestCase):
         defaults = config.defaults()
         self.assertEqual(
             set(defaults),
-            {"server", "listen", "tls", "limits", "auth", "delivery", "queue", "retention"},
+            {"server", "listen", "tls", "limits", "auth", "delivery", "queue", "retention", "dkim"},
         )
         self.assertEqual(defaults["limits"]["message_size"], 50 * 1024 * 1024)
         self.assertEqual(defaults["server"]["spool"], "spool")
