@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -94,9 +95,12 @@ def load_module(entry: PluginConfig, source: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise ConfigError(f"{where} path: cannot load {entry.path!r} as a Python module")
     module = importlib.util.module_from_spec(spec)
+    # Registered first: dataclasses and type hints look the module up by name.
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as e:
+        del sys.modules[spec.name]
         raise ConfigError(f"{where} path: {entry.path!r} failed to load: {e!r}") from None
     return module
 

@@ -206,9 +206,8 @@ class SubmissionSession(Protocol):
             peer=self.peer,
             reply=str(reply),
         )
-        if verdict.action is Action.DISCONNECT:
-            self._write(reply)
-            self._close()
+        if verdict.action is Action.DISCONNECT and reply.code != 421:
+            reply = Reply(421, "4.7.0", reply.text)  # a 421 reply closes (see _reply)
         return reply
 
     # IPushProducer: the transport's verdict on our output.
