@@ -3,7 +3,9 @@
 One connection per request: send a command and, optionally, a message
 file in chunks (each chunk passed through C{transform}), then collect the
 whole answer until the daemon closes the connection or C{complete} says
-the answer is whole.  The Deferred can be cancelled (the plugin host's
+the answer is whole (with C{half_close}, our side of the connection is
+shut once everything is sent: spamd waits for that when the last line
+has no line end).  The Deferred can be cancelled (the plugin host's
 timeout does that), which aborts the connection.
 """
 
@@ -44,10 +46,13 @@ class _Exchange(Protocol):
         head: bytes,
         body: IO[bytes] | None,
         tail: bytes,
+        *,
         transform: Callable[[bytes], bytes],
         complete: Callable[[bytes], bool],
+        half_close: bool,
     ) -> None:
         self.head, self.body, self.tail = head, body, tail
+        self.half_close = half_close
         self.transform = transform
         self.complete = complete
         self.answer = b""
@@ -57,17 +62,20 @@ class _Exchange(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(self.head)  # type: ignore[union-attr]
         if self.body is None:
-            self.transport.write(self.tail)  # type: ignore[union-attr]
+            self._sent(None)
             return
         sending = FileSender().beginFileTransfer(self.body, self.transport, self.transform)
 
-        def sent(_: object) -> None:
-            if not self._finished:
-                self.transport.write(self.tail)  # type: ignore[union-attr]
-
         # The daemon may answer (and close) before it has read everything,
         # e.g. clamd's size limit; the answer is what counts.
-        sending.addCallbacks(sent, lambda f: None)
+        sending.addCallbacks(self._sent, lambda f: None)
+
+    def _sent(self, _: object) -> None:
+        if self._finished:
+            return
+        self.transport.write(self.tail)  # type: ignore[union-attr]
+        if self.half_close:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.answer += data
@@ -76,7 +84,8 @@ class _Exchange(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
         elif self.complete(self.answer):
             self._finish(self.answer)
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            # Nothing more to say, and the daemon may not read the rest.
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.answer:
@@ -98,13 +107,16 @@ def exchange(
     *,
     transform: Callable[[bytes], bytes] = lambda chunk: chunk,
     complete: Callable[[bytes], bool] = lambda answer: False,
+    half_close: bool = False,
 ) -> Deferred[bytes]:
     """Send C{head}, the chunks of C{body}, C{tail}; fire with the answer.
 
     Fails with L{DaemonError} (or the connection error) when no answer
     came.  Cancelling aborts the connection.
     """
-    protocol = _Exchange(head, body, tail, transform, complete)
+    protocol = _Exchange(
+        head, body, tail, transform=transform, complete=complete, half_close=half_close
+    )
     connecting = connectProtocol(endpoint, protocol)
 
     def cancel(d: Deferred[bytes]) -> None:

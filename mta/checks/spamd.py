@@ -103,7 +103,8 @@ class SpamdCheck:
         if self.options.user:
             head += b"User: " + self.options.user.encode() + b"\r\n"
         f = message.open()
-        d = exchange(self.endpoint, head + b"\r\n", LimitedFile(f, length))  # type: ignore[arg-type]
+        body = LimitedFile(f, length)
+        d = exchange(self.endpoint, head + b"\r\n", body, half_close=True)  # type: ignore[arg-type]
 
         def answered(answer: bytes) -> Verdict:
             try:
