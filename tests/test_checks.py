@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import replace
+import re
+from dataclasses import fields, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -302,3 +304,23 @@ class SendingLimitTests(SynchronousTestCase):
         self.assertEqual(first.codes(), [250])
         self.assertEqual(second.codes(), [451])
         self.assertEqual(len(h.spool.messages), 1)
+
+
+class DocumentationTests(SynchronousTestCase):
+    def test_example_configuration_loads_every_plugin(self) -> None:
+        """The plugins of docs/mta.example.toml load and pass verifyObject."""
+        h = Harness(self.mktemp())
+        config = configmod.load(os.path.join(REPO, "docs", "mta.example.toml"))
+        checks = checkhost.load(config, replace(h.context, config=config, source=config.source))
+        self.assertEqual([p.name for p in checks.plugins], ["ratelimit", "clamd", "spamd", "dkim"])
+
+    def test_every_builtin_option_is_documented(self) -> None:
+        with open(os.path.join(REPO, "docs", "configuration.md"), encoding="utf-8") as f:
+            text = f.read()
+        for name, module_name in checkhost.BUILTINS.items():
+            start = text.index(f"`{name}` options")
+            end = text.find("\n\n`", start + 1)
+            table = text[start : end if end >= 0 else None]
+            documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
+            options = importlib.import_module(module_name).Options
+            self.assertEqual(sorted(documented), sorted(f.name for f in fields(options)), name)
