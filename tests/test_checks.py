@@ -25,7 +25,7 @@ from mta.checks import (
 )
 from mta.checks import host as checkhost
 from mta.errors import ConfigError, Reply
-from mta.interfaces import IMailHook, IMessageHook
+from mta.interfaces import IConnectHook, IMailHook, IMessageHook
 from tests.support import LOGIN, Harness, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +141,31 @@ class SessionVerdictTests(SynchronousTestCase):
         self.assertEqual(cancelled, [True])
         # The session goes on: the next command is answered.
         self.assertEqual(c.command("NOOP")[0], 250)
+
+    def test_connect_hook_refuses_the_greeting(self) -> None:
+        @implementer(IConnectHook)
+        class Gate:
+            name = "gate"
+
+            def __init__(self, verdict: Verdict) -> None:
+                self.verdict = verdict
+                self.peers: list[str] = []
+
+            def on_connect(self, session: SessionInfo) -> Verdict:
+                self.peers.append(session.peer)
+                return self.verdict
+
+        for verdict, code in ((reject("Not from here"), 554), (tempfail("Busy"), 421)):
+            gate = Gate(verdict)
+            self.use(gate)
+            c = self.h.connect(peer="198.51.100.7")
+            [(got, text)] = c.replies()
+            self.assertEqual(got, code)
+            self.assertTrue(text.endswith(verdict.to_reply().text), text)
+            self.assertTrue(c.closed)
+            self.assertEqual(gate.peers, ["198.51.100.7"])
+        self.use(Gate(CONTINUE))
+        self.assertEqual(self.h.connect().codes(), [220])
 
     def test_message_refusal_queues_nothing(self) -> None:
         @implementer(IMessageHook)
