@@ -206,6 +206,18 @@ class PluginsEndToEnd(SynchronousTestCase):
         self.assertEqual(code, 550, text)
         self.assertTrue(text.startswith("5.7.1 Message refused as spam"), text)
 
+    def test_startup_pings_the_daemons(self) -> None:
+        spamd_line = f"spamd at {self.spamd.address} answers PING"
+
+        def pinged() -> str | None:
+            log = self.daemon.log()
+            return log if spamd_line in log else None
+
+        log = wait_for(pinged, 30, "the start-up PINGs in the log")
+        self.assertIn(f"clamd at {self.clamd.unix_address} answers PING", log)
+        self.assertIn(f"spamd at {self.spamd.address} answers PING", log)
+        self.assertNotIn("Traceback", log)
+
     def test_over_the_daily_limit(self) -> None:
         message = f"From: {LIMITED}\r\nTo: someone@example.test\r\nSubject: one\r\n\r\nhi\r\n"
         self.assertEqual(self.submit(message.encode(), LIMITED)[0], 250)
