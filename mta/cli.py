@@ -355,6 +355,29 @@ def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO
     return 0
 
 
+def cmd_dkim_keygen(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Make a DKIM key for a domain and print the DNS TXT record to publish."""
+    from mta.checks import dkim  # noqa: PLC0415 - dkimpy is only needed here
+
+    domain = ascii_lower(args.domain.strip().rstrip("."))
+    if not valid_domain(domain, utf8=False) or domain.startswith("["):
+        raise UsageError(f"dkim keygen: {args.domain!r} is not a valid ASCII domain name")
+    selector = args.selector or f"{args.type}-{time.strftime('%Y%m', time.gmtime())}"
+    selector = selector.lower()
+    if not dkim.valid_selector(selector):
+        raise UsageError(f"dkim keygen: {selector!r} is not a valid selector")
+    try:
+        path, record = dkim.keygen(config.dkim.keys_dir, domain, selector, args.type)
+    except FileExistsError:
+        _fail(
+            f"a key for selector {selector} of {domain} exists already; choose another --selector"
+        )
+    except OSError as e:
+        _fail(f"cannot write the key into {config.dkim.keys_dir}: {e.strerror}")
+    out.write(f"; private key written to {path}\n; publish this record in DNS:\n{record}\n")
+    return 0
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -368,7 +391,7 @@ def _count(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtactl", description="Manage an mta installation.")
     p.add_argument("-c", "--config", help="TOML configuration file (default: embedded)")
-    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,classify}")
+    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,classify,dkim}")
 
     user = sub.add_parser("user", help="manage submission users")
     usub = user.add_subparsers(dest="command", required=True)
@@ -427,6 +450,18 @@ def parser() -> argparse.ArgumentParser:
     )
     cl.add_argument("reply", nargs="+", help="the reply text, or - for stdin")
     cl.set_defaults(func=cmd_classify)
+    dk = sub.add_parser("dkim", help="manage DKIM signing keys")
+    dsub = dk.add_subparsers(dest="command", required=True)
+    kg = dsub.add_parser(
+        "keygen",
+        help="make a signing key for a domain and print its DNS TXT record",
+        description="Writes KEYS_DIR/DOMAIN/SELECTOR.key ([dkim] keys_dir, mode 0600) "
+        "and prints the TXT record to publish at SELECTOR._domainkey.DOMAIN.",
+    )
+    kg.add_argument("domain")
+    kg.add_argument("--selector", help="default: TYPE-YYYYMM, e.g. rsa-202611")
+    kg.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", help="default: rsa")
+    kg.set_defaults(func=cmd_dkim_keygen)
     return p
 
 

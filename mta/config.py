@@ -31,6 +31,9 @@ def _opt(default: Any, *, minimum: float | None = None, choices: tuple[str, ...]
     return field(default=default, metadata=meta)
 
 
+option = _opt  # for plugins' Options: option(default, minimum=..., choices=(...))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = ""  # "" = this machine's fully qualified name
@@ -145,6 +148,21 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:
+    keys_dir: str = ""  # "" = dkim/ inside the spool; written by mtactl dkim keygen
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """One C{[[plugins]]} entry; its C{options} are checked by the plugin itself."""
+
+    name: str = ""
+    path: str = ""  # a site plugin's .py file; "" = the built-in called name
+    timeout: float = _opt(30.0, minimum=0.01)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -157,6 +175,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     routes: dict[str, RouteConfig] = field(default_factory=dict)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    plugins: tuple[PluginConfig, ...] = ()
     bounce_rules: tuple[Any, ...] = ()  # mta.bounce.Rule, from [[bounce.rules]]
     source: str = "<embedded default>"
     base_dir: str = "."
@@ -177,6 +197,7 @@ _PATH_OPTIONS = {
     ("tls", "key"),
     ("tls", "selfsigned_dir"),
     ("log", "json_file"),
+    ("dkim", "keys_dir"),
 }
 
 
@@ -244,6 +265,7 @@ SECTIONS: dict[str, type] = {
     "retention": RetentionConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
+    "dkim": DKIMConfig,
 }
 
 
@@ -256,6 +278,9 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
             continue
         if key == "bounce":
             sections["bounce_rules"] = _load_bounce(source, value)
+            continue
+        if key == "plugins":
+            sections[key] = _load_plugins(source, value, base_dir)
             continue
         if key not in SECTIONS:
             raise ConfigError(f"{source}: unknown section or key {key!r}")
@@ -285,7 +310,11 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
                 ) from None
     if config.auth.failure_delay_max < config.auth.failure_delay:
         raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
-    return _resolve_paths(config)
+    config = _resolve_paths(config)
+    if not config.dkim.keys_dir:
+        keys_dir = os.path.join(config.server.spool, "dkim")
+        config = replace(config, dkim=replace(config.dkim, keys_dir=keys_dir))
+    return config
 
 
 def _load_routes(source: str, doc: object, base_dir: str) -> dict[str, RouteConfig]:
@@ -314,6 +343,37 @@ def _load_routes(source: str, doc: object, base_dir: str) -> dict[str, RouteConf
                 route = replace(route, **{key: os.path.join(base_dir, os.path.expanduser(path))})
         routes[domain.lower()] = route
     return routes
+
+
+def load_table(source: str, name: str, cls: type, doc: object) -> Any:
+    """Check a table against a dataclass's fields (types, minimums, choices).
+
+    Plugins use it for their C{options}; errors name the file and C{[name] key}.
+    """
+    return _load_section(source, name, cls, doc)
+
+
+def _load_plugins(source: str, doc: object, base_dir: str) -> tuple[PluginConfig, ...]:
+    """C{[[plugins]]}: which checks run, in order, each with its own options."""
+    if not isinstance(doc, list) or not all(isinstance(t, dict) for t in doc):
+        raise ConfigError(f"{source}: plugins must be an array of tables ([[plugins]])")
+    out: list[PluginConfig] = []
+    for i, table in enumerate(doc, 1):
+        label = str(table.get("name", "")) or f"#{i}"
+        where = f"plugins.{label}"
+        options = table.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: [{where}] options must be a table")
+        plugin = _load_section(
+            source, where, PluginConfig, {k: v for k, v in table.items() if k != "options"}
+        )
+        if not plugin.name:
+            raise ConfigError(f"{source}: [{where}] name is missing")
+        if any(p.name == plugin.name for p in out):
+            raise ConfigError(f"{source}: [{where}] name: {plugin.name!r} is used twice")
+        path = os.path.join(base_dir, os.path.expanduser(plugin.path)) if plugin.path else ""
+        out.append(replace(plugin, path=path, options=dict(options)))
+    return tuple(out)
 
 
 def _load_bounce(source: str, doc: object) -> tuple[Any, ...]:

@@ -8,7 +8,7 @@ L{mta.testing} and are checked with C{verifyObject} like the real ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -41,6 +41,13 @@ class ISpoolTransaction(Interface):
 
     def abort() -> None:
         """Forget the message; safe to call more than once and after a failure."""
+
+    def open_written() -> IO[bytes]:
+        """A new binary file of the bytes written so far, from the start.
+
+        For content checks between the end of data and the commit.  Raises
+        L{mta.errors.StorageError}.
+        """
 
 
 class ISpool(Interface):
@@ -85,3 +92,73 @@ class IResolver(Interface):
 
         C{rdtype} is C{"A"} or C{"AAAA"}.
         """
+
+
+# -- plugins (docs/plugins.md) ------------------------------------------------
+#
+# A plugin is an object that provides ICheck and one or more of the hook
+# interfaces below; the host (mta.checks.host) checks each with verifyObject
+# at start.  A hook returns a mta.checks.Verdict, or a Deferred that fires
+# with one.  An exception, a failed Deferred, a result that is not a Verdict
+# or a hook slower than the plugin's timeout becomes a 451 for the client
+# and a log entry; never a crash and never a silent pass.  Hooks run in the
+# reactor: blocking work (file reads of large messages, signing) goes to
+# the context's runner or to the network as Deferreds.
+
+
+class ICheck(Interface):
+    """A plugin named in C{[[plugins]]}."""
+
+    name = Attribute("The plugin's name from the configuration, for logs.")
+
+
+class IConnectHook(ICheck):
+    def on_connect(session: Any) -> Any:
+        """A client connected (L{mta.checks.SessionInfo}); before the greeting.
+
+        reject → 554 greeting, tempfail → 421; either closes the connection.
+        """
+
+
+class IMailHook(ICheck):
+    def on_mail(session: Any, sender: str) -> Any:
+        """MAIL FROM passed the built-in checks (login, sender ownership, SIZE)."""
+
+
+class IRcptHook(ICheck):
+    def on_rcpt(session: Any, sender: str, accepted: list[str], recipient: str) -> Any:
+        """One new RCPT TO; C{accepted} are the recipients accepted before it."""
+
+
+class IMessageHook(ICheck):
+    def on_message(session: Any, message: Any) -> Any:
+        """The whole message (L{mta.checks.MessageInfo}) after end of data.
+
+        Runs before the spool commit: any verdict but continue/accept means
+        nothing is queued.
+        """
+
+
+class IQueuedHook(ICheck):
+    def on_queued(session: Any, message: Any) -> None:
+        """The message was committed and the client got its 250; no verdict.
+
+        Exceptions are logged.
+        """
+
+
+class IOutboundHook(ICheck):
+    def on_outbound(envelope: Envelope, data: bytes) -> Any:
+        """The exact bytes about to be sent to a next hop; header lines to prepend.
+
+        Called at each delivery attempt, after any 8-bit to 7-bit
+        conversion, so that a signature covers what is sent.  Returns
+        bytes (CRLF-terminated header fields, or b"") or a Deferred of them;
+        a failure defers the delivery (a temporary error, retried later).
+        """
+
+
+class IStartupHook(ICheck):
+    def startup() -> Any:
+        """Called once when the service starts (e.g. to PING a daemon and log
+        whether it answers).  May return a Deferred; failures are logged only."""

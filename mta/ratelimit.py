@@ -1,7 +1,8 @@
 """Per-user daily sending limits (SPEC section 2: 300 messages a day by default).
 
 Each accepted message of a login is counted for the current UTC day.  The
-counts survive a restart: every count is appended as one line (the login)
+counts survive a restart: every count is appended as one line (the login,
+or the login, a tab and a number when one message counts more than once)
 to C{spool/state/sent-YYYYMMDD.log}, which is read back at start-up.  The
 line is written (not fsync'd) before the client gets its 250; a lost line
 after a machine crash only means one message less counted.  Files of past
@@ -52,7 +53,10 @@ class DailyCounter:
         self._counts = Counter()
         try:
             with open(self._path(day), encoding="utf-8", errors="replace") as f:
-                self._counts.update(line.rstrip("\n") for line in f if line.strip())
+                for line in f:
+                    login, _, n = line.rstrip("\n").partition("\t")
+                    if login.strip():
+                        self._counts[login] += int(n) if n.isdigit() and len(n) < 10 else 1
         except FileNotFoundError:
             pass
         for name in os.listdir(self.directory):
@@ -64,14 +68,15 @@ class DailyCounter:
         self._roll()
         return self._counts[login]
 
-    def add(self, login: str) -> None:
-        """Count one accepted message for C{login}."""
+    def add(self, login: str, n: int = 1) -> None:
+        """Count one accepted message (C{n} units of it) for C{login}."""
         self._roll()
-        self._counts[login] += 1
+        self._counts[login] += n
         try:
             if self._file is None:
                 self._file = open(self._path(self._day), "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write(login.replace("\n", " ") + "\n")
+            name = login.replace("\n", " ").replace("\t", " ")
+            self._file.write(name + ("\n" if n == 1 else f"\t{n}\n"))
             self._file.flush()
         except OSError as e:
             log.error("cannot record a sent message for {login}: {e}", login=login, e=str(e))

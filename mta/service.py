@@ -30,19 +30,21 @@ from twisted.python.threadpool import ThreadPool
 from mta import config as configmod
 from mta.address import parse_networks
 from mta.bounce import Classifier
+from mta.checks import PluginContext
+from mta.checks import host as checkhost
 from mta.config import Config
 from mta.control import ControlFactory
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
 from mta.errors import ConfigError, StorageError
+from mta.interfaces import IOutboundHook
 from mta.logs import json_observer
 from mta.metrics import Metrics, count_entries
 from mta.metrics import site as metrics_site
 from mta.queue.control import control_socket, socket_address
 from mta.queue.manager import QueueLimits, QueueManager
 from mta.queue.retention import Retention
-from mta.ratelimit import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
@@ -109,9 +111,21 @@ class MTAService(MultiService):
             ),
             clock=reactor,
             trusted_networks=parse_networks(auth.trusted_networks),
-            daily=DailyCounter(os.path.join(self.store.root, "state"), reactor),
             metrics=self.metrics,
         )
+        self.checks = checkhost.load(
+            config,
+            PluginContext(
+                config=config,
+                source=config.source,
+                reactor=reactor,
+                runner=self._pool("checks", 2),
+                users=self.users,
+                state_dir=os.path.join(self.store.root, "state"),
+                hostname=self.hostname,
+            ),
+        )
+        self.settings.checks = self.checks
         self._build_delivery(config, reactor)
         self.listeners: list[tuple[str, IProtocolFactory]] = []
         for description in config.listen.submissions:
@@ -166,6 +180,7 @@ class MTAService(MultiService):
             ),
             runner=self.spool_runner,
             metrics=self.metrics,
+            outbound=self.checks.outbound if self.checks.has(IOutboundHook) else None,
         )
         self.queue = QueueManager(
             self.store,
@@ -236,6 +251,7 @@ class MTAService(MultiService):
         for pool in self._pools:
             pool.start()
         signal.signal(signal.SIGHUP, self._sighup)
+        self.checks.startup()
         log.info(
             "mta started as {host}; spool {spool}; TLS certificate {cert} (SHA-256 {fp})",
             host=self.hostname,
@@ -364,6 +380,8 @@ class MTAService(MultiService):
                 "routes",
                 "metrics",
                 "log",
+                "dkim",
+                "plugins",
             )
             if getattr(new, name) != getattr(self.config, name)
         ]

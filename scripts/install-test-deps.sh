@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system programs the tests use as real peers, only when missing:
-# swaks (SMTP client), Node.js + npm (Nodemailer, the seed's Node client).
+# swaks (SMTP client), Node.js + npm (Nodemailer, the seed's Node client),
+# ClamAV's clamd and SpamAssassin's spamd (the content-check plugins' daemons).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,8 @@ need=()
 command -v swaks >/dev/null || need+=(swaks)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+[ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
+[ -x /usr/sbin/spamd ] || need+=(spamd spamassassin)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install-test-deps: need root to apt-get install ${need[*]}" >&2

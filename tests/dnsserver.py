@@ -16,6 +16,7 @@ The zone maps a lower-case name without trailing dot to what it has::
         "half.test": {"A": ["127.0.0.2"], "AAAA": "servfail"},  # for one type
         "slow.test": {"A": ["127.0.0.3"], "delay": 5.0},   # answer after 5 s
         "big.test": {"A": [...], "truncate": true},    # UDP answer truncated (TC)
+        "s._domainkey.example.test": {"TXT": [["v=DKIM1; k=rsa; p=MIIB...", "...QAB"]]},
     }
 
 A name that is not in the zone is NXDOMAIN; a name without records of
@@ -52,7 +53,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.names import dns, server
 
 DEFAULT_TTL = 300
-RECORD_TYPES = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "CNAME": dns.CNAME}
+RECORD_TYPES = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "CNAME": dns.CNAME, "TXT": dns.TXT}
 _TYPE_NAMES = {v: k for k, v in RECORD_TYPES.items()}
 _ENTRY_KEYS = {*RECORD_TYPES, "ttl", "servfail", "delay", "truncate"}
 
@@ -169,6 +170,10 @@ class ZoneServerFactory(server.DNSServerFactory):
             return dns.Record_A(str(item), ttl=ttl)
         if qtype == dns.AAAA:
             return dns.Record_AAAA(str(item), ttl=ttl)
+        if qtype == dns.TXT:
+            # One record: a string, or a list of its character-strings (<= 255 each).
+            parts = [item] if isinstance(item, str) else list(item)
+            return dns.Record_TXT(*(str(p).encode() for p in parts), ttl=ttl)
         return dns.Record_CNAME(str(item).encode(), ttl=ttl)
 
     @staticmethod

@@ -14,13 +14,15 @@ from twisted.internet.task import Clock
 
 from mta import config as configmod
 from mta.address import parse_networks
+from mta.checks import PluginContext
+from mta.checks import host as checkhost
 from mta.config import Config
-from mta.ratelimit import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.server import SessionSettings, SubmissionFactory, SubmissionSession
 from mta.spool.memory import MemorySpool
 from mta.testing import TLSStringTransport, run_inline, write_users
 from mta.tls import ServerTLS, ensure_selfsigned
+from mta.users import UserFile
 
 _CERT_DIR = tempfile.mkdtemp(prefix="mta-test-cert-")
 CERT, KEY = ensure_selfsigned(_CERT_DIR, "mx.test")
@@ -82,8 +84,24 @@ class Harness:
             throttle=self.throttle,
             clock=self.clock,
             trusted_networks=parse_networks(self.config.auth.trusted_networks),
-            daily=DailyCounter(os.path.join(directory, "state"), self.clock),
         )
+        self.context = PluginContext(
+            config=self.config,
+            source=self.config.source,
+            reactor=self.clock,
+            runner=run_inline,
+            users=self.users,
+            state_dir=os.path.join(directory, "state"),
+            hostname="mx.test",
+        )
+        self.settings.checks = self.checks = checkhost.load(self.config, self.context)
+
+    def use_users(self, users: UserFile) -> None:
+        """Replace the users file everywhere it is used (sessions, plugins)."""
+        self.users = self.settings.users = users
+        self.settings.checker = UserFileChecker(users, run_inline)
+        self.context = replace(self.context, users=users)
+        self.settings.checks = self.checks = checkhost.load(self.config, self.context)
 
     def connect(self, *, implicit_tls: bool = True, peer: str = "192.0.2.10") -> Client:
         factory = SubmissionFactory(self.settings, implicit_tls=implicit_tls)

@@ -83,6 +83,7 @@ class DefaultTests(SynchronousTestCase):
                 "retention",
                 "metrics",
                 "log",
+                "dkim",
             },
         )
         self.assertEqual(defaults["limits"]["message_size"], 50 * 1024 * 1024)

@@ -288,8 +288,7 @@ def test_daily_limit_is_enforced(tmp_path: Any) -> None:
     users = _users_with(
         tmp_path, a=User(LOGIN, FAST_HASHER.hash("correct horse battery"), daily_limit=1)
     )
-    h.settings.users = users
-    h.settings.checker = UserFileChecker(users, run_inline)
+    h.use_users(users)
     c = h.connect()
     c.login()
     assert _send_message(c, f"From: {LOGIN}\r\n\r\nhi\r\n".encode())[0] == 250

@@ -184,6 +184,7 @@ class _MessageFacts:
         self._eight_bit: bool | None = None
         self._smtputf8: bool | None = None
         self._downgraded: bytes | None = None
+        self._prepared: dict[bool, bytes] = {}
 
     def open(self) -> IO[bytes]:
         return open(self.path, "rb")
@@ -226,6 +227,19 @@ class _MessageFacts:
         with self.open() as f:
             return downgrade_8bit(f.read())
 
+    def _read(self) -> bytes:
+        with self.open() as f:
+            return f.read()
+
+    async def prepared(
+        self, outbound: Callable[[Envelope, bytes], Deferred[bytes]], downgraded: bool
+    ) -> bytes:
+        """The message as sent, after the outbound hooks, once per form."""
+        if downgraded not in self._prepared:
+            data = await self.downgraded() if downgraded else await self.runner(self._read)
+            self._prepared[downgraded] = await outbound(self.envelope, data)
+        return self._prepared[downgraded]
+
 
 class DeliveryAgent:
     """Delivers jobs; see the module docstring."""
@@ -241,10 +255,14 @@ class DeliveryAgent:
         shuffle: Callable[[list[Any]], None] = random.shuffle,
         runner: Runner = run_now,
         metrics: Metrics | None = None,
+        outbound: Callable[[Envelope, bytes], Deferred[bytes]] | None = None,
     ) -> None:
         self.reactor = reactor
         self.metrics = metrics or Metrics()
         self.runner = runner
+        # Plugins' outbound hooks (DKIM signing): the exact bytes to send,
+        # with header fields put in front.
+        self.outbound = outbound
         self.resolver = resolver
         self.router = router
         self.settings = settings
@@ -490,7 +508,8 @@ class _Attempt:
             return everyone(Reply(553, "5.6.7", text))
         opener: Callable[[], IO[bytes]] = facts.open
         size = env.size
-        if eight_bit and "8BITMIME" not in conn.extensions:
+        downgrade = eight_bit and "8BITMIME" not in conn.extensions
+        if downgrade:
             try:
                 data = await facts.downgraded()
             except (DowngradeError, OSError) as e:
@@ -500,6 +519,17 @@ class _Attempt:
                 )
                 return everyone(Reply(554, "5.6.3", text))
             opener, size, eight_bit = (lambda: io.BytesIO(data)), len(data), False
+        if self.agent.outbound is not None:
+            try:
+                sent = await facts.prepared(self.agent.outbound, downgrade)
+            except Exception as e:
+                log.failure("{qid}: outbound plugin failed", qid=env.queue_id)
+                reply = Reply(451, "4.3.0", f"cannot prepare the message for sending: {e}")
+                return [
+                    RecipientResult(r.address, reply, "local", setup_time=setup, connected=True)
+                    for r in batch
+                ]
+            opener, size = (lambda: io.BytesIO(sent)), len(sent)
         message = OutboundMessage(
             sender=env.sender,
             recipients=[OutboundRecipient(r.address, r.notify, r.orcpt) for r in batch],

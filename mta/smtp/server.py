@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
@@ -41,16 +41,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta import address as addr
+from mta.checks import Action, MessageInfo, SessionInfo, Verdict
 from mta.config import Config
 from mta.envelope import Envelope, Recipient
 from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.interfaces import ISpool, ISpoolTransaction
 from mta.metrics import Metrics
-from mta.ratelimit import DailyCounter
 from mta.smtp import auth
 from mta.smtp.dataread import DataReader
 from mta.smtp.message import MessageBuilder, TraceInfo
 from mta.tls import ServerTLS, describe_connection
+
+if TYPE_CHECKING:
+    from mta.checks.host import Checks
 from mta.users import User, UserFile
 
 log = Logger(namespace="mta.smtpd")
@@ -90,8 +93,8 @@ class SessionSettings:
     throttle: auth.AuthThrottle
     clock: IReactorTime
     trusted_networks: tuple[addr.Network, ...] = ()
-    daily: DailyCounter | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    checks: Checks | None = None  # the plugins (mta.checks.host); None: none at all
 
     def stored_hash(self, username: str) -> str:
         """The login's current password hash, "" when there is no such login."""
@@ -169,7 +172,48 @@ class SubmissionSession(Protocol):
         self.s.metrics.connections_in.labels(listener).inc()
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reset_timer()
-        self._write(Reply(220, None, f"{self.s.hostname} ESMTP mta"))
+        if self.s.checks is None:
+            self._write(Reply(220, None, f"{self.s.hostname} ESMTP mta"))
+        else:
+            self._run(self._greet)
+
+    def _greet(self) -> Reply | Deferred[Reply] | None:
+        def decide(verdict: Verdict) -> Reply | None:
+            if not verdict.refuses:
+                return Reply(220, None, f"{self.s.hostname} ESMTP mta")
+            reply = verdict.to_reply()
+            if reply.permanent:
+                reply = Reply(554, "5.7.1", reply.text)  # RFC 5321 section 3.1
+            else:
+                reply = Reply(421, "4.7.0", reply.text)
+            log.info("reject: connect from [{peer}]: {reply}", peer=self.peer, reply=str(reply))
+            self._write(reply)
+            self._close()
+            return None
+
+        assert self.s.checks is not None
+        return _then(self.s.checks.connect(self.info()), decide)  # type: ignore[no-any-return]
+
+    def info(self) -> SessionInfo:
+        """The session as plugins see it."""
+        return SessionInfo(
+            peer=self.peer, helo=self.helo, login=self.login, tls=self.tls_info,
+            trusted=self.trusted,
+        )  # fmt: skip
+
+    def _refused(self, phase: str, verdict: Verdict, qid: str | None = None) -> Reply:
+        """The reply for a plugin's refusal; a disconnect closes after it."""
+        reply = verdict.to_reply()
+        log.info(
+            "{qid}reject: {phase} from [{peer}]: {reply}",
+            qid=f"{qid}: " if qid else "",
+            phase=phase,
+            peer=self.peer,
+            reply=str(reply),
+        )
+        if verdict.action is Action.DISCONNECT and reply.code != 421:
+            reply = Reply(421, "4.7.0", reply.text)  # a 421 reply closes (see _reply)
+        return reply
 
     # IPushProducer: the transport's verdict on our output.
 
@@ -552,7 +596,7 @@ class SubmissionSession(Protocol):
             raise SMTPReplyError(Reply(535, "5.7.8", "Your account no longer exists"))
         return user
 
-    def do_MAIL(self, args: str) -> Reply:
+    def do_MAIL(self, args: str) -> Reply | Deferred[Reply]:
         if self.helo is None:
             return NEED_EHLO
         if not self.trusted:
@@ -574,16 +618,6 @@ class SubmissionSession(Protocol):
             return Reply(550, "5.7.1", "A null sender <> is not accepted for submission")
         sender = str(addr.parse_mailbox(path, utf8=smtputf8)) if path else ""
         user = self._user() if self.login is not None else None
-        if user is not None and self.s.daily is not None:
-            limit = user.daily_limit if user.daily_limit is not None else self.limits.daily_messages
-            if limit and self.s.daily.count(user.email) >= limit:
-                log.info("{login}: daily limit of {n} messages reached", login=user.email, n=limit)
-                return Reply(
-                    451,
-                    "4.7.1",
-                    f"Daily sending limit of {limit} messages reached for <{user.email}>; "
-                    "try again tomorrow",
-                )
         if user is not None and not user.may_send_as(sender):
             return Reply(
                 550,
@@ -591,6 +625,22 @@ class SubmissionSession(Protocol):
                 f"Sender address <{sender}> does not belong to your login <{user.email}>; "
                 "make sure your From address matches your authenticated address",
             )
+        if self.s.checks is None:
+            return self._begin(sender, size, smtputf8, params)
+
+        def decide(verdict: Verdict) -> Reply:
+            if verdict.refuses:
+                return self._refused("MAIL", verdict)
+            if self._closed:
+                return Reply(421, "4.4.2", "Connection closed")
+            return self._begin(sender, size, smtputf8, params)
+
+        return _then(self.s.checks.mail(self.info(), sender), decide)  # type: ignore[no-any-return]
+
+    def _begin(
+        self, sender: str, size: int | None, smtputf8: bool, params: dict[str, str | None]
+    ) -> Reply:
+        """Open the spool transaction for an accepted MAIL."""
         try:
             spool_txn = self.s.spool.begin()
         except StorageError as e:
@@ -638,7 +688,7 @@ class SubmissionSession(Protocol):
                 raise SMTPReplyError(Reply(555, "5.5.4", f"Unsupported parameter {key}"))
         return size
 
-    def do_RCPT(self, args: str) -> Reply:
+    def do_RCPT(self, args: str) -> Reply | Deferred[Reply]:
         if self.txn is None:
             return Reply(503, "5.5.1", "Need MAIL command first")
         if len(self.txn.recipients) >= self.limits.recipients:
@@ -655,12 +705,28 @@ class SubmissionSession(Protocol):
                 rcpt.orcpt = addr.parse_orcpt(value)
             else:
                 return Reply(555, "5.5.4", f"Unsupported parameter {key}")
+        ok = Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
         # A repeated recipient is accepted but kept once (duplicate filter).
-        if addr.ascii_lower(rcpt.address) not in {
+        if addr.ascii_lower(rcpt.address) in {
             addr.ascii_lower(r.address) for r in self.txn.recipients
         }:
-            self.txn.recipients.append(rcpt)
-        return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
+            return ok
+        txn = self.txn
+        if self.s.checks is None:
+            txn.recipients.append(rcpt)
+            return ok
+
+        def decide(verdict: Verdict) -> Reply:
+            if verdict.refuses:
+                return self._refused("RCPT", verdict, txn.spool.queue_id)
+            if self.txn is not txn:
+                return Reply(503, "5.5.1", "The transaction ended")
+            txn.recipients.append(rcpt)
+            return ok
+
+        accepted = [r.address for r in txn.recipients]
+        verdict = self.s.checks.rcpt(self.info(), txn.sender, accepted, rcpt.address)
+        return _then(verdict, decide)  # type: ignore[no-any-return]
 
     def do_DATA(self, args: str) -> Reply:
         if args:
@@ -737,9 +803,41 @@ class SubmissionSession(Protocol):
             message_id=builder.message_id,
         )
 
+        checks = self.s.checks
+        if checks is None:
+            return self._commit(txn, envelope)
+        info = MessageInfo(
+            queue_id=txn.spool.queue_id,
+            sender=txn.sender,
+            recipients=tuple(r.address for r in txn.recipients),
+            size=txn.spool.size,
+            eight_bit=reader.eight_bit,
+            opener=txn.spool.open_written,
+        )
+        session = self.info()
+
+        def decide(verdict: Verdict) -> Reply | Deferred[Reply]:
+            if verdict.refuses:
+                txn.spool.abort()
+                return self._refused("DATA", verdict, txn.spool.queue_id)
+            if self._closed:
+                txn.spool.abort()  # the client is gone: it would never see a 250
+                return Reply(421, "4.4.2", "Connection closed")
+            return self._commit(txn, envelope, lambda: checks.queued(session, info))
+
+        try:
+            verdict = checks.message(session, info)
+        except BaseException:
+            txn.spool.abort()
+            raise
+        return _then(verdict, decide)  # type: ignore[no-any-return]
+
+    def _commit(
+        self, txn: _Transaction, envelope: Envelope, on_queued: Callable[[], None] | None = None
+    ) -> Deferred[Reply]:
         def queued(queue_id: str) -> Reply:
-            if self.s.daily is not None and self.login is not None:
-                self.s.daily.add(self.login)
+            if on_queued is not None:
+                on_queued()
             self.s.metrics.messages_accepted.inc()
             self.s.metrics.submission_latency.observe(self.s.clock.seconds() - txn.started)
             log.info(
@@ -855,3 +953,10 @@ class _Refuse(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(self._reply.encode())  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _then(result: Verdict | Deferred[Verdict], f: Callable[[Verdict], Any]) -> Any:
+    """Apply C{f} to a verdict now, or when its Deferred fires."""
+    if isinstance(result, Deferred):
+        return result.addCallback(f)
+    return f(result)

@@ -408,6 +408,17 @@ class _Transaction:
         message, self._file = self._file, None
         return self._spool.commit(self.queue_id, message, data)
 
+    def open_written(self) -> IO[bytes]:
+        if self._error is not None:
+            raise self._error
+        if self._file is None:
+            raise StorageError("transaction is closed")
+        try:
+            self._file.flush()
+            return open(self._spool.store.path(TMP, self.queue_id, MESSAGE), "rb")
+        except OSError as e:
+            raise storage_error(f"cannot read back {self.queue_id}", e) from e
+
     def abort(self) -> None:
         if self._file is not None:
             try:

@@ -7,7 +7,9 @@ can see what the session does when storage breaks.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
+from typing import IO
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -47,6 +49,9 @@ class MemoryTransaction:
 
     def abort(self) -> None:
         self.aborted = True
+
+    def open_written(self) -> IO[bytes]:
+        return io.BytesIO(bytes(self.data))
 
 
 @implementer(ISpool)

@@ -1,0 +1,351 @@
+"""The plugin host: loading and verifying plugins, verdicts, failures and timeouts."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import fields, replace
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from mta import config as configmod
+from mta.checks import (
+    ACCEPT,
+    CONTINUE,
+    Action,
+    SessionInfo,
+    Verdict,
+    disconnect,
+    reject,
+    tempfail,
+)
+from mta.checks import host as checkhost
+from mta.errors import ConfigError, Reply
+from mta.interfaces import IConnectHook, IMailHook, IMessageHook
+from tests.support import LOGIN, Harness, make_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "plugins", "example_domains.py")
+SESSION = SessionInfo(peer="192.0.2.1", helo="c", login=LOGIN, tls=None, trusted=False)
+
+
+@implementer(IMailHook)
+class Scripted:
+    """A MAIL hook that answers what it is told, or raises."""
+
+    name = "scripted"
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def on_mail(self, session: SessionInfo, sender: str) -> Any:
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def checks_of(h: Harness, *plugins: Any, timeout: float = 5.0) -> checkhost.Checks:
+    loaded = [checkhost.Loaded(p.name, p, timeout) for p in plugins]
+    return checkhost.Checks(loaded, h.clock)
+
+
+def mail(h: Harness) -> tuple[int, str]:
+    c = h.connect()
+    c.login()
+    return c.command(f"MAIL FROM:<{LOGIN}>")
+
+
+class VerdictTests(SynchronousTestCase):
+    def test_reply_must_match_the_action(self) -> None:
+        self.assertRaises(ValueError, Verdict, Action.REJECT, Reply(451, "4.7.1", "x"))
+        self.assertRaises(ValueError, Verdict, Action.TEMPFAIL, Reply(550, "5.7.1", "x"))
+        self.assertRaises(ValueError, Verdict, Action.CONTINUE, Reply(550, "5.7.1", "x"))
+
+    def test_default_replies(self) -> None:
+        self.assertEqual(Verdict(Action.REJECT).to_reply().code, 550)
+        self.assertEqual(Verdict(Action.TEMPFAIL).to_reply().code, 451)
+        self.assertEqual(Verdict(Action.DISCONNECT).to_reply().code, 421)
+
+
+class SessionVerdictTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+
+    def use(self, *plugins: Any, timeout: float = 5.0) -> None:
+        self.h.settings.checks = checks_of(self.h, *plugins, timeout=timeout)
+
+    def test_continue_and_accept_go_on(self) -> None:
+        for verdict in (CONTINUE, ACCEPT):
+            self.use(Scripted(verdict))
+            self.assertEqual(mail(self.h)[0], 250)
+
+    def test_accept_skips_later_plugins(self) -> None:
+        later = Scripted(reject("no"))
+        self.use(Scripted(ACCEPT), later)
+        self.assertEqual(mail(self.h)[0], 250)
+        self.assertEqual(later.calls, 0)
+
+    def test_reject_and_tempfail_send_their_reply(self) -> None:
+        self.use(Scripted(CONTINUE), Scripted(reject("Go away", 553, "5.7.1")))
+        self.assertEqual(mail(self.h), (553, "5.7.1 Go away"))
+        self.use(Scripted(tempfail("Later")))
+        self.assertEqual(mail(self.h), (451, "4.7.1 Later"))
+
+    def test_disconnect_closes(self) -> None:
+        self.use(Scripted(disconnect("Bye now")))
+        c = self.h.connect()
+        c.login()
+        self.assertEqual(c.command(f"MAIL FROM:<{LOGIN}>"), (421, "4.7.0 Bye now"))
+        self.assertTrue(c.closed)
+
+    def test_exception_is_a_451(self) -> None:
+        self.use(Scripted(RuntimeError("plugin bug")))
+        code, text = mail(self.h)
+        self.assertEqual(
+            (code, text), (451, "4.3.0 Temporary failure in the scripted check; try again later")
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failed_deferred_is_a_451(self) -> None:
+        d: Deferred[Verdict] = Deferred()
+        self.use(Scripted(d))
+        c = self.h.connect()
+        c.login()
+        c.send(f"MAIL FROM:<{LOGIN}>\r\n")
+        self.assertEqual(c.replies(), [])  # waiting for the plugin
+        d.errback(ValueError("daemon said nonsense"))
+        self.assertEqual(c.codes(), [451])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_not_a_verdict_is_a_451(self) -> None:
+        self.use(Scripted("yes please"))
+        self.assertEqual(mail(self.h)[0], 451)
+
+    def test_timeout_is_a_451_and_cancels(self) -> None:
+        cancelled: list[bool] = []
+        d: Deferred[Verdict] = Deferred(lambda _: cancelled.append(True))
+        self.use(Scripted(d), timeout=3.0)
+        c = self.h.connect()
+        c.login()
+        c.send(f"MAIL FROM:<{LOGIN}>\r\n")
+        self.h.clock.advance(2.9)
+        self.assertEqual(c.replies(), [])
+        self.h.clock.advance(0.2)
+        self.assertEqual(c.codes(), [451])
+        self.assertEqual(cancelled, [True])
+        # The session goes on: the next command is answered.
+        self.assertEqual(c.command("NOOP")[0], 250)
+
+    def test_connect_hook_refuses_the_greeting(self) -> None:
+        @implementer(IConnectHook)
+        class Gate:
+            name = "gate"
+
+            def __init__(self, verdict: Verdict) -> None:
+                self.verdict = verdict
+                self.peers: list[str] = []
+
+            def on_connect(self, session: SessionInfo) -> Verdict:
+                self.peers.append(session.peer)
+                return self.verdict
+
+        for verdict, code in ((reject("Not from here"), 554), (tempfail("Busy"), 421)):
+            gate = Gate(verdict)
+            self.use(gate)
+            c = self.h.connect(peer="198.51.100.7")
+            [(got, text)] = c.replies()
+            self.assertEqual(got, code)
+            self.assertTrue(text.endswith(verdict.to_reply().text), text)
+            self.assertTrue(c.closed)
+            self.assertEqual(gate.peers, ["198.51.100.7"])
+        self.use(Gate(CONTINUE))
+        self.assertEqual(self.h.connect().codes(), [220])
+
+    def test_message_refusal_queues_nothing(self) -> None:
+        @implementer(IMessageHook)
+        class Refuse:
+            name = "refuse"
+            seen: bytes = b""
+
+            def on_message(self, session: SessionInfo, message: Any) -> Verdict:
+                with message.open() as f:
+                    Refuse.seen = f.read()
+                return reject("Not this one", 554, "5.7.1")
+
+        self.use(Refuse())
+        c = self.h.connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        c.command("RCPT TO:<bob@example.net>")
+        c.command("DATA")
+        c.send(f"From: {LOGIN}\r\n\r\nsecret body\r\n.\r\n")
+        self.assertEqual(c.replies(), [(554, "5.7.1 Not this one")])
+        self.assertEqual(self.h.spool.messages, {})
+        self.assertTrue(self.h.spool.transactions[-1].aborted)
+        self.assertIn(b"secret body", Refuse.seen)
+        self.assertTrue(Refuse.seen.startswith(b"Received: "))
+
+
+class LoadingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+
+    def load(self, *tables: dict[str, Any]) -> checkhost.Checks:
+        config = configmod.parse({"plugins": list(tables)}, "/etc/mta.toml", REPO)
+        return checkhost.load(config, replace(self.h.context, source="/etc/mta.toml"))
+
+    def error(self, *tables: dict[str, Any]) -> str:
+        return str(self.assertRaises(ConfigError, self.load, *tables))
+
+    def test_ratelimit_is_always_on_and_first(self) -> None:
+        checks = self.load({"name": "blocked", "path": EXAMPLE})
+        self.assertEqual([p.name for p in checks.plugins], ["ratelimit", "blocked"])
+
+    def test_example_site_plugin_by_path(self) -> None:
+        checks = self.load(
+            {"name": "blocked", "path": "plugins/example_domains.py",
+             "options": {"domains": ["Blocked.Example"]}}
+        )  # fmt: skip
+        self.h.settings.checks = checks
+        c = self.h.connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        code, text = c.command("RCPT TO:<someone@blocked.example>")
+        self.assertEqual(code, 550)
+        self.assertIn("someone@blocked.example", text)
+        self.assertEqual(c.command("RCPT TO:<someone@fine.example>")[0], 250)
+
+    def test_option_errors_name_file_and_key(self) -> None:
+        text = self.error({"name": "blocked", "path": EXAMPLE, "options": {"domains": 3}})
+        self.assertEqual(
+            text, "/etc/mta.toml: [plugins.blocked.options] domains: expected a list, got 3"
+        )
+        text = self.error({"name": "clamd", "options": {"colour": "red"}})
+        self.assertEqual(text, "/etc/mta.toml: [plugins.clamd.options] unknown key 'colour'")
+        text = self.error({"name": "clamd", "options": {"address": "udp:1"}})
+        self.assertIn("[plugins.clamd.options] address: must start with unix: or tcp:", text)
+        text = self.error({"name": "spamd", "options": {"reject_score": "high"}})
+        self.assertIn("[plugins.spamd.options] reject_score: expected a number", text)
+
+    def test_entry_errors(self) -> None:
+        self.assertIn("no built-in plugin 'nope'", self.error({"name": "nope"}))
+        self.assertIn("name is missing", self.error({"path": EXAMPLE}))
+        self.assertIn("'clamd' is used twice", self.error({"name": "clamd"}, {"name": "clamd"}))
+        self.assertIn("no such file", self.error({"name": "x", "path": "plugins/nothing.py"}))
+        self.assertIn("unknown key 'colour'", self.error({"name": "clamd", "colour": 1}))
+
+    def test_a_plugin_that_does_not_implement_its_interface(self) -> None:
+        path = os.path.abspath(self.mktemp() + ".py")
+        with open(path, "w") as f:
+            f.write(
+                "from zope.interface import implementer\n"
+                "from mta.interfaces import IMailHook\n"
+                "@implementer(IMailHook)\n"
+                "class Broken:\n"
+                "    name = 'broken'\n"
+                "    def on_mail(self):\n"
+                "        pass\n"
+                "def make(options, context):\n"
+                "    return Broken()\n"
+            )
+        text = self.error({"name": "broken", "path": path})
+        self.assertIn("[plugins.broken] does not implement IMailHook", text)
+
+    def test_a_plugin_without_hooks(self) -> None:
+        path = os.path.abspath(self.mktemp() + ".py")
+        with open(path, "w") as f:
+            f.write("def make(options, context):\n    return object()\n")
+        self.assertIn("provides no hook interface", self.error({"name": "none", "path": path}))
+
+
+class SendingLimitTests(SynchronousTestCase):
+    def submit(self, c: Any, *recipients: str) -> int:
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        for r in recipients or ("bob@example.net",):
+            c.command(f"RCPT TO:<{r}>")
+        c.command("DATA")
+        c.send(f"From: {LOGIN}\r\n\r\nhello\r\n.\r\n")
+        return int(c.replies()[-1][0])
+
+    def harness(self, directory: str, **options: Any) -> Harness:
+        config = make_config(limits={"daily_messages": 2})
+        config = replace(config, plugins=(configmod.PluginConfig("ratelimit", options=options),))
+        return Harness(directory, config)
+
+    def test_day_boundary(self) -> None:
+        h = self.harness(self.mktemp())
+        h.clock.advance(86400 - h.clock.seconds() % 86400 - 10)  # 23:59:50 UTC
+        c = h.connect()
+        c.login()
+        self.assertEqual([self.submit(c), self.submit(c)], [250, 250])
+        self.assertEqual(c.command(f"MAIL FROM:<{LOGIN}>")[0], 451)
+        h.clock.advance(11)  # the next UTC day
+        self.assertEqual(self.submit(c), 250)
+
+    def test_restart_keeps_the_count(self) -> None:
+        directory = self.mktemp()
+        h = self.harness(directory)
+        c = h.connect()
+        c.login()
+        self.assertEqual([self.submit(c), self.submit(c)], [250, 250])
+        again = self.harness(directory)  # a new process on the same state/
+        c = again.connect()
+        c.login()
+        code, text = c.command(f"MAIL FROM:<{LOGIN}>")
+        self.assertEqual(code, 451)
+        self.assertIn("Daily sending limit of 2 messages reached", text)
+
+    def test_counting_recipients(self) -> None:
+        h = self.harness(self.mktemp(), count="recipients", daily_messages=3)
+        c = h.connect()
+        c.login()
+        self.assertEqual(self.submit(c, "a@example.net", "b@example.net"), 250)
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        self.assertEqual(c.command("RCPT TO:<c@example.net>")[0], 250)
+        code, text = c.command("RCPT TO:<d@example.net>")
+        self.assertEqual(code, 451)
+        self.assertIn("Daily sending limit of 3 recipients", text)
+        c.command("DATA")
+        c.send(f"From: {LOGIN}\r\n\r\nhello\r\n.\r\n")
+        self.assertEqual(c.replies()[-1][0], 250)
+        self.assertEqual(c.command(f"MAIL FROM:<{LOGIN}>")[0], 451)
+
+    def test_concurrent_sessions_rechecked_at_end_of_data(self) -> None:
+        h = self.harness(self.mktemp(), daily_messages=1)
+        first, second = h.connect(), h.connect()
+        for c in (first, second):
+            c.login()
+            c.command(f"MAIL FROM:<{LOGIN}>")
+            c.command("RCPT TO:<bob@example.net>")
+            c.command("DATA")
+        first.send(f"From: {LOGIN}\r\n\r\nhello\r\n.\r\n")
+        second.send(f"From: {LOGIN}\r\n\r\nhello\r\n.\r\n")
+        self.assertEqual(first.codes(), [250])
+        self.assertEqual(second.codes(), [451])
+        self.assertEqual(len(h.spool.messages), 1)
+
+
+class DocumentationTests(SynchronousTestCase):
+    def test_example_configuration_loads_every_plugin(self) -> None:
+        """The plugins of docs/mta.example.toml load and pass verifyObject."""
+        h = Harness(self.mktemp())
+        config = configmod.load(os.path.join(REPO, "docs", "mta.example.toml"))
+        checks = checkhost.load(config, replace(h.context, config=config, source=config.source))
+        self.assertEqual([p.name for p in checks.plugins], ["ratelimit", "clamd", "spamd", "dkim"])
+
+    def test_every_builtin_option_is_documented(self) -> None:
+        with open(os.path.join(REPO, "docs", "configuration.md"), encoding="utf-8") as f:
+            text = f.read()
+        for name, module_name in checkhost.BUILTINS.items():
+            start = text.index(f"`{name}` options")
+            end = text.find("\n\n`", start + 1)
+            table = text[start : end if end >= 0 else None]
+            documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
+            options = importlib.import_module(module_name).Options
+            self.assertEqual(sorted(documented), sorted(f.name for f in fields(options)), name)

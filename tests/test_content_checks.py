@@ -1,0 +1,177 @@
+"""The clamd and spamd plugins against real daemons on loopback (tests/scanners.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from mta.checks import Action, MessageInfo, SessionInfo, Verdict
+from mta.checks import clamd as clamdmod
+from mta.checks import spamd as spamdmod
+from tests.scanners import EICAR, EICAR_NAME, GTUBE, Clamd, Spamd, free_port
+
+SESSION = SessionInfo(peer="127.0.0.1", helo="c", login="a@example.com", tls=None, trusted=False)
+
+
+def message(body: bytes, *, attachment: bytes | None = None) -> MessageInfo:
+    if attachment is None:
+        data = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: hi\r\n\r\n" + body
+    else:
+        encoded = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
+        data = (
+            b"From: a@example.com\r\nTo: b@example.net\r\nSubject: report\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+            b"--XX\r\nContent-Type: text/plain\r\n\r\n" + body + b"\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b'Content-Disposition: attachment; filename="eicar.com"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--XX--\r\n"
+        )
+    return MessageInfo(
+        queue_id="TESTID",
+        sender="a@example.com",
+        recipients=("b@example.net",),
+        size=len(data),
+        eight_bit=False,
+        opener=lambda: io.BytesIO(data),
+    )
+
+
+async def verdict_of(result: Verdict | Deferred[Verdict]) -> Verdict:
+    if isinstance(result, Deferred):
+        return await result
+    return result
+
+
+def closed_port_address() -> str:
+    return f"tcp:host=127.0.0.1:port={free_port()}"
+
+
+class ClamdTests(TestCase):
+    clamd: Clamd
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.clamd = Clamd(stream_max=1024 * 1024)
+        cls.clamd.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.clamd.stop()
+
+    def check(self, address: str | None = None, **options: Any) -> clamdmod.ClamdCheck:
+        opts = clamdmod.Options(address=address or self.clamd.unix_address, **options)
+        return clamdmod.ClamdCheck(opts, reactor, "test")
+
+    async def test_ping(self) -> None:
+        self.assertTrue(await self.check().ping())
+        self.assertTrue(await self.check(self.clamd.tcp_address).ping())
+
+    async def test_clean_message(self) -> None:
+        v = await verdict_of(self.check().on_message(SESSION, message(b"Hello\r\n")))
+        self.assertEqual(v.action, Action.CONTINUE)
+
+    async def test_eicar_attachment_over_unix_and_tcp(self) -> None:
+        for address in (self.clamd.unix_address, self.clamd.tcp_address):
+            m = message(b"See attached.", attachment=EICAR)
+            v = await verdict_of(self.check(address).on_message(SESSION, m))
+            self.assertEqual(v.action, Action.REJECT)
+            reply = v.to_reply()
+            self.assertEqual((reply.code, reply.enhanced), (554, "5.7.1"))
+            self.assertIn(EICAR_NAME, reply.text)
+
+    async def test_many_chunks(self) -> None:
+        """A message of many INSTREAM chunks, EICAR near its end."""
+        filler = (b"y" * 76 + b"\r\n") * 6000  # ~470 KB of text before the attachment
+        m = message(filler, attachment=EICAR)
+        v = await verdict_of(self.check().on_message(SESSION, m))
+        self.assertEqual(v.action, Action.REJECT)
+
+    async def test_over_max_size(self) -> None:
+        m = message(b"z" * 5000)
+        v = await verdict_of(self.check(max_size=1000).on_message(SESSION, m))
+        self.assertEqual((v.action, v.to_reply().code), (Action.REJECT, 552))
+        v = await verdict_of(self.check(max_size=1000, oversize="accept").on_message(SESSION, m))
+        self.assertEqual(v.action, Action.CONTINUE)
+
+    async def test_over_clamds_stream_limit(self) -> None:
+        """clamd here takes 1 MB (StreamMaxLength); a larger stream is refused by it."""
+        m = message((b"w" * 98 + b"\r\n") * 20000)  # 2 MB
+        v = await verdict_of(self.check().on_message(SESSION, m))
+        self.assertEqual((v.action, v.to_reply().code), (Action.REJECT, 552))
+
+    async def test_clamd_down_is_a_tempfail(self) -> None:
+        for address in (closed_port_address(), "unix:path=/nonexistent/clamd.sock"):
+            v = await verdict_of(self.check(address).on_message(SESSION, message(b"hi")))
+            reply = v.to_reply()
+            self.assertEqual((v.action, reply.code), (Action.TEMPFAIL, 451))
+            self.assertIn("Virus scanner unavailable", reply.text)
+
+
+class SpamdTests(TestCase):
+    spamd: Spamd
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.spamd = Spamd()
+        cls.spamd.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.spamd.stop()
+
+    def check(self, address: str | None = None, **options: Any) -> spamdmod.SpamdCheck:
+        opts = spamdmod.Options(address=address or self.spamd.address, **options)
+        return spamdmod.SpamdCheck(opts, reactor, "test")
+
+    async def test_ping(self) -> None:
+        self.assertTrue(await self.check().ping())
+
+    async def test_gtube_is_refused(self) -> None:
+        v = await verdict_of(self.check().on_message(SESSION, message(GTUBE + b"\r\n")))
+        reply = v.to_reply()
+        self.assertEqual((v.action, reply.code, reply.enhanced), (Action.REJECT, 550, "5.7.1"))
+        self.assertIn("spam", reply.text)
+
+    async def test_clean_message_passes(self) -> None:
+        body = b"Hello Bob,\r\n\r\nthe minutes of today's meeting are below.\r\n\r\nAlice\r\n"
+        v = await verdict_of(self.check().on_message(SESSION, message(body)))
+        self.assertEqual(v.action, Action.CONTINUE)
+
+    async def test_reject_score_is_the_operators(self) -> None:
+        body = b"Hello Bob,\r\n\r\nsee you tomorrow.\r\n"
+        v = await verdict_of(self.check(reject_score=-100.0).on_message(SESSION, message(body)))
+        self.assertEqual(v.action, Action.REJECT)
+
+    async def test_only_the_first_max_size_bytes(self) -> None:
+        """GTUBE past max_size is not seen (and the daemon is not kept waiting)."""
+        body = (b"n" * 98 + b"\r\n") * 20 + GTUBE + b"\r\n"
+        # GTUBE alone scores 1000; the rest of this odd message a few points.
+        check = self.check(max_size=1024, reject_score=500.0)
+        v = await verdict_of(check.on_message(SESSION, message(body)))
+        self.assertEqual(v.action, Action.CONTINUE)
+        check = self.check(max_size=4096, reject_score=500.0)
+        v = await verdict_of(check.on_message(SESSION, message(body)))
+        self.assertEqual(v.action, Action.REJECT)
+
+    async def test_spamd_down_is_a_tempfail(self) -> None:
+        v = await verdict_of(self.check(closed_port_address()).on_message(SESSION, message(b"x")))
+        self.assertEqual((v.action, v.to_reply().code), (Action.TEMPFAIL, 451))
+
+
+class SpamdAnswerTests(TestCase):
+    def test_parse(self) -> None:
+        answer = (
+            b"SPAMD/1.1 0 EX_OK\r\nContent-length: 9\r\nSpam: True ; 1002.3 / 5.0\r\n\r\nGTUBE,X_Y"
+        )
+        result = spamdmod.parse_answer(answer)
+        self.assertEqual((result.score, result.threshold, result.rules), (1002.3, 5.0, "GTUBE,X_Y"))
+
+    def test_errors(self) -> None:
+        for answer in (b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n",
+                       b"SPAMD/1.1 0 EX_OK\r\n\r\n"):  # fmt: skip
+            self.assertRaises(spamdmod.SpamdAnswerError, spamdmod.parse_answer, answer)
