@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -90,8 +91,8 @@ class Clamd:
                 f"PidFile {os.path.join(self.dir, 'clamd.pid')}\n"
                 f"StreamMaxLength {stream_max}\n"
                 "SelfCheck 0\n"
-                # Running as root in CI: keep root instead of switching user.
-                f"User {os.environ.get('USER') or 'root'}\n"
+                # Keep the user the tests run as (root in CI) instead of clamav.
+                f"User {pwd.getpwuid(os.geteuid()).pw_name}\n"
             )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -25,7 +25,7 @@ from mta.checks import (
 )
 from mta.checks import host as checkhost
 from mta.errors import ConfigError, Reply
-from mta.interfaces import IConnectHook, IMailHook, IMessageHook
+from mta.interfaces import IConnectHook, IMailHook, IMessageHook, IStartupHook
 from tests.support import LOGIN, Harness, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -316,6 +316,28 @@ class SendingLimitTests(SynchronousTestCase):
         self.assertEqual(c.replies()[-1][0], 250)
         self.assertEqual(c.command(f"MAIL FROM:<{LOGIN}>")[0], 451)
 
+    def test_recipient_counts_survive_a_restart(self) -> None:
+        directory = self.mktemp()
+        h = self.harness(directory, count="recipients", daily_messages=3)
+        c = h.connect()
+        c.login()
+        self.assertEqual(self.submit(c, "a@example.net", "b@example.net"), 250)
+        c = self.harness(directory, count="recipients", daily_messages=3).connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        self.assertEqual(c.command("RCPT TO:<c@example.net>")[0], 250)
+        self.assertEqual(c.command("RCPT TO:<d@example.net>")[0], 451)
+
+    def test_trusted_clients_are_not_counted(self) -> None:
+        config = make_config(
+            limits={"daily_messages": 1}, auth={"trusted_networks": ["192.0.2.0/24"]}
+        )
+        h = Harness(self.mktemp(), config)
+        c = h.connect(implicit_tls=False, peer="192.0.2.5")
+        c.replies()
+        c.command("EHLO app.test")
+        self.assertEqual([self.submit(c), self.submit(c)], [250, 250])
+
     def test_concurrent_sessions_rechecked_at_end_of_data(self) -> None:
         h = self.harness(self.mktemp(), daily_messages=1)
         first, second = h.connect(), h.connect()
@@ -329,6 +351,20 @@ class SendingLimitTests(SynchronousTestCase):
         self.assertEqual(first.codes(), [250])
         self.assertEqual(second.codes(), [451])
         self.assertEqual(len(h.spool.messages), 1)
+
+
+class StartupTests(SynchronousTestCase):
+    def test_a_failing_startup_is_logged_not_raised(self) -> None:
+        @implementer(IStartupHook)
+        class Failing:
+            name = "failing"
+
+            def startup(self) -> None:
+                raise ConnectionRefusedError("daemon down")
+
+        h = Harness(self.mktemp())
+        checkhost.Checks([checkhost.Loaded("failing", Failing(), 5)], h.clock).startup()
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionRefusedError)), 1)
 
 
 class DocumentationTests(SynchronousTestCase):
