@@ -268,7 +268,7 @@ def cmd_queue_action(config: configmod.Config, args: argparse.Namespace, out: Te
 
         try:
             out.write(printable(_act(config, {"op": op, "id": queue_id}, offline)) + "\n")
-        except (CommandError, ControlError) as e:
+        except (CommandError, ControlError, StorageError) as e:
             sys.stderr.write(printable(f"mtactl: {e}") + "\n")
             status = 1
     return status
@@ -292,12 +292,21 @@ def cmd_queue_flush(config: configmod.Config, args: argparse.Namespace, out: Tex
         if domain is not None:
             ids = control.ids_for_domain(store, ids, domain)
         now = time.time()
+        flushed = 0
         for queue_id in ids:
-            control.apply(store, "flush", queue_id, now)
-        return f"flushed {len(ids)} deferred message(s)" + (f" for {domain}" if domain else "")
+            try:
+                control.apply(store, "flush", queue_id, now)
+                flushed += 1
+            except (ControlError, StorageError) as e:
+                # One bad message (e.g. an unreadable envelope) must not stop the rest.
+                failures.append(str(e))
+        return f"flushed {flushed} deferred message(s)" + (f" for {domain}" if domain else "")
 
+    failures: list[str] = []
     out.write(printable(_act(config, doc, offline)) + "\n")
-    return 0
+    for failure in failures:
+        sys.stderr.write(printable(f"mtactl: {failure}") + "\n")
+    return 1 if failures else 0
 
 
 def _read_message(store: SpoolStore, queue_id: str) -> tuple[str, bytes, bytes]:

@@ -17,10 +17,15 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -121,6 +126,25 @@ def count_entries(path: str) -> int:
         return 0
 
 
+class Exposition(Resource):
+    """C{/metrics}, rendered in the reactor thread.
+
+    (prometheus-client's own Twisted resource renders in a thread, where the
+    queue collector would read the manager's bookkeeping while the reactor
+    changes it.)  A scrape costs a few milliseconds even for a large queue.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.registry)
+
+
 class Health(Resource):
     """C{/health}: 200 while the daemon runs and its spool is writable."""
 
@@ -141,7 +165,7 @@ class Health(Resource):
 def site(metrics: Metrics, health: Callable[[], dict[str, Any]]) -> Site:
     """The HTTP site: C{/metrics} and C{/health}, nothing else."""
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", Exposition(metrics.registry))
     root.putChild(b"health", Health(health))
     s = Site(root)
     s.displayTracebacks = False

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime, formataddr, getaddresses
 from typing import BinaryIO, NoReturn
 
 from mta import config as configmod
@@ -46,6 +46,7 @@ from mta.spool.queueid import QueueIdGenerator
 
 EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 64, 65, 73, 75, 78
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 MAX_RECIPIENTS = 1000
 
 
@@ -62,20 +63,50 @@ def _fail(status: int, text: str) -> NoReturn:
 
 
 def read_message(stream: BinaryIO, *, dot_ends: bool, limit: int) -> bytes:
-    """The input with CRLF line ends; stops at a lone "." line when C{dot_ends}."""
-    lines: list[bytes] = []
-    size = 0
-    for raw in stream:
-        line = _LINE_END.sub(b"", raw, count=1) if raw.endswith((b"\n", b"\r")) else raw
-        if dot_ends and line == b".":
-            break
-        # Any CR or LF left inside a line is a line end of its own.
-        for part in _LINE_END.split(line):
-            size += len(part) + 2
-            if size > limit:
-                _fail(EX_DATAERR, f"the message is larger than the limit of {limit} bytes")
-            lines.append(part + b"\r\n")
-    return b"".join(lines)
+    """The input with CRLF line ends; stops at a lone "." line when C{dot_ends}.
+
+    Reads at most C{limit} octets (plus one, to tell a larger message), so
+    a huge input costs no more memory than the largest message allowed.
+    """
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        _fail(EX_DATAERR, f"the message is larger than the limit of {limit} bytes")
+    data = _LINE_END.sub(b"\r\n", data)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if dot_ends:
+        if data.startswith(b".\r\n"):
+            return b""
+        end = data.find(b"\r\n.\r\n")
+        if end >= 0:
+            data = data[: end + 2]
+    if len(data) > limit:
+        _fail(EX_DATAERR, f"the message is larger than the limit of {limit} bytes")
+    return data
+
+
+def split_header(message: bytes) -> tuple[bytes, bytes]:
+    """The header section and the body, as sendmail reads them.
+
+    The header section ends at the empty line, or at the first line that
+    is neither a header field nor a continuation: that line starts the
+    body (so "echo text | sendmail addr" sends a message with body "text").
+    """
+    pos = 0
+    seen_field = False
+    while pos < len(message):
+        end = message.find(b"\r\n", pos)
+        if end < 0:
+            end = len(message)
+        line = message[pos:end]
+        if not line:
+            return message[:pos], message[end + 2 :]
+        continuation = line[:1] in (b" ", b"\t") and seen_field
+        if not continuation and not _FIELD.match(line):
+            return message[:pos], message[pos:]
+        seen_field = True
+        pos = end + 2
+    return message, b""
 
 
 def _address(text: str, what: str) -> str:
@@ -98,13 +129,7 @@ def prepare(
     user: str,
 ) -> tuple[bytes, list[str]]:
     """Header work: the stored message and the final recipient list."""
-    end = message.find(b"\r\n\r\n")
-    if message.startswith(b"\r\n"):
-        head, body = b"", message[2:]
-    elif end < 0:
-        head, body = message, b""
-    else:
-        head, body = message[: end + 2], message[end + 4 :]
+    head, body = split_header(message)
     try:
         fields = split_fields(head)
     except SMTPReplyError as e:
@@ -128,9 +153,15 @@ def prepare(
     ]
     out += [raw for name, raw in fields if not (extract and name == b"bcc")]
     if b"from" not in names:
-        quoted = full_name.replace("\\", "\\\\").replace('"', '\\"') if full_name else None
-        out.append((f'From: "{quoted}" <{sender}>' if quoted else f"From: {sender}").encode()
-                   + b"\r\n")  # fmt: skip
+        # Printable characters only (no header injection through -F); a
+        # non-ASCII name is encoded (RFC 2047) by formataddr.
+        name = "".join(c for c in full_name or "" if c.isprintable())
+        address = sender or f"{user}@{hostname}"
+        try:
+            value = formataddr((name, address))
+        except UnicodeError:  # an internationalized address (SMTPUTF8): name left out
+            value = address
+        out.append(f"From: {value}\r\n".encode())
     if b"date" not in names:
         out.append(f"Date: {date}\r\n".encode())
     if b"message-id" not in names:

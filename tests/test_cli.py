@@ -484,6 +484,17 @@ class OfflineActionTests(QueueTests):
         self.assertEqual(self.mtactl("queue", "flush", "--domain", "example.org"),
                          (0, "flushed 0 deferred message(s) for example.org\n"))  # fmt: skip
 
+    def test_flush_all_goes_past_a_corrupt_envelope(self) -> None:
+        first, broken, last = self.deferred(), self.deferred(), self.deferred()
+        with open(self.store.path("deferred", broken, ENVELOPE), "wb") as f:
+            f.write(b"{")
+        code, out = self.mtactl("queue", "flush", "--all")
+        self.assertEqual((code, out), (1, "flushed 2 deferred message(s)\n"))
+        self.assert_one_line_error(broken, "unreadable")
+        for queue_id in (first, last):
+            _, envelope = self.store.load(queue_id)
+            self.assertLess(envelope.recipients[0].next_attempt, 1_900_000_000.0)
+
     def test_flush_usage(self) -> None:
         for argv in ((), ("--all", "--domain", "example.com"), ("--domain", "not a domain")):
             code, _ = self.mtactl("queue", "flush", *argv)

@@ -27,6 +27,16 @@ class ExpositionTests(QueueTestCase):
         self.assertIn('mta_queue_messages{state="deferred"} 7.0', text)
         self.assertIn("mta_queue_oldest_message_age_seconds 90.0", text)
 
+    def test_metrics_render_at_once(self) -> None:
+        """In the reactor thread, not deferred to a thread (see Exposition)."""
+        metrics = Metrics()
+        metrics.messages_accepted.inc()
+        resource = site(metrics, lambda: {"status": "ok"}).resource
+        request = DummyRequest([b"metrics"])
+        body = resource.getChildWithDefault(b"metrics", request).render(request)  # type: ignore[attr-defined]
+        self.assertIsInstance(body, bytes)
+        self.assertIn(b"mta_messages_accepted_total 1.0", body)
+
     def test_health_resource(self) -> None:
         resource = site(Metrics(), lambda: {"status": "failing", "problems": ["disk"]}).resource
         request = DummyRequest([b"health"])

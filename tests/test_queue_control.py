@@ -291,6 +291,82 @@ class CorruptTests(ControlTestCase):
         self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
 
 
+class SteppedRunner:
+    """A spool thread pool the test runs by hand: work waits until L{run_all}."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, Deferred[Any]]] = []
+
+    def __call__(self, work: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((work, d))
+        return d
+
+    def run_one(self) -> None:
+        work, d = self.pending.pop(0)
+        try:
+            result = work()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        while self.pending:
+            self.run_one()
+
+
+class WhileLoadingTests(ControlTestCase):
+    """An action that arrives while the message's envelope is being read."""
+
+    def stepped_manager(self) -> tuple[Any, SteppedRunner]:
+        from mta.queue.manager import QueueManager  # noqa: PLC0415
+
+        runner = SteppedRunner()
+        qm = QueueManager(
+            self.store, runner, self.spy, self.router, self.clock,
+            settings=lambda: self.settings,
+        )  # fmt: skip
+        qm.startService()
+        self.addCleanup(qm.stopService)
+        return qm, runner
+
+    def test_hold_of_a_loading_message_that_turns_out_corrupt(self) -> None:
+        qid = self.queue("bob@example.net")
+        path = self.store.path("incoming", qid, ENVELOPE)
+        with open(path, "rb") as f:
+            good = f.read()
+        with open(path, "wb") as f:
+            f.write(b"{broken")
+        qm, runner = self.stepped_manager()
+        runner.run_one()  # the start-up scan; the load is now waiting
+        self.assertEqual(qm.counts()["active"], 1)
+        answer = qm.control("hold", qid)
+        self.assertNoResult(answer)
+        runner.run_all()
+        self.assertIn("unreadable", self.refused(answer))
+        self.assertEqual(self.store.find(qid), "corrupt")
+        # Repaired and requeued, it is delivered: no stale hold waits for it.
+        with open(self.store.path("corrupt", qid, ENVELOPE), "wb") as f:
+            f.write(good)
+        requeued = qm.control("requeue", qid)
+        runner.run_all()
+        self.assertEqual(self.successResultOf(requeued), f"{qid}: requeued")
+        self.assertEqual(len(self.spy.waiting), 1)
+
+    def test_delete_of_a_loading_message_waits_for_its_delivery(self) -> None:
+        qid = self.queue("bob@example.net")
+        qm, runner = self.stepped_manager()
+        runner.run_one()
+        answer = qm.control("delete", qid)
+        self.assertNoResult(answer)
+        runner.run_all()
+        self.assertIn("being delivered", self.successResultOf(answer))
+        self.spy.answer(0, OK)
+        runner.run_all()
+        self.assertRaises(KeyError, self.store.find, qid)
+
+
 class PickupTests(ControlTestCase):
     def test_pickup_of_a_message_written_by_another_process(self) -> None:
         qm = self.manager()

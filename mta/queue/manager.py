@@ -163,6 +163,7 @@ class QueueManager(Service):
         self._requests: dict[str, str] = {}
         self._controlling: set[str] = set()
         self._flushed: set[str] = set()
+        self._load_waiters: dict[str, list[tuple[str, Deferred[str]]]] = {}
 
     # -- life cycle --------------------------------------------------------
 
@@ -319,10 +320,10 @@ class QueueManager(Service):
                     and dsn.needs_notice(envelope, r, "failed")
                 ]
                 self.active[queue_id] = message
-                if queue_id in self._requests:
-                    self._finish(message)  # an operator action waits; no delivery
-                else:
-                    self._plan(message)
+                self._plan(message)
+            else:
+                self._flushed.discard(queue_id)
+            self._after_load(queue_id)
             self._pump()
 
         def failed(failure: Failure) -> None:
@@ -331,9 +332,16 @@ class QueueManager(Service):
             self._loading.discard(queue_id)
             log.failure("{qid}: cannot activate; trying again in a minute", failure, qid=queue_id)
             self._schedule(queue_id, self.clock.seconds() + RETRY_DELAY)
+            self._after_load(queue_id)
             self._pump()
 
         self.runner(load).addCallbacks(loaded, failed)
+
+    def _after_load(self, queue_id: str) -> None:
+        """Operator actions that arrived while the message was loading, now that
+        it is known where it is (in delivery, set aside as corrupt, gone ...)."""
+        for op, waiting in self._load_waiters.pop(queue_id, []):
+            self.control(op, queue_id).chainDeferred(waiting)
 
     # -- planning and dispatch -----------------------------------------------
 
@@ -647,7 +655,9 @@ class QueueManager(Service):
             self._schedule(queue_id, due)
         elif state == "hold":
             log.info("{qid}: put on hold by the mail administrator", qid=queue_id)
-        elif state == "done":
+        if state != "deferred":
+            self._flushed.discard(queue_id)
+        if state == "done":
             log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
             if self.on_done is not None:
                 self.on_done(queue_id)
@@ -787,8 +797,12 @@ class QueueManager(Service):
             return fail(ControlError(f"unknown action {op!r}"))
         if queue_id in self._controlling:
             return fail(ControlError(f"{queue_id}: another action on it is in progress"))
+        if queue_id in self._loading:
+            waiting: Deferred[str] = Deferred()
+            self._load_waiters.setdefault(queue_id, []).append((op, waiting))
+            return waiting
         message = self.active.get(queue_id)
-        if message is not None or queue_id in self._loading:
+        if message is not None:
             return maybeDeferred(self._request, op, queue_id, message)
         was_ready = queue_id in self.incoming
         was_due = self._due.pop(queue_id, None)
@@ -837,7 +851,7 @@ class QueueManager(Service):
             done, failed
         )
 
-    def _request(self, op: str, queue_id: str, message: _Active | None) -> str:
+    def _request(self, op: str, queue_id: str, message: _Active) -> str:
         """An action on a message in delivery: applied when its round ends."""
         if op == "release":
             raise ControlError(f"cannot release {queue_id}: it is not on hold")
@@ -845,8 +859,7 @@ class QueueManager(Service):
             self._flushed.add(queue_id)
             return f"{queue_id}: being delivered now; flushed"
         self._requests[queue_id] = op
-        if message is not None:
-            self._withdraw(message)
+        self._withdraw(message)
         return f"{queue_id}: being delivered; {control.DONE[op]} when the attempt in flight ends"
 
     def _withdraw(self, message: _Active) -> None:
