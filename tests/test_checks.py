@@ -67,6 +67,17 @@ class VerdictTests(SynchronousTestCase):
         self.assertRaises(ValueError, Verdict, Action.TEMPFAIL, Reply(550, "5.7.1", "x"))
         self.assertRaises(ValueError, Verdict, Action.CONTINUE, Reply(550, "5.7.1", "x"))
 
+    def test_action_is_one_of_the_closed_set(self) -> None:
+        # A plugin that writes the action as a string gets the same verdict.
+        self.assertIs(Verdict("continue").action, Action.CONTINUE)  # type: ignore[arg-type]
+        self.assertFalse(checkhost._final(Verdict("continue")))  # type: ignore[arg-type]
+        self.assertTrue(Verdict("tempfail").refuses)  # type: ignore[arg-type]
+        self.assertRaises(ValueError, Verdict, "pass")
+        self.assertRaises(ValueError, Verdict, "Continue")
+        # Spelled as a string, a reject still needs a 5xx reply.
+        self.assertRaises(ValueError, Verdict, "reject", Reply(250, "2.0.0", "fine"))
+        self.assertRaises(ValueError, Verdict, "tempfail", Reply(550, "5.7.1", "x"))
+
     def test_default_replies(self) -> None:
         self.assertEqual(Verdict(Action.REJECT).to_reply().code, 550)
         self.assertEqual(Verdict(Action.TEMPFAIL).to_reply().code, 451)
@@ -96,6 +107,36 @@ class SessionVerdictTests(SynchronousTestCase):
         self.assertEqual(mail(self.h), (553, "5.7.1 Go away"))
         self.use(Scripted(tempfail("Later")))
         self.assertEqual(mail(self.h), (451, "4.7.1 Later"))
+
+    def test_a_string_continue_goes_on_to_the_next_plugin(self) -> None:
+        later = Scripted(reject("Go away", 553, "5.7.1"))
+        self.use(Scripted(Verdict("continue")), later)  # type: ignore[arg-type]
+        self.assertEqual(mail(self.h), (553, "5.7.1 Go away"))
+        self.assertEqual(later.calls, 1)
+
+    def test_a_refusal_with_a_success_reply_is_a_451(self) -> None:
+        # Made valid, then changed behind the dataclass's back: the host
+        # checks again, so a "reject" can never send a 250 (at the end of
+        # DATA that would lose a message the client thinks accepted).
+        for action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
+            verdict = reject("x") if action is Action.REJECT else tempfail("x")
+            object.__setattr__(verdict, "action", action)
+            object.__setattr__(verdict, "reply", Reply(250, "2.0.0", "fine"))
+            later = Scripted(CONTINUE)
+            self.use(Scripted(verdict), later)
+            self.assertEqual(
+                mail(self.h),
+                (451, "4.3.0 Temporary failure in the scripted check; try again later"),
+            )
+            self.assertEqual(later.calls, 0)
+        # A reject with a 4xx, a tempfail with a 5xx, an unknown action.
+        wrong = [reject("x"), tempfail("x"), Verdict(Action.CONTINUE)]
+        object.__setattr__(wrong[0], "reply", Reply(451, "4.7.1", "x"))
+        object.__setattr__(wrong[1], "reply", Reply(550, "5.7.1", "x"))
+        object.__setattr__(wrong[2], "action", "pass")
+        for verdict in wrong:
+            self.use(Scripted(verdict))
+            self.assertEqual(mail(self.h)[0], 451)
 
     def test_disconnect_closes(self) -> None:
         self.use(Scripted(disconnect("Bye now")))

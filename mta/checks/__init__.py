@@ -39,6 +39,15 @@ class Verdict:
     reply: Reply | None = None
 
     def __post_init__(self) -> None:
+        # A closed set: "continue" (a str) becomes Action.CONTINUE, and an
+        # unknown action is an error here, not a verdict taken as final.
+        try:
+            action = Action(self.action)
+        except ValueError:
+            raise ValueError(f"unknown verdict action {self.action!r}") from None
+        object.__setattr__(self, "action", action)
+        if self.reply is not None and not isinstance(self.reply, Reply):
+            raise TypeError(f"a verdict's reply must be a Reply, not {self.reply!r}")
         if self.reply is None:
             return
         if self.action is Action.REJECT and not self.reply.permanent:

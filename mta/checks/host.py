@@ -195,6 +195,17 @@ class Checks:
                     r=result,
                 )
                 return failed_check(loaded.name)
+            if not _well_formed(result):
+                # Verdict checks this when it is made; a plugin can still
+                # get around that (object.__setattr__, a subclass).
+                log.error(
+                    "plugin {name}: {phase} hook returned {r!r}: not a valid verdict "
+                    "(a reject needs a 5xx reply, a tempfail or disconnect a 4xx)",
+                    name=loaded.name,
+                    phase=phase,
+                    r=result,
+                )
+                return failed_check(loaded.name)
             return result
 
         try:
@@ -278,7 +289,22 @@ class Checks:
 
 
 def _final(v: Verdict) -> bool:
-    return v.action is not Action.CONTINUE
+    return v.action != Action.CONTINUE
+
+
+def _well_formed(v: Verdict) -> bool:
+    """An action of the closed set and, for a refusal, a reply that is one:
+    5xx for reject, 4xx for tempfail and disconnect."""
+    if not isinstance(v.action, Action):
+        return False
+    if not v.refuses:
+        return v.reply is None
+    reply = v.to_reply()
+    if not isinstance(reply, Reply):
+        return False
+    if v.action == Action.REJECT:
+        return 500 <= reply.code <= 599
+    return 400 <= reply.code <= 499
 
 
 def _startup_failed(f: Failure, name: str) -> None:
