@@ -25,7 +25,10 @@ from mta.checks import (
 )
 from mta.checks import host as checkhost
 from mta.errors import ConfigError, Reply
-from mta.interfaces import IConnectHook, IMailHook, IMessageHook, IStartupHook
+from mta.interfaces import IConnectHook, IMailHook, IMessageHook, IQueuedHook, IStartupHook
+from mta.spool.fs import Spool, SpoolStore
+from mta.spool.queueid import QueueIdGenerator
+from mta.testing import run_inline
 from tests.support import LOGIN, Harness, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,6 +234,40 @@ class SessionVerdictTests(SynchronousTestCase):
         self.assertTrue(self.h.spool.transactions[-1].aborted)
         self.assertIn(b"secret body", Refuse.seen)
         self.assertTrue(Refuse.seen.startswith(b"Received: "))
+
+
+class QueuedHookTests(SynchronousTestCase):
+    def test_on_queued_reads_the_committed_message(self) -> None:
+        # With the real spool: after the commit the transaction's file is
+        # closed and the message has moved out of tmp/.
+        h = Harness(self.mktemp())
+        store = SpoolStore(os.path.abspath(self.mktemp()))
+        store.open()
+        h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
+
+        @implementer(IQueuedHook)
+        class Reader:
+            name = "reader"
+            seen: list[tuple[str, bytes]] = []
+
+            def on_queued(self, session: SessionInfo, message: Any) -> None:
+                with message.open() as f:
+                    Reader.seen.append((message.queue_id, f.read()))
+
+        h.settings.checks = checks_of(h, Reader())
+        c = h.connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        c.command("RCPT TO:<bob@example.net>")
+        c.command("DATA")
+        c.send(f"From: {LOGIN}\r\n\r\nqueued body\r\n.\r\n")
+        [(code, text)] = c.replies()
+        self.assertEqual(code, 250, text)
+        [(queue_id, data)] = Reader.seen
+        self.assertTrue(text.endswith(queue_id), text)
+        self.assertTrue(data.startswith(b"Received: "))
+        self.assertTrue(data.endswith(b"queued body\r\n"), data[-40:])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class LoadingTests(SynchronousTestCase):

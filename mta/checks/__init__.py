@@ -113,6 +113,9 @@ class MessageInfo:
     def open(self) -> IO[bytes]:
         """A new binary file of the message from its first byte; close it after use.
 
+        In an on-queued hook this is the queued message, wherever it is in
+        the spool; L{mta.errors.StorageError} if it has already left it.
+
         Reads block briefly (the file is fresh in the page cache); read it
         in chunks, e.g. with C{twisted.protocols.basic.FileSender}.
         """
