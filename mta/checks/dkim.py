@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mta.address import valid_domain
 from mta.checks import PluginContext
 from mta.envelope import Envelope
 from mta.errors import ConfigError
@@ -89,6 +90,23 @@ def read_key(path: str) -> Key:
     if len(seed) != 32:
         raise ValueError(f"{path}: neither a PEM RSA key nor a base64 Ed25519 seed")
     return Key(selector, b"ed25519-sha256", text)
+
+
+def signing_domain(domain: str) -> str | None:
+    """C{domain} as a key directory name and C{d=} value: lower-case ASCII
+    (A-labels for an internationalized name), or None when it is not a
+    host name (nothing that could name a path outside C{keys_dir})."""
+    domain = domain.strip().lower().rstrip(".")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return None
+    if domain.startswith("[") or not valid_domain(domain, utf8=False):
+        return None
+    if "/" in domain or "\\" in domain or domain in (".", ".."):  # implied; stated
+        return None
+    return domain
 
 
 def domain_keys(keys_dir: str, domain: str) -> list[Key]:
@@ -166,6 +184,15 @@ class DKIMSigner:
         if domain is None:
             log.info("{qid}: not DKIM-signed: no From: domain", qid=envelope.queue_id)
             return b""
+        checked = signing_domain(domain)
+        if checked is None:
+            log.info(
+                "{qid}: not DKIM-signed: From: domain {domain!r} is not a valid domain name",
+                qid=envelope.queue_id,
+                domain=domain,
+            )
+            return b""
+        domain = checked
         keys = domain_keys(self.keys_dir, domain)
         if not keys:
             log.info(
