@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -443,6 +444,30 @@ class StartupTests(SynchronousTestCase):
         h = Harness(self.mktemp())
         checkhost.Checks([checkhost.Loaded("failing", Failing(), 5)], h.clock).startup()
         self.assertEqual(len(self.flushLoggedErrors(ConnectionRefusedError)), 1)
+
+    def test_a_startup_that_never_finishes_is_cancelled_and_logged(self) -> None:
+        cancelled: list[bool] = []
+
+        @implementer(IStartupHook)
+        class Hanging:
+            name = "hanging"
+
+            def startup(self) -> Deferred[None]:
+                return Deferred(lambda _: cancelled.append(True))
+
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = Harness(self.mktemp())
+        done = checkhost.Checks([checkhost.Loaded("hanging", Hanging(), 7)], h.clock).startup()
+        h.clock.advance(6.9)
+        self.assertNoResult(done)
+        h.clock.advance(0.2)
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(cancelled, [True])
+        self.assertIn(
+            "plugin hanging: startup did not finish within 7s", [formatEvent(e) for e in events]
+        )
 
 
 class DocumentationTests(SynchronousTestCase):

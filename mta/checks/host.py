@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    TimeoutError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -261,10 +267,17 @@ class Checks:
             except Exception:
                 log.failure("plugin {name}: queued hook failed", name=loaded.name)
 
-    def startup(self) -> None:
+    def startup(self) -> Deferred[None]:
+        """Run the start-up hooks, each bounded by its plugin's timeout (a
+        daemon that accepts and stays silent must not hang them unlogged).
+        Failures are logged only; fires when all are done."""
+        pending: list[Deferred[Any]] = []
         for loaded in self._with(IStartupHook):
             d = maybeDeferred(loaded.plugin.startup)
-            d.addErrback(_startup_failed, loaded.name)
+            d.addTimeout(loaded.timeout, self.clock)
+            d.addErrback(_startup_failed, loaded.name, loaded.timeout)
+            pending.append(d)
+        return gatherResults(pending).addCallback(lambda _: None)
 
     def outbound(self, envelope: Envelope, data: bytes) -> Deferred[bytes]:
         """The bytes to send: C{data} with every outbound hook's header lines
@@ -307,5 +320,8 @@ def _well_formed(v: Verdict) -> bool:
     return 400 <= reply.code <= 499
 
 
-def _startup_failed(f: Failure, name: str) -> None:
-    log.failure("plugin {name}: startup failed", f, name=name)
+def _startup_failed(f: Failure, name: str, timeout: float) -> None:
+    if f.check(TimeoutError):
+        log.error("plugin {name}: startup did not finish within {t}s", name=name, t=timeout)
+    else:
+        log.failure("plugin {name}: startup failed", f, name=name)

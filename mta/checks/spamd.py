@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -88,7 +88,10 @@ class SpamdCheck:
             if ok is True:
                 log.info("spamd at {a} answers PING", a=self.options.address)
             else:
-                why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
+                if isinstance(ok, Failure) and ok.check(CancelledError):
+                    why = "no answer within the plugin's timeout"
+                else:
+                    why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
                 log.warn(
                     "spamd at {a} does not answer ({why}); messages get 451 until it does",
                     a=self.options.address,
