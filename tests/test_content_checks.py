@@ -228,3 +228,13 @@ class SpamdAnswerTests(TestCase):
         for answer in (b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n",
                        b"SPAMD/1.1 0 EX_OK\r\n\r\n"):  # fmt: skip
             self.assertRaises(spamdmod.SpamdAnswerError, spamdmod.parse_answer, answer)
+
+    def test_a_score_that_is_not_a_number(self) -> None:
+        for score in (b".", b"1.2.3", b"-", b"1.", b"nan", b"1e3"):
+            for line in (b"Spam: False ; %s / 5.0" % score, b"Spam: False ; 1.0 / %s" % score):
+                answer = b"SPAMD/1.1 0 EX_OK\r\n" + line + b"\r\n\r\n"
+                e = self.assertRaises(spamdmod.SpamdAnswerError, spamdmod.parse_answer, answer)
+                self.assertIn("not a spamd answer", str(e))
+        answer = b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; -0.5 / 5\r\n\r\n"
+        result = spamdmod.parse_answer(answer)
+        self.assertEqual((result.score, result.threshold), (-0.5, 5.0))

@@ -31,7 +31,8 @@ from mta.interfaces import IMessageHook, IStartupHook
 log = Logger(namespace="mta.checks.spamd")
 
 _STATUS = re.compile(rb"^SPAMD/\d+\.\d+ (\d+) (\S+)")
-_SPAM = re.compile(rb"^Spam: *(\w+) *; *(-?[\d.]+) */ *(-?[\d.]+)", re.M | re.I)
+_SPAM = re.compile(rb"^Spam: *(\w+) *; *(\S+) */ *(\S+) *\r?$", re.M | re.I)
+_NUMBER = re.compile(rb"-?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,12 @@ def parse_answer(answer: bytes) -> SpamResult:
     spam = _SPAM.search(head)
     if spam is None:
         raise SpamdAnswerError(f"no Spam: header in {head[:120]!r}")
+    score, threshold = spam.group(2), spam.group(3)
+    if not (_NUMBER.fullmatch(score) and _NUMBER.fullmatch(threshold)):
+        raise SpamdAnswerError(f"not a spamd answer: bad score in {spam.group(0)[:120]!r}")
     return SpamResult(
-        float(spam.group(2)),
-        float(spam.group(3)),
+        float(score),
+        float(threshold),
         body.decode("ascii", "replace").strip()[:500],
     )
 
