@@ -105,6 +105,27 @@ class KeygenTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("exists already", err)
 
+    def test_never_overwrites_and_leaves_no_temporary_file(self) -> None:
+        directory = os.path.join(self.keys, "example.com")
+        path = dkimmod.keygen(self.keys, "example.com", "s1", "ed25519")[0]
+        with open(path, "rb") as f:
+            first = f.read()
+        self.assertRaises(FileExistsError, dkimmod.keygen, self.keys, "example.com", "s1", "rsa")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), first)
+        self.assertEqual(os.listdir(directory), ["s1.key"])
+
+    def test_a_failed_write_leaves_no_key(self) -> None:
+        # The daemon reads keys at each signing: a key is there whole or not
+        # at all (a half-written one would fail every delivery from the domain).
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "fsync", full)
+        self.assertRaises(OSError, dkimmod.keygen, self.keys, "example.com", "s1", "ed25519")
+        self.assertEqual(os.listdir(os.path.join(self.keys, "example.com")), [])
+        self.assertEqual(dkimmod.domain_keys(self.keys, "example.com"), [])
+
     def test_bad_input(self) -> None:
         code, _, err = keygen(self.config, "not a domain")
         self.assertEqual(code, 2)

@@ -25,6 +25,7 @@ import email.utils
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,9 +265,31 @@ def keygen(keys_dir: str, domain: str, selector: str, kind: str) -> tuple[str, s
         public = ed_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-        f.flush()
-        os.fsync(f.fileno())
+    install_key(path, private)
     return path, txt_record(selector, domain, kind, public)
+
+
+def install_key(path: str, private: bytes) -> None:
+    """Put C{private} at C{path} whole or not at all, never replacing a file.
+
+    The daemon reads keys at each signing, so the key is written to a
+    temporary file (0600, not named C{*.key}) in the same directory,
+    synced, then hard-linked into place: the link fails with
+    FileExistsError if a key is there, and the key appears complete.
+    """
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keygen-", suffix=".tmp")
+    try:
+        os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
