@@ -45,8 +45,11 @@ class ISpoolTransaction(Interface):
     def open_written() -> IO[bytes]:
         """A new binary file of the bytes written so far, from the start.
 
-        For content checks between the end of data and the commit.  Raises
-        L{mta.errors.StorageError}.
+        For content checks between the end of data and the commit, and for
+        on-queued hooks after it: once committed, the file is the queued
+        message wherever it is in the spool by then.  Raises
+        L{mta.errors.StorageError} (after an abort, or when a committed
+        message has already left the spool).
         """
 
 
@@ -141,7 +144,8 @@ class IMessageHook(ICheck):
 
 class IQueuedHook(ICheck):
     def on_queued(session: Any, message: Any) -> None:
-        """The message was committed and the client got its 250; no verdict.
+        """The message was committed; called just before the client's 250
+        is sent (delivery may already have started).  No verdict.
 
         Exceptions are logged.
         """

@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -25,7 +26,10 @@ from mta.checks import (
 )
 from mta.checks import host as checkhost
 from mta.errors import ConfigError, Reply
-from mta.interfaces import IConnectHook, IMailHook, IMessageHook, IStartupHook
+from mta.interfaces import IConnectHook, IMailHook, IMessageHook, IQueuedHook, IStartupHook
+from mta.spool.fs import Spool, SpoolStore
+from mta.spool.queueid import QueueIdGenerator
+from mta.testing import run_inline
 from tests.support import LOGIN, Harness, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +71,17 @@ class VerdictTests(SynchronousTestCase):
         self.assertRaises(ValueError, Verdict, Action.TEMPFAIL, Reply(550, "5.7.1", "x"))
         self.assertRaises(ValueError, Verdict, Action.CONTINUE, Reply(550, "5.7.1", "x"))
 
+    def test_action_is_one_of_the_closed_set(self) -> None:
+        # A plugin that writes the action as a string gets the same verdict.
+        self.assertIs(Verdict("continue").action, Action.CONTINUE)  # type: ignore[arg-type]
+        self.assertFalse(checkhost._final(Verdict("continue")))  # type: ignore[arg-type]
+        self.assertTrue(Verdict("tempfail").refuses)  # type: ignore[arg-type]
+        self.assertRaises(ValueError, Verdict, "pass")
+        self.assertRaises(ValueError, Verdict, "Continue")
+        # Spelled as a string, a reject still needs a 5xx reply.
+        self.assertRaises(ValueError, Verdict, "reject", Reply(250, "2.0.0", "fine"))
+        self.assertRaises(ValueError, Verdict, "tempfail", Reply(550, "5.7.1", "x"))
+
     def test_default_replies(self) -> None:
         self.assertEqual(Verdict(Action.REJECT).to_reply().code, 550)
         self.assertEqual(Verdict(Action.TEMPFAIL).to_reply().code, 451)
@@ -96,6 +111,36 @@ class SessionVerdictTests(SynchronousTestCase):
         self.assertEqual(mail(self.h), (553, "5.7.1 Go away"))
         self.use(Scripted(tempfail("Later")))
         self.assertEqual(mail(self.h), (451, "4.7.1 Later"))
+
+    def test_a_string_continue_goes_on_to_the_next_plugin(self) -> None:
+        later = Scripted(reject("Go away", 553, "5.7.1"))
+        self.use(Scripted(Verdict("continue")), later)  # type: ignore[arg-type]
+        self.assertEqual(mail(self.h), (553, "5.7.1 Go away"))
+        self.assertEqual(later.calls, 1)
+
+    def test_a_refusal_with_a_success_reply_is_a_451(self) -> None:
+        # Made valid, then changed behind the dataclass's back: the host
+        # checks again, so a "reject" can never send a 250 (at the end of
+        # DATA that would lose a message the client thinks accepted).
+        for action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
+            verdict = reject("x") if action is Action.REJECT else tempfail("x")
+            object.__setattr__(verdict, "action", action)
+            object.__setattr__(verdict, "reply", Reply(250, "2.0.0", "fine"))
+            later = Scripted(CONTINUE)
+            self.use(Scripted(verdict), later)
+            self.assertEqual(
+                mail(self.h),
+                (451, "4.3.0 Temporary failure in the scripted check; try again later"),
+            )
+            self.assertEqual(later.calls, 0)
+        # A reject with a 4xx, a tempfail with a 5xx, an unknown action.
+        wrong = [reject("x"), tempfail("x"), Verdict(Action.CONTINUE)]
+        object.__setattr__(wrong[0], "reply", Reply(451, "4.7.1", "x"))
+        object.__setattr__(wrong[1], "reply", Reply(550, "5.7.1", "x"))
+        object.__setattr__(wrong[2], "action", "pass")
+        for verdict in wrong:
+            self.use(Scripted(verdict))
+            self.assertEqual(mail(self.h)[0], 451)
 
     def test_disconnect_closes(self) -> None:
         self.use(Scripted(disconnect("Bye now")))
@@ -190,6 +235,40 @@ class SessionVerdictTests(SynchronousTestCase):
         self.assertTrue(self.h.spool.transactions[-1].aborted)
         self.assertIn(b"secret body", Refuse.seen)
         self.assertTrue(Refuse.seen.startswith(b"Received: "))
+
+
+class QueuedHookTests(SynchronousTestCase):
+    def test_on_queued_reads_the_committed_message(self) -> None:
+        # With the real spool: after the commit the transaction's file is
+        # closed and the message has moved out of tmp/.
+        h = Harness(self.mktemp())
+        store = SpoolStore(os.path.abspath(self.mktemp()))
+        store.open()
+        h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
+
+        @implementer(IQueuedHook)
+        class Reader:
+            name = "reader"
+            seen: list[tuple[str, bytes]] = []
+
+            def on_queued(self, session: SessionInfo, message: Any) -> None:
+                with message.open() as f:
+                    Reader.seen.append((message.queue_id, f.read()))
+
+        h.settings.checks = checks_of(h, Reader())
+        c = h.connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        c.command("RCPT TO:<bob@example.net>")
+        c.command("DATA")
+        c.send(f"From: {LOGIN}\r\n\r\nqueued body\r\n.\r\n")
+        [(code, text)] = c.replies()
+        self.assertEqual(code, 250, text)
+        [(queue_id, data)] = Reader.seen
+        self.assertTrue(text.endswith(queue_id), text)
+        self.assertTrue(data.startswith(b"Received: "))
+        self.assertTrue(data.endswith(b"queued body\r\n"), data[-40:])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class LoadingTests(SynchronousTestCase):
@@ -365,6 +444,30 @@ class StartupTests(SynchronousTestCase):
         h = Harness(self.mktemp())
         checkhost.Checks([checkhost.Loaded("failing", Failing(), 5)], h.clock).startup()
         self.assertEqual(len(self.flushLoggedErrors(ConnectionRefusedError)), 1)
+
+    def test_a_startup_that_never_finishes_is_cancelled_and_logged(self) -> None:
+        cancelled: list[bool] = []
+
+        @implementer(IStartupHook)
+        class Hanging:
+            name = "hanging"
+
+            def startup(self) -> Deferred[None]:
+                return Deferred(lambda _: cancelled.append(True))
+
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = Harness(self.mktemp())
+        done = checkhost.Checks([checkhost.Loaded("hanging", Hanging(), 7)], h.clock).startup()
+        h.clock.advance(6.9)
+        self.assertNoResult(done)
+        h.clock.advance(0.2)
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(cancelled, [True])
+        self.assertIn(
+            "plugin hanging: startup did not finish within 7s", [formatEvent(e) for e in events]
+        )
 
 
 class DocumentationTests(SynchronousTestCase):

@@ -8,10 +8,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mta.checks import Action, MessageInfo, SessionInfo, Verdict
 from mta.checks import clamd as clamdmod
+from mta.checks import host as checkhost
 from mta.checks import spamd as spamdmod
 from tests.scanners import EICAR, EICAR_NAME, GTUBE, Clamd, Spamd, free_port
 
@@ -163,6 +167,55 @@ class SpamdTests(TestCase):
         self.assertEqual((v.action, v.to_reply().code), (Action.TEMPFAIL, 451))
 
 
+class Silent(Protocol):
+    """Accepts and never says a word (a wedged daemon)."""
+
+    def connectionMade(self) -> None:
+        self.factory.open += 1  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.open -= 1  # type: ignore[attr-defined]
+
+
+class SilentDaemonTests(TestCase):
+    timeout = 20  # without a start-up timeout the PING would wait forever
+
+    def setUp(self) -> None:
+        self.factory = Factory.forProtocol(Silent)
+        self.factory.open = 0  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.address = f"tcp:host=127.0.0.1:port={port.getHost().port}"
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    async def test_startup_ping_gives_up_after_the_timeout_and_logs(self) -> None:
+        plugins = [
+            clamdmod.ClamdCheck(clamdmod.Options(address=self.address), reactor, "test"),
+            spamdmod.SpamdCheck(spamdmod.Options(address=self.address), reactor, "test"),
+        ]
+        checks = checkhost.Checks(
+            [checkhost.Loaded(p.name, p, 0.5) for p in plugins],
+            reactor,  # type: ignore[arg-type]
+        )
+        await checks.startup()
+        text = [formatEvent(e) for e in self.events]
+        for name in ("clamd", "spamd"):
+            said = [t for t in text if t.startswith(f"{name} at {self.address} does not answer")]
+            self.assertEqual(len(said), 1, text)
+            self.assertIn("timeout", said[0])
+        # The connections were closed, not left to the daemon.
+        await _later(0.1)
+        self.assertEqual(self.factory.open, 0)  # type: ignore[attr-defined]
+
+
+def _later(seconds: float) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
 class SpamdAnswerTests(TestCase):
     def test_parse(self) -> None:
         answer = (
@@ -175,3 +228,13 @@ class SpamdAnswerTests(TestCase):
         for answer in (b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n",
                        b"SPAMD/1.1 0 EX_OK\r\n\r\n"):  # fmt: skip
             self.assertRaises(spamdmod.SpamdAnswerError, spamdmod.parse_answer, answer)
+
+    def test_a_score_that_is_not_a_number(self) -> None:
+        for score in (b".", b"1.2.3", b"-", b"1.", b"nan", b"1e3"):
+            for line in (b"Spam: False ; %s / 5.0" % score, b"Spam: False ; 1.0 / %s" % score):
+                answer = b"SPAMD/1.1 0 EX_OK\r\n" + line + b"\r\n\r\n"
+                e = self.assertRaises(spamdmod.SpamdAnswerError, spamdmod.parse_answer, answer)
+                self.assertIn("not a spamd answer", str(e))
+        answer = b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; -0.5 / 5\r\n\r\n"
+        result = spamdmod.parse_answer(answer)
+        self.assertEqual((result.score, result.threshold), (-0.5, 5.0))

@@ -105,6 +105,27 @@ class KeygenTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("exists already", err)
 
+    def test_never_overwrites_and_leaves_no_temporary_file(self) -> None:
+        directory = os.path.join(self.keys, "example.com")
+        path = dkimmod.keygen(self.keys, "example.com", "s1", "ed25519")[0]
+        with open(path, "rb") as f:
+            first = f.read()
+        self.assertRaises(FileExistsError, dkimmod.keygen, self.keys, "example.com", "s1", "rsa")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), first)
+        self.assertEqual(os.listdir(directory), ["s1.key"])
+
+    def test_a_failed_write_leaves_no_key(self) -> None:
+        # The daemon reads keys at each signing: a key is there whole or not
+        # at all (a half-written one would fail every delivery from the domain).
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "fsync", full)
+        self.assertRaises(OSError, dkimmod.keygen, self.keys, "example.com", "s1", "ed25519")
+        self.assertEqual(os.listdir(os.path.join(self.keys, "example.com")), [])
+        self.assertEqual(dkimmod.domain_keys(self.keys, "example.com"), [])
+
     def test_bad_input(self) -> None:
         code, _, err = keygen(self.config, "not a domain")
         self.assertEqual(code, 2)
@@ -156,6 +177,35 @@ class SigningTests(SynchronousTestCase):
     def test_no_key_for_the_from_domain(self) -> None:
         other = MESSAGE.replace(b"alice@example.com", b"alice@example.org")
         self.assertEqual(self.sign(other), other)
+
+    def test_a_from_domain_that_is_not_a_domain_name_is_not_signed(self) -> None:
+        # The domain names a directory of keys_dir: ".." must not reach out.
+        base = os.path.dirname(self.keys)
+        with open(os.path.join(self.keys, "example.com", "r1.key"), "rb") as f:
+            key = f.read()
+        with open(os.path.join(base, "stolen.key"), "wb") as f:
+            f.write(key)
+        os.makedirs(os.path.join(base, "other"))
+        with open(os.path.join(base, "other", "junk.key"), "wb") as f:
+            f.write(b"not a key\n")
+        for sender in (
+            b"x@..",
+            b"<x@../other>",
+            b"x@.",
+            b"<x@example.com/../..>",
+            b"<x@[127.0.0.1]>",
+        ):
+            message = MESSAGE.replace(b"alice@example.com", sender, 1)
+            self.assertNotEqual(message, MESSAGE)
+            self.assertEqual(self.sign(message), message, sender)
+
+    def test_an_internationalized_from_domain_uses_its_a_labels(self) -> None:
+        _, record = dkimmod.keygen(self.keys, "xn--bcher-kva.example", "r1", "ed25519")
+        message = MESSAGE.replace(b"alice@example.com", "alice@B\u00fccher.example".encode(), 1)
+        signed = self.sign(message)
+        self.assertIn(b"d=xn--bcher-kva.example;", signed.replace(b"\r\n", b"").replace(b" ", b""))
+        name, strings = zone_strings(record)
+        self.assertEqual(verify_all(signed, {name: strings}), [True])
 
     def test_from_domain(self) -> None:
         cases = {

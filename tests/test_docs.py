@@ -49,3 +49,15 @@ class ConfigurationDocTests(SynchronousTestCase):
             doc = tomllib.load(f)
         parsed = config.parse(doc, "mta.example.toml", "/etc/mta")
         self.assertEqual(parsed.listen.submissions, ["tcp:465"])
+
+    def test_example_scans_every_message_it_accepts(self) -> None:
+        # With oversize = "reject", a clamd max_size below message_size
+        # refuses mail between the two with a permanent 552.
+        with open(os.path.join(DOCS, "mta.example.toml"), "rb") as f:
+            doc = tomllib.load(f)
+        [clamd] = [p for p in doc["plugins"] if p["name"] == "clamd"]
+        options = clamd.get("options", {})
+        if options.get("oversize", "reject") == "reject":
+            self.assertGreaterEqual(
+                options.get("max_size", 25 * 1024 * 1024), doc["limits"]["message_size"]
+            )

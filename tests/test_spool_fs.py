@@ -299,6 +299,26 @@ class CommitTests(SynchronousTestCase):
         self.assertEqual(doc["id"], queue_id)
         self.assertEqual(doc["format"], envformat.FORMAT)
 
+    def test_open_written_after_the_commit_reads_the_queued_message(self) -> None:
+        # What an on-queued hook's message.open() does: the message may have
+        # moved on (delivery) by the time the hook reads it.
+        spool = new_spool(self)
+        txn = start(spool)
+        queue_id = self.successResultOf(txn.commit(make_envelope()))
+        with txn.open_written() as f:
+            self.assertEqual(f.read(), MESSAGE_BYTES)
+        spool.store.move(queue_id, "incoming", "active")
+        with txn.open_written() as f:
+            self.assertEqual(f.read(), MESSAGE_BYTES)
+        spool.store.remove(queue_id, "active")
+        e = self.assertRaises(StorageError, txn.open_written)
+        self.assertIn("no longer in the spool", str(e))
+
+    def test_open_written_after_an_abort_fails(self) -> None:
+        txn = start(new_spool(self))
+        txn.abort()
+        self.assertRaises(StorageError, txn.open_written)
+
     def test_commit_syncs_files_and_directories(self) -> None:
         ops = CountingOps()
         spool = new_spool(self, ops)

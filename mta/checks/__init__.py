@@ -39,6 +39,15 @@ class Verdict:
     reply: Reply | None = None
 
     def __post_init__(self) -> None:
+        # A closed set: "continue" (a str) becomes Action.CONTINUE, and an
+        # unknown action is an error here, not a verdict taken as final.
+        try:
+            action = Action(self.action)
+        except ValueError:
+            raise ValueError(f"unknown verdict action {self.action!r}") from None
+        object.__setattr__(self, "action", action)
+        if self.reply is not None and not isinstance(self.reply, Reply):
+            raise TypeError(f"a verdict's reply must be a Reply, not {self.reply!r}")
         if self.reply is None:
             return
         if self.action is Action.REJECT and not self.reply.permanent:
@@ -103,6 +112,9 @@ class MessageInfo:
 
     def open(self) -> IO[bytes]:
         """A new binary file of the message from its first byte; close it after use.
+
+        In an on-queued hook this is the queued message, wherever it is in
+        the spool; L{mta.errors.StorageError} if it has already left it.
 
         Reads block briefly (the file is fresh in the page cache); read it
         in chunks, e.g. with C{twisted.protocols.basic.FileSender}.

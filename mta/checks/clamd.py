@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -66,7 +66,10 @@ class ClamdCheck:
             if ok is True:
                 log.info("clamd at {a} answers PING", a=self.options.address)
             else:
-                why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
+                if isinstance(ok, Failure) and ok.check(CancelledError):
+                    why = "no answer within the plugin's timeout"
+                else:
+                    why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
                 log.warn(
                     "clamd at {a} does not answer ({why}); messages get 451 until it does",
                     a=self.options.address,

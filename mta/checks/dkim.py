@@ -25,6 +25,7 @@ import email.utils
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mta.address import valid_domain
 from mta.checks import PluginContext
 from mta.envelope import Envelope
 from mta.errors import ConfigError
@@ -89,6 +91,23 @@ def read_key(path: str) -> Key:
     if len(seed) != 32:
         raise ValueError(f"{path}: neither a PEM RSA key nor a base64 Ed25519 seed")
     return Key(selector, b"ed25519-sha256", text)
+
+
+def signing_domain(domain: str) -> str | None:
+    """C{domain} as a key directory name and C{d=} value: lower-case ASCII
+    (A-labels for an internationalized name), or None when it is not a
+    host name (nothing that could name a path outside C{keys_dir})."""
+    domain = domain.strip().lower().rstrip(".")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return None
+    if domain.startswith("[") or not valid_domain(domain, utf8=False):
+        return None
+    if "/" in domain or "\\" in domain or domain in (".", ".."):  # implied; stated
+        return None
+    return domain
 
 
 def domain_keys(keys_dir: str, domain: str) -> list[Key]:
@@ -166,6 +185,15 @@ class DKIMSigner:
         if domain is None:
             log.info("{qid}: not DKIM-signed: no From: domain", qid=envelope.queue_id)
             return b""
+        checked = signing_domain(domain)
+        if checked is None:
+            log.info(
+                "{qid}: not DKIM-signed: From: domain {domain!r} is not a valid domain name",
+                qid=envelope.queue_id,
+                domain=domain,
+            )
+            return b""
+        domain = checked
         keys = domain_keys(self.keys_dir, domain)
         if not keys:
             log.info(
@@ -237,9 +265,31 @@ def keygen(keys_dir: str, domain: str, selector: str, kind: str) -> tuple[str, s
         public = ed_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-        f.flush()
-        os.fsync(f.fileno())
+    install_key(path, private)
     return path, txt_record(selector, domain, kind, public)
+
+
+def install_key(path: str, private: bytes) -> None:
+    """Put C{private} at C{path} whole or not at all, never replacing a file.
+
+    The daemon reads keys at each signing, so the key is written to a
+    temporary file (0600, not named C{*.key}) in the same directory,
+    synced, then hard-linked into place: the link fails with
+    FileExistsError if a key is there, and the key appears complete.
+    """
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keygen-", suffix=".tmp")
+    try:
+        os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    TimeoutError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -195,6 +201,17 @@ class Checks:
                     r=result,
                 )
                 return failed_check(loaded.name)
+            if not _well_formed(result):
+                # Verdict checks this when it is made; a plugin can still
+                # get around that (object.__setattr__, a subclass).
+                log.error(
+                    "plugin {name}: {phase} hook returned {r!r}: not a valid verdict "
+                    "(a reject needs a 5xx reply, a tempfail or disconnect a 4xx)",
+                    name=loaded.name,
+                    phase=phase,
+                    r=result,
+                )
+                return failed_check(loaded.name)
             return result
 
         try:
@@ -250,10 +267,17 @@ class Checks:
             except Exception:
                 log.failure("plugin {name}: queued hook failed", name=loaded.name)
 
-    def startup(self) -> None:
+    def startup(self) -> Deferred[None]:
+        """Run the start-up hooks, each bounded by its plugin's timeout (a
+        daemon that accepts and stays silent must not hang them unlogged).
+        Failures are logged only; fires when all are done."""
+        pending: list[Deferred[Any]] = []
         for loaded in self._with(IStartupHook):
             d = maybeDeferred(loaded.plugin.startup)
-            d.addErrback(_startup_failed, loaded.name)
+            d.addTimeout(loaded.timeout, self.clock)
+            d.addErrback(_startup_failed, loaded.name, loaded.timeout)
+            pending.append(d)
+        return gatherResults(pending).addCallback(lambda _: None)
 
     def outbound(self, envelope: Envelope, data: bytes) -> Deferred[bytes]:
         """The bytes to send: C{data} with every outbound hook's header lines
@@ -278,8 +302,26 @@ class Checks:
 
 
 def _final(v: Verdict) -> bool:
-    return v.action is not Action.CONTINUE
+    return v.action != Action.CONTINUE
 
 
-def _startup_failed(f: Failure, name: str) -> None:
-    log.failure("plugin {name}: startup failed", f, name=name)
+def _well_formed(v: Verdict) -> bool:
+    """An action of the closed set and, for a refusal, a reply that is one:
+    5xx for reject, 4xx for tempfail and disconnect."""
+    if not isinstance(v.action, Action):
+        return False
+    if not v.refuses:
+        return v.reply is None
+    reply = v.to_reply()
+    if not isinstance(reply, Reply):
+        return False
+    if v.action == Action.REJECT:
+        return 500 <= reply.code <= 599
+    return 400 <= reply.code <= 499
+
+
+def _startup_failed(f: Failure, name: str, timeout: float) -> None:
+    if f.check(TimeoutError):
+        log.error("plugin {name}: startup did not finish within {t}s", name=name, t=timeout)
+    else:
+        log.failure("plugin {name}: startup failed", f, name=name)

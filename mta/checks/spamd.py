@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,7 +31,8 @@ from mta.interfaces import IMessageHook, IStartupHook
 log = Logger(namespace="mta.checks.spamd")
 
 _STATUS = re.compile(rb"^SPAMD/\d+\.\d+ (\d+) (\S+)")
-_SPAM = re.compile(rb"^Spam: *(\w+) *; *(-?[\d.]+) */ *(-?[\d.]+)", re.M | re.I)
+_SPAM = re.compile(rb"^Spam: *(\w+) *; *(\S+) */ *(\S+) *\r?$", re.M | re.I)
+_NUMBER = re.compile(rb"-?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,12 @@ def parse_answer(answer: bytes) -> SpamResult:
     spam = _SPAM.search(head)
     if spam is None:
         raise SpamdAnswerError(f"no Spam: header in {head[:120]!r}")
+    score, threshold = spam.group(2), spam.group(3)
+    if not (_NUMBER.fullmatch(score) and _NUMBER.fullmatch(threshold)):
+        raise SpamdAnswerError(f"not a spamd answer: bad score in {spam.group(0)[:120]!r}")
     return SpamResult(
-        float(spam.group(2)),
-        float(spam.group(3)),
+        float(score),
+        float(threshold),
         body.decode("ascii", "replace").strip()[:500],
     )
 
@@ -88,7 +92,10 @@ class SpamdCheck:
             if ok is True:
                 log.info("spamd at {a} answers PING", a=self.options.address)
             else:
-                why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
+                if isinstance(ok, Failure) and ok.check(CancelledError):
+                    why = "no answer within the plugin's timeout"
+                else:
+                    why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
                 log.warn(
                     "spamd at {a} does not answer ({why}); messages get 451 until it does",
                     a=self.options.address,

@@ -382,6 +382,7 @@ class _Transaction:
         self.size = 0
         self._file: IO[bytes] | None = spool.store.create_tmp(queue_id)
         self._error: StorageError | None = None
+        self._committed = False
 
     def write(self, data: bytes) -> None:
         if self._error is not None:
@@ -406,11 +407,14 @@ class _Transaction:
             self.abort()
             return fail(StorageError(f"cannot write the envelope of {self.queue_id}: {e}"))
         message, self._file = self._file, None
+        self._committed = True
         return self._spool.commit(self.queue_id, message, data)
 
     def open_written(self) -> IO[bytes]:
         if self._error is not None:
             raise self._error
+        if self._committed:
+            return self._spool.open_message(self.queue_id)
         if self._file is None:
             raise StorageError("transaction is closed")
         try:
@@ -468,6 +472,23 @@ class Spool:
 
     def message_path(self, queue_id: str, state: str) -> str:
         return self.store.path(state, queue_id, MESSAGE)
+
+    def open_message(self, queue_id: str) -> IO[bytes]:
+        """The message file of a committed message, in whatever state it is
+        now (delivery may already have moved it); L{StorageError} if it is
+        gone (delivered and removed, or the commit failed)."""
+        for _ in range(3):  # it may move between find and open
+            try:
+                state = self.store.find(queue_id)
+            except KeyError:
+                break
+            try:
+                return open(self.message_path(queue_id, state), "rb")
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise storage_error(f"cannot read {queue_id}", e) from e
+        raise StorageError(f"{queue_id} is no longer in the spool")
 
     def _commit_group(
         self, items: list[tuple[str, IO[bytes], bytes]]
