@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.smtp.server import CLOSE_GRACE
-from tests.support import LOGIN, Harness
+from tests.support import LOGIN, Harness, make_config
 
 
 class CloseGraceTests(SynchronousTestCase):
@@ -85,3 +85,58 @@ class FuzzFindingsTests(SynchronousTestCase):
         c.send("QUIT\r\n")
         self.h.clock.advance(300)
         self.assertEqual(c.codes(), [221])
+
+
+class DataRateTests(SynchronousTestCase):
+    """A client inside DATA must keep up [limits] data_min_rate (500 octets/s).
+
+    Before, every packet restarted the idle timer, so an authenticated
+    client sending a byte a second held its connection for ever.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+        self.c = self.h.connect()
+        self.c.login()
+        self.c.send(f"MAIL FROM:<{LOGIN}>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n")
+        self.assertEqual(self.c.codes(), [250, 250, 354])
+
+    def test_byte_a_second_is_cut_after_the_idle_timeout(self) -> None:
+        seconds = 0
+        while not self.c.closed and seconds < 400:
+            self.c.send(b"x")
+            self.h.clock.advance(1)
+            seconds += 1
+        # 300 s of idle timeout, plus 1/500 s for each octet.
+        self.assertTrue(self.c.closed)
+        self.assertIn(seconds, range(300, 303))
+        self.assertEqual(self.c.codes(), [421])
+
+    def test_steady_sender_is_not_cut(self) -> None:
+        for _ in range(400):
+            self.c.send(b"x" * 99 + b"\r\n")  # 505 octets a second
+            self.h.clock.advance(0.2)
+        self.assertFalse(self.c.closed)
+        self.c.send(f"From: <{LOGIN}>\r\n\r\n.\r\n")
+        self.assertEqual(self.c.codes(), [550])  # the body made no header section
+
+    def test_a_pause_within_the_idle_timeout_after_fast_input(self) -> None:
+        self.c.send(b"x" * 998 + b"\r\n")
+        self.h.clock.advance(299)
+        self.assertFalse(self.c.closed)
+        # Credit is what is sent: 150 kB at 500 octets/s is the full 300 s.
+        self.c.send((b"y" * 998 + b"\r\n") * 150)
+        self.h.clock.advance(299)
+        self.assertFalse(self.c.closed)
+        self.h.clock.advance(2)
+        self.assertTrue(self.c.closed)
+
+    def test_zero_restores_the_plain_idle_timeout(self) -> None:
+        h = Harness(self.mktemp(), make_config(limits={"data_min_rate": 0}))
+        c = h.connect()
+        c.login()
+        c.send(f"MAIL FROM:<{LOGIN}>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n")
+        for _ in range(400):
+            c.send(b"x")
+            h.clock.advance(1)
+        self.assertFalse(c.closed)

@@ -220,6 +220,21 @@ class SubmissionSession(Protocol):
         else:
             self._timer = self.s.clock.callLater(self.limits.idle_timeout, self._timed_out)
 
+    def _data_progress(self, octets: int) -> None:
+        """Inside DATA, input buys time at C{data_min_rate}, up to the idle timeout.
+
+        Restarting the idle timer at every packet would let a client that
+        sends a byte a second hold the connection for ever.
+        """
+        rate = self.limits.data_min_rate
+        timer = self._timer
+        if not rate or timer is None or not timer.active():
+            self._reset_timer()
+            return
+        now = self.s.clock.seconds()
+        deadline = min(timer.getTime() + octets / rate, now + self.limits.idle_timeout)
+        timer.reset(max(0.0, deadline - now))
+
     def _timed_out(self) -> None:
         if self._closed:
             return  # closing already (e.g. after QUIT); the abort timer sees to it
@@ -268,7 +283,7 @@ class SubmissionSession(Protocol):
         if self._closed:
             return
         if self._reader is not None:
-            self._reset_timer()  # DATA: any progress counts
+            self._data_progress(len(data))
         self._buffer += data
         self._update_reading()
         self._process()

@@ -498,7 +498,7 @@ class SlowClientTests(AttackDaemon):
             if now >= next_byte:
                 next_byte = now + 1.0
                 for a in open_:
-                    if a.kind.startswith("dribble"):
+                    if a.kind.startswith("dribble"):  # "dribble 587", "dribble DATA", ...
                         try:
                             a.sock.send(self.DRIBBLE[a.sent : a.sent + 1])
                             a.sent += 1
@@ -566,3 +566,28 @@ class SlowClientTests(AttackDaemon):
             self.assertLess(lived, IDLE_TIMEOUT + grace + 10, a.kind)
             if a.kind.endswith("587"):
                 self.assertIn(b"421 4.4.2", a.got, a.kind)
+
+    def test_byte_a_second_inside_data_is_cut_after_the_idle_timeout(self) -> None:
+        """Logged-in clients that trickle their message: [limits] data_min_rate."""
+        before = self.daemon.queued()
+        attackers = []
+        for n in range(10):
+            w = self.smtps(source=f"127.0.2.{1 + n % 5}")
+            self.assertEqual(w.login(LOGIN, PASSWORD)[0], 235)
+            self.assertEqual(w.cmd(f"MAIL FROM:<{LOGIN}>")[0], 250)
+            self.assertEqual(w.cmd(f"RCPT TO:<{RCPT}>")[0], 250)
+            self.assertEqual(w.cmd("DATA")[0], 354)
+            w.sock.setblocking(False)
+            attackers.append(Attacker("dribble DATA", w.sock, time.monotonic()))
+        try:
+            self.run_attackers(attackers, threading.Event())
+        finally:
+            for a in attackers:
+                a.sock.close()
+        for a in attackers:
+            self.assertIsNotNone(a.closed, f"{a.kind}: still open after {a.sent} octets")
+            assert a.closed is not None
+            self.assertGreater(a.closed - a.opened, IDLE_TIMEOUT - 0.5)
+            self.assertLess(a.closed - a.opened, IDLE_TIMEOUT + 10)
+            self.assertIn(b"421 4.4.2", a.got)
+        self.assertEqual(self.daemon.queued(), before)
