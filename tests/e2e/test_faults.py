@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import smtplib
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from tests.e2e.daemon import Daemon, Helper, free_port, wait_for
 pytestmark = pytest.mark.e2e
 
 SENDER = "load@example.com"
+PASSWORD = "fault-test-password"
 _MID = re.compile(rb"^Message-ID: <([^>]*)>", re.MULTILINE | re.IGNORECASE)
 _QUEUE_ID = re.compile(rb"\(mta\) with \w+ id ([0-9A-Z]+)")
 
@@ -69,7 +71,8 @@ def submit(port: int, mid: str, data: bytes, rcpt: str = "sink@example.test") ->
 
 
 class KillUnderLoad(SynchronousTestCase):
-    """SIGKILL at random moments while 2,000 messages arrive over 8 sessions."""
+    """SIGKILL at random moments while 2,000 messages arrive over 8 sessions
+    (6 trusted plaintext sessions, 2 logged in over TLS)."""
 
     MESSAGES = 2000
     SESSIONS = 8
@@ -82,28 +85,49 @@ class KillUnderLoad(SynchronousTestCase):
         self.daemon = Daemon(
             os.path.join(self.tmp, "mta"),
             {
-                # The load comes over loopback without TLS or AUTH, as
-                # smtp-source would: 127/8 is trusted for this test.
-                "auth": {"trusted_networks": ["127.0.0.0/8"]},
-                "limits": {"connections_per_ip": 50},
+                # Most of the load comes from 127.0.0.1 without TLS or AUTH,
+                # as smtp-source would: it is trusted for this test.  One
+                # session in four logs in over TLS from 127.0.0.9.
+                "auth": {"trusted_networks": ["127.0.0.1/32"]},
+                "limits": {"connections_per_ip": 50, "daily_messages": 0},
                 "routes": {"*": f"[127.0.0.1]:{self.sink.port}"},
                 "queue": {"minimal_backoff_time": 1, "maximal_backoff_time": 2},
             },
         )
+        self.daemon.add_user(SENDER, PASSWORD)
         self.daemon.start()
+        self.context = ssl.create_default_context(cafile=self.daemon.cafile)
 
     def tearDown(self) -> None:
         self.daemon.kill()
         self.sink.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    over_tls: dict[bool, int]
+
     def load(self, acked: dict[str, str], done: threading.Event) -> None:
         """Clients: each takes the next message and sends it until it gets a
         reply; a 250 is recorded with its queue ID."""
         lock = threading.Lock()
+        over_tls = self.over_tls
         todo = [f"load-{n}@example.com" for n in range(self.MESSAGES)]
 
-        def client() -> None:
+        def connect(tls: bool) -> smtplib.SMTP:
+            if not tls:
+                conn = smtplib.SMTP("127.0.0.1", self.daemon.plain_port, timeout=30)
+                conn.ehlo("load.test")
+                return conn
+            conn = smtplib.SMTP_SSL(
+                "localhost",
+                self.daemon.tls_port,
+                context=self.context,
+                timeout=30,
+                source_address=("127.0.0.9", 0),
+            )
+            conn.login(SENDER, PASSWORD)
+            return conn
+
+        def client(tls: bool) -> None:
             conn: smtplib.SMTP | None = None
             while True:
                 with lock:
@@ -113,8 +137,7 @@ class KillUnderLoad(SynchronousTestCase):
                 for _attempt in range(200):
                     try:
                         if conn is None:
-                            conn = smtplib.SMTP("127.0.0.1", self.daemon.plain_port, timeout=30)
-                            conn.ehlo("load.test")
+                            conn = connect(tls)
                         conn.mail(SENDER)
                         conn.rcpt("sink@example.test")
                         code, text = conn.data(load_message(mid))
@@ -127,6 +150,7 @@ class KillUnderLoad(SynchronousTestCase):
                     if code == 250:
                         with lock:
                             acked[mid] = text.decode().rpartition(" ")[2]
+                            over_tls[tls] += 1
                         break
                     conn.rset()  # 4xx: try the same message again
                 else:
@@ -134,7 +158,9 @@ class KillUnderLoad(SynchronousTestCase):
             if conn is not None:
                 conn.close()
 
-        threads = [threading.Thread(target=client) for _ in range(self.SESSIONS)]
+        threads = [
+            threading.Thread(target=client, args=(k % 4 == 3,)) for k in range(self.SESSIONS)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -146,6 +172,7 @@ class KillUnderLoad(SynchronousTestCase):
         print(f"kill test seed: {seed} (set MTA_FAULT_SEED to repeat)")
         rng = random.Random(seed)
         acked: dict[str, str] = {}
+        self.over_tls = {False: 0, True: 0}
         done = threading.Event()
         loader = threading.Thread(target=self.load, args=(acked, done))
         started = time.monotonic()
@@ -161,6 +188,7 @@ class KillUnderLoad(SynchronousTestCase):
         self.assertFalse(loader.is_alive())
         self.assertEqual(len(acked), self.MESSAGES)
         self.assertGreaterEqual(len(kills), 2, "the load ended before the kills")
+        self.assertGreater(self.over_tls[True], 100, self.over_tls)
 
         def all_there() -> dict[str, list[bytes]] | None:
             seen = sink_contents(self.out)
@@ -191,7 +219,8 @@ class KillUnderLoad(SynchronousTestCase):
         unknown = sorted(set(seen) - set(acked))
         print(
             f"kills at (s, acked so far): {[(round(t, 1), n) for t, n in kills]}; "
-            f"{len(acked)} acknowledged, {sum(map(len, seen.values()))} delivered: "
+            f"{len(acked)} acknowledged ({self.over_tls[True]} over TLS with AUTH), "
+            f"{sum(map(len, seen.values()))} delivered: "
             f"{resent} duplicates queued twice (250 lost with the kill), "
             f"{redelivered} delivered twice (kill before the delivery was recorded); "
             f"{len(unknown)} delivered that never got 250"
