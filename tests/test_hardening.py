@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.smtp.server import CLOSE_GRACE
 from tests.support import LOGIN, Harness, make_config
+from tests.test_queue import LATER, NO_USER, OK, QueueTestCase
 
 
 class CloseGraceTests(SynchronousTestCase):
@@ -140,3 +141,60 @@ class DataRateTests(SynchronousTestCase):
             c.send(b"x")
             h.clock.advance(1)
         self.assertFalse(c.closed)
+
+
+class UnprovenShareTests(QueueTestCase):
+    """Destinations that have not answered a transaction lately get two
+    connections each, and half of [delivery] max_connections together.
+
+    Found end to end (tests/e2e/test_faults.py, TarpitDomains): eight
+    domains whose MX accepts and never speaks took all 100 connections
+    until the greeting timeout, and mail to good domains waited.
+    """
+
+    def start(self, *recipients: str) -> list[str]:
+        ids = [self.queue(r) for r in recipients]
+        for qid in ids:
+            self.qm.committed(qid, "incoming")
+        return ids
+
+    def destinations(self) -> list[str]:
+        return sorted(job.domain for job in self.spy.waiting)
+
+    def test_tarpits_take_at_most_half_and_a_responsive_destination_still_starts(self) -> None:
+        self.qm = self.manager(connections=10)
+        self.start("a@good.example")
+        self.spy.answer(0, OK)  # good.example answered: responsive
+        self.start(*[f"u@tarpit{n}.example" for n in range(20)])
+        self.assertEqual(len(self.spy.waiting), 5)  # half of 10
+        self.start("b@good.example", "c@good.example", "d@good.example")
+        self.assertEqual(self.destinations().count("good.example"), 3)
+        self.assertEqual(len(self.spy.waiting), 8)
+
+    def test_a_destination_that_answers_is_no_longer_limited(self) -> None:
+        self.qm = self.manager(connections=4)
+        self.start(*[f"u{n}@slow.example" for n in range(6)])
+        self.assertEqual(len(self.spy.waiting), 2)
+        self.spy.answer(0, NO_USER)  # an SMTP answer, even a refusal, proves it
+        self.assertEqual(len(self.spy.waiting), 4)  # now up to the global limit
+
+    def test_timeouts_do_not_prove_a_destination(self) -> None:
+        self.qm = self.manager(connections=4)
+        self.start(*[f"u{n}@tarpit.example" for n in range(6)])
+        self.spy.answer(0, LATER, kind="timeout", connected=True)
+        self.assertEqual(len(self.spy.waiting), 2)
+
+    def test_proof_expires(self) -> None:
+        self.qm = self.manager(connections=4)
+        self.start("a@once.example")
+        self.spy.answer(0, OK)
+        self.clock.advance(3601)
+        self.start(*[f"u{n}@once.example" for n in range(6)])
+        self.assertEqual(len(self.spy.waiting), 2)
+
+    def test_a_new_destination_gets_two_connections_until_it_answers(self) -> None:
+        self.qm = self.manager(connections=100)
+        self.start(*[f"u{n}@new.example" for n in range(30)])
+        self.assertEqual(len(self.spy.waiting), 2)
+        self.spy.answer(1, OK)
+        self.assertEqual(len(self.spy.waiting), 20)  # destination_concurrency
