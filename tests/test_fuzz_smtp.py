@@ -56,7 +56,9 @@ from tests.support import LOGIN, PASSWORD, Client, Harness, plain
 
 FUZZ_EXAMPLES = int(os.environ.get("MTA_FUZZ_EXAMPLES", "1000"))
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])([\x20-\x7e]*)")
+# RFC 5321 textstring (HT, printable ASCII), and UTF-8 (RFC 6531): the
+# server echoes addresses and parameters, which may be UTF-8.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])((?:[\t\x20-\x7e]|[\x80-\xff])*)")
 _QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as (" + QUEUE_ID.pattern.encode() + rb")\r\n")
 
 # -- the alphabet ----------------------------------------------------------------
@@ -136,6 +138,7 @@ def check_replies(output: bytes) -> list[tuple[int, str]]:
     for raw in output.split(b"\r\n")[:-1]:
         m = _REPLY_LINE.fullmatch(raw)
         assert m, f"not an SMTP reply line: {raw!r}"
+        raw.decode("utf-8")  # no broken UTF-8 either
         assert len(raw) + 2 <= 512, raw
         if code is not None:
             assert m.group(1) == code, f"continuation with another code: {raw!r}"
@@ -250,9 +253,10 @@ class SMTPMachine(RuleBasedStateMachine):
             assert message == expected, (message, expected)
         # What followed the real end of data, and only that, was read as
         # commands: one reply for each of its lines (which end at LF).
-        # (Fewer if one of them ended the session: QUIT, too many errors.)
+        # (Fewer if one of them ended the session: QUIT, or too many errors,
+        # whose last error reply is followed by a 421.)
         if self.sessions[0].client.closed:
-            assert len(replies) <= 1 + rest.count(b"\n"), (replies, rest)
+            assert len(replies) <= 2 + rest.count(b"\n"), (replies, rest)
         else:
             assert len(replies) == 1 + rest.count(b"\n"), (replies, rest)
 
@@ -324,6 +328,8 @@ class FuzzTests(SynchronousTestCase):
 
     def test_check_replies_rejects_malformed_output(self) -> None:
         self.assertEqual(check_replies(b"250-a\r\n250 b\r\n"), [(250, "b")])
-        for bad in [b"250 ok", b"25 x\r\n", b"250-a\r\n251 b\r\n", b"250 \xff\r\n", b"hello\r\n"]:
+        bad_replies = [b"250 ok", b"25 x\r\n", b"250-a\r\n251 b\r\n", b"250 \x00\r\n", b"hello\r\n"]
+        for bad in bad_replies:
             with self.subTest(bad=bad):
                 self.assertRaises(AssertionError, check_replies, bad)
+        self.assertRaises(UnicodeDecodeError, check_replies, b"250 \xff\r\n")

@@ -198,3 +198,16 @@ class UnprovenShareTests(QueueTestCase):
         self.assertEqual(len(self.spy.waiting), 2)
         self.spy.answer(1, OK)
         self.assertEqual(len(self.spy.waiting), 20)  # destination_concurrency
+
+
+class ReplyTextTests(SynchronousTestCase):
+    def test_control_characters_from_a_command_are_not_echoed(self) -> None:
+        """Found by the fuzz target: "501 ... Bad parameter syntax: <NUL>"."""
+        h = Harness(self.mktemp())
+        c = h.connect()
+        c.login()
+        c.send(f"MAIL FROM:<{LOGIN}> \x00\x1b[2J\x7f\tx\r\n")
+        text = c.transport.value().replace(b"\r\n", b"")
+        self.assertNotRegex(text, rb"[\x00-\x08\x0a-\x1f\x7f]")
+        self.assertIn(b"Bad parameter syntax: ??[2J?\tx\r\n", c.transport.value())
+        self.assertEqual(c.codes(), [501])
