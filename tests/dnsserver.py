@@ -47,6 +47,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.names import dns, server
 
@@ -229,7 +230,7 @@ class DNSTestServer:
             chosen = udp.getHost().port
             try:
                 tcp = self.reactor.listenTCP(chosen, self.factory, interface=self.interface)
-            except OSError:
+            except (OSError, CannotListenError):  # Twisted's is not an OSError
                 udp.stopListening()
                 if port:
                     raise

@@ -6,9 +6,15 @@ tests/e2e/test_faults.py); these pin it down at the protocol layer.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.smtp.server import CLOSE_GRACE
+from tests.dnsserver import DNSTestServer
 from tests.support import LOGIN, Harness, make_config
 from tests.test_queue import LATER, NO_USER, OK, QueueTestCase
 
@@ -211,3 +217,48 @@ class ReplyTextTests(SynchronousTestCase):
         self.assertNotRegex(text, rb"[\x00-\x08\x0a-\x1f\x7f]")
         self.assertIn(b"Bad parameter syntax: ??[2J?\tx\r\n", c.transport.value())
         self.assertEqual(c.codes(), [501])
+
+
+class DNSTestServerPortTests(SynchronousTestCase):
+    """The loopback DNS server of the tests tries another port when the TCP
+    half of its port is taken (it caught OSError, which Twisted's
+    CannotListenError is not: the source of "Address already in use"
+    failures in tests/test_dns.py and of a DNS helper that did not start)."""
+
+    class Reactor(MemoryReactor):
+        """MemoryReactor with a UDP listen that hands out ports in turn."""
+
+        next_port = 40000
+
+        def listenUDP(self, port: int, protocol: Any, interface: str = "", **kw: Any) -> Any:
+            self.next_port += 1
+            return _UDPPort(port or self.next_port)
+
+    def test_tcp_port_taken_tries_another(self) -> None:
+        reactor = self.Reactor()
+        real_listen = reactor.listenTCP
+        refused: list[int] = []
+
+        def listen_tcp(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            if not refused:
+                refused.append(port)
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+            return real_listen(port, factory, backlog, interface)
+
+        reactor.listenTCP = listen_tcp  # type: ignore[method-assign]
+        server = DNSTestServer({}, reactor=reactor)
+        port = server.start()
+        self.assertEqual(refused, [40001])
+        self.assertEqual(port, 40002)
+        self.assertEqual([p[0] for p in reactor.tcpServers], [40002])
+
+
+class _UDPPort:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "127.0.0.1", self.port)
+
+    def stopListening(self) -> None:
+        return None
