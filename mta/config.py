@@ -67,6 +67,7 @@ class LimitsConfig:
     junk_commands: int = _opt(100, minimum=1)
     daily_messages: int = _opt(300, minimum=0)  # per login and UTC day; 0: no limit
     header_size: int = _opt(1024 * 1024, minimum=1024)
+    data_min_rate: int = _opt(500, minimum=0)  # octets/s in DATA; 0: any progress will do
 
 
 @dataclass(frozen=True)

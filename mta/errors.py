@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HT; CR is handled first
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ class Reply:
         """The reply as it goes on the wire, CRLF-terminated.
 
         Any CR or LF inside a line is replaced so that no text can inject an
-        extra reply line.
+        extra reply line, and other control characters (a NUL or an escape
+        echoed from a client's command) by "?" (RFC 5321 C{textstring}).
         """
-        lines = [ln.replace("\r", " ") for ln in self.lines()]
+        lines = [_CONTROL.sub("?", ln.replace("\r", " ")) for ln in self.lines()]
         out = []
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"

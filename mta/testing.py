@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -131,6 +132,7 @@ class TLSStringTransport(StringTransport):
 
 # -- a scriptable SMTP server (the far end of outbound delivery) -------------
 
+_LENIENT_END = re.compile(rb"(?:\r\n|\n|\r)\.(?:\r\n|\n|\r)")
 HANG = "<hang>"  # a reply that is never sent
 DROP = "<drop>"  # close the connection instead of replying
 
@@ -156,6 +158,11 @@ class SinkBehaviour:
     data: Callable[[], str] = lambda: "354 End data with <CR><LF>.<CR><LF>"
     message: Callable[[bytes], str] = lambda data: "250 2.0.0 Ok: queued as SINK"
     drop_after_data_bytes: int | None = None  # lose the connection mid-DATA
+    # Read DATA like a careless server: NULs dropped, and any of LF, CR or
+    # CRLF around the "." ends the message.  A server like that splits a
+    # message into two if bare line ends or NULs reach it (SMTP smuggling);
+    # the attack tests use it to show that what we send never does.
+    lenient_end: bool = False
     starttls: str = "220 2.0.0 Ready to start TLS"
 
 
@@ -219,18 +226,31 @@ class SinkServer(Protocol):
             self.hung = True
             return False
         stream = b"\r\n" + self.data
+        if self.f.behaviour.lenient_end:
+            stream = stream.replace(b"\x00", b"")
+            m = _LENIENT_END.search(stream)
+            if m is None:
+                return False
+            body = stream[2 : m.start()] + b"\r\n" if m.start() >= 2 else b""
+            self.buffer = stream[m.end() :]
+            self.in_data, self.data, self._search = False, b"", 0
+            self._message(body)
+            return True
         end = stream.find(b"\r\n.\r\n", self._search)
         if end < 0:
             self._search = max(0, len(stream) - 4)
             return False
         body, self.buffer = stream[2 : end + 2], stream[end + 5 :]
         self.in_data, self.data, self._search = False, b"", 0
+        self._message(body)
+        return True
+
+    def _message(self, body: bytes) -> None:
         unstuffed = (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
         assert self.mail is not None
         self.f.messages.append(SinkMessage(self.mail, list(self.rcpts), unstuffed))
         self.mail, self.rcpts = None, []
         self._reply(self.f.behaviour.message(unstuffed))
-        return True
 
     def _command(self, line: str) -> None:
         self.commands.append(line)

@@ -14,7 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mta.smtp.dataread import BARE_NEWLINE, LINE_TOO_LONG, MAX_LINE, DataReader, too_big
+from mta.smtp.dataread import (
+    BARE_NEWLINE,
+    LINE_TOO_LONG,
+    MAX_LINE,
+    NUL_OCTET,
+    DataReader,
+    too_big,
+)
 
 BIG = 10_000_000
 
@@ -209,6 +216,26 @@ class BareNewlineTests(SynchronousTestCase):
         self.assertEqual(r.reader.error, BARE_NEWLINE)
 
 
+class NulTests(SynchronousTestCase):
+    """A NUL anywhere makes the message refused: a receiver that drops NULs
+    would take C{CRLF NUL "." CRLF} for the end of data (found by the e2e
+    attack tests, tests/e2e/test_attacks.py)."""
+
+    def test_reply(self) -> None:
+        self.assertEqual((NUL_OCTET.code, NUL_OCTET.enhanced), (550, "5.6.0"))
+
+    def test_nul_dot_line_is_refused_not_passed_on(self) -> None:
+        for payload in [b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\x00\r\n"]:
+            data = b"Subject: x\r\n\r\nhello" + payload + b"MAIL FROM:<e@example.com>\r\n.\r\nQ"
+            for first, second in every_split(data):
+                with self.subTest(payload=payload, split=len(first)):
+                    r = Reading()
+                    self.assertEqual(r.feed(first, second), b"Q")
+                    self.assertEqual(r.reader.error, NUL_OCTET)
+                    self.assertNotIn(b"\x00", r.output)
+                    self.assertNotIn(b"MAIL", r.output)
+
+
 class SizeLimitTests(SynchronousTestCase):
     def test_reply(self) -> None:
         reply = too_big(1000)
@@ -239,9 +266,24 @@ class SizeLimitTests(SynchronousTestCase):
         self.assertIsNone(r.reader.error)
         self.assertEqual(r.output, b".\r\n" * 10)
 
-    def test_first_error_kept(self) -> None:
+    def test_graver_error_wins_whatever_the_chunking(self) -> None:
+        """The reply must not depend on packet boundaries (found by the fuzz
+        target, tests/test_fuzz_smtp.py): a bare LF outranks the size, a NUL
+        and a long line, however the message was split."""
+        data = b"0123456789abcdef\r\n" + b"x" * 1200 + b"\x00bare\n\r\n.\r\n"
+        for first, second in every_split(data):
+            with self.subTest(split=len(first)):
+                r = Reading(max_size=10)
+                r.feed(first, second)
+                self.assertEqual(r.reader.error, BARE_NEWLINE)
         r = Reading(max_size=10)
-        r.feed(b"0123456789abcdef\r\n", b"bare\n\r\n.\r\n")
+        r.feed(b"0123456789abcdef\r\n" + b"x" * 1200 + b"\x00\r\n.\r\n")
+        self.assertEqual(r.reader.error, NUL_OCTET)
+        r = Reading(max_size=10)
+        r.feed(b"0123456789abcdef\r\n" + b"x" * 1200 + b"\r\n.\r\n")
+        self.assertEqual(r.reader.error, LINE_TOO_LONG)
+        r = Reading(max_size=10)
+        r.feed(b"0123456789abcdef\r\n.\r\n")
         self.assertEqual(r.reader.error, too_big(10))
 
 
@@ -336,7 +378,8 @@ class LineLengthTests(SynchronousTestCase):
 
 lines = st.lists(
     st.one_of(
-        st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        # Any octets but CR, LF and NUL (which make a message refused).
+        st.binary(max_size=40).map(lambda b: bytes(c for c in b if c not in b"\r\n\x00")),
         st.sampled_from([b".", b"..", b".x", b"..x", b"", b" ."]),
     ),
     max_size=20,

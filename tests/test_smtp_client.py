@@ -231,10 +231,12 @@ class DotStufferTests(SynchronousTestCase):
         self.assertEqual(CR_LF_SPLIT[CHUNK - 1 : CHUNK + 4], b"\r\n.\r\n")
         self.assertGreater(len(BIG), 2**20)
 
+    # No CR, LF or NUL inside lines: our server's reader, used as a check
+    # below, refuses those.
     _line = st.one_of(
         st.sampled_from([b"", b".", b"..", b". ", b".x", b"x.", b"\t."]),
-        st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
-        st.binary(max_size=6).map(lambda b: b"." + b.replace(b"\r", b"").replace(b"\n", b"")),
+        st.binary(max_size=12).map(lambda b: bytes(c for c in b if c not in b"\r\n\x00")),
+        st.binary(max_size=6).map(lambda b: b"." + bytes(c for c in b if c not in b"\r\n\x00")),
     )
 
     @settings(max_examples=400, deadline=None)

@@ -68,6 +68,10 @@ from mta.spool.queueid import arrival_of
 log = Logger(namespace="mta.queue")
 REPORT_READ_LIMIT = 1 << 20  # enough for any header section and a returned message
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
+# A destination that answered an SMTP transaction counts as responsive this long;
+# before that it gets UNPROVEN_CONCURRENCY connections.
+PROVEN_TIME = 3600.0
+UNPROVEN_CONCURRENCY = 2
 maillog_log = Logger(namespace="mta.maillog")
 
 T = TypeVar("T")
@@ -101,6 +105,7 @@ class _Suspension:
 class _Job:
     message: _Active
     job: DeliveryJob
+    unproven: bool = False  # counted against the share of unproven destinations
 
 
 class QueueManager(Service):
@@ -137,6 +142,12 @@ class QueueManager(Service):
         self.hostname = hostname
         self.on_done = on_done
         self.suspended: dict[str, _Suspension] = {}
+        # Destinations that answered a transaction lately (time of the last
+        # answer).  The others get UNPROVEN_CONCURRENCY connections each and
+        # at most half of all together, so that next hops that accept and
+        # never speak (tarpits) cannot take every connection.
+        self._proven: dict[str, float] = {}
+        self._unproven_running = 0
         self._next_prune = 0.0
         self.incoming: deque[str] = deque()  # queue IDs ready now
         self.deferred: list[tuple[float, str]] = []  # heap of (due, queue ID)
@@ -401,6 +412,15 @@ class QueueManager(Service):
             waiting = self._queues.get(dest)
             if not waiting or self._running[dest] >= self.limits.destination_concurrency:
                 continue
+            if (
+                not self._is_proven(dest)
+                and (
+                    self._running[dest] >= UNPROVEN_CONCURRENCY
+                    or self._unproven_running >= max(1, self.limits.connections // 2)
+                )
+                and self._suspension(dest) is None
+            ):
+                continue  # not heard from yet: a small share until it answers
             item = waiting.popleft()
             if not waiting:
                 del self._queues[dest]
@@ -412,6 +432,10 @@ class QueueManager(Service):
             else:
                 self._start(item)
             self._dispatch_again = True
+
+    def _is_proven(self, dest: str) -> bool:
+        when = self._proven.get(dest)
+        return when is not None and when > self.clock.seconds() - PROVEN_TIME
 
     def _suspension(self, dest: str) -> _Suspension | None:
         suspension = self.suspended.get(dest)
@@ -428,6 +452,8 @@ class QueueManager(Service):
         self._next_prune = now + 60
         for name in [d for d, s in self.suspended.items() if s.until <= now]:
             del self.suspended[name]
+        for name in [d for d, t in self._proven.items() if t <= now - PROVEN_TIME]:
+            del self._proven[name]
 
     def _suspend(self, dest: str, seconds: float, reason: Reply, why: str) -> None:
         if seconds <= 0:
@@ -461,6 +487,9 @@ class QueueManager(Service):
         dest = item.job.destination
         self._running[dest] += 1
         self._running_total += 1
+        if not self._is_proven(dest):
+            item.unproven = True
+            self._unproven_running += 1
         started = self.clock.seconds()
 
         def done(results: list[RecipientResult]) -> None:
@@ -499,6 +528,10 @@ class QueueManager(Service):
             if self._running[dest] <= 0:
                 del self._running[dest]
             self._running_total -= 1
+            if item.unproven:
+                self._unproven_running -= 1
+            if any(r.kind == "remote" for r in results):
+                self._proven[dest] = self.clock.seconds()
         message = item.message
         env = message.envelope
         now = self.clock.seconds()

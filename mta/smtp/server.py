@@ -60,6 +60,7 @@ log = Logger(namespace="mta.smtpd")
 
 MAX_COMMAND_LINE = 512  # RFC 5321 section 4.5.3.1.4, CRLF included
 MAX_PAUSED_INPUT = 256 * 1024  # pipelined input held while a reply is pending
+CLOSE_GRACE = 30.0  # seconds an orderly close may take before the connection is aborted
 # Commands that do not move a mail transaction on (Postfix smtpd_junk_command_limit).
 JUNK_COMMANDS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "HELP", "VRFY", "EXPN"})
 
@@ -140,6 +141,7 @@ class SubmissionSession(Protocol):
         self.limits = settings.config.limits
         self.implicit_tls = implicit_tls
         self._timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
         self.tls_active = implicit_tls
         self.tls_info: str | None = None
         self.peer = "unknown"
@@ -252,8 +254,9 @@ class SubmissionSession(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        for timer in (self._timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         self._abort_transaction()
         if self._on_close is not None:
             self._on_close()
@@ -267,7 +270,24 @@ class SubmissionSession(Protocol):
         else:
             self._timer = self.s.clock.callLater(self.limits.idle_timeout, self._timed_out)
 
+    def _data_progress(self, octets: int) -> None:
+        """Inside DATA, input buys time at C{data_min_rate}, up to the idle timeout.
+
+        Restarting the idle timer at every packet would let a client that
+        sends a byte a second hold the connection for ever.
+        """
+        rate = self.limits.data_min_rate
+        timer = self._timer
+        if not rate or timer is None or not timer.active():
+            self._reset_timer()
+            return
+        now = self.s.clock.seconds()
+        deadline = min(timer.getTime() + octets / rate, now + self.limits.idle_timeout)
+        timer.reset(max(0.0, deadline - now))
+
     def _timed_out(self) -> None:
+        if self._closed:
+            return  # closing already (e.g. after QUIT); the abort timer sees to it
         if self._busy:
             # Our own work (a commit) is in progress: its reply is owed
             # first; a 421 now could precede a 250 for a queued message.
@@ -289,11 +309,23 @@ class SubmissionSession(Protocol):
             self.transport.write(reply.encode())  # type: ignore[union-attr]
 
     def _close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         # A transport with a registered producer waits for it to go away
         # before it closes (TLS would never send its close_notify).
         self.transport.unregisterProducer()  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
+        # An orderly close waits until our last reply is sent: a client
+        # that never reads, or never finishes a TLS handshake (TLS holds
+        # the reply until then), would hold the connection open for ever.
+        if self._abort_timer is None:
+            grace = min(CLOSE_GRACE, self.limits.idle_timeout)
+            self._abort_timer = self.s.clock.callLater(grace, self._abort)
+
+    def _abort(self) -> None:
+        log.info("aborting the connection from [{peer}]: it did not close", peer=self.peer)
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     # -- input ---------------------------------------------------------------
 
@@ -301,7 +333,7 @@ class SubmissionSession(Protocol):
         if self._closed:
             return
         if self._reader is not None:
-            self._reset_timer()  # DATA: any progress counts
+            self._data_progress(len(data))
         self._buffer += data
         self._update_reading()
         self._process()
@@ -333,11 +365,18 @@ class SubmissionSession(Protocol):
         """
         while True:
             end = self._buffer.find(b"\n")
+            # Too long whether or not its end has arrived yet: the same
+            # answer however the line was split into packets.
+            too_long = (
+                end + 1 > auth.MAX_AUTH_LINE
+                if end >= 0
+                else (len(self._buffer) > auth.MAX_AUTH_LINE)
+            )
+            if too_long and not self._discarding:
+                self._discarding = True
+                self._reply(Reply(500, "5.5.2", "Line too long"))
             if end < 0:
-                if len(self._buffer) > auth.MAX_AUTH_LINE:
-                    if not self._discarding:
-                        self._discarding = True
-                        self._reply(Reply(500, "5.5.2", "Line too long"))
+                if self._discarding:
                     self._buffer = b""
                 return None
             line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]

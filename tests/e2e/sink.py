@@ -12,7 +12,8 @@ says what to answer::
       "rcpt": {"user@example.test": ["451 4.7.1 Greylisted", "250 2.1.5 Ok"]},
       "message": ["250 2.0.0 Ok"],
       "extensions": ["PIPELINING", "8BITMIME", "DSN"],
-      "message_delay": 2.5
+      "message_delay": 2.5,
+      "lenient": true
     }
 
 C{message_delay} holds the reply to the end of data that many seconds
@@ -21,6 +22,9 @@ C{message_delay} holds the reply to the end of data that many seconds
 For a recipient with a list, each RCPT for it takes the next reply and
 the last one repeats; recipients not named get 250.  Every RCPT line is
 also appended to C{OUTDIR/rcpt.log}, so tests can count attempts.
+C{"lenient"} makes the sink end DATA at a "." between any line ends and
+drop NULs, as careless servers do (L{SinkBehaviour.lenient_end}).
+C{--host} picks the loopback address to listen on (default 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -92,18 +96,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A scriptable SMTP sink on loopback.")
     parser.add_argument("out", help="directory for received messages")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--script", default=None, help="JSON file with replies")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     script = Script(args.script, args.out)
     extensions = script.load().get("extensions")
-    behaviour = SinkBehaviour(rcpt=script.rcpt)
+    behaviour = SinkBehaviour(rcpt=script.rcpt, lenient_end=bool(script.load().get("lenient")))
     if extensions is not None:
         behaviour.extensions = tuple(extensions)
     factory = SinkFactory(behaviour)
     behaviour.message = lambda data: script.message(factory, data)
     reactor: Any = global_reactor
-    port = reactor.listenTCP(args.port, factory, interface="127.0.0.1")
+    port = reactor.listenTCP(args.port, factory, interface=args.host)
     sys.stdout.write(f"{port.getHost().port}\n")
     sys.stdout.flush()
     reactor.run()
