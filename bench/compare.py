@@ -17,13 +17,14 @@ each loaded by Postfix's smtp-source and relaying to its own, newly started
 smtp-sink (the same program for both; its -c counter counts the messages
 that reached it).  For each it measures:
 
-  - accepted msg/s: messages / seconds until the load generator finished
-    (every message had its 250);
+  - accepted msg/s: messages (the load's and the probe's) / seconds until
+    the load generator finished (every message had its 250);
   - delivered msg/s: messages that reached the sink / seconds from the
     start of the load until the last one arrived;
   - submission latency (connect to the 250 after DATA): a probe client
     submits one message of the same size at a time, alongside the load,
-    and times each whole session up to the 250 (p50/p99/max);
+    and times each whole session up to the 250 (p50/p99/max), one every
+    100 ms;
   - peak memory: the largest sum over all the server's processes of RSS
     (and of PSS, which does not count shared pages twice), sampled every
     0.25 s; for mta also the kernel's VmHWM;
@@ -404,7 +405,7 @@ def load(port: int, sc: Scenario, messages: int) -> None:
 
 class Probe(threading.Thread):
     """One session at a time: connect, EHLO, MAIL, RCPT, DATA, body, '.' and
-    the time until the 250; then QUIT and the next one after 20 ms."""
+    the time until the 250; then QUIT and the next one after 100 ms."""
 
     def __init__(self, port: int, size: int) -> None:
         super().__init__(daemon=True)
@@ -455,7 +456,7 @@ class Probe(threading.Thread):
                 self.latencies.append(self._one())
             except OSError:
                 self.failures += 1
-            self.stopping.wait(0.02)
+            self.stopping.wait(0.1)
 
 
 class Sampler(threading.Thread):
@@ -484,8 +485,18 @@ def cpu_of(root: int) -> float:
     return sum(cpu_total(p) for p in descendants(root))
 
 
-def one_run(server: Server, sc: Scenario, messages: int, timeout: float) -> dict[str, Any]:
+def py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling the daemon (all threads, raw collapsed stacks) until SIGINT."""
+    cmd = [os.path.join(BIN, "py-spy"), "record", "--pid", str(pid), "--rate", "200"]
+    cmd += ["--format", "raw", "--output", out, "--nonblocking", "--threads"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def one_run(
+    server: Server, sc: Scenario, messages: int, timeout: float, profile: str = ""
+) -> dict[str, Any]:
     sink = Sink()
+    spy: subprocess.Popen[bytes] | None = None
     try:
         port = server.start(sink.port)
         time.sleep(0.5)  # let start-up work settle
@@ -494,6 +505,9 @@ def one_run(server: Server, sc: Scenario, messages: int, timeout: float) -> dict
         sampler.sample()
         cpu0 = cpu_of(root)
         probe = Probe(port, sc.size)
+        if profile and isinstance(server, MtaServer):
+            spy = py_spy(root, os.path.join(profile, f"{sc.name}.txt"))
+            time.sleep(1)
         start = time.monotonic()
         sampler.start()
         probe.start()
@@ -501,6 +515,7 @@ def one_run(server: Server, sc: Scenario, messages: int, timeout: float) -> dict
         accepted_s = time.monotonic() - start
         probe.stopping.set()
         probe.join()
+        # The probe's messages are real ones too: both rates count them.
         want = messages + len(probe.latencies)
         deadline = time.monotonic() + timeout
         while sink.count < want and time.monotonic() < deadline:
@@ -508,11 +523,14 @@ def one_run(server: Server, sc: Scenario, messages: int, timeout: float) -> dict
         delivered_s = time.monotonic() - start
         delivered = sink.count
         cpu = cpu_of(root) - cpu0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         sampler.stopping.set()
         sampler.join()
         sampler.sample()
         result: dict[str, Any] = {
-            "accepted_msg_s": round(messages / accepted_s, 1),
+            "accepted_msg_s": round(want / accepted_s, 1),
             "delivered": delivered,
             "expected": want,
             "delivered_msg_s": round(delivered / delivered_s, 1),
@@ -532,6 +550,8 @@ def one_run(server: Server, sc: Scenario, messages: int, timeout: float) -> dict
             result["vmhwm_mib"] = round(hwm_bytes(root) / 2**20, 1)
         return result
     finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
         server.stop()
         sink.stop()
 
@@ -569,6 +589,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for delivery")
     p.add_argument("--keep", action="store_true", help="keep the work directories")
     p.add_argument("--json", help="also write all results to this file")
+    p.add_argument(
+        "--profile",
+        default="",
+        help="directory: record py-spy profiles of the mta daemon (SCENARIO.txt, raw stacks)",
+    )
+    p.add_argument("--mta-only", action="store_true", help="skip Postfix (for profiling)")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (Postfix's master starts as root)")
@@ -579,10 +605,16 @@ def main() -> None:
     for rep in range(args.repeat):
         for sc in scenarios:
             row: dict[str, Any] = {"scenario": sc.name, "repeat": rep, "messages": args.messages}
-            for make in (PostfixServer, MtaServer):
+            makers: list[type[PostfixServer] | type[MtaServer]] = [PostfixServer, MtaServer]
+            for make in makers[1:] if args.mta_only else makers:
                 with workdir(args.keep) as work:
                     server: Server = make(work)
-                    row[server.name] = one_run(server, sc, args.messages, args.timeout)
+                    row[server.name] = one_run(
+                        server, sc, args.messages, args.timeout, args.profile
+                    )
+            if args.mta_only:
+                print(json.dumps(row), flush=True)
+                continue
             m, pf = row["mta"], row["postfix"]
             row["ratio"] = {
                 "delivered": ratio(m["delivered_msg_s"], pf["delivered_msg_s"]),
@@ -592,7 +624,8 @@ def main() -> None:
             }
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    print(table(results))
+    if results:
+        print(table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
