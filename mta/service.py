@@ -49,6 +49,8 @@ log = Logger(namespace="mta")
 # Twisted's default listen backlog of 50 makes the kernel drop the SYNs of
 # a burst of new clients (each then waits a second to retry).
 LISTEN_BACKLOG = 1024
+# Threads that fsync the messages of one group commit concurrently.
+SPOOL_SYNC_WORKERS = 8
 
 
 def with_backlog(description: str) -> str:
@@ -80,7 +82,7 @@ class MTAService(MultiService):
         self.ports: list[IListeningPort] = []
         self._pools: list[ThreadPool] = []
 
-        self.store = SpoolStore(config.server.spool)
+        self.store = SpoolStore(config.server.spool, workers=SPOOL_SYNC_WORKERS)
         self.store.open()
         self.lock = SpoolLock(self.store.root)
 
