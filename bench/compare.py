@@ -321,6 +321,7 @@ class MtaServer:
     def __init__(self, work: str, python: str | None = None) -> None:
         self.work = os.path.join(work, "mta")
         self._daemon: subprocess.Popen[bytes] | None = None
+        self._logger: subprocess.Popen[bytes] | None = None
         self._python = python
 
     def start(self, sink_port: int) -> int:
@@ -334,12 +335,18 @@ class MtaServer:
                 )
             )
         with open(os.path.join(self.work, "mta.log"), "wb") as log:
+            # The log goes through a pipe to a separate writer, as it would to
+            # journald (and as Postfix's goes to its postlogd): a write to a
+            # file on the spool's file system can stall behind its fsyncs.
+            self._logger = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
             self._daemon = subprocess.Popen(
                 [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config],
                 cwd=self.work,
-                stdout=log,
+                stdout=self._logger.stdin,
                 stderr=subprocess.STDOUT,
             )
+            assert self._logger.stdin is not None
+            self._logger.stdin.close()
         wait_port(port)
         return port
 
@@ -355,6 +362,8 @@ class MtaServer:
             except subprocess.TimeoutExpired:
                 self._daemon.kill()
                 self._daemon.wait()
+        if self._logger is not None:
+            self._logger.wait(timeout=30)
 
 
 # -- load, probe, sampler ---------------------------------------------------
