@@ -152,7 +152,10 @@ async def hold(tls_port: int, port: int, count: int, hold_s: float, pid: int) ->
         "daemon_cpu_s_opening": round(cpu_open, 2),
         "held_s": hold_s,
         "still_open_after": alive,
-        "new_sessions_while_held": new,
+        "new_sessions_while_held": len(new),
+        "new_session_s_max": {
+            key: max(n[key] for n in new) for key in ("implicit_tls_s", "starttls_s")
+        },
         "rss_mib_held": round(rss_held, 1),
         "rss_kib_per_session": None,
     }
