@@ -54,6 +54,18 @@ from mta.tls import ServerTLS, ensure_selfsigned
 from mta.users import UserFile
 
 log = Logger(namespace="mta")
+# Twisted's default listen backlog of 50 makes the kernel drop the SYNs of
+# a burst of new clients (each then waits a second to retry).
+LISTEN_BACKLOG = 1024
+# Threads that fsync the messages of one group commit concurrently.
+SPOOL_SYNC_WORKERS = 8
+
+
+def with_backlog(description: str) -> str:
+    """A TCP endpoint description with a listen backlog, unless it sets one."""
+    if description.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 def fatal(message: str) -> NoReturn:
@@ -79,7 +91,7 @@ class MTAService(MultiService):
         self._pools: list[ThreadPool] = []
         self._control_dir: int | None = None
 
-        self.store = SpoolStore(config.server.spool)
+        self.store = SpoolStore(config.server.spool, workers=SPOOL_SYNC_WORKERS)
         self.store.open()
         self.lock = SpoolLock(self.store.root)
 
@@ -284,7 +296,7 @@ class MTAService(MultiService):
     def _listen(self) -> None:
         for description, factory in self.listeners:
             try:
-                endpoint = serverFromString(self.reactor, description)
+                endpoint = serverFromString(self.reactor, with_backlog(description))
             except (ValueError, TypeError, KeyError) as e:
                 self._unlisten()
                 fatal(f"{self.config.source}: [listen] bad endpoint {description!r}: {e}")
