@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.checks import CONTINUE, MessageInfo, PluginContext, SessionInfo, Verdict, reject, tempfail
-from mta.checks.daemon import DaemonError, endpoint, exchange
+from mta.checks.daemon import endpoint, exchange, finish_scan
 from mta.config import option
 from mta.interfaces import IMessageHook, IStartupHook
 
@@ -113,22 +112,10 @@ class ClamdCheck:
             log.error("{qid}: clamd answered {a!r}", qid=message.queue_id, a=text)
             return tempfail("Virus scanner error; try again later")
 
-        def unreachable(f: Failure) -> Verdict | Failure:
-            if not f.check(DaemonError, ConnectError, OSError):
-                return f
-            log.error(
-                "{qid}: clamd at {a}: {e}",
-                qid=message.queue_id,
-                a=self.options.address,
-                e=f.getErrorMessage(),
-            )
-            return tempfail("Virus scanner unavailable; try again later")
-
-        def close(result: object) -> object:
-            f.close()
-            return result
-
-        return d.addCallbacks(answered, unreachable).addBoth(close)
+        return finish_scan(
+            d, answered, f, name="clamd", address=self.options.address,
+            queue_id=message.queue_id, text="Virus scanner unavailable; try again later",
+        )  # fmt: skip
 
 
 def make(options: Options, context: PluginContext) -> ClamdCheck:

@@ -16,18 +16,44 @@ from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
+from mta.checks import tempfail
 from mta.errors import ConfigError
 
 MAX_ANSWER = 1 << 20
+log = Logger(namespace="mta.checks")
 
 
 class DaemonError(Exception):
     """The daemon could not be reached or broke off."""
+
+
+def finish_scan(
+    d: Deferred[bytes], answered: Callable[[bytes], Any], opened: IO[bytes], *,
+    name: str, address: str, queue_id: str, text: str,
+) -> Deferred[Any]:  # fmt: skip
+    """The end of every scan: the answer goes to C{answered}; a daemon that
+    cannot be reached or breaks off gives a tempfail (logged) with C{text};
+    the message file is closed either way."""
+
+    def unreachable(failure: Failure) -> Any:
+        if not failure.check(DaemonError, ConnectError, OSError):
+            return failure
+        log.error("{qid}: {name} at {a}: {e}", qid=queue_id, name=name, a=address,
+                  e=failure.getErrorMessage())  # fmt: skip
+        return tempfail(text)
+
+    def close(result: object) -> object:
+        opened.close()
+        return result
+
+    return d.addCallbacks(answered, unreachable).addBoth(close)
 
 
 def endpoint(reactor: Any, description: str, where: str) -> IStreamClientEndpoint:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.checks import CONTINUE, MessageInfo, PluginContext, SessionInfo, Verdict, reject, tempfail
-from mta.checks.daemon import DaemonError, LimitedFile, endpoint, exchange
+from mta.checks.daemon import LimitedFile, endpoint, exchange, finish_scan
 from mta.config import option
 from mta.errors import ConfigError
 from mta.interfaces import IMessageHook, IStartupHook
@@ -132,22 +131,10 @@ class SpamdCheck:
                 )
             return CONTINUE
 
-        def unreachable(fail: Failure) -> Verdict | Failure:
-            if not fail.check(DaemonError, ConnectError, OSError):
-                return fail
-            log.error(
-                "{qid}: spamd at {a}: {e}",
-                qid=message.queue_id,
-                a=self.options.address,
-                e=fail.getErrorMessage(),
-            )
-            return tempfail("Spam filter unavailable; try again later")
-
-        def close(result: object) -> object:
-            f.close()
-            return result
-
-        return d.addCallbacks(answered, unreachable).addBoth(close)
+        return finish_scan(
+            d, answered, f, name="spamd", address=self.options.address,
+            queue_id=message.queue_id, text="Spam filter unavailable; try again later",
+        )  # fmt: skip
 
 
 def make(options: Options, context: PluginContext) -> SpamdCheck:
