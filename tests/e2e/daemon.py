@@ -8,6 +8,7 @@ mta}) and stopped with SIGTERM or killed with SIGKILL.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -192,6 +193,20 @@ class Daemon:
         if code != 250:
             raise AssertionError(f"DATA: {code} {text!r}")
         return text.decode().rpartition(" ")[2]
+
+    def read(self, queue_id: str, name: str = "envelope.json") -> bytes:
+        """A file of a queued message, wherever it is: the daemon may be moving it
+        between states right now, so a vanished file means "look again"."""
+        for _ in range(100):
+            try:
+                with open(os.path.join(self.message_dir(queue_id), name), "rb") as f:
+                    return f.read()
+            except (KeyError, FileNotFoundError):
+                time.sleep(0.02)
+        raise AssertionError(f"{queue_id}/{name} not found in the spool")
+
+    def envelope(self, queue_id: str) -> dict[str, Any]:
+        return dict(json.loads(self.read(queue_id)))
 
     def message_dir(self, queue_id: str) -> str:
         for state in STATES:

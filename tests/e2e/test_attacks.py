@@ -380,8 +380,7 @@ class RelayAndSyntaxTests(AttackDaemon):
             code, text = w.reply()
             self.assertEqual(code, 250, text)
         queue_id = text.rpartition(" ")[2]
-        with open(os.path.join(self.daemon.message_dir(queue_id), "envelope.json")) as f:
-            env = json.load(f)
+        env = self.daemon.envelope(queue_id)
         self.assertEqual(len(env["recipients"]), 50)
         self.assertNotIn("r50@example.test", [r["address"] for r in env["recipients"]])
 

@@ -143,7 +143,6 @@ class DeliveryEndToEnd(SynchronousTestCase):
             f"From: {LOGIN}\r\nSubject: x\r\n\r\nhello\r\n".encode(), ["user@nullmx.test"]
         )
         wait_for(lambda: queue_id in self.daemon.queued("done"), 20, "the message in done/")
-        with open(os.path.join(self.daemon.message_dir(queue_id), "envelope.json")) as f:
-            env = json.load(f)
+        env = self.daemon.envelope(queue_id)
         [rcpt] = env["recipients"]
         self.assertEqual((rcpt["state"], rcpt["status"]), ("failed", "5.1.10"))

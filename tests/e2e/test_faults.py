@@ -447,8 +447,7 @@ class BadNextHops(BadHopsBase):
         reasons: dict[str, set[str]] = {}
         tried: set[str] = set()
         for queue_id, mode in bad.items():
-            with open(os.path.join(self.daemon.message_dir(queue_id), "envelope.json")) as f:
-                [rcpt] = json.load(f)["recipients"]
+            [rcpt] = self.daemon.envelope(queue_id)["recipients"]
             self.assertEqual(rcpt["state"], "deferred", (mode, rcpt))
             # Tried, or skipped because the destination rests after failing
             # (dead-site detection).

@@ -64,8 +64,7 @@ class DaemonTestCase(SynchronousTestCase):
         )
 
     def envelope_of(self, queue_id: str) -> bytes:
-        with open(os.path.join(self.daemon.message_dir(queue_id), "envelope.json"), "rb") as f:
-            return f.read()
+        return self.daemon.read(queue_id)
 
 
 class SeedClientTests(DaemonTestCase):
@@ -83,8 +82,7 @@ class SeedClientTests(DaemonTestCase):
         self.assertEqual(env.sender, LOGIN)
         self.assertEqual([r.address for r in env.recipients], ["recipient@example.com"])
         self.assertEqual(env.auth_user, LOGIN)
-        with open(os.path.join(self.daemon.message_dir(queue_id), "message"), "rb") as f:
-            stored = f.read()
+        stored = self.daemon.read(queue_id, "message")
         self.assertTrue(stored.startswith(b"Received: from "))
         self.assertIn(b"Subject: Hello from Forward Email\r\n", stored)
         self.assertIn(b"Message-ID: <", stored)
