@@ -98,6 +98,22 @@ def cmd_user_passwd(config: configmod.Config, args: argparse.Namespace, out: Tex
     return 0
 
 
+def cmd_user_limit(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Set (or with "default", clear) a user's own daily sending limit."""
+    email = normalize_login(args.email)
+    try:
+        limit = None if args.limit == "default" else _count(args.limit)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"user limit: {e}") from None
+    with _users(config).editing() as users:
+        if email not in users:
+            _fail(f"no user {email}")
+        users[email].daily_limit = limit
+    shown = "the default ([limits] daily_messages)" if limit is None else f"{limit} a day"
+    out.write(f"daily limit of {email}: {shown}\n")
+    return 0
+
+
 def cmd_user_del(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     email = normalize_login(args.email)
     with _users(config).editing() as users:
@@ -415,6 +431,13 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("email")
     pw.add_argument("--password-stdin", action="store_true")
     pw.set_defaults(func=cmd_user_passwd)
+    lim = usub.add_parser(
+        "limit", help="set a user's daily sending limit", description="0 means no limit; "
+        '"default" follows [limits] daily_messages again. The daemon sees it at once.',
+    )  # fmt: skip
+    lim.add_argument("email")
+    lim.add_argument("limit", help='messages a day, or "default"')
+    lim.set_defaults(func=cmd_user_limit)
     rm = usub.add_parser("del", help="delete a user")
     rm.add_argument("email")
     rm.set_defaults(func=cmd_user_del)

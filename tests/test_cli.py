@@ -61,6 +61,33 @@ class CLITestCase(SynchronousTestCase):
 # -- users ---------------------------------------------------------------------
 
 
+class UserLimitTests(CLITestCase):
+    def test_set_and_clear(self) -> None:
+        self.mtactl("user", "add", "alice@example.com", "--password-stdin", stdin=PASSWORD + "\n")
+        self.assertEqual(
+            self.mtactl("user", "limit", "ALICE@example.com", "2000"),
+            (0, "daily limit of alice@example.com: 2000 a day\n"),
+        )
+        user = UserFile(self.users_path).get("alice@example.com")
+        assert user is not None
+        self.assertEqual(user.daily_limit, 2000)
+        self.assertTrue(verify_password(user.password, PASSWORD), "the password was kept")
+        code, out = self.mtactl("user", "limit", "alice@example.com", "default")
+        self.assertEqual(code, 0)
+        self.assertIn("the default", out)
+        self.assertIsNone(UserFile(self.users_path).users()["alice@example.com"].daily_limit)
+
+    def test_errors(self) -> None:
+        self.mtactl("user", "add", "alice@example.com", "--password-stdin", stdin=PASSWORD + "\n")
+        self.assertEqual(self.mtactl("user", "limit", "bob@example.com", "5")[0], 1)
+        self.assert_one_line_error("no user bob@example.com")
+        for bad in ("many", "-1"):
+            self.err.truncate(0)
+            self.err.seek(0)
+            self.assertEqual(self.mtactl("user", "limit", "alice@example.com", bad)[0], 2)
+            self.assert_one_line_error(bad)
+
+
 class UserAddTests(CLITestCase):
     def test_add(self) -> None:
         code, out = self.mtactl(
