@@ -19,13 +19,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.checks import CONTINUE, MessageInfo, PluginContext, SessionInfo, Verdict, reject, tempfail
-from mta.checks.daemon import endpoint, exchange, finish_scan
+from mta.checks.daemon import endpoint, exchange, finish_scan, report_ping
 from mta.config import option
 from mta.interfaces import IMessageHook, IStartupHook
 
@@ -61,21 +60,7 @@ class ClamdCheck:
         return d.addCallback(lambda answer: answer.split(b"\0")[0].strip() == b"PONG")
 
     def startup(self) -> Deferred[None]:
-        def report(ok: bool | Failure) -> None:
-            if ok is True:
-                log.info("clamd at {a} answers PING", a=self.options.address)
-            else:
-                if isinstance(ok, Failure) and ok.check(CancelledError):
-                    why = "no answer within the plugin's timeout"
-                else:
-                    why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
-                log.warn(
-                    "clamd at {a} does not answer ({why}); messages get 451 until it does",
-                    a=self.options.address,
-                    why=why,
-                )
-
-        return self.ping().addBoth(report)
+        return report_ping(self.ping(), "clamd", self.options.address, log)
 
     def _oversize(self, message: MessageInfo, why: str) -> Verdict:
         if self.options.oversize == "accept":

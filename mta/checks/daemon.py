@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -32,6 +32,27 @@ log = Logger(namespace="mta.checks")
 
 class DaemonError(Exception):
     """The daemon could not be reached or broke off."""
+
+
+def report_ping(pinged: Deferred[bool], name: str, address: str, logger: Logger) -> Deferred[None]:
+    """The start-up check of a scanning daemon: log whether it answers PING."""
+
+    def report(ok: bool | Failure) -> None:
+        if ok is True:
+            logger.info("{name} at {a} answers PING", name=name, a=address)
+            return
+        if isinstance(ok, Failure) and ok.check(CancelledError):
+            why = "no answer within the plugin's timeout"
+        else:
+            why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
+        logger.warn(
+            "{name} at {a} does not answer ({why}); messages get 451 until it does",
+            name=name,
+            a=address,
+            why=why,
+        )
+
+    return pinged.addBoth(report)
 
 
 def finish_scan(

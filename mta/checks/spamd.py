@@ -16,13 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.checks import CONTINUE, MessageInfo, PluginContext, SessionInfo, Verdict, reject, tempfail
-from mta.checks.daemon import LimitedFile, endpoint, exchange, finish_scan
+from mta.checks.daemon import LimitedFile, endpoint, exchange, finish_scan, report_ping
 from mta.config import option
 from mta.errors import ConfigError
 from mta.interfaces import IMessageHook, IStartupHook
@@ -87,21 +86,7 @@ class SpamdCheck:
         return d.addCallback(lambda answer: b"PONG" in answer.split(b"\r\n")[0])
 
     def startup(self) -> Deferred[None]:
-        def report(ok: bool | Failure) -> None:
-            if ok is True:
-                log.info("spamd at {a} answers PING", a=self.options.address)
-            else:
-                if isinstance(ok, Failure) and ok.check(CancelledError):
-                    why = "no answer within the plugin's timeout"
-                else:
-                    why = ok.getErrorMessage() if isinstance(ok, Failure) else "no PONG"
-                log.warn(
-                    "spamd at {a} does not answer ({why}); messages get 451 until it does",
-                    a=self.options.address,
-                    why=why,
-                )
-
-        return self.ping().addBoth(report)
+        return report_ping(self.ping(), "spamd", self.options.address, log)
 
     def on_message(self, session: SessionInfo, message: MessageInfo) -> Verdict | Deferred[Verdict]:
         length = min(message.size, self.options.max_size)
