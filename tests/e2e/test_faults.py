@@ -412,6 +412,22 @@ class BadHopsBase(SynchronousTestCase):
             helper.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def send_good(self, port: int, timeout: float) -> tuple[list[str], float]:
+        """Twenty messages for the good domain; their IDs and how long until all arrived."""
+        started = time.monotonic()
+        good = []
+        for n in range(20):
+            mid = f"good-{n}@x"
+            code, text = submit(port, mid, load_message(mid), "someone@good.test")
+            self.assertEqual(code, 250, text)
+            good.append(mid)
+        wait_for(
+            lambda: set(good) <= set(sink_contents(self.out)),
+            timeout,
+            "the good messages at the good sink",
+        )
+        return good, time.monotonic() - started
+
 
 class BadNextHops(BadHopsBase):
     def test_bad_next_hops_never_wedge_the_queue(self) -> None:
@@ -424,19 +440,7 @@ class BadNextHops(BadHopsBase):
                 self.assertEqual(code, 250, text)
                 bad[text.rpartition(" ")[2]] = mode
         # The bad hops now hold or refuse connections; good mail still flows.
-        started = time.monotonic()
-        good = []
-        for n in range(20):
-            mid = f"good-{n}@x"
-            code, text = submit(port, mid, load_message(mid), "someone@good.test")
-            self.assertEqual(code, 250, text)
-            good.append(mid)
-        wait_for(
-            lambda: set(good) <= set(sink_contents(self.out)),
-            self.TIMEOUT * 3,
-            "the good messages at the good sink",
-        )
-        good_latency = time.monotonic() - started
+        good, good_latency = self.send_good(port, self.TIMEOUT * 3)
         # Every bad attempt ends (timeouts) and its message waits, deferred,
         # with the reason recorded.
         wait_for(
@@ -485,16 +489,5 @@ class TarpitDomains(BadHopsBase):
                 code, text = submit(port, mid, load_message(mid), f"u{k}@tarpit{n}.test")
                 self.assertEqual(code, 250, text)
         time.sleep(1)  # let the tarpit deliveries start and hang
-        started = time.monotonic()
-        good = []
-        for n in range(20):
-            mid = f"good-{n}@x"
-            code, text = submit(port, mid, load_message(mid), "someone@good.test")
-            self.assertEqual(code, 250, text)
-            good.append(mid)
-        wait_for(
-            lambda: set(good) <= set(sink_contents(self.out)),
-            self.TIMEOUT / 3,
-            "the good messages at the good sink",
-        )
-        print(f"good mail delivered in {time.monotonic() - started:.2f}s beside 8 tarpits")
+        _, latency = self.send_good(port, self.TIMEOUT / 3)
+        print(f"good mail delivered in {latency:.2f}s beside 8 tarpits")
