@@ -60,7 +60,7 @@ from typing import Any, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.run import BIN, free_port, need, percentile, wait_port
+from bench.run import BIN, free_port, mta_command, need, percentile, wait_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -340,7 +340,7 @@ class MtaServer:
             # file on the spool's file system can stall behind its fsyncs.
             self._logger = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
             self._daemon = subprocess.Popen(
-                [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config],
+                mta_command(config),
                 cwd=self.work,
                 stdout=self._logger.stdin,
                 stderr=subprocess.STDOUT,

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.run import BIN, cpu_seconds, free_port
+from bench.run import cpu_seconds, free_port, mta_command
 from mta.envelope import Envelope, Recipient, RecipientState
 from mta.spool import format as envformat
 from mta.spool.fs import FileOps, SpoolStore
@@ -141,7 +141,7 @@ dns_port = {free_port()}
     start = time.monotonic()
     with open(log_path, "wb") as log:
         daemon = subprocess.Popen(
-            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config],
+            mta_command(config),
             cwd=work,
             stdout=log,
             stderr=subprocess.STDOUT,

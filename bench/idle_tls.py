@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.run import BIN, cpu_seconds, free_port, wait_port
+from bench.run import cpu_seconds, free_port, mta_command, wait_port
 
 CONFIG = """\
 [server]
@@ -181,7 +181,7 @@ def main() -> None:
         )
     with open(os.path.join(work, "mta.log"), "wb") as log:
         daemon = subprocess.Popen(
-            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config],
+            mta_command(config),
             cwd=work,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -43,6 +43,11 @@ BIN = os.path.dirname(sys.executable)
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def mta_command(config: str) -> list[str]:
+    """The daemon under test, in the foreground, on a configuration file."""
+    return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,7 +151,7 @@ destination_concurrency = {args.concurrency}
         log_path = os.path.join(work, "mta.log")
         with open(log_path, "wb") as log:
             daemon = subprocess.Popen(
-                [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "mta", "--config", config],
+                mta_command(config),
                 cwd=work,
                 stdout=log,
                 stderr=subprocess.STDOUT,
