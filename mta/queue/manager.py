@@ -846,6 +846,7 @@ class QueueManager(Service):
         if op == "flush" and (was_ready or was_due is not None):
             self._controlling.discard(queue_id)
             self._flush_one(queue_id, was_ready)
+            self._pump()
             return succeed(f"{queue_id}: flushed")
 
         def done(outcome: control.Outcome) -> str:
@@ -912,12 +913,12 @@ class QueueManager(Service):
                 self._finish(message)
 
     def _flush_one(self, queue_id: str, ready: bool) -> None:
+        """Make a waiting message due now, all of its pending recipients (the caller pumps)."""
         self._flushed.add(queue_id)
         if not ready:
             self._schedule(queue_id, self.clock.seconds())
         else:
             self.incoming.appendleft(queue_id)
-        self._pump()
 
     def flush(self, domain: str | None = None) -> Deferred[str]:
         """Retry now: every deferred message, or those with recipients at C{domain}.
@@ -930,6 +931,7 @@ class QueueManager(Service):
             ids = list(self._due)
             for queue_id in ids:
                 self._flush_one(queue_id, False)
+            self._pump()
             return succeed(f"flushed {len(ids)} deferred message(s)")
         dest = self.router.destination(domain.lower().rstrip("."))
         self.suspended.pop(dest, None)
@@ -939,6 +941,7 @@ class QueueManager(Service):
             flushed = [q for q in ids if q in self._due]
             for queue_id in flushed:
                 self._flush_one(queue_id, False)
+            self._pump()
             return f"flushed {len(flushed)} deferred message(s) for {domain}"
 
         return self.runner(
