@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from mta import config as configmod
-from mta.address import ascii_lower, parse_mailbox, valid_domain
+from mta.address import ascii_lower, domain_of, parse_mailbox, valid_domain
 from mta.bounce import Classifier, parse_reply
 from mta.control import DaemonNotRunningError
 from mta.control import request as control_request
@@ -179,7 +179,7 @@ def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> Iterator[dict[st
             if sender is not None and ascii_lower(env.sender) != sender:
                 continue
             if domain is not None and not any(
-                ascii_lower(r.address).rpartition("@")[2] == domain for r in env.recipients
+                domain_of(r.address) == domain for r in env.recipients
             ):
                 continue
             yield {

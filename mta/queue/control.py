@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from mta.address import ascii_lower, domain_of
 from mta.envelope import Envelope, Recipient, RecipientState
 from mta.errors import Reply
 from mta.spool.format import FormatError
@@ -164,11 +165,10 @@ def _due(envelope: Envelope, now: float) -> float:
 
 def matches_domain(envelope: Envelope, domain: str) -> bool:
     """Whether a pending recipient of the message is at C{domain}."""
-    domain = domain.lower().rstrip(".")
-    for rcpt in envelope.recipients:
-        if not rcpt.state.final and rcpt.address.rpartition("@")[2].lower() == domain:
-            return True
-    return False
+    domain = ascii_lower(domain).rstrip(".")
+    return any(
+        not rcpt.state.final and domain_of(rcpt.address) == domain for rcpt in envelope.recipients
+    )
 
 
 def ids_for_domain(store: SpoolStore, ids: list[str], domain: str) -> list[str]:
