@@ -40,7 +40,7 @@ from mta.control import request as control_request
 from mta.envelope import Envelope, Recipient
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.queue.control import ControlError, control_socket
-from mta.smtp.message import field_value, split_fields
+from mta.smtp.message import field_value, missing_fields, split_fields
 from mta.spool.fs import SpoolStore
 from mta.spool.queueid import QueueIdGenerator
 
@@ -162,10 +162,7 @@ def prepare(
         except UnicodeError:  # an internationalized address (SMTPUTF8): name left out
             value = address
         out.append(f"From: {value}\r\n".encode())
-    if b"date" not in names:
-        out.append(f"Date: {date}\r\n".encode())
-    if b"message-id" not in names:
-        out.append(f"Message-ID: <{queue_id}@{hostname}>\r\n".encode())
+    out += missing_fields(names, queue_id, hostname, now)
     return b"".join(out) + b"\r\n" + body, list(unique.values())
 
 

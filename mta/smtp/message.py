@@ -79,6 +79,17 @@ def received_field(trace: TraceInfo) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+def missing_fields(names: set[bytes], queue_id: str, hostname: str, when: float) -> list[bytes]:
+    """C{Message-ID:} and C{Date:} for a message that lacks them (RFC 5322 section 3.6),
+    the ID made from the queue ID; C{names} are the lower-case field names present."""
+    out = []
+    if b"message-id" not in names:
+        out.append(f"Message-ID: <{queue_id}@{hostname}>\r\n".encode())
+    if b"date" not in names:
+        out.append(f"Date: {format_datetime(datetime.fromtimestamp(when, UTC))}\r\n".encode())
+    return out
+
+
 def split_fields(section: bytes) -> list[tuple[bytes, bytes]]:
     """Split a header section into C{(lower-case name, raw field bytes)}.
 
@@ -239,17 +250,15 @@ class MessageBuilder:
         names = {name for name, _ in fields}
         out = [received_field(self._trace)]
         out += [raw for name, raw in fields if name != b"bcc"]
+        trace = self._trace
+        out += missing_fields(names, trace.queue_id, trace.hostname, trace.when)
         if b"message-id" not in names:
-            self.message_id = f"<{self._trace.queue_id}@{self._trace.hostname}>"
-            out.append(f"Message-ID: {self.message_id}\r\n".encode())
+            self.message_id = f"<{trace.queue_id}@{trace.hostname}>"
         else:
             raw = next(raw for name, raw in fields if name == b"message-id")
             # For logs and the envelope only: printable ASCII, whatever was sent.
             value = field_value(raw)[:200]
             self.message_id = "".join(c if " " <= c <= "~" else "?" for c in value)
-        if b"date" not in names:
-            when = datetime.fromtimestamp(self._trace.when, UTC)
-            out.append(f"Date: {format_datetime(when)}\r\n".encode())
         self._emit(b"".join(out))
 
     def _check(self, fields: list[tuple[bytes, bytes]]) -> None:
