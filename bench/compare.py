@@ -494,15 +494,23 @@ def cpu_of(root: int) -> float:
     return sum(cpu_total(p) for p in descendants(root))
 
 
-def py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
-    """py-spy sampling the daemon (all threads, raw collapsed stacks) until SIGINT."""
+def py_spy(pid: int, out: str, gil: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy sampling the daemon (all threads, raw collapsed stacks) until SIGINT;
+    with C{gil}, only the samples of the thread holding the GIL."""
     cmd = [os.path.join(BIN, "py-spy"), "record", "--pid", str(pid), "--rate", "200"]
     cmd += ["--format", "raw", "--output", out, "--nonblocking", "--threads"]
+    if gil:
+        cmd.append("--gil")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def one_run(
-    server: Server, sc: Scenario, messages: int, timeout: float, profile: str = ""
+    server: Server,
+    sc: Scenario,
+    messages: int,
+    timeout: float,
+    profile: str = "",
+    gil: bool = False,
 ) -> dict[str, Any]:
     sink = Sink()
     spy: subprocess.Popen[bytes] | None = None
@@ -515,7 +523,7 @@ def one_run(
         cpu0 = cpu_of(root)
         probe = Probe(port, sc.size)
         if profile and isinstance(server, MtaServer):
-            spy = py_spy(root, os.path.join(profile, f"{sc.name}.txt"))
+            spy = py_spy(root, os.path.join(profile, f"{sc.name}.txt"), gil)
             time.sleep(1)
         start = time.monotonic()
         sampler.start()
@@ -603,6 +611,9 @@ def main() -> None:
         default="",
         help="directory: record py-spy profiles of the mta daemon (SCENARIO.txt, raw stacks)",
     )
+    p.add_argument(
+        "--gil", action="store_true", help="with --profile: sample only the thread holding the GIL"
+    )
     p.add_argument("--mta-only", action="store_true", help="skip Postfix (for profiling)")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -619,7 +630,7 @@ def main() -> None:
                 with workdir(args.keep) as work:
                     server: Server = make(work)
                     row[server.name] = one_run(
-                        server, sc, args.messages, args.timeout, args.profile
+                        server, sc, args.messages, args.timeout, args.profile, args.gil
                     )
             if args.mta_only:
                 print(json.dumps(row), flush=True)
