@@ -523,6 +523,7 @@ def one_run(
         cpu0 = cpu_of(root)
         probe = Probe(port, sc.size)
         if profile and isinstance(server, MtaServer):
+            os.makedirs(profile, exist_ok=True)  # py-spy fails silently without it
             spy = py_spy(root, os.path.join(profile, f"{sc.name}.txt"), gil)
             time.sleep(1)
         start = time.monotonic()
