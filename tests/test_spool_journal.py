@@ -5,16 +5,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mta.config import parse
 from mta.envelope import Envelope, Recipient, RecipientState
+from mta.service import MTAService
 from mta.spool import journal
 from mta.spool.fs import JOURNAL, SpoolStore
 from mta.spool.journal import SentJournal, SentRecord, parse_line
-from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message
+from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message, write_users
 
 T0 = 1_700_000_000.0
 
@@ -286,3 +291,41 @@ class WriterTests(StoreTestCase):
         self.journal.release(owed)
         self.runner.run_all()
         self.assertEqual(os.listdir(self.dir), ["sent-2.log"])
+
+
+class DaemonStartTests(TestCase):
+    """The daemon applies the journal at start-up, before the queue manager looks."""
+
+    def test_start_records_the_journal(self) -> Any:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        write_users(os.path.join(base, "users.json"), {})
+        store = SpoolStore(os.path.join(base, "spool"))
+        store.open()
+        qid = queue_message(store, "alice@example.com", ["bob@example.net"], arrival=T0)
+        store.move(qid, "incoming", "active")
+        segment = os.path.join(journal.directory(store), "sent-7.log")
+        with open(segment, "wb") as f:
+            f.write(record(qid).line())
+        doc = {
+            "server": {"hostname": "localhost", "spool": "spool", "users_file": "users.json"},
+            "listen": {"submissions": [], "submission": []},
+            # Nothing leaves the machine: a closed loopback port.
+            "delivery": {"dns_servers": ["127.0.0.1"], "dns_port": 9, "dns_timeout": 1},
+            "routes": {"*": "[127.0.0.1]:9"},
+        }
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        service = MTAService(parse(doc, "test.toml", base), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertFalse(os.path.exists(segment))
+        _, env = store.load(qid)
+        self.assertEqual(env.recipients[0].state, RecipientState.SENT)
+
+        def filed() -> Any:
+            if store.find(qid) != "done":
+                return deferLater(reactor, 0.05, filed)
+            return None
+
+        return filed()
