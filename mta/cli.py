@@ -24,6 +24,7 @@ from mta.control import request as control_request
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.queue import control
 from mta.queue.control import ControlError, control_socket
+from mta.spool import journal
 from mta.spool.format import FormatError, format_time
 from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolLock, SpoolStore
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
@@ -164,6 +165,9 @@ def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> Iterator[dict[st
     states = args.state or [s for s in STATES if args.all or s not in ("done", "redacted")]
     domain = ascii_lower(args.domain).rstrip(".") if args.domain else None
     sender = ascii_lower(args.sender) if args.sender else None
+    # Deliveries written ahead of their envelopes (a daemon killed before it
+    # filed them, or one filing them now): shown as they are.
+    sent = journal.read(journal.directory(store)) if "active" in states else {}
     for state in STATES:
         if state not in states:
             continue
@@ -176,6 +180,8 @@ def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> Iterator[dict[st
                 if not (domain or sender):
                     yield {"id": queue_id, "state": state, "error": str(e)}
                 continue
+            if state == "active" and queue_id in sent:
+                journal.apply(env, sent[queue_id])
             if sender is not None and ascii_lower(env.sender) != sender:
                 continue
             if domain is not None and not any(
@@ -261,6 +267,8 @@ def _act(
                 f"{control_socket(store)} (is it starting?)"
             )
         try:
+            if doc.get("op") != "delete":
+                _recover_journal(store)
             return offline(store)
         finally:
             lock.release()
@@ -269,6 +277,20 @@ def _act(
     if not ok:
         _fail(text)
     return text
+
+
+def _recover_journal(store: SpoolStore) -> None:
+    """Record the deliveries a killed daemon left in the sent journal before acting
+    on the spool, so that no delivered recipient is bounced or sent again."""
+    try:
+        found = journal.recover(store)
+    except OSError as e:
+        _fail(f"cannot apply the sent journal in {journal.directory(store)}: {e}")
+    if found.kept:
+        _fail(
+            f"cannot apply the sent journal in {journal.directory(store)} (see the errors "
+            "above); only delete works until it can"
+        )
 
 
 def cmd_queue_action(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -353,6 +375,14 @@ def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: Text
     store = _store(config)
     state, envelope, message = _read_message(store, args.id)
     out.write(f"# state: {state}\n# envelope: {store.path(state, args.id, ENVELOPE)}\n")
+    if state == "active":
+        for record in journal.read(journal.directory(store)).get(args.id, []):
+            out.write(
+                printable(
+                    f"# journal: {record.address} sent at {format_time(record.time)} "
+                    f"({record.reply}), not yet in the envelope\n"
+                )
+            )
     out.write(printable(envelope.decode("utf-8", "replace")))
     if args.envelope_only:
         return 0

@@ -48,7 +48,9 @@ from mta.queue.retention import Retention
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
+from mta.spool import journal
 from mta.spool.fs import Spool, SpoolLock, SpoolStore
+from mta.spool.journal import SentJournal
 from mta.spool.queueid import QueueIdGenerator
 from mta.tls import ServerTLS, ensure_selfsigned
 from mta.users import UserFile
@@ -104,6 +106,7 @@ class MTAService(MultiService):
         self.metrics = Metrics()
         self.spool_runner = self._pool("spool-io", 4)
         self.spool = Spool(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
+        self.journal = SentJournal(journal.directory(self.store), runner=self.spool_runner)
         self.users = UserFile(config.server.users_file)
         self.users.users()  # a broken users file stops start-up here
         auth = config.auth
@@ -212,6 +215,7 @@ class MTAService(MultiService):
             reports=self.spool,
             hostname=self.hostname,
             metrics=self.metrics,
+            journal=self.journal,
         )
         self.retention = Retention(
             self.store, self.spool_runner, reactor, lambda: self.config.retention
@@ -258,6 +262,7 @@ class MTAService(MultiService):
             log.info(
                 "removed {n} incomplete messages from {spool}/tmp", n=removed, spool=self.store.root
             )
+        self._recover_journal()
         self._listen()
         self._listen_control()
         for pool in self._pools:
@@ -337,6 +342,23 @@ class MTAService(MultiService):
         stopping = [maybeDeferred(port.stopListening) for port in ports]
         return DeferredList(stopping)
 
+    def _recover_journal(self) -> None:
+        """Deliveries a crash kept out of their envelopes (L{mta.spool.journal})."""
+        try:
+            found = journal.recover(self.store)
+        except OSError as e:
+            # Not fatal: without it those messages are only sent again.
+            log.error("cannot read the sent journal: {e}", e=e)
+            return
+        if found.recipients:
+            log.info(
+                "recorded {n} deliveries of {m} messages from the sent journal",
+                n=found.recipients,
+                m=found.messages,
+            )
+        if found.kept:
+            log.error("the sent journal is kept for the next start (see the errors above)")
+
     def stopService(self) -> Deferred[Any]:
         children = super().stopService()  # type: ignore[no-untyped-call]
         listening = self._unlisten()
@@ -346,6 +368,7 @@ class MTAService(MultiService):
             # Waits for work already handed to the threads (commits in flight).
             for pool in self._pools:
                 pool.stop()
+            self.journal.close()
             if self._control_dir is not None:
                 os.close(self._control_dir)
                 self._control_dir = None

@@ -30,6 +30,7 @@ __all__ = [
     "FailingOps",
     "FakeResolver",
     "NoSyncOps",
+    "QueuedRunner",
     "SinkBehaviour",
     "SinkFactory",
     "SinkServer",
@@ -46,6 +47,37 @@ FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 
 
 run_inline = run_now  # the same runner under the name the tests use
+
+
+class QueuedRunner:
+    """A runner that only queues the work; the test runs it with L{run_next}.
+
+    It stands for the thread pool: while work is queued here it is "in
+    flight" (a group commit being written, say), as it is when a daemon is
+    killed.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((work, d))
+        return d
+
+    def run_next(self) -> None:
+        work, d = self.queue.pop(0)
+        try:
+            result = work()
+        except BaseException:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        """Run queued work, including work queued meanwhile, until none is left."""
+        while self.queue:
+            self.run_next()
 
 
 def write_users(path: str, users: dict[str, str], **rights: dict[str, list[str]]) -> UserFile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -10,11 +11,14 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mta import cli
 from mta.cli import main
 from mta.envelope import Envelope, Recipient, RecipientState
+from mta.spool import journal
 from mta.spool.fs import ENVELOPE, MESSAGE, Spool, SpoolLock, SpoolStore
+from mta.spool.journal import SentRecord
 from mta.spool.queueid import QueueIdGenerator
-from mta.testing import run_inline, write_users
+from mta.testing import FailingOps, run_inline, write_users
 from mta.users import UserFile, verify_password
 
 HEADERS = b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: quarterly numbers\r\n"
@@ -280,7 +284,9 @@ class UserEditTests(CLITestCase):
 # -- the queue -----------------------------------------------------------------
 
 
-class QueueTests(CLITestCase):
+class SpoolTestCase(CLITestCase):
+    """With a spool to commit messages to."""
+
     def setUp(self) -> None:
         super().setUp()
         self.store = SpoolStore(self.spool_path)
@@ -301,6 +307,8 @@ class QueueTests(CLITestCase):
         )
         return self.successResultOf(txn.commit(envelope))
 
+
+class QueueTests(SpoolTestCase):
     def test_list_empty(self) -> None:
         self.assertEqual(self.mtactl("queue", "list"), (0, "Mail queue is empty\n"))
         self.assertEqual(self.mtactl("queue", "list", "--json"), (0, "[]\n"))
@@ -749,3 +757,64 @@ class ClassifyTests(CLITestCase):
         code, _ = self.mtactl("classify", "250 2.0.0 Ok")
         self.assertEqual(code, 2)
         self.assert_one_line_error("success")
+
+
+class JournalTests(SpoolTestCase):
+    """A daemon killed after a delivery, before it filed it: the sent journal says so."""
+
+    def killed_after_delivery(self) -> str:
+        queue_id = self.commit("bob@example.net", "carol@example.org")
+        self.store.move(queue_id, "incoming", "active")
+        line = SentRecord(
+            queue_id, 1, "carol@example.org", 1_700_000_060.0, "250 2.0.0 Ok", "2.0.0", "mx[x]:25"
+        ).line()
+        with open(os.path.join(journal.directory(self.store), "sent-1.log"), "wb") as f:
+            f.write(line)
+        return queue_id
+
+    def test_list_shows_what_the_journal_says(self) -> None:
+        queue_id = self.killed_after_delivery()
+        code, out = self.mtactl("queue", "list")
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertEqual(lines[1].split()[4], "active")
+        self.assertEqual(lines[2].split(), ["bob@example.net", "[pending]"])
+        self.assertEqual(lines[3].split(), ["carol@example.org", "[sent,", "1", "attempt]"])
+        (row,) = json.loads(self.mtactl("queue", "list", "--json")[1])
+        self.assertEqual([r["state"] for r in row["recipients"]], ["pending", "sent"])
+        # Only reading: the envelope and the journal stay as they are.
+        _, envelope = self.store.load(queue_id)
+        self.assertEqual(envelope.recipients[1].state, RecipientState.PENDING)
+        self.assertEqual(len(journal.segments(journal.directory(self.store))), 1)
+
+    def test_show_says_what_the_journal_says(self) -> None:
+        queue_id = self.killed_after_delivery()
+        code, out = self.mtactl("queue", "show", queue_id, "--envelope-only")
+        self.assertEqual(code, 0)
+        self.assertIn(
+            "# journal: carol@example.org sent at 2023-11-14T22:14:20.000000Z (250 2.0.0 Ok), "
+            "not yet in the envelope\n",
+            out,
+        )
+
+    def test_offline_action_applies_the_journal_first(self) -> None:
+        queue_id = self.killed_after_delivery()
+        code, _ = self.mtactl("queue", "bounce", queue_id)
+        self.assertEqual(code, 0)
+        _, envelope = self.store.load(queue_id)
+        # Only bob is bounced; carol was delivered, and stays so.
+        self.assertEqual(
+            [r.state for r in envelope.recipients], [RecipientState.FAILED, RecipientState.SENT]
+        )
+        self.assertEqual(journal.segments(journal.directory(self.store)), [])
+
+    def test_offline_action_refused_while_the_journal_cannot_be_applied(self) -> None:
+        queue_id = self.killed_after_delivery()
+        self.store.ops = FailingOps("fsync", errno.ENOSPC)
+        self.patch(cli, "_store", lambda config: self.store)
+        code, _ = self.mtactl("queue", "hold", queue_id)
+        self.assertEqual(code, 1)
+        self.assert_one_line_error("sent journal", "only delete")
+        self.assertEqual(self.store.find(queue_id), "active")
+        # Delete does not need it (and may be what frees the disk).
+        self.assertEqual(self.mtactl("queue", "delete", queue_id), (0, f"{queue_id}: deleted\n"))

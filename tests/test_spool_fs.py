@@ -38,38 +38,13 @@ from mta.spool.fs import (
 )
 from mta.spool.memory import MemorySpool
 from mta.spool.queueid import QueueIdGenerator, is_queue_id
-from mta.testing import FailingOps, run_inline
+from mta.testing import FailingOps, QueuedRunner, run_inline
 
 MESSAGE_BYTES = b"From: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
 # -- test doubles --------------------------------------------------------------
 # These would be at home in mta/testing.py.
-
-
-class QueuedRunner:
-    """A runner that only queues the work; the test runs it with L{run_next}.
-
-    It stands for the thread pool: while a group is queued here it is "in
-    flight", and commits made meanwhile must wait for the next group.
-    """
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.queue.append((work, d))
-        return d
-
-    def run_next(self) -> None:
-        work, d = self.queue.pop(0)
-        try:
-            result = work()
-        except BaseException:
-            d.errback()
-        else:
-            d.callback(result)
 
 
 class CountingOps(FileOps):

@@ -63,6 +63,7 @@ from mta.queue.control import ControlError
 from mta.queue.schedule import RetryPolicy, no_jitter
 from mta.spool.format import FormatError
 from mta.spool.fs import MESSAGE, SpoolStore
+from mta.spool.journal import SentJournal, SentRecord
 from mta.spool.queueid import arrival_of
 
 log = Logger(namespace="mta.queue")
@@ -92,6 +93,7 @@ class _Active:
     jobs: int = 0
     io: Deferred[Any] = field(default_factory=lambda: succeed(None))
     notices: list[dsn.Notice] = field(default_factory=list)
+    journal: list[object] = field(default_factory=list)  # L{SentJournal} tokens
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,10 @@ class QueueManager(Service):
         hostname: str = "localhost",
         on_done: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        journal: SentJournal | None = None,
     ) -> None:
         self.store = store
+        self.journal = journal
         self.metrics = metrics or Metrics()
         self.runner = runner
         self.deliver = deliver
@@ -522,6 +526,8 @@ class QueueManager(Service):
         C{ran} is False for a job skipped because its destination rests:
         that is no attempt, and C{resume} is the earliest time to retry.
         """
+        if ran and self.journal is not None:
+            self._journal(item, results)
         dest = item.job.destination
         if ran:
             self._running[dest] -= 1
@@ -588,6 +594,48 @@ class QueueManager(Service):
             snapshot = copy.deepcopy(env)
             self._write(message, lambda: self.store.write_envelope("active", snapshot))
         self._dispatch()
+
+    def _journal(self, item: _Job, results: list[RecipientResult]) -> None:
+        """Write the job's deliveries ahead of the envelope (L{mta.spool.journal}).
+
+        This runs first when the result arrives, so that a SIGKILL before
+        the message is filed does not send it again.  A recipient owed a
+        "relayed" notice is left out: recovery could not send the notice,
+        so a crash delivers it again rather than lose the notice.
+        """
+        assert self.journal is not None
+        env = item.message.envelope
+        now = self.clock.seconds()
+        position = {id(r): n for n, r in enumerate(env.recipients)}
+        by_address = {r.address: r for r in item.job.recipients}
+        records = []
+        for result in results:
+            rcpt = by_address[result.address]
+            if not result.ok or id(rcpt) not in position:
+                continue
+            if not result.dsn_passed and dsn.needs_notice(env, rcpt, "relayed"):
+                continue
+            records.append(
+                SentRecord(
+                    env.queue_id,
+                    position[id(rcpt)],
+                    rcpt.address,
+                    now,
+                    str(result.reply),
+                    maillog.dsn_code(result.reply),
+                    result.relay,
+                )
+            )
+        token = self.journal.record(records)
+        if token is not None:
+            item.message.journal.append(token)
+
+    def _release_journal(self, message: _Active) -> None:
+        """The message is filed (or removed): its journal lines are not needed any more."""
+        if self.journal is not None:
+            for token in message.journal:
+                self.journal.release(token)
+        message.journal = []
 
     def _watch_destination(
         self,
@@ -682,6 +730,7 @@ class QueueManager(Service):
                 if self._stopped:
                     return  # it stays in active/ and is taken up at the next start
                 await deferLater(self.clock, RETRY_DELAY, lambda: None)
+        self._release_journal(message)
         self.active.pop(queue_id, None)
         late = self._requests.pop(queue_id, None)
         if state == "deferred" and due is not None:

@@ -7,6 +7,7 @@ Layout (C{docs/spool-format.md})::
     incoming/ID/message        committed, not yet taken by the queue manager
     incoming/ID/envelope.json
     active/ deferred/ hold/ corrupt/ done/    the other states, same shape
+    journal/sent-N.log         deliveries not yet in their envelopes (mta.spool.journal)
 
 A message is committed by the maildir recipe: write C{message} and
 C{envelope.json} in C{tmp/ID/}, fsync both files and the directory, rename
@@ -53,6 +54,7 @@ STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done", "redacted
 MESSAGE = "message"
 ENVELOPE = "envelope.json"
 TMP = "tmp"
+JOURNAL = "journal"  # the sent journal (mta.spool.journal)
 MAX_GROUP = 256
 
 log = Logger(namespace="mta.spool")
@@ -133,6 +135,7 @@ class SpoolStore:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
                 for state in (TMP, *STATES):
                     os.makedirs(self.path(state), mode=0o700, exist_ok=True)
+                os.makedirs(os.path.join(self.root, JOURNAL), mode=0o700, exist_ok=True)
             if not os.path.exists(marker):
                 if not create:
                     raise StorageError(f"{self.root} is not an mta spool (no spool.json)")

@@ -4,7 +4,8 @@
 
 It listens on 127.0.0.1 (port 0: any free one), prints the port on the
 first line of stdout, and writes each message it accepts to
-C{OUTDIR/N.eml} with the envelope in C{OUTDIR/N.json}.  The script file
+C{OUTDIR/N.eml} with the envelope in C{OUTDIR/N.json} (with C{accepted}, the
+time it took the message, just before its reply is sent).  The script file
 (re-read for every command, so a test can change it while the sink runs)
 says what to answer::
 
@@ -87,7 +88,9 @@ class Script:
             with open(os.path.join(self.out, f"{n}.eml.tmp"), "wb") as f:
                 f.write(data)
             with open(os.path.join(self.out, f"{n}.json"), "w", encoding="utf-8") as f:
-                json.dump({"mail": msg.sender_line, "rcpt": msg.rcpt_lines}, f)
+                json.dump(
+                    {"mail": msg.sender_line, "rcpt": msg.rcpt_lines, "accepted": time.time()}, f
+                )
             os.rename(os.path.join(self.out, f"{n}.eml.tmp"), os.path.join(self.out, f"{n}.eml"))
         return reply
 

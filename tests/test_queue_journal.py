@@ -1,0 +1,155 @@
+"""The queue manager writes deliveries to the sent journal before filing them.
+
+A daemon killed between a next hop's 250 and the filing of the message
+(the envelope rewrite in a group commit) must not send it again: the
+journal line is written at once, and recovery at the next start marks the
+recipient sent.  Here the spool thread is a L{QueuedRunner}, so the filing
+can be left "in flight" when the daemon is "killed".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from mta.delivery.relay import RecipientResult
+from mta.envelope import RecipientState
+from mta.queue.manager import QueueLimits, QueueManager
+from mta.spool import journal
+from mta.spool.journal import SentJournal
+from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message
+from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
+
+
+class JournalTestCase(QueueTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.runner = QueuedRunner()
+        self.dir = journal.directory(self.store)
+        self.journal = SentJournal(self.dir, runner=self.runner)
+
+    def manager(self, **limits: int) -> QueueManager:
+        qm = QueueManager(
+            self.store,
+            self.runner,
+            self.spy,
+            self.router,
+            self.clock,
+            limits=QueueLimits(**limits),
+            settings=lambda: self.settings,
+            hostname="mta.test",
+            journal=self.journal,
+        )
+        qm.startService()
+        self.addCleanup(qm.stopService)
+        self.runner.run_all()  # the scan and the loading of the messages
+        return qm
+
+    def lines(self) -> dict[str, list[journal.SentRecord]]:
+        return journal.read(self.dir)
+
+    def restart(self) -> QueueManager:
+        """After a SIGKILL: recovery, then a new queue manager (work in flight is lost)."""
+        self.runner.queue.clear()
+        self.spy.calls.clear()
+        journal.recover(self.store)
+        self.journal = SentJournal(self.dir, runner=self.runner)
+        return self.manager()
+
+
+class WriteAheadTests(JournalTestCase):
+    def test_killed_before_filing_is_not_sent_again(self) -> None:
+        qid = self.queue("bob@example.net", "carol@example.net")
+        self.manager()
+        self.spy.answer_each(0, [OK, LATER])
+        # The 250 is in the journal at once; the filing waits for the thread.
+        [line] = self.lines()[qid]
+        self.assertEqual((line.index, line.address), (0, "bob@example.net"))
+        self.assertEqual(
+            (line.reply, line.dsn, line.relay), (str(OK), "2.0.0", "mx.test[192.0.2.1]:25")
+        )
+        self.assertEqual(line.time, T0)
+        self.assertNotEqual(self.runner.queue, [])
+        state, env = self.envelope(qid)
+        self.assertEqual(state, "active")
+        self.assertEqual(env.recipients[0].state, RecipientState.PENDING)
+
+        self.restart()
+        [job] = self.spy.waiting
+        self.assertEqual([r.address for r in job.recipients], ["carol@example.net"])
+        bob = job.envelope.recipients[0]
+        self.assertEqual((bob.state, bob.attempts, bob.reply), (RecipientState.SENT, 1, str(OK)))
+        self.assertEqual(os.listdir(self.dir), [], "recovery removed the old journal")
+
+    def test_every_recipient_sent_means_done_at_restart(self) -> None:
+        qid = self.queue("bob@example.net")
+        self.manager()
+        self.spy.answer(0, OK)
+        self.restart()
+        self.assertEqual(self.spy.calls, [])
+        state, env = self.envelope(qid)
+        self.assertEqual((state, env.recipients[0].state), ("done", RecipientState.SENT))
+
+    def test_failures_and_deferrals_are_not_journaled(self) -> None:
+        qid = self.queue("bob@example.net", "carol@example.net")
+        self.manager()
+        self.spy.answer_each(0, [NO_USER, LATER])
+        self.assertEqual(self.lines(), {})
+        self.restart()
+        # Tried again, as without a journal: a failure sends nothing twice.
+        [job] = self.spy.waiting
+        self.assertEqual(job.envelope.queue_id, qid)
+
+    def test_recipient_owed_a_relayed_notice_is_not_journaled(self) -> None:
+        # Recovery could not send the notice: such a recipient is sent again
+        # after a crash rather than lose it.
+        qid = queue_message(
+            self.store, "sender@example.com", ["bob@example.net", "carol@example.net"], arrival=T0
+        )
+        _, env = self.store.load(qid)
+        env.recipients[0].notify = ("SUCCESS",)
+        env.recipients[1].notify = ("SUCCESS",)
+        self.store.write_envelope("incoming", env)
+        self.manager()
+        [(_, d)] = self.spy.calls
+        d.callback(
+            [
+                RecipientResult("bob@example.net", OK, "remote", dsn_passed=False),
+                RecipientResult("carol@example.net", OK, "remote", dsn_passed=True),
+            ]
+        )
+        self.assertEqual([r.address for r in self.lines()[qid]], ["carol@example.net"])
+
+    def test_lines_are_let_go_once_filed(self) -> None:
+        self.queue("bob@example.net")
+        self.manager()
+        self.spy.answer(0, OK)
+        self.runner.run_all()
+        self.journal.close()
+        self.assertEqual(os.listdir(self.dir), [], "nothing owed: the segment is gone")
+
+    def test_lines_kept_while_the_filing_fails(self) -> None:
+        qid = self.queue("bob@example.net")
+        self.manager()
+        self.store.ops = FailingOps("fsync", errno.ENOSPC)
+        self.spy.answer(0, OK)
+        self.runner.run_all()
+        self.flushLoggedErrors()
+        self.assertEqual(self.store.find(qid), "active")
+        self.journal.close()
+        self.assertEqual(len(os.listdir(self.dir)), 1, "owed: kept for recovery")
+        # The disk has room again, and the daemon restarts.
+        self.store.ops = NoSyncOps()
+        self.restart()
+        self.assertEqual(self.spy.calls, [])
+        self.assertEqual(self.store.find(qid), "done")
+
+    def test_without_a_journal_nothing_is_written(self) -> None:
+        self.queue("bob@example.net")
+        qm = QueueManager(self.store, self.runner, self.spy, self.router, self.clock)
+        qm.startService()
+        self.addCleanup(qm.stopService)
+        self.runner.run_all()
+        self.spy.answer(0, OK)
+        self.runner.run_all()
+        self.assertEqual(os.listdir(self.dir), [])
