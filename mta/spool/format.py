@@ -92,7 +92,9 @@ def dumps(env: Envelope) -> bytes:
     return (json.dumps(to_json(env), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], *, null: bool = False) -> Any:
+def _get(
+    doc: dict[str, Any], key: str, kind: type | tuple[type, ...], *, null: bool = False
+) -> Any:
     value = doc.get(key)
     if value is None and null:
         return None

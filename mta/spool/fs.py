@@ -73,7 +73,7 @@ class FileOps:
         os.mkdir(path, 0o700)
 
     def open_new(self, path: str) -> IO[bytes]:
-        return open(path, "xb", buffering=65536)  # noqa: SIM115 - caller closes
+        return open(path, "xb", buffering=65536)
 
     def fsync(self, f: IO[bytes]) -> None:
         f.flush()
@@ -180,15 +180,14 @@ class SpoolStore:
     def discard_tmp(self, queue_id: str) -> None:
         self.ops.rmtree(self.path(TMP, queue_id))
 
-    def commit_group(
-        self, items: list[tuple[str, IO[bytes], bytes]]
-    ) -> list[StorageError | None]:
+    def commit_group(self, items: list[tuple[str, IO[bytes], bytes]]) -> list[StorageError | None]:
         """Commit several received messages with one fsync of C{incoming/}.
 
         C{items} are C{(queue_id, open message file, envelope bytes)}.  Each
         result is C{None} (committed) or the error that kept that message
         out of the queue; a failed message leaves nothing in C{incoming/}.
         """
+
         def one(item: tuple[str, IO[bytes], bytes]) -> StorageError | None:
             queue_id, message, envelope = item
             try:
@@ -322,6 +321,7 @@ class SpoolStore:
         (Postfix does the same with its queue files); the envelope stays
         the truth, the time is a hint.
         """
+
         def one(item: tuple[Envelope, str, str, float | None]) -> StorageError | None:
             envelope, src, dst, due = item
             queue_id = envelope.queue_id
@@ -513,11 +513,11 @@ class Spool:
                 raise storage_error(f"cannot read {queue_id}", e) from e
         raise StorageError(f"{queue_id} is no longer in the spool")
 
-    def _commit_group(
-        self, items: list[tuple[str, IO[bytes], bytes]]
-    ) -> list[str | StorageError]:
+    def _commit_group(self, items: list[tuple[str, IO[bytes], bytes]]) -> list[str | StorageError]:
         results = self.store.commit_group(items)
-        return [item[0] if error is None else error for item, error in zip(items, results)]
+        return [
+            item[0] if error is None else error for item, error in zip(items, results, strict=True)
+        ]
 
     def commit(self, queue_id: str, message: IO[bytes], envelope: bytes) -> Deferred[str]:
         """Commit a received message; concurrent commits share one group."""
