@@ -65,8 +65,9 @@ class QueuedRunner:
         self.queue.append((work, d))
         return d
 
-    def run_next(self) -> None:
-        work, d = self.queue.pop(0)
+    def run_next(self, index: int = 0) -> None:
+        """Run one piece of queued work (the oldest, or the one at C{index})."""
+        work, d = self.queue.pop(index)
         try:
             result = work()
         except BaseException:

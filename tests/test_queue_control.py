@@ -19,7 +19,7 @@ from mta.envelope import RecipientState
 from mta.queue.control import ControlError
 from mta.spool.fs import ENVELOPE, Spool
 from mta.spool.queueid import QueueIdGenerator
-from mta.testing import run_inline
+from mta.testing import QueuedRunner, run_inline
 from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
 
 
@@ -291,38 +291,13 @@ class CorruptTests(ControlTestCase):
         self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
 
 
-class SteppedRunner:
-    """A spool thread pool the test runs by hand: work waits until L{run_all}."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Any, Deferred[Any]]] = []
-
-    def __call__(self, work: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((work, d))
-        return d
-
-    def run_one(self) -> None:
-        work, d = self.pending.pop(0)
-        try:
-            result = work()
-        except Exception as e:
-            d.errback(e)
-        else:
-            d.callback(result)
-
-    def run_all(self) -> None:
-        while self.pending:
-            self.run_one()
-
-
 class WhileLoadingTests(ControlTestCase):
     """An action that arrives while the message's envelope is being read."""
 
-    def stepped_manager(self) -> tuple[Any, SteppedRunner]:
+    def stepped_manager(self) -> tuple[Any, QueuedRunner]:
         from mta.queue.manager import QueueManager  # noqa: PLC0415
 
-        runner = SteppedRunner()
+        runner = QueuedRunner()
         qm = QueueManager(
             self.store, runner, self.spy, self.router, self.clock,
             settings=lambda: self.settings,
@@ -339,7 +314,7 @@ class WhileLoadingTests(ControlTestCase):
         with open(path, "wb") as f:
             f.write(b"{broken")
         qm, runner = self.stepped_manager()
-        runner.run_one()  # the start-up scan; the load is now waiting
+        runner.run_next()  # the start-up scan; the load is now waiting
         self.assertEqual(qm.counts()["active"], 1)
         answer = qm.control("hold", qid)
         self.assertNoResult(answer)
@@ -357,7 +332,7 @@ class WhileLoadingTests(ControlTestCase):
     def test_delete_of_a_loading_message_waits_for_its_delivery(self) -> None:
         qid = self.queue("bob@example.net")
         qm, runner = self.stepped_manager()
-        runner.run_one()
+        runner.run_next()
         answer = qm.control("delete", qid)
         self.assertNoResult(answer)
         runner.run_all()

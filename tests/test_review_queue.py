@@ -1,6 +1,6 @@
 """Review findings in the queue manager (each test demonstrates one bug).
 
-A L{ManualRunner} stands in for the spool thread pool: work runs only when
+A L{QueuedRunner} stands in for the spool thread pool: work runs only when
 the test says so, which exposes the orderings a real pool produces.
 """
 
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.config import QueueConfig
@@ -23,38 +21,20 @@ from mta.errors import Reply
 from mta.queue.manager import QueueLimits, QueueManager
 from mta.spool.fs import Spool, SpoolStore
 from mta.spool.queueid import QueueIdGenerator
-from mta.testing import DeliverySpy, FailingOps, NoSyncOps, queue_message, run_inline
+from mta.testing import (
+    DeliverySpy,
+    FailingOps,
+    NoSyncOps,
+    QueuedRunner,
+    queue_message,
+    run_inline,
+)
 
 T0 = 1_700_000_000.0
 OK = Reply(250, "2.0.0", "Ok")
 LATER = Reply(451, "4.3.0", "Try again later")
 NO_USER = Reply(550, "5.1.1", "No such user")
 REFUSED = Reply(451, "4.4.1", "connect to mx[192.0.2.9]:25: Connection refused")
-
-
-class ManualRunner:
-    """A runner whose work waits until L{run_one}/L{run_all}."""
-
-    def __init__(self) -> None:
-        self.work: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.work.append((f, d))
-        return d
-
-    def run_one(self, index: int = 0) -> None:
-        f, d = self.work.pop(index)
-        try:
-            result = f()
-        except BaseException:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-    def run_all(self) -> None:
-        while self.work:
-            self.run_one()
 
 
 class ReviewQueueCase(SynchronousTestCase):
@@ -90,7 +70,7 @@ class ReviewQueueCase(SynchronousTestCase):
 
 class DoubleActivationTests(ReviewQueueCase):
     def test_commit_during_startup_scan_is_delivered_once(self) -> None:
-        runner = ManualRunner()
+        runner = QueuedRunner()
         qm = self.manager(runner)  # the scan is queued, not run yet
         qid = self.queue("bob@example.net")
         qm.committed(qid, "incoming")  # load #1 queued behind the scan
@@ -98,13 +78,13 @@ class DoubleActivationTests(ReviewQueueCase):
         self.assertEqual(len(self.spy.calls), 1, "two deliveries of the same message")
 
     def test_duplicate_heap_entry_activates_once(self) -> None:
-        runner = ManualRunner()
+        runner = QueuedRunner()
         qm = self.manager(runner)
         qid = self.queue("bob@example.net")
         qm.committed(qid, "incoming")
-        runner.run_one(1)  # load #1 before the scan: activated
+        runner.run_next(1)  # load #1 before the scan: activated
         self.spy.answer(0, LATER)
-        runner.run_one(1)  # the settle files it in deferred/ (heap entry #1) ...
+        runner.run_next(1)  # the settle files it in deferred/ (heap entry #1) ...
         runner.run_all()  # ... then the scan lists deferred/ (no second entry)
         self.clock.advance(300)
         runner.run_all()
@@ -113,7 +93,7 @@ class DoubleActivationTests(ReviewQueueCase):
 
 class DispatchReentrancyTests(ReviewQueueCase):
     def test_many_waiting_jobs_for_a_dead_destination(self) -> None:
-        runner = ManualRunner()
+        runner = QueuedRunner()
         n = 600
         for i in range(n):
             self.queue(f"user{i}@down.example")
@@ -162,7 +142,7 @@ class DispatchReentrancyTests(ReviewQueueCase):
 
     def test_synchronous_results_do_not_recurse(self) -> None:
         """Models the real agent: the first lookup is slow, later ones hit the cache."""
-        runner = ManualRunner()
+        runner = QueuedRunner()
         first: Deferred[Any] = Deferred()
         calls: list[Any] = []
 
