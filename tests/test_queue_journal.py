@@ -81,6 +81,42 @@ class WriteAheadTests(JournalTestCase):
         self.assertEqual((bob.state, bob.attempts, bob.reply), (RecipientState.SENT, 1, str(OK)))
         self.assertEqual(os.listdir(self.dir), [], "recovery removed the old journal")
 
+    def test_a_transaction_is_journaled_before_its_job_ends(self) -> None:
+        # A job of several transactions (over 50 recipients, or another MX
+        # host for the rest): the first one's 250s are written when that
+        # transaction ends, so a kill during the second sends them only once.
+        qid = self.queue("bob@example.net", "carol@example.net")
+        self.manager()
+        [job] = self.spy.waiting
+        assert job.on_transaction is not None
+        job.on_transaction(
+            [RecipientResult("bob@example.net", OK, "remote", "mx.test[192.0.2.1]:25")]
+        )
+        [line] = self.lines()[qid]
+        self.assertEqual(line.address, "bob@example.net")
+
+        self.restart()  # killed before the job ended
+        [job] = self.spy.waiting
+        self.assertEqual([r.address for r in job.recipients], ["carol@example.net"])
+        self.assertEqual(job.envelope.recipients[0].state, RecipientState.SENT)
+
+    def test_a_recipient_is_journaled_once(self) -> None:
+        qid = self.queue("bob@example.net", "carol@example.net")
+        self.manager()
+        [job] = self.spy.waiting
+        job.on_transaction(
+            [RecipientResult("bob@example.net", OK, "remote", "mx.test[192.0.2.1]:25")]
+        )
+        # The job ends: its results again, with carol's from a later transaction.
+        self.spy.answer_each(0, [OK, OK])
+        self.assertEqual(
+            sorted(r.address for r in self.lines()[qid]), ["bob@example.net", "carol@example.net"]
+        )
+        self.runner.run_all()
+        self.assertEqual(self.envelope(qid)[0], "done")
+        self.journal.close()
+        self.assertEqual(os.listdir(self.dir), [], "both writes let go once filed")
+
     def test_every_recipient_sent_means_done_at_restart(self) -> None:
         qid = self.queue("bob@example.net")
         self.manager()

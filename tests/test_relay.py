@@ -444,3 +444,45 @@ class RefusedNetworkTests(RelayTestCase):
             self.assertEqual(len(sink.messages), 1)
 
         return ensureDeferred(go())
+
+
+class TransactionReportTests(RelayTestCase):
+    """C{DeliveryJob.on_transaction}: each transaction's results as soon as
+    the next hop has answered it, before the job ends."""
+
+    def test_each_transaction_is_reported(self) -> Any:
+        self.mx("example.net", MX1)
+        recipients = [f"r{n}@example.net" for n in range(5)]
+
+        async def go() -> None:
+            sink = await self.sink("127.0.0.2")
+            job = self.job(*recipients)
+            told: list[tuple[list[str], int]] = []
+            job.on_transaction = lambda results: told.append(
+                ([r.address for r in results], len(sink.messages))
+            )
+            results = await self.agent(recipients_per_transaction=2).deliver(job)
+            self.assertEqual([r.reply.code for r in results], [250] * 5)
+            # Told after each transaction, while the later ones were still to come.
+            self.assertEqual(
+                told, [(recipients[0:2], 1), (recipients[2:4], 2), (recipients[4:], 3)]
+            )
+
+        return ensureDeferred(go())
+
+    def test_a_failing_report_does_not_stop_the_delivery(self) -> Any:
+        self.mx("example.net", MX1)
+
+        def broken(results: Any) -> None:
+            raise RuntimeError("journal gone")
+
+        async def go() -> None:
+            sink = await self.sink("127.0.0.2")
+            job = self.job("a@example.net", "b@example.net")
+            job.on_transaction = broken
+            results = await self.agent(recipients_per_transaction=1).deliver(job)
+            self.assertEqual([r.reply.code for r in results], [250, 250])
+            self.assertEqual(len(sink.messages), 2)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+        return ensureDeferred(go())

@@ -57,6 +57,11 @@ class DeliveryJob:
     message_path: str
     destination: str  # the grouping key (L{Router.destination})
     domain: str  # the recipients' domain
+    # Told each transaction's results as soon as the next hop has answered,
+    # before the job ends (the queue manager journals the accepted ones).
+    on_transaction: Callable[[list[RecipientResult]], None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass
@@ -467,12 +472,23 @@ class _Attempt:
                     return batch + left, outcome
                 for result in outcome:
                     self.results[result.address] = result
+                self._tell(outcome)
             return [], None
         except BaseException:
             conn.abort()  # in an unknown state: never reuse it
             raise
         finally:
             self.agent.cache.give(self.job.destination, conn)
+
+    def _tell(self, outcome: list[RecipientResult]) -> None:
+        """Report a transaction's results to the job's owner; its failure is
+        logged and never stops the delivery."""
+        if self.job.on_transaction is None:
+            return
+        try:
+            self.job.on_transaction(outcome)
+        except Exception:
+            log.failure("{qid}: reporting a transaction failed", qid=self.job.envelope.queue_id)
 
     async def _transaction(
         self, conn: OutboundConnection, batch: list[Recipient]

@@ -38,6 +38,7 @@ import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
@@ -108,6 +109,7 @@ class _Job:
     message: _Active
     job: DeliveryJob
     unproven: bool = False  # counted against the share of unproven destinations
+    journaled: set[str] = field(default_factory=set)  # addresses in the sent journal
 
 
 class QueueManager(Service):
@@ -384,9 +386,11 @@ class QueueManager(Service):
         path = self.store.path("active", env.queue_id, MESSAGE)
         for key, recipients in groups.items():
             dest = key.split("\0", 1)[0]
-            job = DeliveryJob(env, recipients, path, dest, domains[key])
+            item = _Job(message, DeliveryJob(env, recipients, path, dest, domains[key]))
+            if self.journal is not None:
+                item.job.on_transaction = partial(self._journal, item)
             message.jobs += 1
-            self._queues.setdefault(dest, deque()).append(_Job(message, job))
+            self._queues.setdefault(dest, deque()).append(item)
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -598,8 +602,13 @@ class QueueManager(Service):
     def _journal(self, item: _Job, results: list[RecipientResult]) -> None:
         """Write the job's deliveries ahead of the envelope (L{mta.spool.journal}).
 
-        This runs first when the result arrives, so that a SIGKILL before
-        the message is filed does not send it again.  A recipient owed a
+        This runs as soon as each transaction's replies are read (the
+        agent's C{on_transaction}), and again for the whole job when it
+        ends, for agents that do not report transactions; a recipient is
+        written once.  So a SIGKILL before the message is filed does not
+        send it again, even when the kill comes during a later transaction
+        of the same job (more than 50 recipients, or another MX host for
+        the rest).  A recipient owed a
         "relayed" notice is left out: recovery could not send the notice,
         so a crash delivers it again rather than lose the notice.
         """
@@ -611,7 +620,7 @@ class QueueManager(Service):
         records = []
         for result in results:
             rcpt = by_address[result.address]
-            if not result.ok or id(rcpt) not in position:
+            if not result.ok or id(rcpt) not in position or result.address in item.journaled:
                 continue
             if not result.dsn_passed and dsn.needs_notice(env, rcpt, "relayed"):
                 continue
@@ -629,6 +638,7 @@ class QueueManager(Service):
         token = self.journal.record(records)
         if token is not None:
             item.message.journal.append(token)
+            item.journaled.update(r.address for r in records)
 
     def _release_journal(self, message: _Active) -> None:
         """The message is filed (or removed): its journal lines are not needed any more."""
