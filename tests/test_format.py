@@ -118,6 +118,25 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(loads(data), env)
         self.assertEqual(dumps(loads(data)), data)
 
+    @given(envelopes)
+    def test_text_is_the_standard_librarys(self, env: Envelope) -> None:
+        """L{dumps} writes what C{json.dumps(indent=2, ensure_ascii=False)} would."""
+        expected = json.dumps(to_json(env), indent=2, ensure_ascii=False) + "\n"
+        self.assertEqual(dumps(env), expected.encode("utf-8"))
+
+    def test_floats_and_nesting_in_extra_keys(self) -> None:
+        env = full_envelope()
+        env.extra = {"x-f": [1.5, 1e300, -0.0, {"a": [], "b": {}}], "x-e": {}, "x-l": []}
+        expected = json.dumps(to_json(env), indent=2, ensure_ascii=False) + "\n"
+        self.assertEqual(dumps(env), expected.encode("utf-8"))
+
+    def test_values_json_cannot_hold_are_refused(self) -> None:
+        env = full_envelope()
+        env.extra = {"x-bad": object()}
+        self.assertRaises(TypeError, dumps, env)
+        env.extra = {"x-bad": {1: "int key"}}
+        self.assertRaises(TypeError, dumps, env)
+
     def test_readable(self) -> None:
         """Indented UTF-8 for C{cat} and C{jq}; non-ASCII is not escaped."""
         data = dumps(full_envelope())
