@@ -608,19 +608,22 @@ class QueueManager(Service):
         written once.  So a SIGKILL before the message is filed does not
         send it again, even when the kill comes during a later transaction
         of the same job (more than 50 recipients, or another MX host for
-        the rest).  A recipient owed a
-        "relayed" notice is left out: recovery could not send the notice,
-        so a crash delivers it again rather than lose the notice.
+        the rest).  A recipient owed a "relayed" notice is left out:
+        recovery could not send the notice, so a crash delivers it again
+        rather than lose the notice.
         """
         assert self.journal is not None
+        accepted = [r for r in results if r.ok and r.address not in item.journaled]
+        if not accepted:
+            return  # the usual end of a job: every transaction was written as it ended
         env = item.message.envelope
         now = self.clock.seconds()
         position = {id(r): n for n, r in enumerate(env.recipients)}
         by_address = {r.address: r for r in item.job.recipients}
         records = []
-        for result in results:
+        for result in accepted:
             rcpt = by_address[result.address]
-            if not result.ok or id(rcpt) not in position or result.address in item.journaled:
+            if id(rcpt) not in position:
                 continue
             if not result.dsn_passed and dsn.needs_notice(env, rcpt, "relayed"):
                 continue

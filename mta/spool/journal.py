@@ -137,7 +137,8 @@ def read(path: str) -> dict[str, list[SentRecord]]:
 def mark_sent(
     rcpt: Recipient, *, when: float, reply: str, dsn: str | None, relay: str | None
 ) -> None:
-    """What a successful delivery does to a recipient (the queue manager's and recovery's)."""
+    """What a successful delivery does to a recipient, as
+    L{mta.queue.manager.QueueManager._record} records it (same fields)."""
     rcpt.state = RecipientState.SENT
     rcpt.category = None
     rcpt.next_attempt = None
