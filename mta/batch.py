@@ -19,6 +19,11 @@ from twisted.python.failure import Failure
 
 I = TypeVar("I")  # noqa: E741 - the item type
 R = TypeVar("R")
+T = TypeVar("T")
+
+#: Runs blocking work somewhere (a thread pool in the daemon, at once in
+#: tests) and fires with its result: C{deferToThreadPool} bound to a pool.
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
 log = Logger(namespace="mta.batch")
 
@@ -37,7 +42,7 @@ class Batcher(Generic[I, R]):
 
     def __init__(
         self,
-        runner: Callable[[Callable[[], Any]], Deferred[Any]],
+        runner: Runner[Any],
         work: Callable[[list[I]], Sequence[R | BaseException]],
         max_batch: int = 256,
     ) -> None:

@@ -19,14 +19,16 @@ from typing import Any, NoReturn, TextIO
 from mta import config as configmod
 from mta.address import ascii_lower, domain_of, parse_mailbox, valid_domain
 from mta.bounce import Classifier, parse_reply
-from mta.control import DaemonNotRunningError
-from mta.control import request as control_request
+from mta.checks import dkim
+from mta.controlsocket import ControlSocketError, DaemonNotRunningError
+from mta.controlsocket import request as control_request
+from mta.envelope import QueueState
 from mta.errors import ConfigError, SMTPReplyError, StorageError
-from mta.queue import control
-from mta.queue.control import ControlError, control_socket
-from mta.spool import journal
-from mta.spool.format import FormatError, format_time
-from mta.spool.fs import ENVELOPE, MESSAGE, STATES, SpoolLock, SpoolStore
+from mta.interfaces import IQueueStore
+from mta.queue import actions
+from mta.queue.actions import ActionError
+from mta.spool import FileStore, open_store
+from mta.spool.format import FormatError, dumps, format_time
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
 _CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), 127, *range(128, 160)]}
@@ -144,10 +146,8 @@ def cmd_user_list(config: configmod.Config, args: argparse.Namespace, out: TextI
     return 0
 
 
-def _store(config: configmod.Config) -> SpoolStore:
-    store = SpoolStore(config.server.spool)
-    store.open(create=False)
-    return store
+def _store(config: configmod.Config) -> FileStore:
+    return open_store(config.server.spool)
 
 
 def _recipient_row(r: Any) -> dict[str, Any]:
@@ -160,43 +160,38 @@ def _recipient_row(r: Any) -> dict[str, Any]:
     }
 
 
-def _queue_rows(store: SpoolStore, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    """The listing's rows, one message at a time (a queue may be large)."""
-    states = args.state or [s for s in STATES if args.all or s not in ("done", "redacted")]
+def _queue_rows(store: IQueueStore, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The listing's rows, one message at a time (a queue may be large).
+
+    Deliveries written ahead of their envelopes (a daemon killed before it
+    filed them, or one filing them now) are shown as they are.
+    """
+    finished = (QueueState.DONE, QueueState.REDACTED)
+    states = (
+        [QueueState(s) for s in args.state]
+        if args.state
+        else [s for s in QueueState if args.all or s not in finished]
+    )
     domain = ascii_lower(args.domain).rstrip(".") if args.domain else None
     sender = ascii_lower(args.sender) if args.sender else None
-    # Deliveries written ahead of their envelopes (a daemon killed before it
-    # filed them, or one filing them now): shown as they are.
-    sent = journal.read(journal.directory(store)) if "active" in states else {}
-    for state in STATES:
-        if state not in states:
+    for queue_id, state, env in store.listing(states):
+        if isinstance(env, FormatError):
+            if not (domain or sender):
+                yield {"id": queue_id, "state": state.value, "error": str(env)}
             continue
-        for queue_id in sorted(store.ids(state)):
-            try:
-                _, env = store.load(queue_id, state)
-            except KeyError:
-                continue  # moved or removed while we looked
-            except FormatError as e:
-                if not (domain or sender):
-                    yield {"id": queue_id, "state": state, "error": str(e)}
-                continue
-            if state == "active" and queue_id in sent:
-                journal.apply(env, sent[queue_id])
-            if sender is not None and ascii_lower(env.sender) != sender:
-                continue
-            if domain is not None and not any(
-                domain_of(r.address) == domain for r in env.recipients
-            ):
-                continue
-            yield {
-                "id": queue_id,
-                "state": state,
-                "arrival": format_time(env.arrival),
-                "size": env.size,
-                "sender": env.sender,
-                "kind": env.kind,
-                "recipients": [_recipient_row(r) for r in env.recipients],
-            }
+        if sender is not None and ascii_lower(env.sender) != sender:
+            continue
+        if domain is not None and not any(domain_of(r.address) == domain for r in env.recipients):
+            continue
+        yield {
+            "id": queue_id,
+            "state": state.value,
+            "arrival": format_time(env.arrival),
+            "size": env.size,
+            "sender": env.sender,
+            "kind": env.kind,
+            "recipients": [_recipient_row(r) for r in env.recipients],
+        }
 
 
 def cmd_queue_list(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -251,20 +246,20 @@ def _indent(text: str) -> str:
 
 
 def _act(
-    config: configmod.Config, doc: dict[str, Any], offline: Callable[[SpoolStore], str]
+    config: configmod.Config, doc: dict[str, Any], offline: Callable[[IQueueStore], str]
 ) -> str:
     """Ask the running daemon to act; without one, act on the spool under its lock."""
     store = _store(config)
     try:
-        ok, text = control_request(control_socket(store), doc)
+        ok, text = control_request(store.control_socket(), doc)
     except DaemonNotRunningError:
-        lock = SpoolLock(store.root)
+        lock = store.lock()
         try:
             lock.acquire()
         except StorageError:
             _fail(
                 f"the spool {store.root} is locked by a daemon that does not answer on "
-                f"{control_socket(store)} (is it starting?)"
+                f"{store.control_socket()} (is it starting?)"
             )
         try:
             if doc.get("op") != "delete":
@@ -272,24 +267,23 @@ def _act(
             return offline(store)
         finally:
             lock.release()
-    except ControlError as e:
+    except ControlSocketError as e:
         _fail(str(e))
     if not ok:
         _fail(text)
     return text
 
 
-def _recover_journal(store: SpoolStore) -> None:
+def _recover_journal(store: IQueueStore) -> None:
     """Record the deliveries a killed daemon left in the sent journal before acting
     on the spool, so that no delivered recipient is bounced or sent again."""
     try:
-        found = journal.recover(store)
+        found = store.recover(incomplete=False)
     except OSError as e:
-        _fail(f"cannot apply the sent journal in {journal.directory(store)}: {e}")
+        _fail(f"cannot apply the sent journal: {e}")
     if found.kept:
         _fail(
-            f"cannot apply the sent journal in {journal.directory(store)} (see the errors "
-            "above); only delete works until it can"
+            "cannot apply the sent journal (see the errors above); only delete works until it can"
         )
 
 
@@ -298,15 +292,15 @@ def cmd_queue_action(config: configmod.Config, args: argparse.Namespace, out: Te
     status = 0
     for queue_id in args.ids:
 
-        def offline(store: SpoolStore, queue_id: str = queue_id) -> str:
-            control.apply(store, op, queue_id, time.time())
-            return f"{queue_id}: {control.DONE[op]}" + (
+        def offline(store: IQueueStore, queue_id: str = queue_id) -> str:
+            actions.apply(store, op, queue_id, time.time())
+            return f"{queue_id}: {actions.DONE[op]}" + (
                 " (the daemon sends the report when it starts)" if op == "bounce" else ""
             )
 
         try:
             out.write(printable(_act(config, {"op": op, "id": queue_id}, offline)) + "\n")
-        except (CommandError, ControlError, StorageError) as e:
+        except (CommandError, ActionError, StorageError) as e:
             sys.stderr.write(printable(f"mtactl: {e}") + "\n")
             status = 1
     return status
@@ -325,17 +319,17 @@ def cmd_queue_flush(config: configmod.Config, args: argparse.Namespace, out: Tex
     if domain is not None:
         doc = {"op": "flush", "domain": domain}
 
-    def offline(store: SpoolStore) -> str:
-        ids = sorted(store.ids("deferred"))
+    def offline(store: IQueueStore) -> str:
+        ids = sorted(store.ids(QueueState.DEFERRED))
         if domain is not None:
-            ids = control.ids_for_domain(store, ids, domain)
+            ids = actions.ids_for_domain(store, ids, domain)
         now = time.time()
         flushed = 0
         for queue_id in ids:
             try:
-                control.apply(store, "flush", queue_id, now)
+                actions.apply(store, "flush", queue_id, now)
                 flushed += 1
-            except (ControlError, StorageError) as e:
+            except (ActionError, StorageError) as e:
                 # One bad message (e.g. an unreadable envelope) must not stop the rest.
                 failures.append(str(e))
         return f"flushed {flushed} deferred message(s)" + (f" for {domain}" if domain else "")
@@ -347,25 +341,23 @@ def cmd_queue_flush(config: configmod.Config, args: argparse.Namespace, out: Tex
     return 1 if failures else 0
 
 
-def _read_message(store: SpoolStore, queue_id: str) -> tuple[str, bytes, bytes]:
-    """State, envelope bytes and message bytes of a message, read consistently.
+def _read_message(store: IQueueStore, queue_id: str) -> tuple[QueueState, Any, bytes]:
+    """State, envelope and message bytes of a message, read consistently.
 
     The daemon may move the message between states while we read; a
     vanished file means "look again", a few times.
     """
     for _ in range(3):
         try:
-            state, _ = store.load(queue_id)
+            state, envelope = store.load(queue_id)
         except KeyError:
             _fail(f"no message {queue_id} in the queue")
         except FormatError as e:
             _fail(f"message {queue_id} has an unreadable envelope: {e}")
         try:
-            with open(store.path(state, queue_id, ENVELOPE), "rb") as f:
-                envelope = f.read()
-            with open(store.path(state, queue_id, MESSAGE), "rb") as f:
+            with store.open_message(queue_id, state) as f:
                 message = f.read()
-        except FileNotFoundError:
+        except StorageError:
             continue
         return state, envelope, message
     _fail(f"message {queue_id} kept moving or lost its files while being read")
@@ -374,16 +366,16 @@ def _read_message(store: SpoolStore, queue_id: str) -> tuple[str, bytes, bytes]:
 def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     store = _store(config)
     state, envelope, message = _read_message(store, args.id)
-    out.write(f"# state: {state}\n# envelope: {store.path(state, args.id, ENVELOPE)}\n")
-    if state == "active":
-        for record in journal.read(journal.directory(store)).get(args.id, []):
+    out.write(f"# state: {state}\n# envelope: {store.location(args.id, state)}\n")
+    if state == QueueState.ACTIVE:
+        for record in store.journaled(args.id):
             out.write(
                 printable(
                     f"# journal: {record.address} sent at {format_time(record.time)} "
                     f"({record.reply}), not yet in the envelope\n"
                 )
             )
-    out.write(printable(envelope.decode("utf-8", "replace")))
+    out.write(printable(dumps(envelope).decode("utf-8", "replace")))
     if args.envelope_only:
         return 0
     out.write("\n# message\n")
@@ -412,8 +404,6 @@ def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO
 
 def cmd_dkim_keygen(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     """Make a DKIM key for a domain and print the DNS TXT record to publish."""
-    from mta.checks import dkim  # noqa: PLC0415 - dkimpy is only needed here
-
     domain = ascii_lower(args.domain.strip().rstrip("."))
     if not valid_domain(domain, utf8=False) or domain.startswith("["):
         raise UsageError(f"dkim keygen: {args.domain!r} is not a valid ASCII domain name")
@@ -480,7 +470,12 @@ def parser() -> argparse.ArgumentParser:
     ql = qsub.add_parser("list", help="list queued messages (like mailq)")
     ql.add_argument("--json", action="store_true")
     ql.add_argument("--all", action="store_true", help="include finished, retained messages")
-    ql.add_argument("--state", action="append", choices=STATES, help="only this state (may repeat)")
+    ql.add_argument(
+        "--state",
+        action="append",
+        choices=[s.value for s in QueueState],
+        help="only this state (may repeat)",
+    )
     ql.add_argument("--domain", help="only messages with a recipient at this domain")
     ql.add_argument("--sender", help="only messages from this envelope sender")
     ql.set_defaults(func=cmd_queue_list)
@@ -533,7 +528,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         config = configmod.load(args.config or os.environ.get("MTA_CONFIG"))
         return int(args.func(config, args, out))
-    except (CommandError, ConfigError, StorageError, ControlError) as e:
+    except (CommandError, ConfigError, StorageError, ActionError, ControlSocketError) as e:
         sys.stderr.write(f"mtactl: {e}\n")
         return 1
     except UsageError as e:

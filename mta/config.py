@@ -21,7 +21,9 @@ import types
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from mta.bounce import Rule, rules_from_config
 from mta.errors import ConfigError
+from mta.hostnames import check_relay
 
 
 def _opt(default: Any, *, minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
@@ -178,7 +180,7 @@ class Config:
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     plugins: tuple[PluginConfig, ...] = ()
-    bounce_rules: tuple[Any, ...] = ()  # mta.bounce.Rule, from [[bounce.rules]]
+    bounce_rules: tuple[Rule, ...] = ()  # from [[bounce.rules]]
     source: str = "<embedded default>"
     base_dir: str = "."
 
@@ -320,8 +322,6 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
 
 def _load_routes(source: str, doc: object, base_dir: str) -> dict[str, RouteConfig]:
     """C{[routes]}: domain (or C{"*"}) = relay string, or a table of RouteConfig."""
-    from mta.delivery.routes import check_relay  # noqa: PLC0415 - avoids an import cycle
-
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: [routes] must be a table")
     routes: dict[str, RouteConfig] = {}
@@ -377,10 +377,8 @@ def _load_plugins(source: str, doc: object, base_dir: str) -> tuple[PluginConfig
     return tuple(out)
 
 
-def _load_bounce(source: str, doc: object) -> tuple[Any, ...]:
+def _load_bounce(source: str, doc: object) -> tuple[Rule, ...]:
     """C{[[bounce.rules]]}: operator classification rules, tried before the built-ins."""
-    from mta.bounce import rules_from_config  # noqa: PLC0415 - avoids an import cycle
-
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: [bounce] must be a table")
     unknown = set(doc) - {"rules"}

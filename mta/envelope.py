@@ -2,12 +2,41 @@
 
 An L{Envelope} is what the spool stores beside the raw message (see
 C{docs/spool-format.md}); L{mta.spool.format} turns it into JSON and back.
+L{QueueState} names where in the queue a message is, and L{SentRecord} is
+one delivery written ahead of the envelope (the sent journal).  This module
+is the shared model: it imports nothing but the standard library.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+
+class QueueState(StrEnum):
+    """Where a message is in the queue (C{docs/spool-format.md}).
+
+    A message waits (incoming, deferred), is delivered (active), is set
+    aside by the operator (hold) or because it cannot be read (corrupt),
+    or is finished and retained (done, then redacted).
+    """
+
+    INCOMING = "incoming"  # committed, not yet taken for delivery
+    ACTIVE = "active"  # being delivered
+    DEFERRED = "deferred"  # waiting for its next attempt
+    HOLD = "hold"  # not delivered until released
+    CORRUPT = "corrupt"  # unreadable; kept for the operator
+    DONE = "done"  # every recipient final; content retained
+    REDACTED = "redacted"  # finished, content removed
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the queue will deliver a message in this state."""
+        return self in (QueueState.INCOMING, QueueState.ACTIVE, QueueState.DEFERRED)
+
+    @property
+    def finished(self) -> bool:
+        return self in (QueueState.DONE, QueueState.REDACTED)
 
 
 class RecipientState(StrEnum):
@@ -70,3 +99,28 @@ class Envelope:
     @property
     def done(self) -> bool:
         return all(r.state.final for r in self.recipients)
+
+
+@dataclass(frozen=True)
+class SentRecord:
+    """One recipient accepted by the next hop, written before its envelope is.
+
+    C{index} is the recipient's position in the envelope; a record counts
+    only for the recipient at that position with that address.
+    """
+
+    queue_id: str
+    index: int
+    address: str
+    time: float
+    reply: str
+    dsn: str | None
+    relay: str | None
+
+
+@dataclass
+class QueueScan:
+    """What a start-up scan of the queue found (L{mta.interfaces.IQueueStore.scan})."""
+
+    ready: list[str] = field(default_factory=list)  # to deliver now, in this order
+    deferred: list[tuple[float, str]] = field(default_factory=list)  # (due time hint, ID)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HT; CR is handled first
@@ -98,6 +100,27 @@ class ConfigError(Exception):
     """A configuration file or value is wrong; the text names file and key."""
 
 
+class ErrorKind(StrEnum):
+    """Where a delivery result came from, for the classifier and the logs.
+
+    C{REMOTE}: the reply is the next hop's own answer about the recipient
+    (or the transaction).  The others are failures of the attempt as a
+    whole, described by a reply made here (C{451 4.4.1 connection refused}).
+    """
+
+    REMOTE = "remote"
+    NETWORK = "network"  # refused, reset, unreachable, lost connection
+    TIMEOUT = "timeout"
+    TLS = "tls"
+    DNS = "dns"
+    PROTOCOL = "protocol"  # the server broke the SMTP protocol
+    CONFIG = "config"  # a route or setting of ours is wrong
+    AUTH = "auth"  # a relay refused our credentials
+    MESSAGE = "message"  # our own check: the next hop cannot take this message (SIZE)
+    LOCAL = "local"  # a problem here: the queued message cannot be read, a crash
+    SUSPENDED = "suspended"  # not tried: the destination rests (dead site, blocklist)
+
+
 class DeliveryError(Exception):
     """A failure to deliver that is not one recipient's reply.
 
@@ -105,18 +128,42 @@ class DeliveryError(Exception):
     to a whole attempt: DNS failures, refused connections, timeouts, TLS
     failures, a server that rejects the greeting or MAIL.  C{reply} is the
     remote reply when there was one, or a locally made reply that describes
-    the error in SMTP terms (C{451 4.4.1 connection refused}); C{kind} is a
-    short machine word for the classifier (C{"dns"}, C{"network"},
-    C{"timeout"}, C{"tls"}, C{"protocol"}, C{"config"}, C{"remote"}).
-    C{remote} names the host that gave the reply, C{host[ip]:port}.
+    the error in SMTP terms (C{451 4.4.1 connection refused}); C{kind} (an
+    L{ErrorKind}) says where it came from.  C{remote} names the host that
+    gave the reply, C{host[ip]:port}.
+
+    As in maddy and chasquid, whether to try again is a property of the
+    error itself: C{DeliveryError(reply, kind)} makes a L{TemporaryError}
+    for a 4xx reply and a L{PermanentError} for a 5xx one, so callers can
+    catch either, or test C{temporary}.
     """
 
-    def __init__(self, reply: Reply, kind: str, *, remote: str | None = None) -> None:
+    temporary: bool = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DeliveryError:
+        reply = args[0] if args else kwargs.get("reply")
+        kind: type[DeliveryError] = cls
+        if cls is DeliveryError and isinstance(reply, Reply):
+            kind = TemporaryError if reply.code < 500 else PermanentError
+        return super().__new__(kind)
+
+    def __init__(self, reply: Reply, kind: ErrorKind | str, *, remote: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
-        self.kind = kind
+        self.kind = ErrorKind(kind)
         self.remote = remote
 
-    @property
-    def temporary(self) -> bool:
-        return self.reply.code < 500
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reply, self.kind), {"remote": self.remote})
+
+
+class TemporaryError(DeliveryError):
+    """A failure worth trying again later (a 4xx reply)."""
+
+    temporary = True
+
+
+class PermanentError(DeliveryError):
+    """A failure that will not go away by trying again (a 5xx reply)."""
+
+    temporary = False

@@ -7,13 +7,14 @@ L{mta.testing} and are checked with C{verifyObject} like the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from mta.envelope import Envelope
+from mta.envelope import Envelope, QueueState, SentRecord
+from mta.errors import StorageError
 
 
 class ISpoolTransaction(Interface):
@@ -54,7 +55,7 @@ class ISpoolTransaction(Interface):
 
 
 class ISpool(Interface):
-    """The durable message store (C{docs/spool-format.md})."""
+    """The way into the durable message store (C{docs/spool-format.md})."""
 
     def begin() -> ISpoolTransaction:
         """Start receiving a message.  Raises L{mta.errors.StorageError}."""
@@ -62,18 +63,140 @@ class ISpool(Interface):
     def add_listener(listener: Callable[[str, str], None]) -> None:
         """Call C{listener(queue_id, state)} after each message is committed."""
 
-    def ids(state: str) -> Iterator[str]:
-        """The queue IDs in one state directory, in no particular order."""
 
-    def load(queue_id: str) -> tuple[str, Envelope]:
-        """Read one envelope; returns its state and the envelope.
+class IQueueStore(Interface):
+    """The queued messages: reading them and moving them between states.
 
-        Raises C{KeyError} if the ID is not in the spool and
-        L{mta.spool.format.FormatError} if its envelope is unreadable.
+    Everything outside L{mta.spool} reaches the spool through this
+    interface; only the implementation knows paths and the layout on disk
+    (L{mta.spool.fs.FileStore}; L{mta.spool.memory.MemoryStore} keeps the
+    same contract in memory, and one conformance suite tests both).
+
+    States are L{mta.envelope.QueueState}s.  Methods block (the file
+    system implementation does I/O): the daemon calls them in its spool
+    threads, except L{journal} and L{release}, which are quick and called
+    in the reactor thread.  A change is durable when the method returns,
+    unless its description says otherwise.  Failures to read or write raise
+    L{mta.errors.StorageError}; a message that is not (or no longer) in
+    the queue raises C{KeyError}; an envelope that cannot be read raises
+    L{mta.spool.format.FormatError}.
+    """
+
+    def recover(*, incomplete: bool = True) -> Any:
+        """At start-up, by the only process that owns the spool: apply the
+        sent journal to the messages a crash left in delivery and (with
+        C{incomplete}) forget the messages whose reception never completed.
+        Returns a L{mta.spool.journal.Recovery} with the counts, for the log."""
+
+    def scan() -> Any:
+        """A L{mta.envelope.QueueScan} of the messages to deliver: those a crash
+        left in delivery and the new ones (ready now, in that order, each by
+        queue ID), and the deferred ones with the time each is due (a hint
+        kept beside the message, so the scan reads no envelope)."""
+
+    def ids(state: QueueState) -> Iterator[str]:
+        """The queue IDs in one state, in no particular order."""
+
+    def count(state: QueueState) -> int:
+        """How many messages are in one state (for metrics)."""
+
+    def locate(queue_id: str) -> QueueState:
+        """The state a message is in; C{KeyError} if it is not in the queue."""
+
+    def load(queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
+        """A message's state and envelope, as last recorded."""
+
+    def view(queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
+        """As L{load}, with the deliveries of the sent journal applied (read-only),
+        for readers such as C{mtactl queue list} while a daemon delivers."""
+
+    def listing(states: Sequence[QueueState]) -> Iterator[tuple[str, QueueState, Any]]:
+        """(ID, state, envelope) of every message in C{states}, by state then ID,
+        as L{view} gives them; in place of the envelope the
+        L{mta.spool.format.FormatError} of one that cannot be read.  Reads one
+        envelope at a time (a queue may be large)."""
+
+    def journaled(queue_id: str) -> list[SentRecord]:
+        """The sent journal's records of a message not yet in its envelope."""
+
+    def location(queue_id: str, state: QueueState) -> str:
+        """Where a person finds the message (a path), for display only."""
+
+    def open_message(queue_id: str, state: QueueState | None = None) -> IO[bytes]:
+        """A new binary file of the message's bytes (exactly the message),
+        in whatever state it is now; L{mta.errors.StorageError} if it is gone."""
+
+    def add(envelope: Envelope, data: bytes) -> None:
+        """Commit one whole message to C{incoming} (C{mta-sendmail}, reports, tests)."""
+
+    def activate(queue_id: str) -> Envelope | None:
+        """Take a waiting message for delivery: it is in C{active} afterwards.
+
+        Returns None when the message is not waiting any more (gone, on
+        hold, finished).  A message whose envelope cannot be read is moved
+        to C{corrupt} and L{mta.spool.format.FormatError} raised, saying why.
         """
 
-    def message_path(queue_id: str, state: str) -> str:
-        """The file holding the raw message of C{queue_id} in C{state}."""
+    def record(envelope: Envelope) -> None:
+        """Record the envelope of an active message (results of one of its jobs)."""
+
+    def file(
+        items: Sequence[tuple[Envelope, QueueState, float | None]],
+    ) -> list[StorageError | None]:
+        """File active messages at the end of their round, as one group.
+
+        Each item is (envelope, target state, time): for C{deferred} the
+        time the message is due, for C{done} the time it was finished.
+        The result for each item is None (recorded and moved) or the error
+        that left that message where it was, with its old envelope.
+        """
+
+    def settle(
+        envelope: Envelope, src: QueueState, dst: QueueState, due: float | None = None
+    ) -> None:
+        """Record a message's envelope and move it from C{src} to C{dst}
+        (operator actions); C{due} as for L{file}."""
+
+    def move(queue_id: str, src: QueueState, dst: QueueState) -> None:
+        """Move a message to another state without changing its envelope."""
+
+    def remove(queue_id: str, state: QueueState) -> None:
+        """Take a message out of the spool."""
+
+    def finished_before(state: QueueState, when: float) -> list[str]:
+        """The finished messages (C{done} or C{redacted}) filed before C{when}."""
+
+    def redact(queue_id: str, transform: Callable[[bytes], bytes], when: float) -> bool:
+        """Replace a C{done} message's bytes with C{transform(bytes)}, mark its
+        envelope redacted at C{when} and move it to C{redacted}.  False when
+        the message is no longer in C{done}."""
+
+    def journal(records: list[SentRecord]) -> object | None:
+        """Write deliveries ahead of the envelope (reactor thread; quick, no
+        fsync).  Returns a token for L{release}, or None when nothing was
+        written (the journal is only a way to send fewer duplicates after a
+        crash: a failure to write it is logged, never raised)."""
+
+    def release(token: object | None) -> None:
+        """The message of a L{journal} call is filed: its records may go."""
+
+    def writable() -> bool:
+        """Whether new messages can be stored (for the health check)."""
+
+    def close() -> None:
+        """At shutdown: close what the store keeps open (the journal)."""
+
+
+class IDeliveryAgent(Interface):
+    """Delivers jobs (L{mta.delivery.relay.DeliveryAgent}; L{mta.testing.DeliverySpy})."""
+
+    def deliver(job: Any) -> Deferred[Any]:
+        """Deliver a L{mta.delivery.job.DeliveryJob}; fires with one
+        L{mta.delivery.job.RecipientResult} per recipient, in order.
+
+        Never fails: every problem becomes a result, so that the queue can
+        record and classify it.
+        """
 
 
 class IResolver(Interface):

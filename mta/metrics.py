@@ -13,7 +13,6 @@ C{corrupt/}, so they cost nothing between scrapes.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,15 +114,6 @@ class _QueueCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
-
-
-def count_entries(path: str) -> int:
-    """Entries of a spool state directory (for the states the manager does not track)."""
-    try:
-        with os.scandir(path) as it:
-            return sum(1 for _ in it)
-    except OSError:
-        return 0
 
 
 class Exposition(Resource):

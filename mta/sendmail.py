@@ -4,7 +4,7 @@
 
 Reads one message on standard input and puts it in the spool the way the
 SMTP server does: written to C{tmp/}, fsync'd, renamed into C{incoming/}
-(L{mta.spool.fs.SpoolStore.commit_group}), so it keeps the spool's
+(L{mta.interfaces.IQueueStore.add}), so it keeps the spool's
 guarantees; then it tells a running daemon through the control socket
 (C{pickup}), and a daemon that is not running finds it at start-up.  Like
 Postfix's C{postdrop}, it must be run by the spool's owner.
@@ -35,13 +35,12 @@ from typing import BinaryIO, NoReturn
 
 from mta import config as configmod
 from mta.address import parse_mailbox
-from mta.control import DaemonNotRunningError
-from mta.control import request as control_request
+from mta.controlsocket import ControlSocketError, DaemonNotRunningError
+from mta.controlsocket import request as control_request
 from mta.envelope import Envelope, Recipient
 from mta.errors import ConfigError, SMTPReplyError, StorageError
-from mta.queue.control import ControlError, control_socket
 from mta.smtp.message import field_value, missing_fields, split_fields
-from mta.spool.fs import SpoolStore
+from mta.spool import open_store
 from mta.spool.queueid import QueueIdGenerator
 
 EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 64, 65, 73, 75, 78
@@ -201,9 +200,8 @@ def queue(args: argparse.Namespace, stdin: BinaryIO) -> str:
         sender = _address(args.sender, "sender") if args.sender else f"{user}@{hostname}"
     recipients = [_address(r, "recipient") for r in args.recipients]
     message = read_message(stdin, dot_ends=not args.i, limit=config.limits.message_size)
-    store = SpoolStore(config.server.spool)
     try:
-        store.open(create=False)
+        store = open_store(config.server.spool)
     except StorageError as e:
         _fail(EX_CANTCREAT, str(e))
     now = time.time()
@@ -235,10 +233,10 @@ def queue(args: argparse.Namespace, stdin: BinaryIO) -> str:
     except StorageError as e:
         _fail(EX_TEMPFAIL if e.disk_full else EX_CANTCREAT, str(e))
     try:
-        control_request(control_socket(store), {"op": "pickup", "id": queue_id}, timeout=30)
+        control_request(store.control_socket(), {"op": "pickup", "id": queue_id}, timeout=30)
     except DaemonNotRunningError:
         return f"{queue_id}: queued; no daemon is running, it is delivered when one starts"
-    except ControlError as e:
+    except ControlSocketError as e:
         return f"{queue_id}: queued; the daemon was not told ({e}), it finds it at its next start"
     return ""
 

@@ -33,24 +33,23 @@ from mta.bounce import Classifier
 from mta.checks import PluginContext
 from mta.checks import host as checkhost
 from mta.config import Config
-from mta.control import ControlFactory
+from mta.controlsocket import ControlFactory, socket_address
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
+from mta.envelope import QueueState
 from mta.errors import ConfigError, StorageError
 from mta.interfaces import IOutboundHook
 from mta.logs import json_observer
-from mta.metrics import Metrics, count_entries
+from mta.metrics import Metrics
 from mta.metrics import site as metrics_site
-from mta.queue.control import control_socket, socket_address
 from mta.queue.manager import QueueLimits, QueueManager
+from mta.queue.reports import Reporter
 from mta.queue.retention import Retention
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
-from mta.spool import journal
-from mta.spool.fs import Spool, SpoolLock, SpoolStore
-from mta.spool.journal import SentJournal
+from mta.spool import open_store, receiver
 from mta.spool.queueid import QueueIdGenerator
 from mta.tls import ServerTLS, ensure_selfsigned
 from mta.users import UserFile
@@ -93,9 +92,14 @@ class MTAService(MultiService):
         self._pools: list[ThreadPool] = []
         self._control_dir: int | None = None
 
-        self.store = SpoolStore(config.server.spool, workers=SPOOL_SYNC_WORKERS)
-        self.store.open()
-        self.lock = SpoolLock(self.store.root)
+        self.spool_runner = self._pool("spool-io", 4)
+        self.store = open_store(
+            config.server.spool,
+            create=True,
+            workers=SPOOL_SYNC_WORKERS,
+            journal_runner=self.spool_runner,
+        )
+        self.lock = self.store.lock()
 
         if config.tls.certificate:
             cert, key = config.tls.certificate, config.tls.key
@@ -104,9 +108,7 @@ class MTAService(MultiService):
         self.tls = ServerTLS(cert, key)
 
         self.metrics = Metrics()
-        self.spool_runner = self._pool("spool-io", 4)
-        self.spool = Spool(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
-        self.journal = SentJournal(journal.directory(self.store), runner=self.spool_runner)
+        self.spool = receiver(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
         self.users = UserFile(config.server.users_file)
         self.users.users()  # a broken users file stops start-up here
         auth = config.auth
@@ -136,7 +138,7 @@ class MTAService(MultiService):
                 reactor=reactor,
                 runner=self._pool("checks", 2),
                 users=self.users,
-                state_dir=os.path.join(self.store.root, "state"),
+                state_dir=self.store.state_dir(""),
                 hostname=self.hostname,
             ),
         )
@@ -200,7 +202,7 @@ class MTAService(MultiService):
         self.queue = QueueManager(
             self.store,
             self.spool_runner,
-            self.agent.deliver,
+            self.agent,
             self.router,
             reactor,
             limits=QueueLimits(
@@ -208,18 +210,14 @@ class MTAService(MultiService):
                 destination_concurrency=d.destination_concurrency,
                 connections=d.max_connections,
             ),
-            settings=lambda: self.config.queue,
+            settings=config.queue,
             # Spread the retries of messages that failed together (+-5 %).
             jitter=lambda delay: delay * random.uniform(0.95, 1.05),
             classifier=Classifier(extra=config.bounce_rules),
-            reports=self.spool,
-            hostname=self.hostname,
+            reporter=Reporter(self.store, self.spool, self.spool_runner, reactor, self.hostname),
             metrics=self.metrics,
-            journal=self.journal,
         )
-        self.retention = Retention(
-            self.store, self.spool_runner, reactor, lambda: self.config.retention
-        )
+        self.retention = Retention(self.store, self.spool_runner, reactor, config.retention)
         self.queue.on_done = self.retention.finished
         self.retention.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.spool.add_listener(self.queue.committed)
@@ -228,8 +226,8 @@ class MTAService(MultiService):
     def queue_counts(self) -> dict[str, int]:
         """Messages per state: the manager's bookkeeping, and a listing of the rest."""
         counts = self.queue.counts()
-        for state in ("hold", "corrupt"):
-            counts[state] = count_entries(self.store.path(state))
+        for state in (QueueState.HOLD, QueueState.CORRUPT):
+            counts[state.value] = self.store.count(state)
         return counts
 
     def health(self) -> dict[str, Any]:
@@ -237,7 +235,7 @@ class MTAService(MultiService):
         problems = []
         if not self.queue.running:
             problems.append("the queue manager is not running")
-        if not os.access(self.store.path("tmp"), os.W_OK | os.X_OK):
+        if not self.store.writable():
             problems.append(f"the spool {self.store.root} is not writable")
         doc: dict[str, Any] = {"status": "ok" if not problems else "failing"}
         if problems:
@@ -257,12 +255,7 @@ class MTAService(MultiService):
             fatal(str(e))
         self._raise_file_limit()
         self._log_json()
-        removed = self.store.clean_tmp()
-        if removed:
-            log.info(
-                "removed {n} incomplete messages from {spool}/tmp", n=removed, spool=self.store.root
-            )
-        self._recover_journal()
+        self._recover()
         self._listen()
         self._listen_control()
         for pool in self._pools:
@@ -327,12 +320,12 @@ class MTAService(MultiService):
 
     def _listen_control(self) -> None:
         """The control socket for mtactl (L{mta.control}); ours to replace, as we hold the lock."""
-        path = control_socket(self.store)
+        path = self.store.control_socket()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         try:
             address, self._control_dir = socket_address(path)
-            port = self.reactor.listenUNIX(address, ControlFactory(self.queue), mode=0o600)
+            port = self.reactor.listenUNIX(address, ControlFactory(self.queue.operator), mode=0o600)
         except Exception as e:  # CannotListenError and OS errors alike
             fatal(f"cannot listen on the control socket {path}: {e}")
         self.ports.append(port)
@@ -342,14 +335,20 @@ class MTAService(MultiService):
         stopping = [maybeDeferred(port.stopListening) for port in ports]
         return DeferredList(stopping)
 
-    def _recover_journal(self) -> None:
-        """Deliveries a crash kept out of their envelopes (L{mta.spool.journal})."""
+    def _recover(self) -> None:
+        """Half-received messages and deliveries a crash kept out of their envelopes."""
         try:
-            found = journal.recover(self.store)
+            found = self.store.recover()
         except OSError as e:
             # Not fatal: without it those messages are only sent again.
             log.error("cannot read the sent journal: {e}", e=e)
             return
+        if found.incomplete:
+            log.info(
+                "removed {n} incomplete messages from {spool}/tmp",
+                n=found.incomplete,
+                spool=self.store.root,
+            )
         if found.recipients:
             log.info(
                 "recorded {n} deliveries of {m} messages from the sent journal",
@@ -368,7 +367,7 @@ class MTAService(MultiService):
             # Waits for work already handed to the threads (commits in flight).
             for pool in self._pools:
                 pool.stop()
-            self.journal.close()
+            self.store.close()
             if self._control_dir is not None:
                 os.close(self._control_dir)
                 self._control_dir = None
@@ -421,7 +420,8 @@ class MTAService(MultiService):
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config = new
-        self.queue.classifier = Classifier(extra=new.bounce_rules)
+        self.queue.configure(new.queue, Classifier(extra=new.bounce_rules))
+        self.retention.configure(new.retention)
         log.info("reloaded {source}", source=new.source)
         if restart:
             log.warn(

@@ -15,10 +15,15 @@ from argon2 import PasswordHasher
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from mta.batch import run_now
 from mta.delivery.fakedns import FakeResolver
-from mta.spool.fs import FileOps
+from mta.delivery.job import DeliveryJob, RecipientResult
+from mta.envelope import Envelope, Recipient
+from mta.interfaces import IDeliveryAgent, IQueueStore
+from mta.spool import FileOps
+from mta.spool.memory import MemorySpool, MemoryStore
 from mta.spool.queueid import QueueIdGenerator
 from mta.users import User, UserFile
 
@@ -29,6 +34,8 @@ __all__ = [
     "DeliverySpy",
     "FailingOps",
     "FakeResolver",
+    "MemorySpool",
+    "MemoryStore",
     "NoSyncOps",
     "QueuedRunner",
     "SinkBehaviour",
@@ -369,18 +376,19 @@ class SinkFactory(Factory):
 # -- the queue manager's collaborators -----------------------------------------
 
 
+@implementer(IDeliveryAgent)
 class DeliverySpy:
     """Stands in for the delivery agent: records jobs, answers when told.
 
-    Each call returns an unfired Deferred; the test fires it with
+    Each delivery returns an unfired Deferred; the test fires it with
     L{answer} (one reply for every recipient of the job) or L{answer_each}.
     """
 
     def __init__(self) -> None:
-        self.calls: list[tuple[Any, Deferred[Any]]] = []
+        self.calls: list[tuple[DeliveryJob, Deferred[list[RecipientResult]]]] = []
 
-    def __call__(self, job: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
+    def deliver(self, job: DeliveryJob) -> Deferred[list[RecipientResult]]:
+        d: Deferred[list[RecipientResult]] = Deferred()
         self.calls.append((job, d))
         return d
 
@@ -408,8 +416,6 @@ class DeliverySpy:
         connected: bool | None = None,
     ) -> None:
         """Answer a job; C{connected} defaults to whether a server replied."""
-        from mta.delivery.relay import RecipientResult  # noqa: PLC0415 - avoid a cycle
-
         job, d = self.calls[index]
         session = kind == "remote" if connected is None else connected
         d.callback(
@@ -425,7 +431,7 @@ _test_ids = QueueIdGenerator(lambda: _test_clock[0])  # strictly increasing IDs
 
 
 def queue_message(
-    store: Any,
+    store: IQueueStore,
     sender: str,
     recipients: list[str],
     data: bytes = b"From: a@example.com\r\nSubject: test\r\n\r\nbody\r\n",
@@ -433,9 +439,7 @@ def queue_message(
     arrival: float = 1_700_000_000.0,
     queue_id: str | None = None,
 ) -> str:
-    """Put a committed message straight into a spool's incoming/ (for tests)."""
-    from mta.envelope import Envelope, Recipient  # noqa: PLC0415
-
+    """Put a committed message straight into a store's incoming (for tests)."""
     _test_clock[0] = arrival
     queue_id = queue_id or _test_ids()
     envelope = Envelope(

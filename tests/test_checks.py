@@ -27,7 +27,7 @@ from mta.checks import (
 from mta.checks import host as checkhost
 from mta.errors import ConfigError, Reply
 from mta.interfaces import IConnectHook, IMailHook, IMessageHook, IQueuedHook, IStartupHook
-from mta.spool.fs import Spool, SpoolStore
+from mta.spool.fs import FileStore, Spool
 from mta.spool.queueid import QueueIdGenerator
 from mta.testing import run_inline
 from tests.support import LOGIN, Harness, make_config
@@ -242,7 +242,7 @@ class QueuedHookTests(SynchronousTestCase):
         # With the real spool: after the commit the transaction's file is
         # closed and the message has moved out of tmp/.
         h = Harness(self.mktemp())
-        store = SpoolStore(os.path.abspath(self.mktemp()))
+        store = FileStore(os.path.abspath(self.mktemp()))
         store.open()
         h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
 

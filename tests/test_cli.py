@@ -13,10 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta import cli
 from mta.cli import main
-from mta.envelope import Envelope, Recipient, RecipientState
+from mta.envelope import Envelope, Recipient, RecipientState, SentRecord
 from mta.spool import journal
-from mta.spool.fs import ENVELOPE, MESSAGE, Spool, SpoolLock, SpoolStore
-from mta.spool.journal import SentRecord
+from mta.spool.fs import ENVELOPE, MESSAGE, FileStore, Spool, SpoolLock
 from mta.spool.queueid import QueueIdGenerator
 from mta.testing import FailingOps, run_inline, write_users
 from mta.users import UserFile, verify_password
@@ -289,7 +288,7 @@ class SpoolTestCase(CLITestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.store = SpoolStore(self.spool_path)
+        self.store = FileStore(self.spool_path)
         self.store.open()
         self.spool = Spool(
             self.store, run_inline, QueueIdGenerator(lambda: 1_700_000_000.0, lambda bits: 0)
@@ -493,12 +492,12 @@ class OfflineActionTests(QueueTests):
     def test_hold_release(self) -> None:
         queue_id = self.deferred()
         self.assertEqual(self.mtactl("queue", "hold", queue_id), (0, f"{queue_id}: put on hold\n"))
-        self.assertEqual(self.store.find(queue_id), "hold")
+        self.assertEqual(self.store.locate(queue_id), "hold")
         code, _ = self.mtactl("queue", "hold", queue_id)
         self.assertEqual(code, 1)
         self.assert_one_line_error(queue_id, "on hold")
         self.assertEqual(self.mtactl("queue", "release", queue_id), (0, f"{queue_id}: released\n"))
-        self.assertEqual(self.store.find(queue_id), "deferred")
+        self.assertEqual(self.store.locate(queue_id), "deferred")
         self.assertEqual(os.stat(self.store.path("deferred", queue_id)).st_mtime, 1_900_000_000.0)
 
     def test_delete_several_with_one_unknown(self) -> None:
@@ -508,7 +507,7 @@ class OfflineActionTests(QueueTests):
         self.assertEqual(out, f"{first}: deleted\n{second}: deleted\n")
         self.assert_one_line_error("no message 0000000000Z0000")
         for queue_id in (first, second):
-            self.assertRaises(KeyError, self.store.find, queue_id)
+            self.assertRaises(KeyError, self.store.locate, queue_id)
 
     def test_flush_rewrites_the_schedule(self) -> None:
         queue_id = self.deferred()
@@ -560,7 +559,7 @@ class OfflineActionTests(QueueTests):
         with open(path, "wb") as f:
             f.write(good)
         self.assertEqual(self.mtactl("queue", "requeue", queue_id), (0, f"{queue_id}: requeued\n"))
-        self.assertEqual(self.store.find(queue_id), "incoming")
+        self.assertEqual(self.store.locate(queue_id), "incoming")
 
     def test_locked_spool_without_a_daemon_answering(self) -> None:
         queue_id = self.deferred()
@@ -570,7 +569,7 @@ class OfflineActionTests(QueueTests):
         code, _ = self.mtactl("queue", "hold", queue_id)
         self.assertEqual(code, 1)
         self.assert_one_line_error("does not answer")
-        self.assertEqual(self.store.find(queue_id), "deferred")
+        self.assertEqual(self.store.locate(queue_id), "deferred")
 
 
 class NotASpoolTests(CLITestCase):
@@ -591,7 +590,7 @@ class NotASpoolTests(CLITestCase):
         self.assertFalse(os.path.exists(self.spool_path))
 
     def test_other_format(self) -> None:
-        SpoolStore(self.spool_path).open()
+        FileStore(self.spool_path).open()
         with open(os.path.join(self.spool_path, "spool.json"), "w") as f:
             f.write('{"format": "mta-spool/7"}\n')
         code, _ = self.mtactl("queue", "list")
@@ -614,7 +613,7 @@ class CommandLineTests(CLITestCase):
         self.assert_one_line_error(self.config, "TOML")
 
     def test_config_from_environment(self) -> None:
-        SpoolStore(self.spool_path).open()
+        FileStore(self.spool_path).open()
         old = os.environ.get("MTA_CONFIG")
 
         def restore() -> None:
@@ -688,7 +687,7 @@ class ExecutableTests(SynchronousTestCase):
         users = os.path.join(self.base, "users.json")
         config = os.path.join(self.base, "mta.toml")
         write_config(config, spool, users)
-        SpoolStore(spool).open()
+        FileStore(spool).open()
         mtactl = self.mtactl_path()
 
         result = self.run_command([mtactl, "--config", config, "queue", "list"])
@@ -765,10 +764,18 @@ class JournalTests(SpoolTestCase):
     def killed_after_delivery(self) -> str:
         queue_id = self.commit("bob@example.net", "carol@example.org")
         self.store.move(queue_id, "incoming", "active")
-        line = SentRecord(
-            queue_id, 1, "carol@example.org", 1_700_000_060.0, "250 2.0.0 Ok", "2.0.0", "mx[x]:25"
-        ).line()
-        with open(os.path.join(journal.directory(self.store), "sent-1.log"), "wb") as f:
+        line = journal.line(
+            SentRecord(
+                queue_id,
+                1,
+                "carol@example.org",
+                1_700_000_060.0,
+                "250 2.0.0 Ok",
+                "2.0.0",
+                "mx[x]:25",
+            )
+        )
+        with open(os.path.join(journal.directory(self.store.root), "sent-1.log"), "wb") as f:
             f.write(line)
         return queue_id
 
@@ -785,7 +792,7 @@ class JournalTests(SpoolTestCase):
         # Only reading: the envelope and the journal stay as they are.
         _, envelope = self.store.load(queue_id)
         self.assertEqual(envelope.recipients[1].state, RecipientState.PENDING)
-        self.assertEqual(len(journal.segments(journal.directory(self.store))), 1)
+        self.assertEqual(len(journal.segments(journal.directory(self.store.root))), 1)
 
     def test_show_says_what_the_journal_says(self) -> None:
         queue_id = self.killed_after_delivery()
@@ -806,7 +813,7 @@ class JournalTests(SpoolTestCase):
         self.assertEqual(
             [r.state for r in envelope.recipients], [RecipientState.FAILED, RecipientState.SENT]
         )
-        self.assertEqual(journal.segments(journal.directory(self.store)), [])
+        self.assertEqual(journal.segments(journal.directory(self.store.root)), [])
 
     def test_offline_action_refused_while_the_journal_cannot_be_applied(self) -> None:
         queue_id = self.killed_after_delivery()
@@ -815,6 +822,6 @@ class JournalTests(SpoolTestCase):
         code, _ = self.mtactl("queue", "hold", queue_id)
         self.assertEqual(code, 1)
         self.assert_one_line_error("sent journal", "only delete")
-        self.assertEqual(self.store.find(queue_id), "active")
+        self.assertEqual(self.store.locate(queue_id), "active")
         # Delete does not need it (and may be what frees the disk).
         self.assertEqual(self.mtactl("queue", "delete", queue_id), (0, f"{queue_id}: deleted\n"))

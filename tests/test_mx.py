@@ -15,16 +15,9 @@ from zope.interface.verify import verifyObject
 
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.fakedns import FakeResolver
-from mta.delivery.mx import (
-    MX_HOST_LIMIT,
-    NextHop,
-    next_hops,
-    parse_address_literal,
-    parse_relay,
-    route_hops,
-    to_ascii,
-)
+from mta.delivery.mx import MX_HOST_LIMIT, NextHop, next_hops, route_hops
 from mta.errors import DeliveryError
+from mta.hostnames import parse_address_literal, parse_relay, to_ascii
 from mta.interfaces import IResolver
 from tests.dnsserver import DNSTestServer
 

@@ -1,81 +1,35 @@
-"""The queue manager with a Clock, a real spool directory and a delivery spy."""
+"""The queue manager: delivery rounds, retries, limits, suspensions, reports.
+
+On the memory store with a Clock and a delivery spy (L{tests.queue_support});
+the flows that touch the spool most run again on the file system store.
+"""
 
 from __future__ import annotations
 
-import os
+import errno
 from typing import Any
 
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred, succeed
 
 from mta.config import QueueConfig
-from mta.delivery.relay import RecipientResult
-from mta.delivery.routes import Router
-from mta.envelope import RecipientState
-from mta.errors import Reply
-from mta.queue.manager import QueueLimits, QueueManager
-from mta.spool.fs import Spool, SpoolStore
-from mta.spool.queueid import QueueIdGenerator
-from mta.testing import DeliverySpy, NoSyncOps, queue_message, run_inline
-
-T0 = 1_700_000_000.0
-OK = Reply(250, "2.0.0", "Ok: queued as X")
-LATER = Reply(451, "4.3.0", "Try again later")
-NO_USER = Reply(550, "5.1.1", "No such user")
-
-
-class CountingStore(SpoolStore):
-    """A SpoolStore that counts envelope loads (to prove what is not read)."""
-
-    loads = 0
-
-    def load(self, queue_id: str, state: str | None = None) -> Any:
-        self.loads += 1
-        return super().load(queue_id, state)
-
-
-class QueueTestCase(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(T0)
-        self.store = CountingStore(os.path.abspath(self.mktemp()), NoSyncOps())
-        self.store.open()
-        self.spy = DeliverySpy()
-        self.router = Router({})
-        self.settings = QueueConfig()
-        self.reports: Spool | None = None  # where notifications go, if anywhere
-
-    def manager(self, **limits: int) -> QueueManager:
-        qm = QueueManager(
-            self.store,
-            run_inline,
-            self.spy,
-            self.router,
-            self.clock,
-            limits=QueueLimits(**limits),
-            settings=lambda: self.settings,
-            reports=self.reports,
-            hostname="mta.test",
-        )
-        if self.reports is not None:
-            self.reports.add_listener(qm.committed)
-        qm.startService()
-        self.addCleanup(qm.stopService)
-        return qm
-
-    def queue(self, *recipients: str, arrival: float | None = None) -> str:
-        return queue_message(
-            self.store,
-            "sender@example.com",
-            list(recipients),
-            arrival=arrival or self.clock.seconds(),
-        )
-
-    def envelope(self, queue_id: str) -> Any:
-        return self.store.load(queue_id)
+from mta.delivery.job import RecipientResult
+from mta.envelope import QueueState, RecipientState
+from mta.errors import Reply, StorageError
+from mta.testing import DeliverySpy, MemorySpool, QueuedRunner, queue_message
+from tests.queue_support import (
+    LATER,
+    NO_USER,
+    OK,
+    REFUSED,
+    T0,
+    FileQueueTestCase,
+    QueueTestCase,
+)
 
 
 class DeliveryFlowTests(QueueTestCase):
+    """A message goes out to its destinations and is filed when all are done."""
+
     def test_message_at_startup_is_delivered_and_done(self) -> None:
         qid = self.queue("bob@example.net")
         self.manager()
@@ -83,7 +37,7 @@ class DeliveryFlowTests(QueueTestCase):
         self.assertEqual(job.envelope.queue_id, qid)
         self.assertEqual([r.address for r in job.recipients], ["bob@example.net"])
         self.assertEqual(job.domain, "example.net")
-        self.assertEqual(self.store.find(qid), "active")
+        self.assertEqual(self.store.locate(qid), "active")
         self.spy.answer(0, OK)
         state, env = self.envelope(qid)
         self.assertEqual(state, "done")
@@ -109,9 +63,9 @@ class DeliveryFlowTests(QueueTestCase):
             [r.address for r in jobs[0].recipients], ["a@one.example", "c@ONE.example"]
         )
         self.spy.answer(0, OK)
-        self.assertEqual(self.store.find(qid), "active", "one job still running")
+        self.assertEqual(self.store.locate(qid), "active", "one job still running")
         self.spy.answer(1, OK)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
 
     def test_permanent_failure_is_final(self) -> None:
         qid = self.queue("nobody@example.net", "bob@example.net")
@@ -126,6 +80,8 @@ class DeliveryFlowTests(QueueTestCase):
 
 
 class RetryTests(QueueTestCase):
+    """Temporary failures wait on Postfix's schedule until the lifetime ends."""
+
     def test_temporary_failure_defers_with_backoff(self) -> None:
         qid = self.queue("bob@example.net")
         self.manager()
@@ -134,13 +90,13 @@ class RetryTests(QueueTestCase):
         self.assertEqual(state, "deferred")
         self.assertEqual(env.recipients[0].state, RecipientState.DEFERRED)
         self.assertEqual(env.recipients[0].next_attempt, T0 + 300)
-        self.assertEqual(os.stat(self.store.path("deferred", qid)).st_mtime, T0 + 300)
+        self.assertEqual(self.store.scan().deferred, [(T0 + 300, qid)])
         self.clock.advance(299)
         self.assertEqual(len(self.spy.calls), 1)
         self.clock.advance(1)
         self.assertEqual(len(self.spy.calls), 2)
         self.spy.answer(1, OK)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_postfix_schedule_then_expiry(self) -> None:
@@ -149,7 +105,7 @@ class RetryTests(QueueTestCase):
         self.manager()
         times = []
         while True:
-            waiting = [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]
+            waiting = self.waiting()
             if not waiting:
                 state, env = self.envelope(qid)
                 if state != "deferred":
@@ -183,10 +139,10 @@ class RetryTests(QueueTestCase):
         self.spy.answer(0, LATER)
         crashed = self.queue("b@example.net")
         qm.committed(crashed, "incoming")
-        self.assertEqual(self.store.find(crashed), "active")
+        self.assertEqual(self.store.locate(crashed), "active")
         qm.stopService()
         # A new manager on the same spool: the crash leftover runs at once,
-        # the deferred message at its due time, read from stat only.
+        # the deferred message at its due time, from the scan alone.
         self.spy = DeliverySpy()
         self.manager()
         self.assertEqual([j.envelope.queue_id for j in self.spy.waiting], [crashed])
@@ -197,6 +153,8 @@ class RetryTests(QueueTestCase):
 
 
 class LimitTests(QueueTestCase):
+    """Concurrency per destination and in all, and the bounded active set."""
+
     def test_destination_concurrency(self) -> None:
         for i in range(25):
             self.queue(f"user{i}@busy.example")
@@ -242,13 +200,13 @@ class LimitTests(QueueTestCase):
             self.queue(f"user{i}@example.net")
         qm = self.manager(active=100)
         answered = 0
-        while waiting := [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]:
+        while waiting := self.waiting():
             for i in waiting:
                 self.spy.answer(i, LATER)
                 answered += 1
         self.assertEqual(answered, 2000)
         self.assertEqual(len(qm.active), 0)
-        self.assertEqual(len(qm.deferred), 2000)
+        self.assertEqual(qm.ready.deferred_count, 2000)
         loads = self.store.loads
         self.clock.advance(299)
         self.assertEqual(self.store.loads, loads, "nothing read before anything is due")
@@ -258,13 +216,14 @@ class LimitTests(QueueTestCase):
 
 
 class RobustnessTests(QueueTestCase):
+    """Unreadable messages and crashing deliveries do not stop the queue."""
+
     def test_corrupt_envelope_moves_to_corrupt(self) -> None:
         qid = self.queue("a@example.net")
-        with open(self.store.path("incoming", qid, "envelope.json"), "w") as f:
-            f.write("{not json")
+        self.store.unreadable.add(qid)
         self.manager()
         self.assertEqual(self.spy.calls, [])
-        self.assertEqual(self.store.find(qid), "corrupt")
+        self.assertEqual(self.store.locate(qid), "corrupt")
 
     def test_delivery_crash_is_a_temporary_failure(self) -> None:
         qid = self.queue("a@example.net")
@@ -342,25 +301,13 @@ class SuspensionTests(QueueTestCase):
 class NotificationTests(QueueTestCase):
     """Reports go through the spool like any message (RFC 3461/3464)."""
 
-    def setUp(self) -> None:
-        super().setUp()
-        self.reports = Spool(self.store, run_inline, QueueIdGenerator(self.clock.seconds))
-
-    def reports_sent(self) -> list[tuple[Any, bytes]]:
-        out = []
-        for state in ("incoming", "active", "deferred", "done"):
-            for qid in self.store.ids(state):
-                _, env = self.store.load(qid, state)
-                if env.kind == "dsn":
-                    with open(self.store.path(state, qid, "message"), "rb") as f:
-                        out.append((env, f.read()))
-        return out
+    with_reports = True
 
     def queue_with(self, notify: tuple[str, ...] | None, sender: str = "sender@example.com") -> str:
         qid = queue_message(self.store, sender, ["bob@example.net"], arrival=self.clock.seconds())
-        _, env = self.store.load(qid)
+        state, env = self.store.load(qid)
         env.recipients[0].notify = notify
-        self.store.write_envelope("incoming", env)
+        self.store.settle(env, state, state)
         return qid
 
     def test_failure_report_to_the_sender(self) -> None:
@@ -399,8 +346,7 @@ class NotificationTests(QueueTestCase):
         self.manager()
         answered = 0
         while self.clock.seconds() - T0 < 4 * 3600:
-            waiting = [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]
-            for i in waiting:
+            for i in self.waiting():
                 self.spy.answer(i, LATER)
                 answered += 1
             self.clock.advance(60)
@@ -429,8 +375,7 @@ class NotificationTests(QueueTestCase):
         qid = self.queue_with(None)
         self.manager()
         for _ in range(10):
-            waiting = [i for i, (_, d) in enumerate(self.spy.calls) if not d.called]
-            for i in waiting:
+            for i in self.waiting():
                 self.spy.answer(i, LATER)
             self.clock.advance(300)
         state, env = self.envelope(qid)
@@ -438,3 +383,234 @@ class NotificationTests(QueueTestCase):
         [(_, report)] = self.reports_sent()
         self.assertIn(b"Action: failed", report)
         self.assertIn(b"Status: 4.3.0", report)
+
+
+class DoubleActivationTests(QueueTestCase):
+    """A message is delivered once however its notifications and the scan interleave.
+
+    A L{QueuedRunner} stands in for the spool thread pool: work runs only
+    when the test says so, which exposes the orderings a real pool produces.
+    """
+
+    def test_commit_during_startup_scan_is_delivered_once(self) -> None:
+        runner = QueuedRunner()
+        qm = self.manager(runner)  # the scan is queued, not run yet
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")  # load #1 queued behind the scan
+        runner.run_all()  # scan finds qid in incoming while load #1 is pending
+        self.assertEqual(len(self.spy.calls), 1, "two deliveries of the same message")
+
+    def test_duplicate_heap_entry_activates_once(self) -> None:
+        runner = QueuedRunner()
+        qm = self.manager(runner)
+        qid = self.queue("bob@example.net")
+        qm.committed(qid, "incoming")
+        runner.run_next(1)  # load #1 before the scan: activated
+        self.spy.answer(0, LATER)
+        runner.run_next(1)  # the filing puts it in deferred (heap entry #1) ...
+        runner.run_all()  # ... then the scan lists deferred (no second entry)
+        self.clock.advance(300)
+        runner.run_all()
+        self.assertEqual(len(self.spy.waiting), 1, "one retry, not two")
+
+
+class _CachedFailures:
+    """An agent like the real one: the first lookup is slow, later ones hit the cache."""
+
+    def __init__(self) -> None:
+        self.first: Deferred[Any] = Deferred()
+        self.calls: list[Any] = []
+
+    def deliver(self, job: Any) -> Deferred[Any]:
+        self.calls.append(job)
+        nx = Reply(550, "5.1.2", "Host or domain name not found")
+        results = [RecipientResult(r.address, nx, "dns") for r in job.recipients]
+        if len(self.calls) == 1:
+            self.first.addCallback(lambda _: results)
+            return self.first
+        return succeed(results)
+
+
+class DispatchReentrancyTests(QueueTestCase):
+    """Many jobs that finish at once (suspended or cached failures) keep the stack flat."""
+
+    def test_many_waiting_jobs_for_a_dead_destination(self) -> None:
+        runner = QueuedRunner()
+        n = 600
+        for i in range(n):
+            self.queue(f"user{i}@down.example")
+        self.manager(runner, active=n, destination_concurrency=1)
+        runner.run_all()  # scan and loads: 1 job runs, n-1 wait
+        self.assertEqual(len(self.spy.waiting), 1)
+        self.spy.answer(0, REFUSED, kind="network", relay="none")  # dead site
+        _, d = self.spy.calls[0]
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)  # consume any failure so it is not logged later
+        runner.run_all()
+        # Let everything run to the end: the site comes back, all is accepted.
+        for _ in range(5):
+            self.clock.advance(400)
+            runner.run_all()
+            while waiting := self.waiting():
+                self.spy.answer(waiting[0], OK)
+                runner.run_all()
+        self.flushLoggedErrors()
+        stuck = list(self.store.ids(QueueState.ACTIVE))
+        self.assertEqual(stuck, [], "messages stuck in active (and in memory) for good")
+        self.assertEqual(len(list(self.store.ids(QueueState.DONE))), n)
+        self.assertEqual(outcome, [None])
+
+    def test_two_suspended_destinations_waiting(self) -> None:
+        qm = self.manager(connections=1)
+        for rcpt in ("a@a.example", "b@b.example", "x@x.example"):
+            qm.committed(self.queue(rcpt), "incoming")
+        # Make a.example and b.example dead sites (one connection at a time).
+        for dom in ("a.example", "b.example"):
+            [idx] = self.waiting()
+            self.assertEqual(self.spy.calls[idx][0].domain, dom)
+            self.spy.answer(idx, REFUSED, kind="network", relay="none")
+        self.assertEqual(set(qm.destinations.suspended), {"a.example", "b.example"})
+        [running] = self.waiting()
+        self.assertEqual(self.spy.calls[running][0].domain, "x.example")
+        # While x.example holds the only connection, one message for both
+        # suspended destinations waits.
+        qid = self.queue("a2@a.example", "b2@b.example")
+        qm.committed(qid, "incoming")
+        _, d = self.spy.calls[running]
+        self.spy.answer(running, OK)
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        self.assertEqual(outcome, [None], "the result callback failed")
+
+    def test_synchronous_results_do_not_recurse(self) -> None:
+        runner = QueuedRunner()
+        agent = _CachedFailures()
+        n = 400
+        for i in range(n):
+            self.queue(f"user{i}@typo.example")
+        qm = self.manager(runner, agent=agent, active=n, destination_concurrency=1)
+        runner.run_all()
+        outcome: list[Any] = []
+        agent.first.addBoth(outcome.append)
+        agent.first.callback(None)
+        runner.run_all()
+        self.flushLoggedErrors()
+        self.assertEqual(len(qm.active), 0, "messages stuck in the active set")
+        self.assertEqual(len(list(self.store.ids(QueueState.DONE))), n)
+        self.assertEqual(outcome[0], None)
+
+
+class StorageFailureTests(QueueTestCase):
+    """A full disk while filing or reporting loses neither the result nor the report."""
+
+    with_reports = True
+
+    def test_failed_filing_is_retried(self) -> None:
+        qid = self.queue("bob@example.net")
+        qm = self.manager()
+        # The disk fills up just as the result is recorded.
+        self.store.fail = StorageError("cannot record: no space left", disk_full=True)
+        self.spy.answer(0, OK)
+        self.flushLoggedErrors()
+        self.assertEqual(self.store.locate(qid), QueueState.ACTIVE)
+        self.clock.advance(3600)
+        state, env = self.store.load(qid)
+        self.assertEqual((state, env.recipients[0].state), ("done", RecipientState.SENT))
+        self.assertEqual(qm.active, {})
+
+    def test_failed_report_commit_is_not_forgotten(self) -> None:
+        qid = self.queue("nobody@example.net")
+        qm = self.manager()
+        assert qm.reporter is not None
+        failing = qm.reporter.spool
+        assert isinstance(failing, MemorySpool)
+        failing.fail_begin = StorageError("cannot start a message: no space left", disk_full=True)
+        self.spy.answer(0, NO_USER)
+        self.flushLoggedErrors()
+        state, env = self.store.load(qid)
+        self.assertEqual(state, QueueState.ACTIVE, "filed before its report was sent")
+        self.assertFalse(env.recipients[0].final_notified)
+        failing.fail_begin = None
+        self.clock.advance(60)
+        [(report, _)] = self.reports_sent()
+        self.assertEqual(report.sender, "")
+        state, env = self.store.load(qid)
+        self.assertEqual(state, QueueState.DONE)
+        self.assertTrue(env.recipients[0].final_notified)
+
+
+class SuspensionScopeTests(QueueTestCase):
+    """Only a destination that never answered is a dead site."""
+
+    def test_lost_connection_during_data_does_not_suspend(self) -> None:
+        self.queue("a@big.example")
+        qm = self.manager(destination_concurrency=1)
+        lost = Reply(451, "4.4.2", "mx.big.example[192.0.2.1]:25: lost connection")
+        self.spy.answer(
+            0, lost, kind="network", relay="mx.big.example[192.0.2.1]:25", connected=True
+        )
+        self.assertEqual(qm.destinations.suspended, {})
+
+
+class StarvationTests(QueueTestCase):
+    """New mail does not keep due retries waiting."""
+
+    def test_due_deferred_message_is_not_starved(self) -> None:
+        old = self.queue("old@example.net")
+        qm = self.manager(active=1)
+        self.spy.answer(0, LATER)  # old is deferred until T0 + 300
+        self.clock.advance(250)
+        qm.committed(self.queue("n0@example.net"), "incoming")
+        self.clock.advance(100)  # old is due now, n0 holds the only slot
+        for i in range(1, 20):
+            qm.committed(self.queue(f"n{i}@example.net"), "incoming")
+            self.spy.answer(self.waiting()[0], OK)
+            self.clock.advance(60)
+        tried = [j.envelope.queue_id for j, _ in self.spy.calls]
+        self.assertGreater(tried.count(old), 1, "the due deferred message was never retried")
+
+
+class BoundsTests(QueueTestCase):
+    """What the manager remembers about destinations does not grow for ever."""
+
+    def test_expired_suspensions_are_pruned(self) -> None:
+        # Each message's last attempt (here: its only one, at the end of its
+        # lifetime) finds its destination dead; no more mail goes there.
+        self.settings = QueueConfig(maximal_queue_lifetime=0)
+        qm = self.manager()
+        for i in range(50):
+            qm.committed(self.queue(f"u@dead{i}.example"), "incoming")
+        for k in range(50):
+            self.spy.answer(k, REFUSED, kind="network", relay="none")
+        self.assertEqual(len(qm.destinations.suspended), 50)
+        # Much later, other mail flows normally.
+        self.clock.advance(86400)
+        for i in range(5):
+            qm.committed(self.queue(f"u{i}@alive.example"), "incoming")
+            self.spy.answer(len(self.spy.calls) - 1, OK)
+        self.assertEqual(qm.destinations.suspended, {})
+
+
+class ForgottenMessageTests(QueueTestCase):
+    """A message the store cannot read for a moment is looked at again."""
+
+    def test_transient_load_error_is_retried(self) -> None:
+        qid = self.queue("bob@example.net")
+        self.store.fail = OSError(errno.EMFILE, "Too many open files")
+        self.manager()
+        self.flushLoggedErrors()
+        self.assertEqual(self.spy.calls, [])
+        self.clock.advance(3600)
+        self.assertEqual(len(self.spy.calls), 1, f"{qid} never delivered")
+
+
+class FileStoreDeliveryFlowTests(DeliveryFlowTests, FileQueueTestCase):
+    """L{DeliveryFlowTests} on the file system store."""
+
+
+class FileStoreRetryTests(RetryTests, FileQueueTestCase):
+    """L{RetryTests} on the file system store."""
+
+
+class FileStoreNotificationTests(NotificationTests, FileQueueTestCase):
+    """L{NotificationTests} on the file system store, reports through a real L{Spool}."""

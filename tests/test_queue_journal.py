@@ -11,53 +11,53 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
-from mta.delivery.relay import RecipientResult
-from mta.envelope import RecipientState
-from mta.queue.manager import QueueLimits, QueueManager
-from mta.spool import journal
-from mta.spool.journal import SentJournal
+from mta.delivery.job import RecipientResult
+from mta.envelope import RecipientState, SentRecord
+from mta.interfaces import IQueueStore
+from mta.queue.manager import QueueManager
+from mta.spool import FileStore, journal
 from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message
-from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
+from tests.queue_support import LATER, NO_USER, OK, T0, QueueTestCase
 
 
 class JournalTestCase(QueueTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.runner = QueuedRunner()
-        self.dir = journal.directory(self.store)
-        self.journal = SentJournal(self.dir, runner=self.runner)
+    """The manager on a file system store whose thread pool is a L{QueuedRunner}."""
 
-    def manager(self, **limits: int) -> QueueManager:
-        qm = QueueManager(
-            self.store,
-            self.runner,
-            self.spy,
-            self.router,
-            self.clock,
-            limits=QueueLimits(**limits),
-            settings=lambda: self.settings,
-            hostname="mta.test",
-            journal=self.journal,
-        )
-        qm.startService()
-        self.addCleanup(qm.stopService)
+    def setUp(self) -> None:
+        self.runner = QueuedRunner()
+        super().setUp()
+        self.dir = journal.directory(self.store.root)
+
+    def make_store(self) -> IQueueStore:
+        root = getattr(self, "root", None) or os.path.abspath(self.mktemp())
+        self.root = root
+        store = FileStore(root, NoSyncOps(), journal_runner=self.runner)
+        store.open()
+        return store
+
+    def manager(self, runner: Any = None, *, agent: Any = None, **limits: int) -> QueueManager:
+        qm = super().manager(runner or self.runner, agent=agent, **limits)
         self.runner.run_all()  # the scan and the loading of the messages
         return qm
 
-    def lines(self) -> dict[str, list[journal.SentRecord]]:
+    def lines(self) -> dict[str, list[SentRecord]]:
         return journal.read(self.dir)
 
     def restart(self) -> QueueManager:
-        """After a SIGKILL: recovery, then a new queue manager (work in flight is lost)."""
+        """After a SIGKILL: a new process recovers, then runs a new queue manager
+        (work in flight is lost)."""
         self.runner.queue.clear()
         self.spy.calls.clear()
-        journal.recover(self.store)
-        self.journal = SentJournal(self.dir, runner=self.runner)
+        self.store = self.make_store()
+        self.store.recover()
         return self.manager()
 
 
 class WriteAheadTests(JournalTestCase):
+    """A delivery is in the journal before the message is filed, and recovery uses it."""
+
     def test_killed_before_filing_is_not_sent_again(self) -> None:
         qid = self.queue("bob@example.net", "carol@example.net")
         self.manager()
@@ -114,7 +114,7 @@ class WriteAheadTests(JournalTestCase):
         )
         self.runner.run_all()
         self.assertEqual(self.envelope(qid)[0], "done")
-        self.journal.close()
+        self.store.close()
         self.assertEqual(os.listdir(self.dir), [], "both writes let go once filed")
 
     def test_every_recipient_sent_means_done_at_restart(self) -> None:
@@ -145,7 +145,7 @@ class WriteAheadTests(JournalTestCase):
         _, env = self.store.load(qid)
         env.recipients[0].notify = ("SUCCESS",)
         env.recipients[1].notify = ("SUCCESS",)
-        self.store.write_envelope("incoming", env)
+        self.store.settle(env, "incoming", "incoming")
         self.manager()
         [(_, d)] = self.spy.calls
         d.callback(
@@ -161,7 +161,7 @@ class WriteAheadTests(JournalTestCase):
         self.manager()
         self.spy.answer(0, OK)
         self.runner.run_all()
-        self.journal.close()
+        self.store.close()
         self.assertEqual(os.listdir(self.dir), [], "nothing owed: the segment is gone")
 
     def test_lines_kept_while_the_filing_fails(self) -> None:
@@ -171,21 +171,11 @@ class WriteAheadTests(JournalTestCase):
         self.spy.answer(0, OK)
         self.runner.run_all()
         self.flushLoggedErrors()
-        self.assertEqual(self.store.find(qid), "active")
-        self.journal.close()
+        self.assertEqual(self.store.locate(qid), "active")
+        self.store.close()
         self.assertEqual(len(os.listdir(self.dir)), 1, "owed: kept for recovery")
         # The disk has room again, and the daemon restarts.
         self.store.ops = NoSyncOps()
         self.restart()
         self.assertEqual(self.spy.calls, [])
-        self.assertEqual(self.store.find(qid), "done")
-
-    def test_without_a_journal_nothing_is_written(self) -> None:
-        self.queue("bob@example.net")
-        qm = QueueManager(self.store, self.runner, self.spy, self.router, self.clock)
-        qm.startService()
-        self.addCleanup(qm.stopService)
-        self.runner.run_all()
-        self.spy.answer(0, OK)
-        self.runner.run_all()
-        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(self.store.locate(qid), "done")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
@@ -23,11 +24,13 @@ from zope.interface import implementer
 
 from mta.config import RouteConfig
 from mta.delivery.fakedns import FakeResolver
-from mta.delivery.relay import DeliveryAgent, DeliveryJob, DeliverySettings
+from mta.delivery.job import DeliveryJob
+from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
-from mta.envelope import Envelope, Recipient
+from mta.envelope import Envelope, QueueState, Recipient
+from mta.queue.manager import QueueManager
 from mta.smtp.client import ClientTimeouts
-from mta.testing import SinkBehaviour, SinkFactory
+from mta.testing import HANG, MemoryStore, SinkBehaviour, SinkFactory, queue_message, run_inline
 from mta.tls import ServerTLS, ensure_selfsigned
 
 MX1 = (10, "mx1.example.net", "127.0.0.2")
@@ -100,7 +103,7 @@ class RelayTestCase(TestCase):
             envid="env-1",
         )
         domain = recipients[0].rpartition("@")[2].lower()
-        return DeliveryJob(env, env.recipients, path, domain, domain)
+        return DeliveryJob(env, env.recipients, partial(open, path, "rb"), domain, domain)
 
     def mx(self, domain: str, *hosts: tuple[int, str, str]) -> None:
         """Publish MX records; each host is (preference, name, address)."""
@@ -484,5 +487,51 @@ class TransactionReportTests(RelayTestCase):
             self.assertEqual([r.reply.code for r in results], [250, 250])
             self.assertEqual(len(sink.messages), 2)
             self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+        return ensureDeferred(go())
+
+
+class StaleConnectionTests(RelayTestCase):
+    """A connection that timed out is never offered for reuse."""
+
+    def test_timed_out_connection_is_not_cached(self) -> Any:
+        self.mx("example.net", (10, "mx.example.net", "127.0.0.2"))
+
+        async def go() -> None:
+            await self.sink("127.0.0.2", SinkBehaviour(mail=lambda line: HANG))
+            short = ClientTimeouts(connect=2, greeting=2, helo=2, mail=0.2, rcpt=0.2,
+                                   data_init=0.2, data_block=2, data_done=2)  # fmt: skip
+            agent = self.agent(timeouts=short, connection_cache_time=5)
+            [result] = await agent.deliver(self.job("a@example.net"))
+            self.assertEqual(result.kind, "timeout")
+            conn = agent.cache.take("example.net")  # what the next job would get
+            try:
+                self.assertIsNone(conn, "an aborted connection was offered for reuse")
+            finally:
+                await deferLater(reactor, 0.05, lambda: None)
+
+        return ensureDeferred(go())
+
+
+class DeadSiteScopeTests(RelayTestCase):
+    """A transfer dropped half-way does not make the destination look dead."""
+
+    def test_drop_during_data_does_not_suspend_destination(self) -> Any:
+        self.mx("example.net", (10, "mx.example.net", "127.0.0.2"))
+        store = MemoryStore()
+
+        async def go() -> None:
+            await self.sink("127.0.0.2", SinkBehaviour(drop_after_data_bytes=10))
+            agent = self.agent()
+            queue_message(store, "a@example.com", ["bob@example.net"], arrival=reactor.seconds())
+            qm = QueueManager(store, run_inline, agent, Router({}), reactor)
+            qm.startService()
+            self.addCleanup(qm.stopService)
+            await qm.when_idle()
+            _, env = store.load(next(iter(store.ids(QueueState.DEFERRED))))
+            self.assertIn("lost connection", env.recipients[0].reply)
+            self.assertEqual(
+                qm.destinations.suspended, {}, "one dropped transfer suspended example.net"
+            )
 
         return ensureDeferred(go())

@@ -29,7 +29,7 @@ from mta.smtp.auth import UserFileChecker
 from mta.smtp.dataread import DataReader
 from mta.smtp.message import MessageBuilder, TraceInfo
 from mta.smtp.server import SubmissionFactory, SubmissionSession, _Refuse
-from mta.spool.fs import Spool, SpoolStore
+from mta.spool.fs import FileStore, Spool
 from mta.spool.queueid import QueueIdGenerator
 from mta.testing import FAST_HASHER, run_inline, write_users
 from mta.users import User, UserFile
@@ -38,10 +38,10 @@ from tests.support import LOGIN, Client, Harness, plain
 RCPT = "someone@example.net"
 
 
-def _fs_harness(directory: str) -> tuple[Harness, SpoolStore]:
+def _fs_harness(directory: str) -> tuple[Harness, FileStore]:
     """A Harness whose sessions write to a real on-disk spool."""
     h = Harness(directory)
-    store = SpoolStore(os.path.join(directory, "spool"))
+    store = FileStore(os.path.join(directory, "spool"))
     store.open()
     h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
     return h, store

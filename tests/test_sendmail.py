@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta import sendmail
 from mta.sendmail import read_message
-from mta.spool.fs import MESSAGE, SpoolStore
+from mta.spool.fs import MESSAGE, FileStore
 from tests.test_cli import write_config
 
 
@@ -44,7 +44,7 @@ class SendmailTests(SynchronousTestCase):
         write_config(self.config, self.spool, os.path.join(base, "users.json"))
         with open(self.config, "a", encoding="utf-8") as f:
             f.write('hostname = "host.example"\n')
-        self.store = SpoolStore(self.spool)
+        self.store = FileStore(self.spool)
         self.store.open()
         self.err = io.StringIO()
         self.patch(sys, "stderr", self.err)

@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from mta.config import parse
 from mta.service import MTAService
-from mta.spool.fs import STATES, SpoolStore
+from mta.spool.fs import STATES, FileStore
 from mta.testing import write_users
 from mta.tls import ensure_selfsigned, fingerprint
 
@@ -32,7 +32,7 @@ LOGIN = "app@example.com"
 PASSWORD = "s3cret password"
 
 
-def queued(store: SpoolStore) -> list[str]:
+def queued(store: FileStore) -> list[str]:
     """Every message in the spool, whatever its state (delivery runs at once)."""
     return [qid for state in STATES for qid in store.ids(state)]
 
@@ -78,8 +78,8 @@ class ServiceOnSockets(TestCase):
             setattr(ctx, key, value)
         return ctx
 
-    def store(self) -> SpoolStore:
-        return SpoolStore(os.path.join(self.dir, "spool"))
+    def store(self) -> FileStore:
+        return FileStore(os.path.join(self.dir, "spool"))
 
     def test_implicit_tls_submission(self) -> Any:
         """The seed's smtplib.SMTP_SSL + login + sendmail, on the 465 listener."""
@@ -100,7 +100,7 @@ class ServiceOnSockets(TestCase):
             self.assertEqual(env.sender, LOGIN)
             self.assertIn("TLSv1.3", env.tls or "")
             # Delivery runs meanwhile and may move the message between states.
-            with self.service.spool.open_message(queue_id) as f:
+            with self.service.store.open_message(queue_id) as f:
                 stored = f.read()
             self.assertIn(b"(using TLSv1.3 ", stored)
             self.assertIn(b"\r\n\r\nHello over TLS.\r\n", stored)

@@ -32,9 +32,9 @@ from mta.spool.fs import (
     SPOOL_FORMAT,
     STATES,
     FileOps,
+    FileStore,
     Spool,
     SpoolLock,
-    SpoolStore,
 )
 from mta.spool.memory import MemorySpool
 from mta.spool.queueid import QueueIdGenerator, is_queue_id
@@ -123,7 +123,7 @@ class RaisingDirSyncOps(FileOps):
 def new_root(case: SynchronousTestCase) -> str:
     """A fresh spool directory with the layout in place."""
     root = os.path.abspath(case.mktemp())
-    SpoolStore(root).open()
+    FileStore(root).open()
     return root
 
 
@@ -138,7 +138,7 @@ def new_spool(
     The layout is made with plain file operations first, so that a
     L{FailingOps} counts only the calls of the commit under test.
     """
-    store = SpoolStore(root or new_root(case), ops)
+    store = FileStore(root or new_root(case), ops)
     ids = QueueIdGenerator(lambda: 1_700_000_000.0, lambda bits: 0)
     return Spool(store, runner, ids)
 
@@ -171,7 +171,7 @@ def start(spool: Spool, data: bytes = MESSAGE_BYTES) -> ISpoolTransaction:
 class OpenTests(SynchronousTestCase):
     def test_creates_layout(self) -> None:
         root = os.path.abspath(self.mktemp())
-        SpoolStore(root).open()
+        FileStore(root).open()
         for state in ("tmp", *STATES):
             path = os.path.join(root, state)
             self.assertTrue(os.path.isdir(path), state)
@@ -182,15 +182,15 @@ class OpenTests(SynchronousTestCase):
 
     def test_reopen_existing(self) -> None:
         root = new_root(self)
-        SpoolStore(root).open()
-        SpoolStore(root).open(create=False)
+        FileStore(root).open()
+        FileStore(root).open(create=False)
 
     def test_refuses_other_format(self) -> None:
         root = new_root(self)
         with open(os.path.join(root, "spool.json"), "w") as f:
             json.dump({"format": "mta-spool/99"}, f)
         for create in (True, False):
-            e = self.assertRaises(StorageError, SpoolStore(root).open, create=create)
+            e = self.assertRaises(StorageError, FileStore(root).open, create=create)
             self.assertIn("mta-spool/99", str(e))
             self.assertIn(root, str(e))
 
@@ -198,36 +198,36 @@ class OpenTests(SynchronousTestCase):
         root = new_root(self)
         with open(os.path.join(root, "spool.json"), "wb") as f:
             f.write(b"{nope")
-        e = self.assertRaises(StorageError, SpoolStore(root).open)
+        e = self.assertRaises(StorageError, FileStore(root).open)
         self.assertIn(root, str(e))
 
     def test_refuses_spool_json_that_is_not_an_object(self) -> None:
         root = new_root(self)
         with open(os.path.join(root, "spool.json"), "wb") as f:
             f.write(b'["mta-spool/1"]\n')
-        self.assertRaises(StorageError, SpoolStore(root).open)
+        self.assertRaises(StorageError, FileStore(root).open)
 
     def test_no_create_on_plain_directory(self) -> None:
         root = os.path.abspath(self.mktemp())
         os.makedirs(root)
-        e = self.assertRaises(StorageError, SpoolStore(root).open, create=False)
+        e = self.assertRaises(StorageError, FileStore(root).open, create=False)
         self.assertIn(root, str(e))
         self.assertFalse(e.disk_full)
         self.assertEqual(os.listdir(root), [])
 
     def test_no_create_on_missing_directory(self) -> None:
         root = os.path.abspath(self.mktemp())
-        self.assertRaises(StorageError, SpoolStore(root).open, create=False)
+        self.assertRaises(StorageError, FileStore(root).open, create=False)
         self.assertFalse(os.path.exists(root))
 
     def test_root_is_a_file(self) -> None:
         root = os.path.abspath(self.mktemp())
         with open(root, "w") as f:
             f.write("x")
-        self.assertRaises(StorageError, SpoolStore(root).open)
+        self.assertRaises(StorageError, FileStore(root).open)
 
     def test_unknown_state(self) -> None:
-        store = SpoolStore(new_root(self))
+        store = FileStore(new_root(self))
         self.assertRaises(ValueError, store.path, "nowhere")
         self.assertRaises(ValueError, store.path, "../incoming")
 
@@ -255,9 +255,9 @@ class CommitTests(SynchronousTestCase):
         self.assertEqual(
             sorted(os.listdir(spool.store.path("incoming", queue_id))), [ENVELOPE, MESSAGE]
         )
-        with open(spool.message_path(queue_id, "incoming"), "rb") as f:
+        with open(spool.store.path("incoming", queue_id, "message"), "rb") as f:
             self.assertEqual(f.read(), MESSAGE_BYTES)
-        state, envelope = spool.load(queue_id)
+        state, envelope = spool.store.load(queue_id)
         self.assertEqual(state, "incoming")
         self.assertEqual(envelope.queue_id, queue_id)
         self.assertEqual(envelope.sender, "alice@example.com")
@@ -308,7 +308,7 @@ class CommitTests(SynchronousTestCase):
         spool = new_spool(self)
         txn = spool.begin()
         queue_id = self.successResultOf(txn.commit(make_envelope()))
-        with open(spool.message_path(queue_id, "incoming"), "rb") as f:
+        with open(spool.store.path("incoming", queue_id, "message"), "rb") as f:
             self.assertEqual(f.read(), b"")
 
     def test_ids_are_distinct(self) -> None:
@@ -316,7 +316,7 @@ class CommitTests(SynchronousTestCase):
         first = self.successResultOf(start(spool).commit(make_envelope()))
         second = self.successResultOf(start(spool).commit(make_envelope()))
         self.assertNotEqual(first, second)
-        self.assertEqual(sorted(spool.ids("incoming")), sorted([first, second]))
+        self.assertEqual(sorted(spool.store.ids("incoming")), sorted([first, second]))
 
     def test_write_after_commit(self) -> None:
         spool = new_spool(self)
@@ -337,7 +337,7 @@ class CommitTests(SynchronousTestCase):
         queue_id = self.successResultOf(txn.commit(make_envelope()))
         txn.abort()
         self.assertEqual(entries(spool, "incoming"), [queue_id])
-        self.assertEqual(spool.load(queue_id)[0], "incoming")
+        self.assertEqual(spool.store.load(queue_id)[0], "incoming")
 
     def test_listener_error_does_not_fail_the_commit(self) -> None:
         spool = new_spool(self)
@@ -364,7 +364,7 @@ class BeginTests(SynchronousTestCase):
     def test_id_collision_takes_the_next_id(self) -> None:
         root = new_root(self)
         ids = iter(["0000000000A0000", "0000000000A0000", "0000000000B0000"])
-        spool = Spool(SpoolStore(root), run_inline, lambda: next(ids))
+        spool = Spool(FileStore(root), run_inline, lambda: next(ids))
         first = spool.begin()
         second = spool.begin()
         self.assertEqual(first.queue_id, "0000000000A0000")
@@ -374,7 +374,7 @@ class BeginTests(SynchronousTestCase):
 
     def test_gives_up_after_repeated_collisions(self) -> None:
         root = new_root(self)
-        spool = Spool(SpoolStore(root), run_inline, lambda: "0000000000A0000")
+        spool = Spool(FileStore(root), run_inline, lambda: "0000000000A0000")
         first = spool.begin()
         self.addCleanup(first.abort)
         self.assertRaises(StorageError, spool.begin)
@@ -432,7 +432,7 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(entries(spool, "incoming"), sorted(t.queue_id for t in txns))
         self.assertEqual(entries(spool, "tmp"), [])
         for i, t in enumerate(txns):
-            with open(spool.message_path(t.queue_id, "incoming"), "rb") as f:
+            with open(spool.store.path("incoming", t.queue_id, "message"), "rb") as f:
                 self.assertEqual(f.read(), b"message %d\r\n" % i)
 
     def test_groups_are_bounded(self) -> None:
@@ -629,7 +629,7 @@ class CleanTmpTests(SynchronousTestCase):
             self.addCleanup(txn.abort)  # closes the files the "crash" left open
         self.assertEqual(len(entries(before, "tmp")), 2)
 
-        after = SpoolStore(root)
+        after = FileStore(root)
         after.open()
         self.assertEqual(after.clean_tmp(), 2)
         self.assertEqual(os.listdir(after.path("tmp")), [])
@@ -638,7 +638,7 @@ class CleanTmpTests(SynchronousTestCase):
             self.assertEqual(f.read(), MESSAGE_BYTES)
 
     def test_nothing_to_clean(self) -> None:
-        store = SpoolStore(new_root(self))
+        store = FileStore(new_root(self))
         self.assertEqual(store.clean_tmp(), 0)
 
 
@@ -651,8 +651,8 @@ class StoreTests(SynchronousTestCase):
         spool = new_spool(self, root=self.root)
         self.queue_id = self.successResultOf(start(spool).commit(make_envelope("bob@example.net")))
 
-    def store(self, ops: FileOps | None = None) -> SpoolStore:
-        return SpoolStore(self.root, ops)
+    def store(self, ops: FileOps | None = None) -> FileStore:
+        return FileStore(self.root, ops)
 
     def envelope_bytes(self, state: str = "incoming") -> bytes:
         with open(self.store().path(state, self.queue_id, ENVELOPE), "rb") as f:
@@ -712,7 +712,7 @@ class StoreTests(SynchronousTestCase):
         store = self.store(ops)
         envelope_before = self.envelope_bytes()
         store.move(self.queue_id, "incoming", "deferred")
-        self.assertEqual(store.find(self.queue_id), "deferred")
+        self.assertEqual(store.locate(self.queue_id), "deferred")
         self.assertEqual(list(store.ids("incoming")), [])
         self.assertEqual(list(store.ids("deferred")), [self.queue_id])
         self.assertEqual(store.load(self.queue_id)[0], "deferred")
@@ -728,7 +728,7 @@ class StoreTests(SynchronousTestCase):
         here = "incoming"
         for there in [*STATES[1:], "incoming"]:
             store.move(self.queue_id, here, there)
-            self.assertEqual(store.find(self.queue_id), there)
+            self.assertEqual(store.locate(self.queue_id), there)
             here = there
 
     def test_move_failure(self) -> None:
@@ -736,17 +736,17 @@ class StoreTests(SynchronousTestCase):
         e = self.assertRaises(StorageError, store.move, self.queue_id, "incoming", "hold")
         self.assertTrue(e.disk_full)
         self.assertIn(self.queue_id, str(e))
-        self.assertEqual(store.find(self.queue_id), "incoming")
+        self.assertEqual(store.locate(self.queue_id), "incoming")
 
     def test_move_missing_message(self) -> None:
         store = self.store()
         self.assertRaises(StorageError, store.move, self.queue_id, "deferred", "active")
-        self.assertEqual(store.find(self.queue_id), "incoming")
+        self.assertEqual(store.locate(self.queue_id), "incoming")
 
     def test_remove(self) -> None:
         store = self.store()
         store.remove(self.queue_id, "incoming")
-        self.assertRaises(KeyError, store.find, self.queue_id)
+        self.assertRaises(KeyError, store.locate, self.queue_id)
         self.assertRaises(KeyError, store.load, self.queue_id)
         self.assertEqual(os.listdir(store.path("incoming")), [])
         self.assertEqual(os.listdir(store.path("tmp")), [])
@@ -754,15 +754,15 @@ class StoreTests(SynchronousTestCase):
     def test_remove_failure_keeps_the_message(self) -> None:
         store = self.store(FailingOps("rename", errno.EIO))
         self.assertRaises(StorageError, store.remove, self.queue_id, "incoming")
-        self.assertEqual(store.find(self.queue_id), "incoming")
+        self.assertEqual(store.locate(self.queue_id), "incoming")
         self.assertEqual(os.listdir(store.path("tmp")), [])
 
     def test_find(self) -> None:
         store = self.store()
-        self.assertEqual(store.find(self.queue_id), "incoming")
-        self.assertRaises(KeyError, store.find, "0000000000Z0000")
+        self.assertEqual(store.locate(self.queue_id), "incoming")
+        self.assertRaises(KeyError, store.locate, "0000000000Z0000")
         for bad in ("", "..", "../spool.json", "incoming", self.queue_id.lower()):
-            self.assertRaises(KeyError, store.find, bad)
+            self.assertRaises(KeyError, store.locate, bad)
 
     def test_ids_skip_other_names(self) -> None:
         store = self.store()

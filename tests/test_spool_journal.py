@@ -14,11 +14,11 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mta.config import parse
-from mta.envelope import Envelope, Recipient, RecipientState
+from mta.envelope import Envelope, Recipient, RecipientState, SentRecord
 from mta.service import MTAService
 from mta.spool import journal
-from mta.spool.fs import JOURNAL, SpoolStore
-from mta.spool.journal import SentJournal, SentRecord, parse_line
+from mta.spool.fs import FileStore
+from mta.spool.journal import JOURNAL, SentJournal, parse_line
 from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message, write_users
 
 T0 = 1_700_000_000.0
@@ -32,9 +32,9 @@ def record(queue_id: str, index: int = 0, address: str = "bob@example.net") -> S
 
 class StoreTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.store = SpoolStore(os.path.abspath(self.mktemp()), NoSyncOps())
+        self.store = FileStore(os.path.abspath(self.mktemp()), NoSyncOps())
         self.store.open()
-        self.dir = journal.directory(self.store)
+        self.dir = journal.directory(self.store.root)
 
     def active(self, *recipients: str) -> str:
         """A message in active/, as the queue manager leaves it while delivering."""
@@ -55,7 +55,7 @@ class StoreTestCase(SynchronousTestCase):
 class LineTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         rec = record("0RKM3JDN5AC4ZQ7", 2, "bøb@example.net")
-        line = rec.line()
+        line = journal.line(rec)
         self.assertTrue(line.endswith(b"\n"))
         self.assertEqual(line.count(b"\n"), 1)
         self.assertEqual(parse_line(line), rec)
@@ -63,9 +63,9 @@ class LineTests(SynchronousTestCase):
         self.assertEqual(doc["time"], "2023-11-14T22:13:25.000000Z")
 
     def test_torn_and_foreign_lines_are_skipped(self) -> None:
-        good = json.loads(record("0RKM3JDN5AC4ZQ7").line())
+        good = json.loads(journal.line(record("0RKM3JDN5AC4ZQ7")))
         bad = [
-            record("0RKM3JDN5AC4ZQ7").line()[:40],  # torn by a crash
+            journal.line(record("0RKM3JDN5AC4ZQ7"))[:40],  # torn by a crash
             b"\0\0\0\0",  # a block the file system never filled
             b"[1, 2]",
             b"not json",
@@ -140,9 +140,9 @@ class ReadTests(StoreTestCase):
     def test_segments_in_order_and_torn_lines_skipped(self) -> None:
         a, b = record("0RKM3JDN5AC4ZQ7", 0), record("0RKM3JDN5AC4ZQ7", 1, "carol@example.net")
         c = record("0RKM3JDN5AC4ZQ8")
-        self.write_segment("sent-10.log", c.line(), a.line()[:30])
-        self.write_segment("sent-9.log", a.line(), b"garbage\n", b.line())
-        self.write_segment("other.log", record("0RKM3JDN5AC4ZQ9").line())
+        self.write_segment("sent-10.log", journal.line(c), journal.line(a)[:30])
+        self.write_segment("sent-9.log", journal.line(a), b"garbage\n", journal.line(b))
+        self.write_segment("other.log", journal.line(record("0RKM3JDN5AC4ZQ9")))
         self.assertEqual(
             [os.path.basename(p) for p in journal.segments(self.dir)],
             ["sent-9.log", "sent-10.log"],
@@ -161,7 +161,9 @@ class RecoverTests(StoreTestCase):
         done = self.active("dave@example.net")
         self.store.settle(self.store.load(done)[1], "active", "done")
         self.write_segment(
-            "sent-1.log", record(qid).line(), record(done, 0, "dave@example.net").line()
+            "sent-1.log",
+            journal.line(record(qid)),
+            journal.line(record(done, 0, "dave@example.net")),
         )
         self.write_segment("sent-2.log", b'{"id": "torn')
         found = journal.recover(self.store)
@@ -169,7 +171,7 @@ class RecoverTests(StoreTestCase):
         self.assertEqual(
             [r.state for r in self.recipients(qid)], [RecipientState.SENT, RecipientState.PENDING]
         )
-        self.assertEqual(self.store.find(qid), "active", "the queue manager files it")
+        self.assertEqual(self.store.locate(qid), "active", "the queue manager files it")
         self.assertEqual(os.listdir(self.dir), [])
         # Done messages are not touched.
         self.assertEqual(self.recipients(done)[0].state, RecipientState.PENDING)
@@ -178,14 +180,14 @@ class RecoverTests(StoreTestCase):
         qid = self.active("bob@example.net")
         with open(self.store.path("active", qid, "envelope.json"), "wb") as f:
             f.write(b"{")
-        self.write_segment("sent-1.log", record(qid).line())
+        self.write_segment("sent-1.log", journal.line(record(qid)))
         found = journal.recover(self.store)
         self.assertEqual((found.recipients, found.kept), (0, False))
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_envelope_that_cannot_be_written_keeps_the_journal(self) -> None:
         qid = self.active("bob@example.net")
-        segment = self.write_segment("sent-1.log", record(qid).line())
+        segment = self.write_segment("sent-1.log", journal.line(record(qid)))
         self.store.ops = FailingOps("fsync", errno.ENOSPC)
         found = journal.recover(self.store)
         self.assertTrue(found.kept)
@@ -254,11 +256,11 @@ class WriterTests(StoreTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_segments_left_by_an_earlier_run_are_not_reused(self) -> None:
-        kept = self.write_segment("sent-1.log", record("0RKM3JDN5AC4ZQ7").line())
+        kept = self.write_segment("sent-1.log", journal.line(record("0RKM3JDN5AC4ZQ7")))
         self.journal.record([record("0RKM3JDN5AC4ZQ8")])
         self.assertEqual(sorted(os.listdir(self.dir)), ["sent-1.log", "sent-2.log"])
         with open(kept, "rb") as f:
-            self.assertEqual(f.read(), record("0RKM3JDN5AC4ZQ7").line())
+            self.assertEqual(f.read(), journal.line(record("0RKM3JDN5AC4ZQ7")))
 
     def test_write_failure_is_logged_once_and_never_raised(self) -> None:
         events: list[dict[str, Any]] = []
@@ -300,13 +302,13 @@ class DaemonStartTests(TestCase):
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         write_users(os.path.join(base, "users.json"), {})
-        store = SpoolStore(os.path.join(base, "spool"))
+        store = FileStore(os.path.join(base, "spool"))
         store.open()
         qid = queue_message(store, "alice@example.com", ["bob@example.net"], arrival=T0)
         store.move(qid, "incoming", "active")
-        segment = os.path.join(journal.directory(store), "sent-7.log")
+        segment = os.path.join(journal.directory(store.root), "sent-7.log")
         with open(segment, "wb") as f:
-            f.write(record(qid).line())
+            f.write(journal.line(record(qid)))
         doc = {
             "server": {"hostname": "localhost", "spool": "spool", "users_file": "users.json"},
             "listen": {"submissions": [], "submission": []},
@@ -324,7 +326,7 @@ class DaemonStartTests(TestCase):
         self.assertEqual(env.recipients[0].state, RecipientState.SENT)
 
         def filed() -> Any:
-            if store.find(qid) != "done":
+            if store.locate(qid) != "done":
                 return deferLater(reactor, 0.05, filed)
             return None
 

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.envelope import Envelope, Recipient, RecipientState
 from mta.spool import format as envformat
-from mta.spool.fs import ENVELOPE, MESSAGE, FileOps, SpoolStore
+from mta.spool.fs import ENVELOPE, MESSAGE, FileOps, FileStore
 from mta.spool.queueid import QueueIdGenerator
 
 
@@ -57,8 +57,8 @@ class ParallelGroupTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, root, True)
         self.root = os.path.join(root, "spool")
 
-    def store(self, ops: FileOps) -> SpoolStore:
-        store = SpoolStore(self.root, ops, workers=4)
+    def store(self, ops: FileOps) -> FileStore:
+        store = FileStore(self.root, ops, workers=4)
         store.open()
         return store
 
@@ -66,7 +66,7 @@ class ParallelGroupTests(SynchronousTestCase):
         new_id = QueueIdGenerator(lambda: 1.8e9)
         return sorted(new_id() for _ in range(n))
 
-    def commit(self, store: SpoolStore, ids: list[str]) -> list[object]:
+    def commit(self, store: FileStore, ids: list[str]) -> list[object]:
         items = []
         for queue_id in ids:
             f = store.create_tmp(queue_id)

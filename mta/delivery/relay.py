@@ -22,16 +22,18 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mta.address import Network, in_networks
 from mta.batch import run_now
 from mta.delivery import mx
+from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.mime import DowngradeError, downgrade_8bit, header_section, is_8bit_file
 from mta.delivery.mime import needs_smtputf8 as _needs_smtputf8
 from mta.delivery.routes import Route, Router
 from mta.envelope import Envelope, Recipient
 from mta.errors import DeliveryError, Reply
-from mta.interfaces import IResolver
+from mta.interfaces import IDeliveryAgent, IResolver
 from mta.metrics import Metrics
 from mta.smtp.client import (
     ClientPolicy,
@@ -46,49 +48,6 @@ log = Logger(namespace="mta.delivery")
 
 Connector = Callable[[Any, str, str, int, ClientPolicy], Awaitable[OutboundConnection]]
 Runner = Callable[[Callable[[], Any]], Deferred[Any]]
-
-
-@dataclass
-class DeliveryJob:
-    """A message and those of its recipients that share one destination."""
-
-    envelope: Envelope
-    recipients: list[Recipient]
-    message_path: str
-    destination: str  # the grouping key (L{Router.destination})
-    domain: str  # the recipients' domain
-    # Told each transaction's results as soon as the next hop has answered,
-    # before the job ends (the queue manager journals the accepted ones).
-    on_transaction: Callable[[list[RecipientResult]], None] | None = field(
-        default=None, compare=False, repr=False
-    )
-
-
-@dataclass
-class RecipientResult:
-    """What happened to one recipient in one attempt.
-
-    C{kind} is C{"remote"} when C{reply} is the server's answer about this
-    recipient, otherwise the L{DeliveryError} kind of a failure that hit
-    the whole attempt.  C{dsn_passed} is whether the next hop took the DSN
-    parameters (RFC 3461 section 4), which decides "relayed" vs "delivered"
-    in a success notice.  C{connected} is whether the attempt got an SMTP
-    session with any host at all: only an attempt that never did makes a
-    destination look dead.
-    """
-
-    address: str
-    reply: Reply
-    kind: str
-    relay: str = "none"
-    dsn_passed: bool = False
-    setup_time: float = 0.0
-    transfer_time: float = 0.0
-    connected: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.reply.code < 400
 
 
 @dataclass
@@ -180,9 +139,13 @@ class _MessageFacts:
     """
 
     def __init__(
-        self, path: str, envelope: Envelope, recipients: list[str], runner: Runner
+        self,
+        open_message: Callable[[], IO[bytes]],
+        envelope: Envelope,
+        recipients: list[str],
+        runner: Runner,
     ) -> None:
-        self.path = path
+        self.open = open_message
         self.envelope = envelope
         self.recipients = recipients
         self.runner = runner
@@ -190,9 +153,6 @@ class _MessageFacts:
         self._smtputf8: bool | None = None
         self._downgraded: bytes | None = None
         self._prepared: dict[bool, bytes] = {}
-
-    def open(self) -> IO[bytes]:
-        return open(self.path, "rb")
 
     async def eight_bit(self) -> bool:
         """Whether the message has 8-bit octets: from the envelope when it
@@ -246,6 +206,7 @@ class _MessageFacts:
         return self._prepared[downgraded]
 
 
+@implementer(IDeliveryAgent)
 class DeliveryAgent:
     """Delivers jobs; see the module docstring."""
 
@@ -350,7 +311,7 @@ class _Attempt:
         self.start = agent.reactor.seconds()
         self.setup_done = self.start
         self.facts = _MessageFacts(
-            job.message_path, job.envelope, [r.address for r in job.recipients], agent.runner
+            job.open_message, job.envelope, [r.address for r in job.recipients], agent.runner
         )
         self.results: dict[str, RecipientResult] = {}
         self.connected = False  # an SMTP session was set up with some host

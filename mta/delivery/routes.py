@@ -16,17 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mta.config import RouteConfig
-from mta.delivery.mx import parse_relay
 from mta.errors import ConfigError
-
-
-def check_relay(spec: str) -> str | None:
-    """None if C{spec} is a valid relay, else what is wrong with it."""
-    try:
-        parse_relay(spec)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,25 @@
 """Retention: finished messages keep their content for a while, then only the facts.
 
-A finished message sits in C{done/} with its content for
+A finished message is C{done} and keeps its content for
 C{retention_days} (the seed's default: 30), counted from when it was
-finished (the directory's modification time, set when it was filed).  Then
-it is redacted: the header section is kept, the body is replaced by a
-short notice, the envelope (with every recipient's result) is kept and
-marked, and the message moves to C{redacted/}.  C{remove_after_days} after
-the redaction it is removed from the spool.  C{retention_days = 0} redacts
-a message as soon as it is finished.
+finished (a time the store keeps beside it).  Then it is redacted: the
+header section is kept, the body is replaced by a short notice, the
+envelope (with every recipient's result) is kept and marked, and the
+message becomes C{redacted}.  C{remove_after_days} after the redaction it
+is removed from the spool.  C{retention_days = 0} redacts a message as
+soon as it is finished.
 
 A sweep runs every C{sweep_interval} seconds in the spool thread pool; it
-reads directory modification times only, and envelopes only of messages
-whose time has come.
+asks the store which messages are old enough (L{IQueueStore.finished_before}
+reads no envelope) and works only on those.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
@@ -30,17 +29,17 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mta.batch import Runner
 from mta.config import RetentionConfig
+from mta.envelope import QueueState
 from mta.errors import StorageError
+from mta.interfaces import IQueueStore
 from mta.spool.format import FormatError
-from mta.spool.fs import MESSAGE, SpoolStore, storage_error
-from mta.spool.queueid import is_queue_id
 
 log = Logger(namespace="mta.retention")
 DAY = 86400.0
 
 T = TypeVar("T")
-Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
 
 def redacted_message(original: bytes, days: float, when: float) -> bytes:
@@ -60,26 +59,30 @@ class Retention(Service):
 
     def __init__(
         self,
-        store: SpoolStore,
+        store: IQueueStore,
         runner: Runner[Any],
         clock: IReactorTime,
-        settings: Callable[[], RetentionConfig] = RetentionConfig,
+        settings: RetentionConfig | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
         self.clock = clock
-        self.settings = settings
+        self.settings = settings or RetentionConfig()
         self._loop: LoopingCall | None = None
         self._sweeping: Deferred[Any] | None = None
         # Sweeps and immediate redactions run one after another, never in
         # two threads on the same message.
         self._serial: Deferred[Any] = succeed(None)
 
+    def configure(self, settings: RetentionConfig) -> None:
+        """New settings (a reload); a new sweep interval applies after a restart."""
+        self.settings = settings
+
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._loop = LoopingCall(self.sweep)
         self._loop.clock = self.clock
-        self._loop.start(self.settings().sweep_interval, now=True).addErrback(
+        self._loop.start(self.settings.sweep_interval, now=True).addErrback(
             lambda f: log.failure("retention sweeps stopped", f)
         )
 
@@ -93,7 +96,7 @@ class Retention(Service):
         """One pass over C{done/} and C{redacted/}; skipped if the last still runs."""
         if self._sweeping is not None:
             return None
-        settings = self.settings()
+        settings = self.settings
         now = self.clock.seconds()
         self._sweeping = self._serialized(lambda: self._sweep(settings, now))
 
@@ -116,8 +119,8 @@ class Retention(Service):
         return self._sweeping
 
     def finished(self, queue_id: str) -> None:
-        """The queue manager filed a message in C{done/}: redact now if so configured."""
-        settings = self.settings()
+        """The queue manager filed a message as done: redact now if so configured."""
+        settings = self.settings
         if settings.retention_days <= 0:
             now = self.clock.seconds()
             self._serialized(lambda: self._redact(queue_id, settings, now)).addErrback(
@@ -138,67 +141,42 @@ class Retention(Service):
 
     # -- in the worker thread -------------------------------------------------
 
-    def _due(self, state: str, age: float, now: float) -> list[str]:
-        out = []
-        with os.scandir(self.store.path(state)) as it:
-            for entry in it:
-                if not is_queue_id(entry.name):
-                    continue
-                try:
-                    if entry.stat().st_mtime + age <= now:
-                        out.append(entry.name)
-                except FileNotFoundError:
-                    continue
-        return out
-
     def _sweep(self, settings: RetentionConfig, now: float) -> tuple[int, int]:
         """One pass; a message that cannot be handled is logged and skipped,
         so that one bad entry never stops the redaction of the others."""
         redacted = removed = 0
-        for queue_id in self._due("done", settings.retention_days * DAY, now):
+        for queue_id in self.store.finished_before(
+            QueueState.DONE, now - settings.retention_days * DAY
+        ):
             try:
                 if self._redact(queue_id, settings, now):
                     redacted += 1
             except FormatError as e:
                 log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id, e=e)
-                self._quarantine(queue_id, "done")
+                self._quarantine(queue_id, QueueState.DONE)
             except (OSError, StorageError) as e:
                 log.error("{qid}: cannot redact: {e}", qid=queue_id, e=str(e))
-        for queue_id in self._due("redacted", settings.remove_after_days * DAY, now):
+        for queue_id in self.store.finished_before(
+            QueueState.REDACTED, now - settings.remove_after_days * DAY
+        ):
             try:
-                self.store.remove(queue_id, "redacted")
+                self.store.remove(queue_id, QueueState.REDACTED)
                 removed += 1
             except (OSError, StorageError) as e:
                 log.error("{qid}: cannot remove: {e}", qid=queue_id, e=str(e))
         return redacted, removed
 
-    def _quarantine(self, queue_id: str, state: str) -> None:
+    def _quarantine(self, queue_id: str, state: QueueState) -> None:
         try:
-            self.store.move(queue_id, state, "corrupt")
+            self.store.move(queue_id, state, QueueState.CORRUPT)
         except StorageError as e:
             log.error("{qid}: cannot move to corrupt/: {e}", qid=queue_id, e=str(e))
 
     def _redact(self, queue_id: str, settings: RetentionConfig, now: float) -> bool:
-        """Replace the body, mark the envelope, move to C{redacted/}."""
-        try:
-            _, envelope = self.store.load(queue_id, "done")
-        except KeyError:
+        """Replace the body, mark the envelope, file as redacted."""
+        transform = partial(redacted_message, days=settings.retention_days, when=now)
+        if not self.store.redact(queue_id, transform, now):
             return False
-        message = self.store.path("done", queue_id, MESSAGE)
-        tmp = message + ".tmp"
-        try:
-            with open(message, "rb") as f:
-                original = f.read()
-            with open(tmp, "wb") as f:
-                f.write(redacted_message(original, settings.retention_days, now))
-                self.store.ops.fsync(f)
-            self.store.ops.rename(tmp, message)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise storage_error(f"cannot redact {queue_id}", e) from e
-        envelope.redacted = now
-        self.store.settle(envelope, "done", "redacted", now)
         log.info("{qid}: content redacted after {days:g} days", qid=queue_id,
                  days=settings.retention_days)  # fmt: skip
         return True

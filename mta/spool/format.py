@@ -27,6 +27,10 @@ class FormatError(ValueError):
     """An envelope file that is not a valid envelope of a known format."""
 
 
+class MissingEnvelopeError(FormatError):
+    """A message in the spool without its envelope."""
+
+
 def format_time(when: float | None) -> str | None:
     if when is None:
         return None

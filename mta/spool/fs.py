@@ -15,10 +15,11 @@ the directory into C{incoming/} (atomic: the message appears whole or not
 at all), fsync C{incoming/}.  Renaming a whole directory keeps the message
 and its envelope together through every state change.
 
-L{SpoolStore} is the synchronous file layer, shared with C{mtactl}.
-L{Spool} is the daemon's asynchronous face: it runs the blocking parts in a
-thread and commits concurrent messages in groups, one fsync of C{incoming/}
-for the whole group.
+L{FileStore} is the queue on disk (L{mta.interfaces.IQueueStore}),
+synchronous, shared with C{mtactl}.  L{Spool} is the daemon's way in
+(L{mta.interfaces.ISpool}): it runs the blocking parts in a thread and
+commits concurrent messages in groups, one fsync of C{incoming/} for the
+whole group.  Nothing outside L{mta.spool} knows this layout.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
@@ -38,19 +39,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mta.batch import Batcher
-from mta.envelope import Envelope
+from mta.batch import Batcher, Runner, run_now
+from mta.envelope import Envelope, QueueScan, QueueState, SentRecord
 from mta.errors import StorageError
-from mta.interfaces import ISpool, ISpoolTransaction
+from mta.interfaces import IQueueStore, ISpool, ISpoolTransaction
 from mta.spool import format as envformat
+from mta.spool import journal
+from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.queueid import is_queue_id
 
 T = TypeVar("T")
 U = TypeVar("U")
-Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
 SPOOL_FORMAT = "mta-spool/1"
-STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done", "redacted")
+STATES = tuple(QueueState)
+INCOMING = QueueState.INCOMING
 MESSAGE = "message"
 ENVELOPE = "envelope.json"
 TMP = "tmp"
@@ -93,16 +96,31 @@ class FileOps:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class SpoolStore:
-    """Synchronous operations on a spool directory; every write is durable."""
+@implementer(IQueueStore)
+class FileStore:
+    """The queue on disk (L{IQueueStore}); every write is durable.
 
-    def __init__(self, root: str, ops: FileOps | None = None, *, workers: int = 1) -> None:
+    Synchronous: the daemon calls it in its spool threads, C{mtactl} and
+    C{mta-sendmail} directly.  The sent journal's writer (L{journal},
+    L{release}) is used in the daemon's reactor thread.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        ops: FileOps | None = None,
+        *,
+        workers: int = 1,
+        journal_runner: Runner[Any] = run_now,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.ops = ops or FileOps()
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
+        self._journal_runner = journal_runner
+        self._writer: journal.SentJournal | None = None
 
-    def _each(self, work: Callable[[T], U], items: list[T]) -> list[U]:
+    def _each(self, work: Callable[[T], U], items: Sequence[T]) -> list[U]:
         """C{work} on every item; with C{workers} > 1, several at once.
 
         A group's messages are independent until the shared directory
@@ -150,6 +168,19 @@ class SpoolStore:
                 f"spool {self.root} has format {found!r}; this version reads {SPOOL_FORMAT}"
             )
 
+    def state_dir(self, name: str) -> str:
+        """A directory in the spool for a part's own files (C{state/NAME}), made if missing."""
+        path = os.path.join(self.root, "state", name) if name else os.path.join(self.root, "state")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def control_socket(self) -> str:
+        """The daemon's control socket: C{SPOOL/control.sock}."""
+        return os.path.join(self.root, "control.sock")
+
+    def lock(self) -> SpoolLock:
+        return SpoolLock(self.root)
+
     def clean_tmp(self) -> int:
         """Remove messages whose reception never completed; returns how many."""
         removed = 0
@@ -157,6 +188,15 @@ class SpoolStore:
             self.ops.rmtree(self.path(TMP, name))
             removed += 1
         return removed
+
+    def recover(self, *, incomplete: bool = True) -> journal.Recovery:
+        result = journal.recover(self)
+        if incomplete:
+            result.incomplete = self.clean_tmp()
+        return result
+
+    def writable(self) -> bool:
+        return os.access(self.path(TMP), os.W_OK | os.X_OK)
 
     def _write_json_atomic(self, path: str, doc: Any) -> None:
         tmp = path + ".tmp"
@@ -199,7 +239,7 @@ class SpoolStore:
                     f.write(envelope)
                     self.ops.fsync(f)
                 self.ops.fsync_dir(self.path(TMP, queue_id))
-                self.ops.rename(self.path(TMP, queue_id), self.path("incoming", queue_id))
+                self.ops.rename(self.path(TMP, queue_id), self.path(INCOMING, queue_id))
                 return None
             except Exception as e:
                 self.ops.rmtree(self.path(TMP, queue_id))
@@ -209,14 +249,14 @@ class SpoolStore:
         moved = [i for i, error in enumerate(results) if error is None]
         if moved:
             try:
-                self.ops.fsync_dir(self.path("incoming"))
+                self.ops.fsync_dir(self.path(INCOMING))
             except Exception as e:
                 # The entries may not survive a crash, so the client must not
                 # get 250; take them out again rather than risk a duplicate.
                 for i in moved:
                     queue_id = items[i][0]
                     results[i] = storage_error(f"cannot commit {queue_id}", e)
-                    self.ops.rmtree(self.path("incoming", queue_id))
+                    self.ops.rmtree(self.path(INCOMING, queue_id))
         return results
 
     def add(self, envelope: Envelope, data: bytes) -> None:
@@ -241,31 +281,128 @@ class SpoolStore:
         if error is not None:
             raise error
 
-    # -- the queue ---------------------------------------------------------
+    # -- reading -----------------------------------------------------------
 
-    def ids(self, state: str) -> Iterator[str]:
+    def ids(self, state: QueueState) -> Iterator[str]:
         with os.scandir(self.path(state)) as it:
             for entry in it:
                 if is_queue_id(entry.name):
                     yield entry.name
 
-    def find(self, queue_id: str) -> str:
-        """The state directory holding C{queue_id}; C{KeyError} if none."""
+    def count(self, state: QueueState) -> int:
+        try:
+            with os.scandir(self.path(state)) as it:
+                return sum(1 for _ in it)
+        except OSError:
+            return 0
+
+    def locate(self, queue_id: str) -> QueueState:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-        for state in STATES:
+        for state in QueueState:
             if os.path.isdir(self.path(state, queue_id)):
                 return state
         raise KeyError(queue_id)
 
-    def load(self, queue_id: str, state: str | None = None) -> tuple[str, Envelope]:
-        state = state or self.find(queue_id)
+    def load(self, queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
+        state = QueueState(state) if state is not None else self.locate(queue_id)
         try:
             with open(self.path(state, queue_id, ENVELOPE), "rb") as f:
                 data = f.read()
         except FileNotFoundError as e:
             raise KeyError(queue_id) from e
         return state, envformat.loads(data)
+
+    def journaled(self, queue_id: str) -> list[SentRecord]:
+        return journal.read(journal.directory(self.root)).get(queue_id, [])
+
+    def view(self, queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
+        state, envelope = self.load(queue_id, state)
+        if state == QueueState.ACTIVE:
+            journal.apply(envelope, self.journaled(queue_id))
+        return state, envelope
+
+    def listing(self, states: Sequence[QueueState]) -> Iterator[tuple[str, QueueState, Any]]:
+        sent = journal.read(journal.directory(self.root)) if QueueState.ACTIVE in states else {}
+        for state in QueueState:
+            if state not in states:
+                continue
+            for queue_id in sorted(self.ids(state)):
+                try:
+                    _, envelope = self.load(queue_id, state)
+                except KeyError:
+                    continue  # moved or removed while we looked
+                except FormatError as e:
+                    yield queue_id, state, e
+                    continue
+                if state == QueueState.ACTIVE and queue_id in sent:
+                    journal.apply(envelope, sent[queue_id])
+                yield queue_id, state, envelope
+
+    def location(self, queue_id: str, state: QueueState) -> str:
+        return self.path(state, queue_id, ENVELOPE)
+
+    def open_message(self, queue_id: str, state: QueueState | None = None) -> IO[bytes]:
+        for _ in range(3):  # it may move between locate and open
+            try:
+                found = QueueState(state) if state is not None else self.locate(queue_id)
+            except KeyError:
+                break
+            try:
+                return open(self.path(found, queue_id, MESSAGE), "rb")
+            except FileNotFoundError:
+                state = None
+                continue
+            except OSError as e:
+                raise storage_error(f"cannot read {queue_id}", e) from e
+        raise StorageError(f"{queue_id} is no longer in the spool")
+
+    def scan(self) -> QueueScan:
+        # Messages left in active/ by a crash go first: they were already due.
+        ready = sorted(self.ids(QueueState.ACTIVE)) + sorted(self.ids(QueueState.INCOMING))
+        return QueueScan(ready, self._due_times(QueueState.DEFERRED))
+
+    def _due_times(self, state: QueueState) -> list[tuple[float, str]]:
+        """(due time hint, queue ID) for every message in a state, from stat only."""
+        out = []
+        with os.scandir(self.path(state)) as it:
+            for entry in it:
+                if is_queue_id(entry.name):
+                    try:
+                        out.append((entry.stat().st_mtime, entry.name))
+                    except FileNotFoundError:
+                        continue
+        return out
+
+    def finished_before(self, state: QueueState, when: float) -> list[str]:
+        return [queue_id for due, queue_id in self._due_times(state) if due <= when]
+
+    # -- changing ----------------------------------------------------------
+
+    def activate(self, queue_id: str) -> Envelope | None:
+        try:
+            found, envelope = self.load(queue_id)
+        except KeyError:
+            try:
+                found = self.locate(queue_id)
+            except KeyError:
+                return None  # delivered or deleted meanwhile
+            if found.waiting:
+                self.move(queue_id, found, QueueState.CORRUPT)
+                raise MissingEnvelopeError(f"{queue_id} has no envelope") from None
+            return None
+        except FormatError:
+            self.move(queue_id, self.locate(queue_id), QueueState.CORRUPT)
+            raise
+        if not found.waiting:
+            return None  # e.g. put on hold, or finished, meanwhile
+        if found != QueueState.ACTIVE:
+            # Not durable: after a crash, incoming/ and active/ are both delivered.
+            self.move(queue_id, found, QueueState.ACTIVE, durable=False)
+        return envelope
+
+    def record(self, envelope: Envelope) -> None:
+        self.write_envelope(QueueState.ACTIVE, envelope)
 
     def write_envelope(self, state: str, envelope: Envelope) -> None:
         """Replace a message's envelope atomically and durably."""
@@ -282,7 +419,9 @@ class SpoolStore:
                 os.unlink(tmp)
             raise storage_error(f"cannot update {envelope.queue_id}", e) from e
 
-    def move(self, queue_id: str, src: str, dst: str, *, durable: bool = True) -> None:
+    def move(
+        self, queue_id: str, src: QueueState, dst: QueueState, *, durable: bool = True
+    ) -> None:
         """Move a message to another state directory.
 
         C{durable=False} skips the directory fsyncs, for moves whose loss
@@ -297,14 +436,21 @@ class SpoolStore:
         except OSError as e:
             raise storage_error(f"cannot move {queue_id} from {src} to {dst}", e) from e
 
-    def settle(self, envelope: Envelope, src: str, dst: str, due: float | None = None) -> None:
+    def settle(
+        self, envelope: Envelope, src: QueueState, dst: QueueState, due: float | None = None
+    ) -> None:
         """Record an envelope and move its message to C{dst}: L{settle_group} of one."""
         [error] = self.settle_group([(envelope, src, dst, due)])
         if error is not None:
             raise error
 
+    def file(
+        self, items: Sequence[tuple[Envelope, QueueState, float | None]]
+    ) -> list[StorageError | None]:
+        return self.settle_group([(env, QueueState.ACTIVE, dst, due) for env, dst, due in items])
+
     def settle_group(
-        self, items: list[tuple[Envelope, str, str, float | None]]
+        self, items: Sequence[tuple[Envelope, QueueState, QueueState, float | None]]
     ) -> list[StorageError | None]:
         """Record envelopes and move their messages, one fsync per target directory.
 
@@ -315,14 +461,14 @@ class SpoolStore:
         are atomic, so after a crash a message has its old or its new
         envelope, never a torn one, and never its old envelope in its new
         state.  One fsync of each source and target directory at the end
-        makes the group's moves durable.  C{due} (for C{deferred}) becomes the message
+        makes the group's moves durable.  C{due} becomes the message
         directory's modification time, so that start-up can index the
-        deferred queue from C{stat} alone, without reading every envelope
-        (Postfix does the same with its queue files); the envelope stays
-        the truth, the time is a hint.
+        deferred queue (and retention the finished one) from C{stat}
+        alone, without reading every envelope (Postfix does the same with
+        its queue files); the envelope stays the truth, the time is a hint.
         """
 
-        def one(item: tuple[Envelope, str, str, float | None]) -> StorageError | None:
+        def one(item: tuple[Envelope, QueueState, QueueState, float | None]) -> StorageError | None:
             envelope, src, dst, due = item
             queue_id = envelope.queue_id
             try:
@@ -348,19 +494,7 @@ class SpoolStore:
                         results[i] = storage_error(f"cannot record {envelope.queue_id}", e)
         return results
 
-    def due_times(self, state: str = "deferred") -> list[tuple[float, str]]:
-        """(due time hint, queue ID) for every message in a state, from stat only."""
-        out = []
-        with os.scandir(self.path(state)) as it:
-            for entry in it:
-                if is_queue_id(entry.name):
-                    try:
-                        out.append((entry.stat().st_mtime, entry.name))
-                    except FileNotFoundError:
-                        continue
-        return out
-
-    def remove(self, queue_id: str, state: str) -> None:
+    def remove(self, queue_id: str, state: QueueState) -> None:
         """Take a message out of the queue: one rename, then delete at leisure."""
         graveyard = self.path(TMP, f"removed-{queue_id}")
         try:
@@ -369,6 +503,46 @@ class SpoolStore:
         except OSError as e:
             raise storage_error(f"cannot remove {queue_id}", e) from e
         self.ops.rmtree(graveyard)
+
+    def redact(self, queue_id: str, transform: Callable[[bytes], bytes], when: float) -> bool:
+        try:
+            _, envelope = self.load(queue_id, QueueState.DONE)
+        except KeyError:
+            return False
+        message = self.path(QueueState.DONE, queue_id, MESSAGE)
+        tmp = message + ".tmp"
+        try:
+            with open(message, "rb") as f:
+                original = f.read()
+            with open(tmp, "wb") as f:
+                f.write(transform(original))
+                self.ops.fsync(f)
+            self.ops.rename(tmp, message)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise storage_error(f"cannot redact {queue_id}", e) from e
+        envelope.redacted = when
+        self.settle(envelope, QueueState.DONE, QueueState.REDACTED, when)
+        return True
+
+    # -- the sent journal (reactor thread) ------------------------------------
+
+    def journal(self, records: list[SentRecord]) -> object | None:
+        if self._writer is None:
+            self._writer = journal.SentJournal(
+                journal.directory(self.root), runner=self._journal_runner
+            )
+        return self._writer.record(records)
+
+    def release(self, token: object | None) -> None:
+        if self._writer is not None:
+            self._writer.release(token)
+
+    def close(self) -> None:
+        """At shutdown: close the sent journal (L{journal.SentJournal.close})."""
+        if self._writer is not None:
+            self._writer.close()
 
 
 class SpoolLock:
@@ -437,7 +611,7 @@ class _Transaction:
         if self._error is not None:
             raise self._error
         if self._committed:
-            return self._spool.open_message(self.queue_id)
+            return self._spool.store.open_message(self.queue_id)
         if self._file is None:
             raise StorageError("transaction is closed")
         try:
@@ -462,7 +636,7 @@ class Spool:
 
     def __init__(
         self,
-        store: SpoolStore,
+        store: FileStore,
         runner: Runner[Any],
         new_id: Callable[[], str],
     ) -> None:
@@ -486,32 +660,6 @@ class Spool:
 
     def add_listener(self, listener: Callable[[str, str], None]) -> None:
         self._listeners.append(listener)
-
-    def ids(self, state: str) -> Iterator[str]:
-        return self.store.ids(state)
-
-    def load(self, queue_id: str) -> tuple[str, Envelope]:
-        return self.store.load(queue_id)
-
-    def message_path(self, queue_id: str, state: str) -> str:
-        return self.store.path(state, queue_id, MESSAGE)
-
-    def open_message(self, queue_id: str) -> IO[bytes]:
-        """The message file of a committed message, in whatever state it is
-        now (delivery may already have moved it); L{StorageError} if it is
-        gone (delivered and removed, or the commit failed)."""
-        for _ in range(3):  # it may move between find and open
-            try:
-                state = self.store.find(queue_id)
-            except KeyError:
-                break
-            try:
-                return open(self.message_path(queue_id, state), "rb")
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise storage_error(f"cannot read {queue_id}", e) from e
-        raise StorageError(f"{queue_id} is no longer in the spool")
 
     def _commit_group(self, items: list[tuple[str, IO[bytes], bytes]]) -> list[str | StorageError]:
         results = self.store.commit_group(items)
@@ -538,7 +686,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     message.close()
                 self.store.discard_tmp(queue_id)
-                self.store.ops.rmtree(self.store.path("incoming", queue_id))
+                self.store.ops.rmtree(self.store.path(INCOMING, queue_id))
                 return Failure(storage_error("cannot commit", failure.value or Exception()))
             log.error("{error}", error=str(failure.value))
             return failure

@@ -31,50 +31,39 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mta.batch import run_now
-from mta.envelope import Envelope, Recipient, RecipientState
+from mta.batch import Runner, run_now
+from mta.envelope import Envelope, QueueState, Recipient, RecipientState, SentRecord
 from mta.spool.format import FormatError, format_time, parse_time
-from mta.spool.fs import JOURNAL, SpoolStore
 from mta.spool.queueid import is_queue_id
+
+if TYPE_CHECKING:
+    from mta.spool.fs import FileStore
 
 log = Logger(namespace="mta.spool")
 
 SEGMENT_BYTES = 1 << 20  # a new segment after this much
+JOURNAL = "journal"  # the directory in the spool
 _SEGMENT = re.compile(r"^sent-(\d{1,18})\.log$")
 
-Runner = Callable[[Callable[[], Any]], Deferred[Any]]
 
-
-@dataclass(frozen=True)
-class SentRecord:
-    """One recipient accepted by the next hop: one journal line."""
-
-    queue_id: str
-    index: int  # the recipient's position in the envelope
-    address: str
-    time: float
-    reply: str
-    dsn: str | None
-    relay: str | None
-
-    def line(self) -> bytes:
-        doc = {
-            "id": self.queue_id,
-            "rcpt": self.index,
-            "address": self.address,
-            "time": format_time(self.time),
-            "reply": self.reply,
-            "dsn": self.dsn,
-            "relay": self.relay,
-        }
-        return json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n"
+def line(record: SentRecord) -> bytes:
+    """One journal line for a L{SentRecord}."""
+    doc = {
+        "id": record.queue_id,
+        "rcpt": record.index,
+        "address": record.address,
+        "time": format_time(record.time),
+        "reply": record.reply,
+        "dsn": record.dsn,
+        "relay": record.relay,
+    }
+    return json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def parse_line(line: bytes) -> SentRecord | None:
@@ -104,8 +93,9 @@ def parse_line(line: bytes) -> SentRecord | None:
     return SentRecord(queue_id, index, address, when, reply, dsn, relay)
 
 
-def directory(store: SpoolStore) -> str:
-    return os.path.join(store.root, JOURNAL)
+def directory(root: str) -> str:
+    """The journal directory of the spool at C{root}."""
+    return os.path.join(root, JOURNAL)
 
 
 def segments(path: str) -> list[str]:
@@ -138,7 +128,7 @@ def mark_sent(
     rcpt: Recipient, *, when: float, reply: str, dsn: str | None, relay: str | None
 ) -> None:
     """What a successful delivery does to a recipient, as
-    L{mta.queue.manager.QueueManager._record} records it (same fields)."""
+    L{mta.queue.scheduler.apply} records it (same fields)."""
     rcpt.state = RecipientState.SENT
     rcpt.category = None
     rcpt.next_attempt = None
@@ -175,9 +165,10 @@ class Recovery:
     messages: int = 0  # envelopes rewritten
     segments: int = 0  # segment files read
     kept: bool = False  # some could not be applied: the segments stay for the next time
+    incomplete: int = 0  # messages whose reception never completed, removed
 
 
-def recover(store: SpoolStore) -> Recovery:
+def recover(store: FileStore) -> Recovery:
     """Apply the journal to C{active/} and remove it (start-up, or C{mtactl} offline).
 
     Only the owner of the spool lock may call this.  Envelopes are written
@@ -186,15 +177,15 @@ def recover(store: SpoolStore) -> Recovery:
     segments are kept, to be applied the next time; an envelope that is
     not valid is left to the queue manager (it moves it to C{corrupt/}).
     """
-    path = directory(store)
+    path = directory(store.root)
     files = segments(path)
     result = Recovery(segments=len(files))
     if not files:
         return result
-    updates: list[tuple[Envelope, str, str, float | None]] = []
+    updates: list[tuple[Envelope, QueueState, QueueState, float | None]] = []
     for queue_id, records in read(path).items():
         try:
-            _, envelope = store.load(queue_id, "active")
+            _, envelope = store.load(queue_id, QueueState.ACTIVE)
         except KeyError:
             continue  # not in active/: it was filed after its lines were written
         except FormatError as e:
@@ -206,7 +197,7 @@ def recover(store: SpoolStore) -> Recovery:
             continue
         changed = apply(envelope, records)
         if changed:
-            updates.append((envelope, "active", "active", None))
+            updates.append((envelope, QueueState.ACTIVE, QueueState.ACTIVE, None))
             result.recipients += len(changed)
     for (envelope, _, _, _), error in zip(updates, store.settle_group(updates), strict=True):
         if error is None:
@@ -241,7 +232,7 @@ class SentJournal:
         self,
         path: str,
         *,
-        runner: Runner = run_now,
+        runner: Runner[None] = run_now,
         segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         self.path = path
@@ -256,7 +247,7 @@ class SentJournal:
         or None when nothing was written."""
         if not records:
             return None
-        data = b"".join(r.line() for r in records)
+        data = b"".join(line(r) for r in records)
         segment = self._current
         try:
             if segment is None or segment.size >= self.segment_bytes:

@@ -10,8 +10,8 @@ line, answered by one JSON line, then the daemon closes::
     {"op": "pickup", "id": "0ABC..."}        a message written into incoming/ by another process
     {"op": "ping"}                           -> {"ok": true, "text": "pid 1234"}
 
-Errors are C{{"ok": false, "text": "one line"}}.  The queue manager does the
-work (L{mta.queue.manager.QueueManager.control}); this module only carries it.
+Errors are C{{"ok": false, "text": "one line"}}.  The queue's operator does
+the work (L{mta.queue.operator.Operator}); this module only carries it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from twisted.python.failure import Failure
 
 from mta.address import valid_domain
 from mta.errors import StorageError
-from mta.queue.control import OPERATIONS, ControlError, socket_address
-from mta.queue.manager import QueueManager
+from mta.queue.actions import OPERATIONS, ActionError
+from mta.queue.operator import Operator
 from mta.spool.queueid import is_queue_id
 
 log = Logger(namespace="mta.control")
@@ -39,14 +39,18 @@ MAX_REQUEST = 4096
 CLIENT_TIMEOUT = 120.0
 
 
-class DaemonNotRunningError(Exception):
+class ControlSocketError(Exception):
+    """The daemon could not be asked, or its answer not understood."""
+
+
+class DaemonNotRunningError(ControlSocketError):
     """No daemon answers on the control socket."""
 
 
-def handle(queue: QueueManager, request: object) -> Deferred[str]:
+def handle(queue: Operator, request: object) -> Deferred[str]:
     """Carry out one request; fires with the text for the operator."""
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-        return fail(ControlError("a request is a JSON object with an 'op'"))
+        return fail(ActionError("a request is a JSON object with an 'op'"))
     op = request["op"]
     queue_id = request.get("id")
     if op == "ping":
@@ -55,25 +59,25 @@ def handle(queue: QueueManager, request: object) -> Deferred[str]:
         domain = request.get("domain")
         if domain is None:
             if request.get("all") is not True:
-                return fail(ControlError("flush needs an ID, a domain or all"))
+                return fail(ActionError("flush needs an ID, a domain or all"))
             return queue.flush()
         if not isinstance(domain, str) or not valid_domain(domain.rstrip("."), utf8=True):
-            return fail(ControlError(f"{domain!r} is not a domain name"))
+            return fail(ActionError(f"{domain!r} is not a domain name"))
         return queue.flush(domain)
     if not isinstance(queue_id, str) or not is_queue_id(queue_id):
-        return fail(ControlError(f"{queue_id!r} is not a queue ID"))
+        return fail(ActionError(f"{queue_id!r} is not a queue ID"))
     if op == "pickup":
         return maybeDeferred(queue.pickup, queue_id)
     if op not in OPERATIONS:
-        return fail(ControlError(f"unknown action {op!r}"))
-    return queue.control(op, queue_id)
+        return fail(ActionError(f"unknown action {op!r}"))
+    return queue.act(op, queue_id)
 
 
 class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_REQUEST
 
-    def __init__(self, queue: QueueManager) -> None:
+    def __init__(self, queue: Operator) -> None:
         self.queue = queue
         self._answered = False
 
@@ -89,7 +93,7 @@ class ControlProtocol(LineOnlyReceiver):
         handle(self.queue, request).addCallbacks(lambda text: self._reply(True, text), self._failed)
 
     def _failed(self, failure: Failure) -> None:
-        if failure.check(ControlError, StorageError):
+        if failure.check(ActionError, StorageError):
             self._reply(False, str(failure.value))
             return
         log.failure("control request failed", failure)
@@ -107,11 +111,24 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(Factory):
-    def __init__(self, queue: QueueManager) -> None:
+    def __init__(self, queue: Operator) -> None:
         self.queue = queue
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
         return ControlProtocol(self.queue)
+
+
+def socket_address(path: str) -> tuple[str, int | None]:
+    """A name for C{path} that fits in a UNIX socket address, and a descriptor to close.
+
+    Socket addresses hold about 107 bytes; a deeper spool is reached
+    through its open directory (C{/proc/self/fd/N/control.sock}, Linux),
+    which must stay open while the name is used.
+    """
+    if len(path.encode()) <= 100:
+        return path, None
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
 
 
 def request(path: str, doc: dict[str, Any], timeout: float = CLIENT_TIMEOUT) -> tuple[bool, str]:
@@ -135,7 +152,9 @@ def _request(address: str, path: str, doc: dict[str, Any], timeout: float) -> tu
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunningError(path) from None
         except OSError as e:
-            raise ControlError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
+            raise ControlSocketError(
+                f"cannot reach the daemon at {path}: {e.strerror or e}"
+            ) from None
         try:
             s.sendall(json.dumps(doc).encode() + b"\n")
             data = b""
@@ -145,11 +164,11 @@ def _request(address: str, path: str, doc: dict[str, Any], timeout: float) -> tu
                     break
                 data += chunk
         except TimeoutError:
-            raise ControlError(f"the daemon did not answer within {timeout:g} s") from None
+            raise ControlSocketError(f"the daemon did not answer within {timeout:g} s") from None
         except OSError as e:
-            raise ControlError(f"lost the daemon at {path}: {e.strerror or e}") from None
+            raise ControlSocketError(f"lost the daemon at {path}: {e.strerror or e}") from None
     with contextlib.suppress(ValueError):
         reply = json.loads(data)
         if isinstance(reply, dict) and isinstance(reply.get("text"), str):
             return bool(reply.get("ok")), reply["text"]
-    raise ControlError("the daemon's answer was not understood")
+    raise ControlSocketError("the daemon's answer was not understood")

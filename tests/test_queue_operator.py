@@ -1,71 +1,56 @@
-"""Operator actions in the daemon: the queue manager's C{control}, C{flush} and C{pickup}.
+"""Operator actions on a running queue (L{mta.queue.operator}) and the control socket.
 
-A Clock, a real spool directory and a delivery spy whose Deferreds the test
-fires: so a delivery "in flight" is one the spy has not answered yet.
+A Clock, a memory store and a delivery spy whose Deferreds the test fires:
+so a delivery "in flight" is one the spy has not answered yet.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
 
-from mta.control import ControlProtocol, handle
+from mta.controlsocket import ControlProtocol, handle
 from mta.envelope import RecipientState
-from mta.queue.control import ControlError
-from mta.spool.fs import ENVELOPE, Spool
-from mta.spool.queueid import QueueIdGenerator
-from mta.testing import QueuedRunner, run_inline
-from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
+from mta.errors import Reply
+from mta.queue.actions import ActionError
+from mta.queue.manager import QueueManager
+from mta.queue.scheduler import Suspension
+from mta.testing import QueuedRunner
+from tests.queue_support import LATER, NO_USER, OK, T0, QueueTestCase
 
 
 class ControlTestCase(QueueTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.reports = Spool(self.store, run_inline, QueueIdGenerator(self.clock.seconds))
-        self.events: list[LogEvent] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+    with_reports = True
 
-    def act(self, qm: Any, op: str, queue_id: str) -> str:
-        return str(self.successResultOf(qm.control(op, queue_id)))
+    def act(self, qm: QueueManager, op: str, queue_id: str) -> str:
+        return str(self.successResultOf(qm.operator.act(op, queue_id)))
 
     def refused(self, d: Deferred[Any]) -> str:
-        return str(self.failureResultOf(d, ControlError).value)
+        return str(self.failureResultOf(d, ActionError).value)
 
     def deferred_message(self, qm: Any, *recipients: str) -> str:
         """A message that failed once and waits 300 s for its next attempt."""
         qid = self.queue(*recipients)
         qm.committed(qid, "incoming")
         self.spy.answer(len(self.spy.calls) - 1, LATER)
-        self.assertEqual(self.store.find(qid), "deferred")
+        self.assertEqual(self.store.locate(qid), "deferred")
         return qid
 
     def dsn_reports(self) -> list[Any]:
-        return [
-            env
-            for state in ("incoming", "active", "deferred", "done")
-            for qid in self.store.ids(state)
-            for env in [self.store.load(qid, state)[1]]
-            if env.kind == "dsn"
-        ]
-
-    def logged(self, text: str) -> bool:
-        from twisted.logger import formatEvent  # noqa: PLC0415
-
-        return any(text in formatEvent(e) for e in self.events)
+        return [env for env, _ in self.reports_sent()]
 
 
 class HoldReleaseTests(ControlTestCase):
+    """Hold keeps a message from delivery until release; release keeps its schedule."""
+
     def test_held_message_is_not_delivered(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
         self.assertEqual(self.act(qm, "hold", qid), f"{qid}: put on hold")
-        self.assertEqual(self.store.find(qid), "hold")
+        self.assertEqual(self.store.locate(qid), "hold")
         self.clock.advance(86400)
         self.assertEqual(len(self.spy.calls), 1, "a held message was delivered")
         self.assertEqual(qm.counts()["deferred"], 0)
@@ -78,14 +63,14 @@ class HoldReleaseTests(ControlTestCase):
         self.assertEqual(self.act(qm, "release", qid), f"{qid}: released")
         self.assertEqual(len(self.spy.waiting), 1, "overdue when released: delivered at once")
         self.spy.answer(1, OK)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
 
     def test_release_keeps_a_future_schedule(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
         self.act(qm, "hold", qid)
         self.act(qm, "release", qid)
-        self.assertEqual(self.store.find(qid), "deferred")
+        self.assertEqual(self.store.locate(qid), "deferred")
         self.clock.advance(299)
         self.assertEqual(len(self.spy.calls), 1)
         self.clock.advance(1)
@@ -94,10 +79,10 @@ class HoldReleaseTests(ControlTestCase):
     def test_hold_twice_and_release_of_unheld_are_refused(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
-        self.assertIn("it is deferred", self.refused(qm.control("release", qid)))
+        self.assertIn("it is deferred", self.refused(qm.operator.act("release", qid)))
         self.act(qm, "hold", qid)
-        self.assertIn("on hold", self.refused(qm.control("hold", qid)))
-        self.assertIn("on hold", self.refused(qm.control("flush", qid)))
+        self.assertIn("on hold", self.refused(qm.operator.act("hold", qid)))
+        self.assertIn("on hold", self.refused(qm.operator.act("flush", qid)))
 
     def test_hold_during_delivery_applies_when_it_ends(self) -> None:
         qm = self.manager()
@@ -105,9 +90,9 @@ class HoldReleaseTests(ControlTestCase):
         qm.committed(qid, "incoming")
         text = self.act(qm, "hold", qid)
         self.assertIn("being delivered", text)
-        self.assertEqual(self.store.find(qid), "active")
+        self.assertEqual(self.store.locate(qid), "active")
         self.spy.answer(0, LATER)
-        self.assertEqual(self.store.find(qid), "hold")
+        self.assertEqual(self.store.locate(qid), "hold")
         self.clock.advance(3600)
         self.assertEqual(len(self.spy.calls), 1)
 
@@ -117,15 +102,17 @@ class HoldReleaseTests(ControlTestCase):
         qm.committed(qid, "incoming")
         self.act(qm, "hold", qid)
         self.spy.answer(0, OK)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
 
 
 class DeleteTests(ControlTestCase):
+    """Delete removes a message, also one in delivery (after the attempt in flight)."""
+
     def test_delete_deferred(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
         self.assertEqual(self.act(qm, "delete", qid), f"{qid}: deleted")
-        self.assertRaises(KeyError, self.store.find, qid)
+        self.assertRaises(KeyError, self.store.locate, qid)
         self.clock.advance(86400)
         self.assertEqual(len(self.spy.calls), 1)
         self.assertEqual(self.dsn_reports(), [], "a deleted message gets no report")
@@ -138,7 +125,7 @@ class DeleteTests(ControlTestCase):
         qm.committed(qid, "incoming")
         self.assertIn("being delivered", self.act(qm, "delete", qid))
         self.spy.answer(0, OK)
-        self.assertRaises(KeyError, self.store.find, qid)
+        self.assertRaises(KeyError, self.store.locate, qid)
         self.clock.advance(86400 * 6)
         self.assertEqual(len(self.spy.calls), 1)
         self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
@@ -149,7 +136,7 @@ class DeleteTests(ControlTestCase):
         qm.committed(qid, "incoming")
         self.act(qm, "delete", qid)
         self.spy.answer(0, LATER)
-        self.assertRaises(KeyError, self.store.find, qid)
+        self.assertRaises(KeyError, self.store.locate, qid)
         self.clock.advance(86400)
         self.assertEqual(len(self.spy.calls), 1, "retried after delete")
 
@@ -162,30 +149,32 @@ class DeleteTests(ControlTestCase):
         self.act(qm, "delete", qid)
         self.spy.answer(0, OK)
         self.assertEqual(len(self.spy.calls), 1, "the withdrawn job was started")
-        self.assertRaises(KeyError, self.store.find, qid)
+        self.assertRaises(KeyError, self.store.locate, qid)
 
     def test_delete_corrupt_and_held(self) -> None:
         qm = self.manager()
         held = self.deferred_message(qm, "bob@example.net")
         self.act(qm, "hold", held)
         self.act(qm, "delete", held)
-        self.assertRaises(KeyError, self.store.find, held)
+        self.assertRaises(KeyError, self.store.locate, held)
 
     def test_unknown_and_malformed_ids(self) -> None:
         qm = self.manager()
-        self.assertIn("no message", self.refused(qm.control("delete", "0000000000Z0000")))
-        self.assertIn("not a queue ID", self.refused(qm.control("delete", "../x")))
-        self.assertIn("unknown action", self.refused(qm.control("explode", "0000000000Z0000")))
+        self.assertIn("no message", self.refused(qm.operator.act("delete", "0000000000Z0000")))
+        self.assertIn("not a queue ID", self.refused(qm.operator.act("delete", "../x")))
+        self.assertIn("unknown action", self.refused(qm.operator.act("explode", "0000000000Z0000")))
 
     def test_finished_message_is_left_to_retention(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
         qm.committed(qid, "incoming")
         self.spy.answer(0, OK)
-        self.assertIn("finished", self.refused(qm.control("delete", qid)))
+        self.assertIn("finished", self.refused(qm.operator.act("delete", qid)))
 
 
 class BounceTests(ControlTestCase):
+    """Bounce fails what is pending and sends one report."""
+
     def test_bounce_deferred_sends_one_report(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net", "carol@example.net")
@@ -221,26 +210,29 @@ class BounceTests(ControlTestCase):
         qid = self.deferred_message(qm, "bob@example.net")
         self.act(qm, "hold", qid)
         self.act(qm, "bounce", qid)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
         self.assertEqual(len(self.dsn_reports()), 1)
 
 
 class FlushTests(ControlTestCase):
+    """Flush makes messages due now and ends destination rests; requeue."""
+
     def test_flush_one(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
         self.assertEqual(self.act(qm, "flush", qid), f"{qid}: flushed")
         self.assertEqual(len(self.spy.waiting), 1, "not retried at once")
         self.spy.answer(1, OK)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
 
     def test_flush_all_ends_suspensions(self) -> None:
         qm = self.manager()
         first = self.deferred_message(qm, "bob@example.net")
         second = self.deferred_message(qm, "carol@example.org")
-        qm.suspended["example.net"] = qm.suspended.get("x") or _suspension(self.clock)
-        self.assertEqual(self.successResultOf(qm.flush()), "flushed 2 deferred message(s)")
-        self.assertEqual(qm.suspended, {})
+        gone = Reply(421, "4.4.2", "gone")
+        qm.destinations.suspended["example.net"] = Suspension(T0 + 3600, gone, "unreachable")
+        self.assertEqual(self.successResultOf(qm.operator.flush()), "flushed 2 deferred message(s)")
+        self.assertEqual(qm.destinations.suspended, {})
         self.assertEqual(
             sorted(j.envelope.queue_id for j in self.spy.waiting), sorted([first, second])
         )
@@ -249,7 +241,7 @@ class FlushTests(ControlTestCase):
         qm = self.manager()
         net = self.deferred_message(qm, "bob@example.net")
         self.deferred_message(qm, "carol@example.org")
-        text = self.successResultOf(qm.flush("EXAMPLE.net."))
+        text = self.successResultOf(qm.operator.flush("EXAMPLE.net."))
         self.assertEqual(text, "flushed 1 deferred message(s) for EXAMPLE.net.")
         self.assertEqual([j.envelope.queue_id for j in self.spy.waiting], [net])
 
@@ -264,29 +256,26 @@ class FlushTests(ControlTestCase):
     def test_requeue_repaired_corrupt_message(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
-        path = self.store.path("deferred", qid, ENVELOPE)
-        with open(path, "rb") as f:
-            good = f.read()
-        with open(path, "wb") as f:
-            f.write(b"{broken")
-        qm.flush()  # the manager finds it unreadable and files it as corrupt
-        self.assertEqual(self.store.find(qid), "corrupt")
+        self.store.unreadable.add(qid)
+        qm.operator.flush()  # the manager finds it unreadable and files it as corrupt
+        self.assertEqual(self.store.locate(qid), "corrupt")
         self.assertTrue(self.logged(f"{qid}: unreadable envelope, moved to corrupt/"))
-        self.assertIn("unreadable", self.refused(qm.control("requeue", qid)))
-        with open(self.store.path("corrupt", qid, ENVELOPE), "wb") as f:
-            f.write(good)
+        self.assertIn("unreadable", self.refused(qm.operator.act("requeue", qid)))
+        self.store.unreadable.discard(qid)  # repaired
         self.assertEqual(self.act(qm, "requeue", qid), f"{qid}: requeued")
         self.spy.answer(len(self.spy.calls) - 1, NO_USER)
-        self.assertEqual(self.store.find(qid), "done")
+        self.assertEqual(self.store.locate(qid), "done")
 
 
 class CorruptTests(ControlTestCase):
+    """A message without its envelope is set aside."""
+
     def test_missing_envelope_is_set_aside(self) -> None:
         qm = self.manager()
         qid = self.deferred_message(qm, "bob@example.net")
-        os.remove(self.store.path("deferred", qid, ENVELOPE))
-        qm.flush()
-        self.assertEqual(self.store.find(qid), "corrupt")
+        self.store.drop_envelope(qid)
+        qm.operator.flush()
+        self.assertEqual(self.store.locate(qid), "corrupt")
         self.assertTrue(self.logged(f"{qid}: no envelope, moved to corrupt/"))
         self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
 
@@ -294,37 +283,24 @@ class CorruptTests(ControlTestCase):
 class WhileLoadingTests(ControlTestCase):
     """An action that arrives while the message's envelope is being read."""
 
-    def stepped_manager(self) -> tuple[Any, QueuedRunner]:
-        from mta.queue.manager import QueueManager  # noqa: PLC0415
-
+    def stepped_manager(self) -> tuple[QueueManager, QueuedRunner]:
         runner = QueuedRunner()
-        qm = QueueManager(
-            self.store, runner, self.spy, self.router, self.clock,
-            settings=lambda: self.settings,
-        )  # fmt: skip
-        qm.startService()
-        self.addCleanup(qm.stopService)
-        return qm, runner
+        return self.manager(runner), runner
 
     def test_hold_of_a_loading_message_that_turns_out_corrupt(self) -> None:
         qid = self.queue("bob@example.net")
-        path = self.store.path("incoming", qid, ENVELOPE)
-        with open(path, "rb") as f:
-            good = f.read()
-        with open(path, "wb") as f:
-            f.write(b"{broken")
+        self.store.unreadable.add(qid)
         qm, runner = self.stepped_manager()
         runner.run_next()  # the start-up scan; the load is now waiting
         self.assertEqual(qm.counts()["active"], 1)
-        answer = qm.control("hold", qid)
+        answer = qm.operator.act("hold", qid)
         self.assertNoResult(answer)
         runner.run_all()
         self.assertIn("unreadable", self.refused(answer))
-        self.assertEqual(self.store.find(qid), "corrupt")
+        self.assertEqual(self.store.locate(qid), "corrupt")
         # Repaired and requeued, it is delivered: no stale hold waits for it.
-        with open(self.store.path("corrupt", qid, ENVELOPE), "wb") as f:
-            f.write(good)
-        requeued = qm.control("requeue", qid)
+        self.store.unreadable.discard(qid)
+        requeued = qm.operator.act("requeue", qid)
         runner.run_all()
         self.assertEqual(self.successResultOf(requeued), f"{qid}: requeued")
         self.assertEqual(len(self.spy.waiting), 1)
@@ -333,32 +309,36 @@ class WhileLoadingTests(ControlTestCase):
         qid = self.queue("bob@example.net")
         qm, runner = self.stepped_manager()
         runner.run_next()
-        answer = qm.control("delete", qid)
+        answer = qm.operator.act("delete", qid)
         self.assertNoResult(answer)
         runner.run_all()
         self.assertIn("being delivered", self.successResultOf(answer))
         self.spy.answer(0, OK)
         runner.run_all()
-        self.assertRaises(KeyError, self.store.find, qid)
+        self.assertRaises(KeyError, self.store.locate, qid)
 
 
 class PickupTests(ControlTestCase):
+    """Pickup: a message another process committed (mta-sendmail)."""
+
     def test_pickup_of_a_message_written_by_another_process(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")  # written behind the manager's back
         self.assertEqual(self.spy.calls, [])
-        self.assertEqual(qm.pickup(qid), f"{qid}: queued")
-        self.assertEqual(qm.pickup(qid), f"{qid}: queued")  # twice is harmless
+        self.assertEqual(qm.operator.pickup(qid), f"{qid}: queued")
+        self.assertEqual(qm.operator.pickup(qid), f"{qid}: queued")  # twice is harmless
         self.assertEqual(len(self.spy.calls), 1)
 
     def test_pickup_of_nothing(self) -> None:
         qm = self.manager()
-        self.assertRaises(ControlError, qm.pickup, "0000000000Z0000")
+        self.assertRaises(ActionError, qm.operator.pickup, "0000000000Z0000")
 
 
 class ProtocolTests(ControlTestCase):
+    """The control socket: one JSON request, one JSON answer."""
+
     def converse(self, qm: Any, line: bytes) -> dict[str, Any]:
-        proto = ControlProtocol(qm)
+        proto = ControlProtocol(qm.operator)
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(line)
@@ -393,15 +373,5 @@ class ProtocolTests(ControlTestCase):
 
     def test_ping(self) -> None:
         qm = self.manager()
-        text = self.successResultOf(handle(qm, {"op": "ping"}))
+        text = self.successResultOf(handle(qm.operator, {"op": "ping"}))
         self.assertTrue(text.startswith("pid "))
-
-
-def _suspension(clock: Any) -> Any:
-    from mta.errors import Reply  # noqa: PLC0415
-    from mta.queue.manager import _Suspension  # noqa: PLC0415
-
-    return _Suspension(clock.seconds() + 3600, Reply(421, "4.4.2", "gone"), "unreachable")
-
-
-__all__ = ["T0"]
