@@ -75,6 +75,8 @@ REAL_WORLD: list[tuple[str, str, str, str]] = [
         R,
         "rate",
     ),
+    # Rate limits, not blocklistings, even when the receiver throttles for
+    # reputation (issue 16; tests/golden/replies/ has the providers' pages).
     (
         "gmail",
         "421-4.7.28 [192.0.2.1] Our system has detected an unusual rate of unsolicited mail\n"
@@ -82,7 +84,7 @@ REAL_WORLD: list[tuple[str, str, str, str]] = [
         "421-4.7.28 sent from your IP address has been temporarily rate limited. Please visit\n"
         "421 4.7.28 https://support.google.com/mail/?p=UnsolicitedRateLimitError - gsmtp",
         R,
-        "blocklist",
+        "rate",
     ),
     (
         "gmail",
@@ -260,7 +262,7 @@ REAL_WORLD: list[tuple[str, str, str, str]] = [
         "451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP "
         "reputation. For e-mail delivery information, see https://postmaster.live.com (S775)",
         R,
-        "blocklist",
+        "rate",
     ),
     (
         "exchange online",
@@ -318,7 +320,7 @@ REAL_WORLD: list[tuple[str, str, str, str]] = [
         "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected "
         "volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
         R,
-        "blocklist",
+        "rate",
     ),
     (
         "yahoo",
