@@ -246,6 +246,11 @@ class Rule:
     C{action} is C{"retry"}, C{"bounce"} or C{None} for "by the reply
     code".  A 4xx reply is always retried (RFC 5321 section 4.2.1) whatever
     the rule says; the rule's category still applies.
+
+    C{origin} says where an operator's rule was configured (file and
+    C{[[bounce.rules]]} entry, set by L{rules_from_config}); empty for the
+    built-in ones.  C{mtactl classify --explain} shows it; it takes no part
+    in matching or in equality.
     """
 
     name: str
@@ -254,6 +259,7 @@ class Rule:
     codes: tuple[str, ...] = ()
     enhanced: tuple[str, ...] = ()
     pattern: str | None = None
+    origin: str = field(default="", compare=False)
     _regex: re.Pattern[str] | None = field(
         init=False, repr=False, compare=False, hash=False, default=None
     )
@@ -289,6 +295,91 @@ class Rule:
             ):
                 return False
         return self._regex is None or self._regex.search(text) is not None
+
+    @property
+    def alternatives(self) -> tuple[str, ...]:
+        """The top-level alternatives of C{pattern} (empty without one).
+
+        A built-in pattern is a list of alternatives (L{_any}); each is a
+        regular expression of its own, which L{explain} searches alone to
+        say which wording decided.
+        """
+        return () if self.pattern is None else tuple(_alternatives(self.pattern))
+
+    def explain(self, reply: Reply) -> tuple[str, ...] | None:
+        """What each condition of this rule matched in C{reply}, one line each.
+
+        For the pattern, the line names the alternative that matched (a
+        built-in pattern is a list of alternatives, see L{_any}) and the text
+        it found, so that an operator can tell which wording decided and
+        override it with a rule of their own.  C{None} if the rule does not
+        apply to C{reply}.
+        """
+        text = _flatten(reply.text)
+        if not self._matches(reply, text):
+            return None
+        found: list[str] = []
+        if self.codes:
+            found.append(f"reply code {reply.code} matches {', '.join(self.codes)}")
+        if self.enhanced:
+            found.append(f"enhanced code {reply.enhanced} matches {', '.join(self.enhanced)}")
+        if self.pattern is not None:
+            alternative, matched = _matching_alternative(self.pattern, self.alternatives, text)
+            found.append(f"pattern /{alternative}/ found {matched!r}")
+        return tuple(found) or ("no condition: the rule matches every reply",)
+
+
+def _alternatives(pattern: str) -> list[str]:
+    """The top-level alternatives of a regular expression.
+
+    One enclosing C{(?:...)} group, as L{_any} builds, is unwrapped first.
+    The split skips escapes, character classes and nested groups; it only
+    serves the explanation, so a pattern it gets wrong is shown whole.
+    """
+    depth, in_class, closes_at = 0, False, -1
+    positions: list[tuple[int, int]] = []  # (index of a top-level "|", depth)
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0 and closes_at < 0:
+                closes_at = i
+        elif ch == "|":
+            positions.append((i, depth))
+        i += 1
+    wrapped = pattern.startswith("(?:") and closes_at == len(pattern) - 1
+    level = 1 if wrapped else 0
+    body_start, body_end = (3, len(pattern) - 1) if wrapped else (0, len(pattern))
+    parts, start = [], body_start
+    for index, at_depth in positions:
+        if at_depth == level:
+            parts.append(pattern[start:index])
+            start = index + 1
+    parts.append(pattern[start:body_end])
+    return parts
+
+
+def _matching_alternative(pattern: str, alternatives: Sequence[str], text: str) -> tuple[str, str]:
+    """The first of C{pattern}'s alternatives found in C{text}, and what it found."""
+    for alternative in alternatives:
+        try:
+            found = re.search(alternative, text, re.IGNORECASE)
+        except re.error:
+            break
+        if found is not None:
+            return alternative, found.group(0)
+    whole = re.search(pattern, text, re.IGNORECASE)
+    return pattern, whole.group(0) if whole else ""
 
 
 def _flatten(text: str) -> str:
@@ -910,19 +1001,34 @@ class Classifier:
 
     def __init__(self, rules: Sequence[Rule] = DEFAULT_RULES, extra: Sequence[Rule] = ()) -> None:
         self.rules: tuple[Rule, ...] = (*extra, *rules)
+        #: How many of L{rules}, at the front, are the operator's.
+        self.operator_rules = len(extra)
 
     def classify(self, reply: Reply) -> Verdict:
         """Classify a remote reply that refused a command or a message."""
+        return self._decide(reply)[1]
+
+    def explain(self, reply: Reply) -> Explanation:
+        """Classify C{reply} and say why: which rule decided, and on what."""
+        index, verdict = self._decide(reply)
+        if index is None:
+            return Explanation(reply, verdict, None, None, self)
+        rule = self.rules[index]
+        return Explanation(reply, verdict, rule, index + 1, self, rule.explain(reply) or ())
+
+    def _decide(self, reply: Reply) -> tuple[int | None, Verdict]:
+        """The index of the deciding rule (C{None}: none did) and the verdict."""
         code, enhanced = reply.code, reply.enhanced
         if code < 400:
             # A positive reply where a failure was concluded (a 354 to RCPT,
             # say) is a protocol disagreement, not the remote's refusal.
-            return Verdict(RETRY, "protocol", code, enhanced, "unexpected-reply")
+            return None, Verdict(RETRY, "protocol", code, enhanced, "unexpected-reply")
         text = _flatten(reply.text)
-        for rule in self.rules:
+        for index, rule in enumerate(self.rules):
             if rule._matches(reply, text):
-                return Verdict(_action(rule.action, code), rule.category, code, enhanced, rule.name)
-        return Verdict(_action(None, code), "other", code, enhanced, "default")
+                action = _action(rule.action, code)
+                return index, Verdict(action, rule.category, code, enhanced, rule.name)
+        return None, Verdict(_action(None, code), "other", code, enhanced, "default")
 
     def classify_error(self, error: DeliveryError) -> Verdict:
         """Classify a failure of a whole delivery attempt.
@@ -950,6 +1056,65 @@ def _action(action: str | None, code: int) -> str:
     if code < 500:
         return RETRY  # RFC 5321 section 4.2.1: 4yz is transient
     return action or BOUNCE
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a reply gets its verdict (L{Classifier.explain}), for people.
+
+    C{rule} is the deciding row of the classifier's table and C{position}
+    its place there (from 1; the operator's rules come first), both
+    C{None} when no rule matched and the reply code decided; C{matched}
+    says what each of the rule's conditions matched (L{Rule.explain}).
+    L{lines} is what C{mtactl classify --explain} prints.
+    """
+
+    reply: Reply
+    verdict: Verdict
+    rule: Rule | None
+    position: int | None
+    classifier: Classifier = field(repr=False, compare=False)
+    matched: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        """The explanation as short lines: reply, verdict, rule, conditions, action."""
+        reply, verdict = self.reply, self.verdict
+        codes = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
+        lines = [
+            f"reply: {codes} {_flatten(reply.text)}".rstrip(),
+            f"verdict: {verdict.action}, category {verdict.category}",
+        ]
+        if verdict.rule == "unexpected-reply":
+            return [*lines, "rule: none: a positive reply where a failure was concluded"]
+        rule, position = self.rule, self.position
+        total = len(self.classifier.rules)
+        if rule is None or position is None:
+            lines.append(f"rule: none of the {total} rules matched")
+            by_code = "a 4xx is transient" if reply.code < 500 else "a 5xx is permanent"
+            lines.append(f"action: {verdict.action}: the reply code decides ({by_code})")
+            return lines
+        operator = self.classifier.operator_rules
+        if position <= operator:
+            where = f"operator rule {position} of {operator}"
+            lines.append(f"rule: {rule.name} ({where}, {rule.origin or 'given in code'})")
+        else:
+            built_in = total - operator
+            where = f"built-in rule {position - operator} of {built_in}, mta.bounce.DEFAULT_RULES"
+            lines.append(f"rule: {rule.name} ({where})")
+        lines += [f"  {line}" for line in self.matched]
+        if rule.action is None:
+            by_code = "a 4xx is transient" if reply.code < 500 else "a 5xx is permanent"
+            lines.append(
+                f"action: {verdict.action}: the rule leaves it to the reply code ({by_code})"
+            )
+        elif rule.action != verdict.action:
+            lines.append(
+                f"action: {verdict.action}: the rule says {rule.action}, but a 4xx is always "
+                "retried (RFC 5321 section 4.2.1)"
+            )
+        else:
+            lines.append(f"action: {verdict.action}, as the rule says")
+        return lines
 
 
 # -- configuration ---------------------------------------------------------
@@ -1024,7 +1189,7 @@ def rules_from_config(entries: list[dict[str, Any]], source: str) -> list[Rule]:
                 f"{where}: action: a 4xx reply is always retried (RFC 5321 section 4.2.1), "
                 "so bounce cannot apply to codes " + ", ".join(codes)
             )
-        rules.append(Rule(**values))
+        rules.append(Rule(**values, origin=f"{source}, [[bounce.rules]] #{index}"))
     return rules
 
 
