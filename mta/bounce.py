@@ -32,8 +32,16 @@ the practice of large senders):
     I{in the message} rather than our IP -- are permanent.
   - Anything else follows the reply code: 4xx retry, 5xx bounce, C{other}.
 
+The category says what the receiver means, which the queue acts on: a
+receiver that throttles our IP ("temporarily rate limited", Yahoo's TSS04
+deferral) is C{rate} even when reputation is its reason, and only a block
+of our IP is C{blocklist}; a reply that says it rate-limits I{because} SPF,
+DKIM, TLS or our PTR failed takes the cause's category, which is what the
+operator fixes.
+
 The rules are data: an ordered table of L{Rule}s, first match wins.  The
-built-in table L{DEFAULT_RULES} was written from providers' published
+built-in table L{DEFAULT_RULES} is checked against the corpus of real
+replies in C{tests/golden/replies/}; it was written from providers' published
 reply texts (Google Workspace "Gmail SMTP errors and codes", Microsoft
 "Email non-delivery reports in Exchange Online" and the Outlook.com
 postmaster pages, Yahoo's "SMTP error codes", Apple's "Postmaster
@@ -238,6 +246,11 @@ class Rule:
     C{action} is C{"retry"}, C{"bounce"} or C{None} for "by the reply
     code".  A 4xx reply is always retried (RFC 5321 section 4.2.1) whatever
     the rule says; the rule's category still applies.
+
+    C{origin} says where an operator's rule was configured (file and
+    C{[[bounce.rules]]} entry, set by L{rules_from_config}); empty for the
+    built-in ones.  C{mtactl classify --explain} shows it; it takes no part
+    in matching or in equality.
     """
 
     name: str
@@ -246,6 +259,7 @@ class Rule:
     codes: tuple[str, ...] = ()
     enhanced: tuple[str, ...] = ()
     pattern: str | None = None
+    origin: str = field(default="", compare=False)
     _regex: re.Pattern[str] | None = field(
         init=False, repr=False, compare=False, hash=False, default=None
     )
@@ -282,6 +296,91 @@ class Rule:
                 return False
         return self._regex is None or self._regex.search(text) is not None
 
+    @property
+    def alternatives(self) -> tuple[str, ...]:
+        """The top-level alternatives of C{pattern} (empty without one).
+
+        A built-in pattern is a list of alternatives (L{_any}); each is a
+        regular expression of its own, which L{explain} searches alone to
+        say which wording decided.
+        """
+        return () if self.pattern is None else tuple(_alternatives(self.pattern))
+
+    def explain(self, reply: Reply) -> tuple[str, ...] | None:
+        """What each condition of this rule matched in C{reply}, one line each.
+
+        For the pattern, the line names the alternative that matched (a
+        built-in pattern is a list of alternatives, see L{_any}) and the text
+        it found, so that an operator can tell which wording decided and
+        override it with a rule of their own.  C{None} if the rule does not
+        apply to C{reply}.
+        """
+        text = _flatten(reply.text)
+        if not self._matches(reply, text):
+            return None
+        found: list[str] = []
+        if self.codes:
+            found.append(f"reply code {reply.code} matches {', '.join(self.codes)}")
+        if self.enhanced:
+            found.append(f"enhanced code {reply.enhanced} matches {', '.join(self.enhanced)}")
+        if self.pattern is not None:
+            alternative, matched = _matching_alternative(self.pattern, self.alternatives, text)
+            found.append(f"pattern /{alternative}/ found {matched!r}")
+        return tuple(found) or ("no condition: the rule matches every reply",)
+
+
+def _alternatives(pattern: str) -> list[str]:
+    """The top-level alternatives of a regular expression.
+
+    One enclosing C{(?:...)} group, as L{_any} builds, is unwrapped first.
+    The split skips escapes, character classes and nested groups; it only
+    serves the explanation, so a pattern it gets wrong is shown whole.
+    """
+    depth, in_class, closes_at = 0, False, -1
+    positions: list[tuple[int, int]] = []  # (index of a top-level "|", depth)
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0 and closes_at < 0:
+                closes_at = i
+        elif ch == "|":
+            positions.append((i, depth))
+        i += 1
+    wrapped = pattern.startswith("(?:") and closes_at == len(pattern) - 1
+    level = 1 if wrapped else 0
+    body_start, body_end = (3, len(pattern) - 1) if wrapped else (0, len(pattern))
+    parts, start = [], body_start
+    for index, at_depth in positions:
+        if at_depth == level:
+            parts.append(pattern[start:index])
+            start = index + 1
+    parts.append(pattern[start:body_end])
+    return parts
+
+
+def _matching_alternative(pattern: str, alternatives: Sequence[str], text: str) -> tuple[str, str]:
+    """The first of C{pattern}'s alternatives found in C{text}, and what it found."""
+    for alternative in alternatives:
+        try:
+            found = re.search(alternative, text, re.IGNORECASE)
+        except re.error:
+            break
+        if found is not None:
+            return alternative, found.group(0)
+    whole = re.search(pattern, text, re.IGNORECASE)
+    return pattern, whole.group(0) if whole else ""
+
 
 def _flatten(text: str) -> str:
     return " ".join(text.split())
@@ -292,25 +391,32 @@ def _any(*alternatives: str) -> str:
     return "(?:" + "|".join(alternatives) + ")"
 
 
-# Built-in table.  Order matters: first match wins, so the rules that turn
-# a 5xx into a retry (greylist, blocklist, rate, capacity, ...) come before
-# the content verdicts, and text rules before the catch-alls by enhanced
-# code.  Content listings come before IP listings because "dbl.spamhaus.org"
-# also names Spamhaus.
+# Built-in table.  Order matters: first match wins.  In outline: greylisting
+# and content listings (before IP listings, because "dbl.spamhaus.org" also
+# names Spamhaus); what is about our client, the recipient's own rules and
+# our sending host or authentication (TLS, SPF/DKIM/DMARC, PTR, AUTH: the
+# cause the operator fixes, even when the receiver says it rate-limited
+# for it); the receiver's faults; rate limits before blocklistings (a
+# throttle for reputation is still a throttle); then the content verdicts,
+# mailbox, envelope and recipient, and the catch-alls by enhanced code.
+# tests/golden/replies/ holds the receivers' replies these rules are
+# checked against.
 DEFAULT_RULES: tuple[Rule, ...] = (
     # postgrey "Greylisted, see http://postgrey.schweikert.ch/...";
     # milter-greylist "Greylisting in action, please come back later";
     # Mimecast's greylisting answer "451 Internal resource temporarily
-    # unavailable" (Mimecast 451 reference).
+    # unavailable" (Mimecast SMTP Error Codes; also "is temporarily").
     Rule(
         "greylist",
         "greylist",
         RETRY,
-        pattern=_any(r"gr[ae]y-?list", r"internal resource temporarily unavailable"),
+        pattern=_any(r"gr[ae]y-?list", r"internal resources? (?:is |are )?temporarily unavailable"),
     ),
     # URIBL/SURBL/Spamhaus DBL/ZRD list domains found in the message (or the
     # sender's domain): a content verdict, the same message fails again.
-    # Postfix reject_rhsbl_sender: "Sender address [...] blocked using ...".
+    # Postfix reject_rhsbl_sender: "Sender address [...] blocked using ...";
+    # Exchange Online "MailFrom domain is listed in Spamhaus" (S8002) and
+    # "Helo domain is listed in Spamhaus" (S8001).
     Rule(
         "content-listing",
         "spam",
@@ -323,13 +429,192 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"\brhsbl\b",
             r"ivmuri",
             r"sender address \[[^\]]*\] blocked using",
+            r"(?:mail ?from|helo) domain is listed",
+        ),
+    ),
+    # Protocol errors of our client that would otherwise read as TLS, sender
+    # authentication or rate (Gmail "no commands allowed to pipeline after
+    # STARTTLS" with X.7.10, "Too many unauthenticated commands", "Multiple
+    # destination domains per transaction is unsupported"): by the code.
+    Rule(
+        "protocol-violation",
+        "protocol",
+        None,
+        pattern=_any(
+            r"protocol violation",
+            r"too many unauthenticated commands",
+            r"multiple destination domains",
+        ),
+    ),
+    # The recipient's own rules, not our IP and not the recipient's
+    # existence: Exchange Online's restricted recipients (5.7.12 "Sender was
+    # not authenticated by organization", 5.7.124, 5.7.133-136: not SMTP
+    # AUTH), Zoho's "Mailbox delivery failure policy error" (with 5.1.1),
+    # GMX's "Reject due to policy restrictions" (after "mailbox
+    # unavailable"), Zoho's "Mail rejected by destination domain" (X.4.1).
+    # By the code.
+    Rule(
+        "recipient-policy",
+        "policy",
+        None,
+        pattern=_any(
+            r"sender (?:was )?not authenticated (?:by organization|for (?:group|mailbox))",
+            r"sender not in allowed-senders list",
+            r"mailbox delivery (?:failure|restricted)",
+            r"reject due to policy restrictions(?! \(ip based\))",
+            r"rejected by destination domain",
+        ),
+    ),
+    Rule(
+        "recipient-policy-code",
+        "policy",
+        None,
+        enhanced=("x.7.12", "x.7.13", "x.7.124", "x.7.133", "x.7.134", "x.7.135", "x.7.136"),
+        pattern=r"\bsender\b",
+    ),
+    # The peer demands TLS we did not give, or TLS/DANE failed: our side or
+    # a transient fault; retried like a failed handshake (spec section 6).
+    # Gmail 4.7.29/5.7.29 ("not using a TLS connection"), Mimecast "this
+    # route requires encryption (TLS)".
+    Rule(
+        "tls",
+        "tls",
+        RETRY,
+        pattern=_any(
+            r"starttls",
+            r"\btls\b[^.;]{0,20}\brequired",
+            r"(?:encryption|encrypted connection) (?:is )?(?:required|needed)",
+            r"must (?:use|issue) (?:a )?(?:tls|starttls|encryption)",
+            r"\btlsa\b|\bdane\b|mta-sts",
+            r"(?:not using|wasn't sent over|not sent over) a tls connection|use tls/ssl",
+            r"requires? (?:encryption|tls)\b",
+        ),
+    ),
+    # Sender authentication (SPF, DKIM, DMARC; RFC 7372 X.7.20-X.7.26,
+    # Gmail 5.7.26, Exchange Online 5.7.509/5.7.515, Yahoo 5.7.9
+    # "sender is unauthenticated", Apple [HME1]): our IP or signature is
+    # not authorised for the From domain -- fixable DNS, so retried.  Before
+    # the rate and blocklist rules: Gmail's 2024 replies say "rate limited
+    # because" the check failed, and the cause is what the operator fixes.
+    # "Your SPF domain"/"DKIM domain" in Gmail's 4.7.28 only names the
+    # identity whose volume is counted.
+    Rule(
+        "dmarc",
+        "dmarc",
+        RETRY,
+        pattern=_any(
+            r"\bdmarc\b",
+            r"\bspf\b(?! domain)",
+            r"\bdkim\b(?! domain)",
+            r"sender policy framework",
+            r"domainkeys",
+            r"(?:sender|it) is unauthenticated|unauthenticated (?:e-?mail|mail|message)",
+            r"authentication checks",
+            r"authenticate with",
+            r"required authentication level",
+        ),
+    ),
+    # Rejections about our sending host, not the message: reverse DNS /
+    # PTR (RFC 7372 X.7.25), Postfix's "Client host rejected" and "Helo
+    # command rejected", Gmail's NotAuthorizedError, dynamic/residential
+    # space, geography (Mimecast "host network not allowed"), allow lists
+    # of IPs (Gmail "IP not in whitelist for RCPT domain"), WEB.DE's "(IP
+    # based)" policy, Exchange Online's block of a tenant sending from
+    # unregistered domains.  The spec: policy rejections that concern our
+    # sending IP are temporary.
+    Rule(
+        "sending-host",
+        "policy",
+        RETRY,
+        pattern=_any(
+            r"client host rejected",
+            r"helo command rejected|bad helo|invalid helo",
+            r"cannot find your (?:reverse )?hostname",
+            r"reverse (?:dns|lookup|hostname|mapping)",
+            r"\bptr\b",
+            r"\brdns\b",
+            r"\bip\b[^;]{0,40}?\bnot (?:authori[sz]ed|allowed|permitted)",
+            r"notauthorizederror",
+            r"ipv6 sending guidelines|does not accept email over ipv6",
+            r"not allowed to connect",
+            r"\bcountry\b|geographic",
+            r"dynamic (?:ip|address|pool|range|space)|residential|dial-?up",
+            r"\bdy-001\b|\bes0000(?:01|10)\b|\brtr:(?:rd|du)\b",
+            r"not in (?:the )?(?:white|allow) ?list",
+            r"policy restrictions \(ip based\)",
+            r"host network not allowed",
+            r"from unregistered domains",
+        ),
+    ),
+    Rule("tls-code", "tls", RETRY, enhanced=("x.7.10", "x.7.11")),
+    Rule(
+        "dmarc-code",
+        "dmarc",
+        RETRY,
+        enhanced=("x.7.20", "x.7.21", "x.7.22", "x.7.23", "x.7.24", "x.7.26"),
+    ),
+    Rule("sending-host-code", "policy", RETRY, enhanced=("x.7.25",)),
+    # SMTP AUTH refused (RFC 4954: 530 5.7.0, 535 5.7.8, 534 5.7.9): our
+    # credentials at a smarthost.  Postfix defers these by default.
+    Rule(
+        "auth",
+        "auth",
+        RETRY,
+        pattern=_any(
+            r"authentication (?:is )?required",
+            r"must authenticate",
+            r"\bnot authenticated\b",
+            r"authentication (?:failed|unsuccessful|credentials)",
+            r"(?:username and password|credentials) (?:not accepted|invalid)",
+            r"invalid credentials|bad credentials",
+            r"\bsasl\b",
+            r"cannot authenticate|too many login attempts",
+            r"log in (?:through|with) your web browser|application-specific password",
+        ),
+    ),
+    Rule("auth-code", "auth", RETRY, enhanced=("x.7.8", "x.7.57")),
+    # A fault of the receiving system itself (Gmail "Temporary System
+    # Problem", Exchange Online "Temporary server error" PRX, Yahoo
+    # "Resources temporarily unavailable", Zoho "Temporary System Error"
+    # with X.3.1, Barracuda's with X.4.3): not greylisting, not storage.
+    # By the code (these are 4xx).  After the auth rule: Gmail's "Cannot
+    # authenticate due to a temporary system problem" is an AUTH answer.
+    Rule(
+        "remote-system",
+        "other",
+        None,
+        pattern=_any(
+            r"temporary system (?:problem|error)",
+            r"temporary server error",
+            r"(?<!internal )resources temporarily unavailable",
+        ),
+    ),
+    # The receiver throttles our IP or traffic -- a rate limit, even when
+    # reputation is the reason, not a blocklisting: "temporarily rate
+    # limited" (Gmail 4.7.28, 4.7.0 for IP reputation; Exchange Online
+    # 4.7.650/4.7.651), Yahoo's TSS04 deferral for volume or complaints,
+    # Exchange Online's 4.7.500-699/4.7.850-899 IP throttling ("Access
+    # denied, please try again later", "Server busy. Please try again later
+    # from [IP]").  After the PTR, TLS and authentication rules, whose
+    # causes the operator fixes; before the blocklist rule.
+    Rule(
+        "rate-limited",
+        "rate",
+        RETRY,
+        pattern=_any(
+            r"\brate[ -]limited\b",
+            r"temporarily deferred due to (?:unexpected volume|user complaints)",
+            r"access denied, please try again later",
+            r"server busy\. please try again later from",
         ),
     ),
     # Our IP is listed (DNSBLs by name, Postfix's default_rbl_reply "Client
     # host [...] blocked using ...", Exim's "is in a black list at ...",
     # Sendmail's "refused by blackhole site"), or the provider's own IP
     # block: Outlook.com S3140/S3150, SC-00x, OU-001, Exchange Online
-    # 5.7.511/5.7.513/5.7.606-649/5.7.708, Yahoo [TSSxx]/[TSxx]/[BLxx],
+    # 5.7.511/5.7.513/5.7.606-649/5.7.705/5.7.708, Outlook.com DY-002 (an
+    # infected host), Mimecast's "Sender address blocked" (the IP, by a
+    # Blocked Senders policy), Yahoo [TSSxx]/[TSxx]/[BLxx],
     # Comcast BLxxxxxx, AOL RTR/RLY/CON codes, IP reputation blocks.
     Rule(
         "blocklist",
@@ -365,6 +650,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"ipcheck\.proofpoint|dnsbl-lookup",
             r"\ba?s3\d{3}\b",
             r"\b(?:sc-00[1-4]|ou-001)\b",
+            r"\bdy-002\b",
+            r"tenant has exceeded threshold",
+            r"\Asender address blocked\Z",
             r"banned send(?:ing ip|er)",
             r"traffic not accepted from this ip",
             r"\[(?:tss?|bl|ipts|gl)\d\d\]",
@@ -381,8 +669,12 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"\bip\b[^;]{0,40}?(?:poor|bad|low) reputation",
         ),
     ),
+    # Exchange Online 5.7.507 "Access denied, rejected by recipient": the
+    # recipient's organization blocks our IP (Microsoft's NDR reference).
+    Rule("blocklist-code", "blocklist", RETRY, enhanced=("x.7.507",)),
     # Malware verdicts on the content (Gmail 552 5.7.0 "potential security
-    # issue", Exim's "This message contains a virus (...)").
+    # issue", Exim's "This message contains a virus (...)", Yahoo's PH*
+    # "content based blocks" for viruses, phishing and malware links).
     Rule(
         "virus",
         "virus",
@@ -392,8 +684,13 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"\binfected\b",
             r"potential security issue",
             r"unsafe (?:content|attachment)",
+            r"\[ph\d\d\]",
         ),
     ),
+    # Message too large by its code: RFC 3463 X.2.3, X.3.4 (Gmail 5.3.4
+    # "exceeds Google's limit of N attachments").  Before the rate rule,
+    # which would read "limit" in it.
+    Rule("message-size", "message", BOUNCE, enhanced=("x.2.3", "x.3.4")),
     # RFC 5321 section 4.5.3.1.10: "too many recipients" is 452; a 552 for
     # it (RFC 821's mistake) SHOULD be treated as temporary.
     Rule(
@@ -405,22 +702,31 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("too-many-recipients-text", "rate", RETRY, pattern=r"too many recipients"),
     # Rate limits: Gmail 4.2.1 "receiving mail at a rate"/ReceivingRatePerm,
     # "Daily user sending limit exceeded" (5.4.5), Outlook.com RP-00x,
-    # Comcast RLxxxxxx, AOL DYN:Tx/RLY:B1, Apple "excessive volume".
+    # Comcast RLxxxxxx, AOL DYN:Tx/RLY:B1, Apple "excessive volume",
+    # Exchange Online per-hour limits (5.2.121/5.2.122, 5.7.508) and
+    # "recipient thread limit exceeded", Gmail's per-Message-ID quota and
+    # its DoS throttle at HELO ("Try again later, closing connection"),
+    # Mimecast's per-account connection limit.
     Rule(
         "rate",
         "rate",
         RETRY,
         pattern=_any(
             r"rate[ -]?limit",
-            r"too many (?:messages|mails|emails|connections|sessions|concurrent|requests)",
+            r"too many (?:\w+ )?(?:messages|mails|emails|connections|sessions|concurrent|requests)",
             r"(?:daily|hourly)(?: user)?(?: sending)? (?:quota|limit)",
             r"(?:sending|submission|receiving) (?:quota|limit|rate)",
             r"\b(?:message|connection) (?:rate|limit)s? exceeded",
             r"mail too quickly|at a rate that|too fast\b|slow down",
             r"throttl",
             r"excessive volume|unexpected volume",
-            r"max(?:imum)? (?:number of )?(?:connections|messages? per connection)",
+            r"max(?:imum)? (?:number of )?(?:concurrent )?(?:connections|messages? per connection)",
             r"peak smtp relay limit",
+            r"(?:thread|connection|recipient|message) limit exceeded",
+            r"limit for the number of messages|exceeded (?:the )?permitted limits",
+            r"quota for sending",
+            r"try again later, closing connection",
+            r"account service is temporarily unavailable",
             r"\brp-00\d\b|\brl\d{3,6}\b|\bdyn:t\d\b|\brly:b1\b",
         ),
     ),
@@ -444,92 +750,35 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"insufficient (?:system )?storage",
             r"mailbox size limit",
             r"not enough (?:storage|space)",
+            r"quota violation",
         ),
     ),
-    # The peer demands TLS we did not give, or TLS/DANE failed: our side or
-    # a transient fault; retried like a failed handshake (spec section 6).
+    # Message too large (Postfix "Message size exceeds fixed limit", Exim
+    # "Message size exceeds maximum permitted", Mimecast "maximum email
+    # size exceeded") and malformed: X.6.x, missing From:, not RFC 5322
+    # compliant, bare LF, long lines.  Before the spam rule: Gmail's
+    # format rejections add "To reduce the amount of spam sent to Gmail".
     Rule(
-        "tls",
-        "tls",
-        RETRY,
+        "message-text",
+        "message",
+        BOUNCE,
         pattern=_any(
-            r"starttls",
-            r"\btls\b[^.;]{0,20}\brequired",
-            r"(?:encryption|encrypted connection) (?:is )?(?:required|needed)",
-            r"must (?:use|issue) (?:a )?(?:tls|starttls|encryption)",
-            r"\btlsa\b|\bdane\b|mta-sts",
+            r"message (?:size|length) (?:exceeds|too)",
+            r"message (?:is )?too (?:big|large|long)",
+            r"exceed(?:s|ed)? [^;]{0,30}(?:message )?size limit",
+            r"maximum (?:message )?size",
+            r"\bfrom:? header",
+            r"rfc ?(?:5322|2822|822)",
+            r"not rfc[- ]?compliant",
+            r"(?:missing|invalid|duplicate|multiple|malformed|illegal|disallowed) "
+            r"[^.;]{0,30}header",
+            r"header[^.;]{0,30}(?:missing|invalid|malformed|too long)",
+            r"bare (?:lf|line ?feed)|invalid characters|line too long",
+            r"message-id",
+            r"encoded-word",
+            r"(?:email|message) size exceeded",
         ),
     ),
-    Rule("tls-code", "tls", RETRY, enhanced=("x.7.10", "x.7.11")),
-    # Rejections about our sending host, not the message: reverse DNS /
-    # PTR (RFC 7372 X.7.25), Postfix's "Client host rejected" and "Helo
-    # command rejected", Gmail's NotAuthorizedError, dynamic/residential
-    # space, geography.  The spec: policy rejections that concern our
-    # sending IP are temporary.
-    Rule(
-        "sending-host",
-        "policy",
-        RETRY,
-        pattern=_any(
-            r"client host rejected",
-            r"helo command rejected|bad helo|invalid helo",
-            r"cannot find your (?:reverse )?hostname",
-            r"reverse (?:dns|lookup|hostname|mapping)",
-            r"\bptr\b",
-            r"\brdns\b",
-            r"\bip\b[^;]{0,40}?\bnot (?:authori[sz]ed|allowed|permitted)",
-            r"notauthorizederror",
-            r"ipv6 sending guidelines|does not accept email over ipv6",
-            r"not allowed to connect",
-            r"\bcountry\b|geographic",
-            r"dynamic (?:ip|address|pool|range|space)|residential|dial-?up",
-            r"\bdy-001\b|\bes0000(?:01|10)\b|\brtr:(?:rd|du)\b",
-        ),
-    ),
-    Rule("sending-host-code", "policy", RETRY, enhanced=("x.7.25",)),
-    # Sender authentication (SPF, DKIM, DMARC; RFC 7372 X.7.20-X.7.26,
-    # Gmail 5.7.26, Exchange Online 5.7.509/5.7.515, Yahoo 5.7.9
-    # "sender is unauthenticated", Apple [HME1]): our IP or signature is
-    # not authorised for the From domain -- fixable DNS, so retried.
-    Rule(
-        "dmarc",
-        "dmarc",
-        RETRY,
-        pattern=_any(
-            r"\bdmarc\b",
-            r"\bspf\b",
-            r"\bdkim\b",
-            r"sender policy framework",
-            r"domainkeys",
-            r"unauthenticated",
-            r"authentication checks",
-            r"authenticate with",
-            r"required authentication level",
-        ),
-    ),
-    Rule(
-        "dmarc-code",
-        "dmarc",
-        RETRY,
-        enhanced=("x.7.20", "x.7.21", "x.7.22", "x.7.23", "x.7.24", "x.7.26"),
-    ),
-    # SMTP AUTH refused (RFC 4954: 530 5.7.0, 535 5.7.8, 534 5.7.9): our
-    # credentials at a smarthost.  Postfix defers these by default.
-    Rule(
-        "auth",
-        "auth",
-        RETRY,
-        pattern=_any(
-            r"authentication (?:is )?required",
-            r"must authenticate",
-            r"\bnot authenticated\b",
-            r"authentication (?:failed|unsuccessful|credentials)",
-            r"(?:username and password|credentials) (?:not accepted|invalid)",
-            r"invalid credentials|bad credentials",
-            r"\bsasl\b",
-        ),
-    ),
-    Rule("auth-code", "auth", RETRY, enhanced=("x.7.8", "x.7.57")),
     # Spam verdicts on the content: Gmail UnsolicitedMessageError, Exchange
     # 5.7.350, rspamd "Spam message rejected", Apple [HMxx], AOL HVU.
     Rule(
@@ -547,29 +796,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"\bhvu:",
             r"dt:spm",
             r"\bou-002\b",
-        ),
-    ),
-    # Message too large: RFC 3463 X.2.3, X.3.4 (Postfix "Message size
-    # exceeds fixed limit", Exim "Message size exceeds maximum permitted",
-    # Gmail 5.2.3), and malformed content: X.6.x, missing From:, not RFC
-    # 5322 compliant, bare LF, long lines.
-    Rule("message-size", "message", BOUNCE, enhanced=("x.2.3", "x.3.4")),
-    Rule(
-        "message-text",
-        "message",
-        BOUNCE,
-        pattern=_any(
-            r"message (?:size|length) (?:exceeds|too)",
-            r"message (?:is )?too (?:big|large|long)",
-            r"exceed(?:s|ed)? [^;]{0,30}(?:message )?size limit",
-            r"maximum (?:message )?size",
-            r"\bfrom:? header",
-            r"rfc ?(?:5322|2822|822)",
-            r"not rfc[- ]?compliant",
-            r"(?:missing|invalid|duplicate|multiple|malformed|illegal) [^.;]{0,30}header",
-            r"header[^.;]{0,30}(?:missing|invalid|malformed|too long)",
-            r"bare (?:lf|line ?feed)|invalid characters|line too long",
-            r"message-id",
+            r"rejected due to security polic(?:y|ies)",
+            r"spoofed message",
         ),
     ),
     Rule("message-content", "message", BOUNCE, enhanced=("x.6.x", "x.3.3")),
@@ -588,16 +816,21 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"(?:bad|invalid|unknown) sender",
             r"sender (?:domain|address) (?:is )?(?:invalid|unknown|not found)",
             r"malformed address|address syntax",
+            r"\bsender denied\b",
+            r"unresolvable rfc\.?5321 from domain",
+            r"invalid dns mx or a",
         ),
     ),
     # Exchange Online Directory-Based Edge Blocking: "550 5.4.1 Recipient
-    # address rejected: Access denied" means the recipient does not exist.
+    # address rejected: Access denied" (also 5.7.504, and "All recipient
+    # addresses rejected : Access denied") means the recipient does not
+    # exist.
     Rule(
         "recipient-dbeb",
         "recipient",
         BOUNCE,
-        enhanced=("x.4.1",),
-        pattern=r"recipient address rejected: access denied",
+        enhanced=("x.4.1", "x.7.504"),
+        pattern=r"recipient address(?:es)? rejected ?: access denied",
     ),
     # Unknown, moved or disabled mailbox: X.1.1, X.1.6, X.2.1 (RFC 3463),
     # Postfix "User unknown in local recipient table", Exim "Unrouteable
@@ -624,6 +857,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"no longer (?:valid|available|active|on server)",
             r"not our customer",
             r"no mailbox here",
+            r"recipient (?:is )?unavailable",
+            r"banned recipient",
+            r"address is marked as invalid",
+            r"policy rejection on the target address",
         ),
     ),
     Rule("recipient", "recipient", BOUNCE, enhanced=("x.1.1", "x.1.6", "x.2.1")),
@@ -650,12 +887,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "policy",
         BOUNCE,
         pattern=_any(
-            r"relay(?:ing)? (?:access )?(?:denied|not permitted|prohibited|not allowed)",
+            r"relay(?:ing)? (?:access )?(?:denied|not permitted|prohibited|not allowed|disallowed)",
             r"not permitted to relay|we do not relay|unable to relay",
             r"administrative prohibition",
             r"\bpolicy\b|\bpolicies\b",
             r"access denied",
             r"(?:blocked|rejected) by (?:the )?recipient",
+            r"blocked senders|envelope blocked",
+            r"banned content",
         ),
     ),
     # Network and routing (RFC 3463 X.4.x): by the reply code.
@@ -669,6 +908,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
             r"timed? ?out",
             r"network (?:is )?unreachable|no route to host",
             r"mail loop|loop detected|too many hops",
+            r"connection expired",
         ),
     ),
     # RFC 5321 section 4.2.1's advice to retry, on a 4xx only (the spec:
@@ -761,19 +1001,34 @@ class Classifier:
 
     def __init__(self, rules: Sequence[Rule] = DEFAULT_RULES, extra: Sequence[Rule] = ()) -> None:
         self.rules: tuple[Rule, ...] = (*extra, *rules)
+        #: How many of L{rules}, at the front, are the operator's.
+        self.operator_rules = len(extra)
 
     def classify(self, reply: Reply) -> Verdict:
         """Classify a remote reply that refused a command or a message."""
+        return self._decide(reply)[1]
+
+    def explain(self, reply: Reply) -> Explanation:
+        """Classify C{reply} and say why: which rule decided, and on what."""
+        index, verdict = self._decide(reply)
+        if index is None:
+            return Explanation(reply, verdict, None, None, self)
+        rule = self.rules[index]
+        return Explanation(reply, verdict, rule, index + 1, self, rule.explain(reply) or ())
+
+    def _decide(self, reply: Reply) -> tuple[int | None, Verdict]:
+        """The index of the deciding rule (C{None}: none did) and the verdict."""
         code, enhanced = reply.code, reply.enhanced
         if code < 400:
             # A positive reply where a failure was concluded (a 354 to RCPT,
             # say) is a protocol disagreement, not the remote's refusal.
-            return Verdict(RETRY, "protocol", code, enhanced, "unexpected-reply")
+            return None, Verdict(RETRY, "protocol", code, enhanced, "unexpected-reply")
         text = _flatten(reply.text)
-        for rule in self.rules:
+        for index, rule in enumerate(self.rules):
             if rule._matches(reply, text):
-                return Verdict(_action(rule.action, code), rule.category, code, enhanced, rule.name)
-        return Verdict(_action(None, code), "other", code, enhanced, "default")
+                action = _action(rule.action, code)
+                return index, Verdict(action, rule.category, code, enhanced, rule.name)
+        return None, Verdict(_action(None, code), "other", code, enhanced, "default")
 
     def classify_error(self, error: DeliveryError) -> Verdict:
         """Classify a failure of a whole delivery attempt.
@@ -801,6 +1056,65 @@ def _action(action: str | None, code: int) -> str:
     if code < 500:
         return RETRY  # RFC 5321 section 4.2.1: 4yz is transient
     return action or BOUNCE
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a reply gets its verdict (L{Classifier.explain}), for people.
+
+    C{rule} is the deciding row of the classifier's table and C{position}
+    its place there (from 1; the operator's rules come first), both
+    C{None} when no rule matched and the reply code decided; C{matched}
+    says what each of the rule's conditions matched (L{Rule.explain}).
+    L{lines} is what C{mtactl classify --explain} prints.
+    """
+
+    reply: Reply
+    verdict: Verdict
+    rule: Rule | None
+    position: int | None
+    classifier: Classifier = field(repr=False, compare=False)
+    matched: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        """The explanation as short lines: reply, verdict, rule, conditions, action."""
+        reply, verdict = self.reply, self.verdict
+        codes = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
+        lines = [
+            f"reply: {codes} {_flatten(reply.text)}".rstrip(),
+            f"verdict: {verdict.action}, category {verdict.category}",
+        ]
+        if verdict.rule == "unexpected-reply":
+            return [*lines, "rule: none: a positive reply where a failure was concluded"]
+        rule, position = self.rule, self.position
+        total = len(self.classifier.rules)
+        if rule is None or position is None:
+            lines.append(f"rule: none of the {total} rules matched")
+            by_code = "a 4xx is transient" if reply.code < 500 else "a 5xx is permanent"
+            lines.append(f"action: {verdict.action}: the reply code decides ({by_code})")
+            return lines
+        operator = self.classifier.operator_rules
+        if position <= operator:
+            where = f"operator rule {position} of {operator}"
+            lines.append(f"rule: {rule.name} ({where}, {rule.origin or 'given in code'})")
+        else:
+            built_in = total - operator
+            where = f"built-in rule {position - operator} of {built_in}, mta.bounce.DEFAULT_RULES"
+            lines.append(f"rule: {rule.name} ({where})")
+        lines += [f"  {line}" for line in self.matched]
+        if rule.action is None:
+            by_code = "a 4xx is transient" if reply.code < 500 else "a 5xx is permanent"
+            lines.append(
+                f"action: {verdict.action}: the rule leaves it to the reply code ({by_code})"
+            )
+        elif rule.action != verdict.action:
+            lines.append(
+                f"action: {verdict.action}: the rule says {rule.action}, but a 4xx is always "
+                "retried (RFC 5321 section 4.2.1)"
+            )
+        else:
+            lines.append(f"action: {verdict.action}, as the rule says")
+        return lines
 
 
 # -- configuration ---------------------------------------------------------
@@ -875,7 +1189,7 @@ def rules_from_config(entries: list[dict[str, Any]], source: str) -> list[Rule]:
                 f"{where}: action: a 4xx reply is always retried (RFC 5321 section 4.2.1), "
                 "so bounce cannot apply to codes " + ", ".join(codes)
             )
-        rules.append(Rule(**values))
+        rules.append(Rule(**values, origin=f"{source}, [[bounce.rules]] #{index}"))
     return rules
 
 

@@ -387,7 +387,12 @@ def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: Text
 
 
 def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
-    """Print how a reply would be treated: retry or bounce, and why."""
+    """Print how a reply would be treated: retry or bounce, and why.
+
+    The verdict is one JSON object; with C{--explain}, lines for people
+    instead: the rule that decided (built-in, or the operator's with its
+    configuration entry), what its conditions matched, and why the action.
+    """
     text = " ".join(args.reply)
     if text == "-":
         text = sys.stdin.read()
@@ -397,8 +402,11 @@ def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO
         raise UsageError(f"classify: {e}") from None
     if reply.code < 400:
         raise UsageError(f"classify: {reply.code} is a success reply, not a failure")
-    verdict = Classifier(extra=config.bounce_rules).classify(reply)
-    out.write(json.dumps(verdict.to_json()) + "\n")
+    classifier = Classifier(extra=config.bounce_rules)
+    if args.explain:
+        out.write("".join(f"{printable(line)}\n" for line in classifier.explain(reply).lines()))
+        return 0
+    out.write(json.dumps(classifier.classify(reply).to_json()) + "\n")
     return 0
 
 
@@ -506,6 +514,11 @@ def parser() -> argparse.ArgumentParser:
         'Multi-line replies as in logs work too; "-" reads the reply from stdin.',
     )
     cl.add_argument("reply", nargs="+", help="the reply text, or - for stdin")
+    cl.add_argument(
+        "--explain",
+        action="store_true",
+        help="say which rule decided (built-in, or which configuration entry) and what it matched",
+    )
     cl.set_defaults(func=cmd_classify)
     dk = sub.add_parser("dkim", help="manage DKIM signing keys")
     dsub = dk.add_subparsers(dest="command", required=True)

@@ -12,6 +12,7 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta import cli
+from mta.bounce import DEFAULT_RULES
 from mta.cli import main
 from mta.envelope import Envelope, Recipient, RecipientState, SentRecord
 from mta.spool import journal
@@ -746,6 +747,52 @@ class ClassifyTests(CLITestCase):
             )
         verdict = self.classify("550 5.1.1 acme says no")
         self.assertEqual((verdict["action"], verdict["rule"]), ("retry", "acme"))
+
+    def test_explain_names_the_built_in_rule_and_what_it_matched(self) -> None:
+        code, out = self.mtactl(
+            "classify",
+            "--explain",
+            "421 4.7.28 Gmail has detected an unusual rate of email. To protect our users from "
+            "spam, email has been temporarily rate limited.",
+        )
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertEqual(lines[1], "verdict: retry, category rate")
+        self.assertRegex(lines[2], r"^rule: rate-limited \(built-in rule \d+ of \d+, ")
+        self.assertEqual(lines[3], "  pattern /\\brate[ -]limited\\b/ found 'rate limited'")
+        self.assertEqual(lines[-1], "action: retry, as the rule says")
+
+    def test_explain_names_the_operator_rule_and_its_configuration_entry(self) -> None:
+        with open(self.config, "a", encoding="utf-8") as f:
+            f.write(
+                '\n[[bounce.rules]]\nname = "acme"\npattern = "acme says no"\n'
+                'category = "capacity"\naction = "retry"\n'
+            )
+        code, out = self.mtactl("classify", "--explain", "550 5.1.1 acme says no")
+        self.assertEqual(code, 0)
+        self.assertIn(
+            f"rule: acme (operator rule 1 of 1, {self.config}, [[bounce.rules]] #1)\n"
+            "  pattern /acme says no/ found 'acme says no'\n"
+            "action: retry, as the rule says\n",
+            out,
+        )
+
+    def test_explain_when_no_rule_matches(self) -> None:
+        code, out = self.mtactl("classify", "--explain", "-", stdin="554 nothing we know\n")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out.splitlines()[1:],
+            [
+                "verdict: bounce, category other",
+                f"rule: none of the {len(DEFAULT_RULES)} rules matched",
+                "action: bounce: the reply code decides (a 5xx is permanent)",
+            ],
+        )
+
+    def test_explain_prints_no_control_characters(self) -> None:
+        code, out = self.mtactl("classify", "--explain", "550 5.1.1 user unknown \x1b[31mred")
+        self.assertEqual(code, 0)
+        self.assertNotIn("\x1b", out)
 
     def test_bad_reply_is_a_usage_error(self) -> None:
         code, out = self.mtactl("classify", "no code here")
