@@ -1,6 +1,6 @@
 """Bounce classification: is a failure worth retrying, and what kind is it?
 
-Every failed delivery attempt ends here as a L{Verdict}: C{retry}
+Every failed delivery attempt ends here as a L{Classification}: C{retry}
 (temporary) or C{bounce} (permanent), plus one category from the spec's
 closed list (L{CATEGORIES}) that the log, the metrics and the DSN carry.
 The module is pure: no reactor, no I/O, no clock.  It classifies either a
@@ -942,7 +942,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Classification:
     """The outcome of classifying one failure.
 
     C{action} is C{"retry"} or C{"bounce"}; C{category} is one of
@@ -1004,7 +1004,7 @@ class Classifier:
         #: How many of L{rules}, at the front, are the operator's.
         self.operator_rules = len(extra)
 
-    def classify(self, reply: Reply) -> Verdict:
+    def classify(self, reply: Reply) -> Classification:
         """Classify a remote reply that refused a command or a message."""
         return self._decide(reply)[1]
 
@@ -1016,21 +1016,21 @@ class Classifier:
         rule = self.rules[index]
         return Explanation(reply, verdict, rule, index + 1, self, rule.explain(reply) or ())
 
-    def _decide(self, reply: Reply) -> tuple[int | None, Verdict]:
+    def _decide(self, reply: Reply) -> tuple[int | None, Classification]:
         """The index of the deciding rule (C{None}: none did) and the verdict."""
         code, enhanced = reply.code, reply.enhanced
         if code < 400:
             # A positive reply where a failure was concluded (a 354 to RCPT,
             # say) is a protocol disagreement, not the remote's refusal.
-            return None, Verdict(RETRY, "protocol", code, enhanced, "unexpected-reply")
+            return None, Classification(RETRY, "protocol", code, enhanced, "unexpected-reply")
         text = _flatten(reply.text)
         for index, rule in enumerate(self.rules):
             if rule._matches(reply, text):
                 action = _action(rule.action, code)
-                return index, Verdict(action, rule.category, code, enhanced, rule.name)
-        return None, Verdict(_action(None, code), "other", code, enhanced, "default")
+                return index, Classification(action, rule.category, code, enhanced, rule.name)
+        return None, Classification(_action(None, code), "other", code, enhanced, "default")
 
-    def classify_error(self, error: DeliveryError) -> Verdict:
+    def classify_error(self, error: DeliveryError) -> Classification:
         """Classify a failure of a whole delivery attempt.
 
         C{error.kind} decides first: C{"dns"} is retried unless its reply is
@@ -1044,11 +1044,13 @@ class Classifier:
         reply = error.reply
         if error.kind == "dns":
             if reply.code >= 500:
-                return Verdict(BOUNCE, "dns", reply.code, reply.enhanced, "dns-permanent")
-            return Verdict(RETRY, "dns", reply.code, reply.enhanced, "dns-temporary")
+                return Classification(BOUNCE, "dns", reply.code, reply.enhanced, "dns-permanent")
+            return Classification(RETRY, "dns", reply.code, reply.enhanced, "dns-temporary")
         category = _ERROR_KINDS.get(error.kind)
         if category is not None:
-            return Verdict(RETRY, category, reply.code, reply.enhanced, f"{error.kind}-error")
+            return Classification(
+                RETRY, category, reply.code, reply.enhanced, f"{error.kind}-error"
+            )
         return self.classify(reply)
 
 
@@ -1070,7 +1072,7 @@ class Explanation:
     """
 
     reply: Reply
-    verdict: Verdict
+    verdict: Classification
     rule: Rule | None
     position: int | None
     classifier: Classifier = field(repr=False, compare=False)

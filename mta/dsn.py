@@ -55,6 +55,7 @@ from email.utils import format_datetime
 from typing import Protocol
 
 from mta.address import xtext_encode
+from mta.delivery.mime import header_section
 from mta.envelope import Envelope, Recipient
 
 FAILED = "failed"
@@ -297,18 +298,6 @@ def report_needs_smtputf8(report: bytes) -> bool:
         and part.get_content_type() in ("message/global", "message/global-headers")
         for part in payload
     )
-
-
-def header_section(message: bytes) -> bytes:
-    """The header section of a message, up to and including its last CRLF.
-
-    RFC 5322 section 2.1: the header ends at the first empty line.  A
-    message without one is all header.
-    """
-    if message.startswith(b"\r\n"):
-        return b""
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
 
 
 def _rfc5322_date(when: float) -> str:

@@ -18,9 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mta.bounce import (
     CATEGORIES,
     DEFAULT_RULES,
+    Classification,
     Classifier,
     Rule,
-    Verdict,
     parse_reply,
     rules_from_config,
 )
@@ -854,11 +854,11 @@ class ClassifierTests(SynchronousTestCase):
         classifier = Classifier()
         self.assertEqual(
             classifier.classify(Reply(451, None, "whatever")),
-            Verdict("retry", "other", 451, None, "default"),
+            Classification("retry", "other", 451, None, "default"),
         )
         self.assertEqual(
             classifier.classify(Reply(554, None, "whatever")),
-            Verdict("bounce", "other", 554, None, "default"),
+            Classification("bounce", "other", 554, None, "default"),
         )
 
     def test_a_4xx_is_never_bounced(self) -> None:
@@ -867,7 +867,9 @@ class ClassifierTests(SynchronousTestCase):
 
     def test_positive_reply_is_a_protocol_problem(self) -> None:
         verdict = Classifier().classify(Reply(354, None, "go ahead"))
-        self.assertEqual(verdict, Verdict("retry", "protocol", 354, None, "unexpected-reply"))
+        self.assertEqual(
+            verdict, Classification("retry", "protocol", 354, None, "unexpected-reply")
+        )
 
     def test_rule_names_the_decision(self) -> None:
         verdict = Classifier().classify(parse_reply("550 5.1.1 User unknown"))
@@ -890,7 +892,7 @@ class ClassifierTests(SynchronousTestCase):
         self.assertEqual(Classifier().classify(reply).action, "retry")
         self.assertEqual(
             Classifier(extra=[rule]).classify(reply),
-            Verdict("bounce", "capacity", 552, "5.2.2", "acme-quota"),
+            Classification("bounce", "capacity", 552, "5.2.2", "acme-quota"),
         )
         other = Reply(552, "5.2.2", "mailbox full")
         self.assertEqual(Classifier(extra=[rule]).classify(other).rule, "capacity")
@@ -964,12 +966,12 @@ class ClassifierTests(SynchronousTestCase):
 class ClassifyErrorTests(SynchronousTestCase):
     """L{Classifier.classify_error} per L{DeliveryError} kind."""
 
-    def classify(self, code: int, enhanced: str, text: str, kind: str) -> Verdict:
+    def classify(self, code: int, enhanced: str, text: str, kind: str) -> Classification:
         return Classifier().classify_error(DeliveryError(Reply(code, enhanced, text), kind))
 
     def test_dns_temporary(self) -> None:
         verdict = self.classify(451, "4.4.3", "SERVFAIL looking up example.com", "dns")
-        self.assertEqual(verdict, Verdict("retry", "dns", 451, "4.4.3", "dns-temporary"))
+        self.assertEqual(verdict, Classification("retry", "dns", 451, "4.4.3", "dns-temporary"))
 
     def test_dns_permanent(self) -> None:
         for code, enhanced, text in [
@@ -978,7 +980,9 @@ class ClassifyErrorTests(SynchronousTestCase):
         ]:
             with self.subTest(enhanced=enhanced):
                 verdict = self.classify(code, enhanced, text, "dns")
-                self.assertEqual(verdict, Verdict("bounce", "dns", code, enhanced, "dns-permanent"))
+                self.assertEqual(
+                    verdict, Classification("bounce", "dns", code, enhanced, "dns-permanent")
+                )
 
     def test_local_failures_are_retried(self) -> None:
         for kind, category in [
@@ -994,7 +998,7 @@ class ClassifyErrorTests(SynchronousTestCase):
                 for code, enhanced in [(451, "4.4.1"), (535, "5.7.8")]:
                     verdict = self.classify(code, enhanced, "connect to x: refused", kind)
                     self.assertEqual(
-                        verdict, Verdict("retry", category, code, enhanced, f"{kind}-error")
+                        verdict, Classification("retry", category, code, enhanced, f"{kind}-error")
                     )
 
     def test_remote_replies_are_classified(self) -> None:
@@ -1008,9 +1012,9 @@ class ClassifyErrorTests(SynchronousTestCase):
         self.assertEqual((verdict.action, verdict.category), ("bounce", "message"))
 
 
-class VerdictTests(SynchronousTestCase):
+class ClassificationTests(SynchronousTestCase):
     def test_to_json(self) -> None:
-        verdict = Verdict("bounce", "recipient", 550, "5.1.1", "recipient-text")
+        verdict = Classification("bounce", "recipient", 550, "5.1.1", "recipient-text")
         self.assertEqual(
             json.loads(json.dumps(verdict.to_json())),
             {
@@ -1023,15 +1027,17 @@ class VerdictTests(SynchronousTestCase):
         )
 
     def test_to_json_without_enhanced(self) -> None:
-        self.assertIsNone(Verdict("retry", "other", 451, None, "default").to_json()["enhanced"])
+        self.assertIsNone(
+            Classification("retry", "other", 451, None, "default").to_json()["enhanced"]
+        )
 
     def test_temporary(self) -> None:
-        self.assertTrue(Verdict("retry", "other", 451, None, "default").temporary)
-        self.assertFalse(Verdict("bounce", "other", 554, None, "default").temporary)
+        self.assertTrue(Classification("retry", "other", 451, None, "default").temporary)
+        self.assertFalse(Classification("bounce", "other", 554, None, "default").temporary)
 
     def test_bad_verdicts_are_refused(self) -> None:
-        self.assertRaises(ValueError, Verdict, "defer", "other", 451, None, "x")
-        self.assertRaises(ValueError, Verdict, "retry", "nonsense", 451, None, "x")
+        self.assertRaises(ValueError, Classification, "defer", "other", 451, None, "x")
+        self.assertRaises(ValueError, Classification, "retry", "nonsense", 451, None, "x")
 
 
 class RulesFromConfigTests(SynchronousTestCase):

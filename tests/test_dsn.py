@@ -21,10 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mta.delivery.mime import header_section
 from mta.dsn import (
     Notice,
     build_report,
-    header_section,
     needs_notice,
     report_is_8bit,
     report_needs_smtputf8,

@@ -7,7 +7,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mta.ratelimit import DailyCounter
+from mta.dailycount import DailyCounter
 from tests.support import LOGIN, Harness, make_config
 
 # 2023-11-14 22:13:20 UTC

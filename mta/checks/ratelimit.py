@@ -5,7 +5,7 @@ its defaults.  The limit is a user's C{daily_limit} (users file, C{mtactl
 user add --daily-limit}) or else C{daily_messages} (the option, else
 C{[limits] daily_messages}, 300 by default); 0 means no limit.  What counts is
 one per accepted message, or with C{count = "recipients"} one per
-recipient.  Counts are kept by L{mta.ratelimit.DailyCounter} in
+recipient.  Counts are kept by L{mta.dailycount.DailyCounter} in
 C{spool/state/}, so a restart does not reset them; the day is the UTC day.
 
 Refusals are temporary (C{451 4.7.1}) and say which limit was reached:
@@ -25,8 +25,8 @@ from zope.interface import implementer
 
 from mta.checks import CONTINUE, MessageInfo, PluginContext, SessionInfo, Verdict, tempfail
 from mta.config import option
+from mta.dailycount import DailyCounter
 from mta.interfaces import IMailHook, IMessageHook, IQueuedHook, IRcptHook
-from mta.ratelimit import DailyCounter
 
 log = Logger(namespace="mta.checks.ratelimit")
 

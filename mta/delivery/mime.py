@@ -34,18 +34,29 @@ def is_8bit_file(f: IO[bytes]) -> bool:
     return False
 
 
-def header_section(f: IO[bytes], limit: int = 1 << 20) -> bytes:
-    """The header section of a stored message (up to the empty line)."""
+def header_section(message: bytes) -> bytes:
+    """The header section of a message, up to and including its last CRLF.
+
+    RFC 5322 section 2.1: the header ends at the first empty line.  A
+    message without one is all header.
+    """
+    if message.startswith(b"\r\n"):
+        return b""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+def read_header_section(f: IO[bytes], limit: int = 1 << 20) -> bytes:
+    """The header section of a stored message (L{header_section}), reading at most C{limit}."""
     head = b""
     while len(head) < limit:
         chunk = f.read(65536)
         if not chunk:
-            return head
+            break
         head += chunk
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:
-            return head[: end + 2]
-    return head[:limit]
+        if head.startswith(b"\r\n") or b"\r\n\r\n" in head:
+            break
+    return header_section(head[:limit])
 
 
 def needs_smtputf8(sender: str, recipients: list[str], header: bytes) -> bool:

@@ -25,10 +25,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.address import Network, in_networks
-from mta.batch import run_now
+from mta.batch import Runner, run_now
 from mta.delivery import mx
 from mta.delivery.job import DeliveryJob, RecipientResult
-from mta.delivery.mime import DowngradeError, downgrade_8bit, header_section, is_8bit_file
+from mta.delivery.mime import DowngradeError, downgrade_8bit, is_8bit_file, read_header_section
 from mta.delivery.mime import needs_smtputf8 as _needs_smtputf8
 from mta.delivery.routes import Route, Router
 from mta.envelope import Envelope, Recipient
@@ -47,7 +47,6 @@ from mta.smtp.client import (
 log = Logger(namespace="mta.delivery")
 
 Connector = Callable[[Any, str, str, int, ClientPolicy], Awaitable[OutboundConnection]]
-Runner = Callable[[Callable[[], Any]], Deferred[Any]]
 
 
 @dataclass
@@ -143,7 +142,7 @@ class _MessageFacts:
         open_message: Callable[[], IO[bytes]],
         envelope: Envelope,
         recipients: list[str],
-        runner: Runner,
+        runner: Runner[Any],
     ) -> None:
         self.open = open_message
         self.envelope = envelope
@@ -181,7 +180,7 @@ class _MessageFacts:
 
     def _header(self) -> bytes:
         with self.open() as f:
-            return header_section(f)
+            return read_header_section(f)
 
     async def downgraded(self) -> bytes:
         if self._downgraded is None:
@@ -219,7 +218,7 @@ class DeliveryAgent:
         *,
         connector: Connector = connect,
         shuffle: Callable[[list[Any]], None] = random.shuffle,
-        runner: Runner = run_now,
+        runner: Runner[Any] = run_now,
         metrics: Metrics | None = None,
         outbound: Callable[[Envelope, bytes], Deferred[bytes]] | None = None,
     ) -> None:

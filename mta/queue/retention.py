@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from mta.batch import Runner
 from mta.config import RetentionConfig
+from mta.delivery.mime import header_section
 from mta.envelope import QueueState
 from mta.errors import StorageError
 from mta.interfaces import IQueueStore
@@ -44,8 +45,7 @@ T = TypeVar("T")
 
 def redacted_message(original: bytes, days: float, when: float) -> bytes:
     """The header section of C{original} and a notice instead of the body."""
-    end = original.find(b"\r\n\r\n")
-    head = original if end < 0 else original[: end + 2]
+    head = header_section(original)
     date = format_datetime(datetime.fromtimestamp(when, UTC))
     notice = (
         f"The content of this message was removed on {date}, after the\r\n"

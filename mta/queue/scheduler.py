@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from mta import dsn, maillog
 from mta.address import domain_of
-from mta.bounce import Classifier, Verdict
+from mta.bounce import Classification, Classifier
 from mta.config import QueueConfig
 from mta.delivery.job import RecipientResult
 from mta.envelope import Envelope, QueueState, Recipient, RecipientState, SentRecord
@@ -298,7 +298,7 @@ class Decision:
     answered: bool = False  # the destination answered a transaction
 
 
-def classify(result: RecipientResult, classifier: Classifier) -> Verdict:
+def classify(result: RecipientResult, classifier: Classifier) -> Classification:
     """Retry or bounce, and why (L{mta.bounce})."""
     return classifier.classify_error(DeliveryError(result.reply, result.kind, remote=result.relay))
 
@@ -327,7 +327,7 @@ def apply(
     policy = RetryPolicy.from_config(settings)
     by_address = {r.address: r for r in recipients}
     decision = Decision()
-    verdicts: list[Verdict | None] = []
+    verdicts: list[Classification | None] = []
     for result in results:
         rcpt = by_address[result.address]
         verdict = None if result.ok else classify(result, classifier)
@@ -363,7 +363,7 @@ def apply(
 
 def _rest(
     results: list[RecipientResult],
-    verdicts: list[Verdict | None],
+    verdicts: list[Classification | None],
     policy: RetryPolicy,
     settings: QueueConfig,
 ) -> tuple[float, Reply, str] | None:

@@ -20,7 +20,7 @@ from typing import IO
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-log = Logger(namespace="mta.ratelimit")
+log = Logger(namespace="mta.dailycount")
 
 
 class DailyCounter:
