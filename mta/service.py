@@ -43,7 +43,8 @@ from mta.interfaces import IOutboundHook
 from mta.logs import json_observer
 from mta.metrics import Metrics
 from mta.metrics import site as metrics_site
-from mta.queue.manager import QueueLimits, QueueManager
+from mta.queue.dispatch import QueueLimits
+from mta.queue.manager import QueueManager
 from mta.queue.reports import Reporter
 from mta.queue.retention import Retention
 from mta.smtp.auth import AuthThrottle, UserFileChecker
