@@ -319,6 +319,13 @@ class StartupErrorTests(SynchronousTestCase):
         d = Daemon(self.mktemp(), {"limits": {"recipients": "many"}})
         self.assertOneLineError(self.run_daemon(d), "mta.toml", "[limits] recipients", "integer")
 
+    def test_too_few_recipients_allowed(self) -> None:
+        """Below RFC 5321's minimum of 100 recipients the daemon does not start."""
+        d = Daemon(self.mktemp(), {"limits": {"recipients": 50}})
+        self.assertOneLineError(
+            self.run_daemon(d), "[limits] recipients", "at least 100", "RFC 5321", "got 50"
+        )
+
     def test_unknown_key(self) -> None:
         d = Daemon(self.mktemp(), {"limits": {"recipeints": 5}})
         self.assertOneLineError(self.run_daemon(d, "twist"), "unknown key", "recipeints")
