@@ -182,6 +182,22 @@ class BdatTests(ChunkingTestCase):
         _, env, _ = self.h.spool.messages[reply[1].rpartition(" ")[2]]
         self.assertEqual(env.body, "8BITMIME")
 
+    def test_on_the_starttls_listener(self) -> None:
+        """Offered and taken on 587 as on 465: after STARTTLS, EHLO and AUTH."""
+        c = self.h.connect(implicit_tls=False)
+        c.replies()
+        self.assertIn("CHUNKING", c.command("EHLO client.test")[1].split("\n"))
+        # Before TLS and AUTH there is no transaction: the chunk is discarded.
+        c.send(bdat(b"MAIL FROM:<x@example.com>\r\n", last=True))
+        self.assertEqual(c.codes(), [503])
+        self.assertEqual(c.command("STARTTLS")[0], 220)
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        c.command("RCPT TO:<bob@example.net>")
+        c.send(bdat(MESSAGE, last=True))
+        [reply] = c.replies()
+        self.assertIn(b" with ESMTPSA id ", self.stored(reply))
+
 
 class BdatSequenceTests(ChunkingTestCase):
     def test_data_after_bdat_refused(self) -> None:
