@@ -410,6 +410,16 @@ class BdatCommitTests(ChunkingTestCase):
         self.assertEqual((code, text[:5]), (452, "4.3.1"))
         self.assertEqual(self.h.spool.messages, {})
 
+    def test_deleted_user_cannot_send(self) -> None:
+        """The account goes while MAIL is open: the chunk is still read."""
+        c = self.begin()
+        with self.h.users.editing() as users:
+            del users[LOGIN]
+        c.send(bdat(b"QUIT\r\n") + b"NOOP\r\n")
+        self.assertEqual(c.codes(), [535, 250])
+        self.assertFalse(c.closed)
+        self.assertEqual(self.h.spool.messages, {})
+
     def test_write_failure_at_a_middle_chunk(self) -> None:
         self.h.spool.fail_write = StorageError("EIO")
         c = self.begin()

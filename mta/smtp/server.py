@@ -871,15 +871,19 @@ class SubmissionSession(Protocol):
         if m is None:
             return BDAT_SYNTAX
         size = int(m.group(1))
-        self._chunk = _Chunk(size=size, left=size, last=m.group(2) is not None)
-        self._chunk.refused = self._chunk_refusal()
-        if self._chunk.refused is None and self._chunked is None:
+        refused = self._chunk_refusal()
+        if refused is None and self._chunked is None:
             assert self.txn is not None
-            builder = self._new_builder(self.txn)
-            reader = ChunkReader(
-                builder.write, self.limits.message_size, bare_newline=self.limits.bare_newline
-            )
-            self._chunked = _Chunked(reader, builder)
+            try:
+                builder = self._new_builder(self.txn)
+            except SMTPReplyError as e:
+                refused = e.reply  # the login's account is gone
+            else:
+                reader = ChunkReader(
+                    builder.write, self.limits.message_size, bare_newline=self.limits.bare_newline
+                )
+                self._chunked = _Chunked(reader, builder)
+        self._chunk = _Chunk(size=size, left=size, last=m.group(2) is not None, refused=refused)
         if size == 0:
             return self._end_of_chunk()
         return None  # answered once the chunk has been read (_chunk_octets)
