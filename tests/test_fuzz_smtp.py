@@ -21,6 +21,11 @@ made of.  After every step:
     with every line ending in CRLF (bare LF normalized) after one
     Received: field; nothing after a false end of data (a smuggling
     attempt) is ever taken as a command;
+  - a message sent in BDAT chunks (RFC 3030) cut at random points gets
+    one reply per chunk, the last one C{250} exactly when a line-by-line
+    model takes the message (no dot-unstuffing, bare LF normalized), and
+    is then stored as the model says; once a chunk fails, every later
+    chunk gets the same reply;
   - when a session is closed, every spool transaction it opened was
     committed or aborted.
 
