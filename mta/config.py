@@ -26,8 +26,11 @@ from mta.errors import ConfigError
 from mta.hostnames import check_relay
 
 
-def _opt(default: Any, *, minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
-    meta = {"minimum": minimum, "choices": choices}
+def _opt(
+    default: Any, *, minimum: float | None = None, choices: tuple[str, ...] = (), why: str = ""
+) -> Any:
+    """A field with a default and its checks; C{why} is added to a too-small value's error."""
+    meta = {"minimum": minimum, "choices": choices, "why": why}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,7 +63,10 @@ class TLSConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     message_size: int = _opt(50 * 1024 * 1024, minimum=1024)
-    recipients: int = _opt(50, minimum=1)
+    # Postfix's smtpd_recipient_limit; RFC 5321 section 4.5.3.1.8 asks for at least 100.
+    recipients: int = _opt(
+        1000, minimum=100, why="RFC 5321 section 4.5.3.1.8: a server must accept 100 recipients"
+    )
     received_headers: int = _opt(25, minimum=1)
     connections_per_ip: int = _opt(10, minimum=1)
     connections: int = _opt(1000, minimum=1)
@@ -70,6 +76,9 @@ class LimitsConfig:
     daily_messages: int = _opt(300, minimum=0)  # per login and UTC day; 0: no limit
     header_size: int = _opt(1024 * 1024, minimum=1024)
     data_min_rate: int = _opt(500, minimum=0)  # octets/s in DATA; 0: any progress will do
+    # A line that ends in a bare LF: stored with CRLF, or the message refused
+    # (Postfix 3.9's smtpd_forbid_bare_newline = normalize / reject).
+    bare_newline: str = _opt("normalize", choices=("normalize", "reject"))
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,8 @@ def _check_value(where: str, annotation: Any, value: object, meta: dict[str, Any
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: must be a finite number, got {_describe(value)}")
     if minimum is not None and isinstance(value, int | float) and value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {_describe(value)}")
+        why = f" ({meta['why']})" if meta.get("why") else ""
+        raise ConfigError(f"{where}: must be at least {minimum}{why}, got {_describe(value)}")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {_describe(value)}")

@@ -46,7 +46,9 @@ class DefaultTests(SynchronousTestCase):
         c = config.load(None)
         self.assertEqual(c.source, "<embedded default>")
         self.assertEqual(c.limits.message_size, 50 * 1024 * 1024)
-        self.assertEqual(c.limits.recipients, 50)
+        self.assertEqual(c.limits.recipients, 1000)
+        self.assertEqual(c.limits.bare_newline, "normalize")
+        self.assertEqual(c.delivery.recipients_per_transaction, 50)
         self.assertEqual(c.limits.received_headers, 25)
         self.assertEqual(c.limits.connections_per_ip, 10)
         self.assertEqual(c.auth.max_failures, 10)
@@ -107,7 +109,7 @@ class LoadTests(ConfigFileTestCase):
             "[listen]\n"
             'submissions = ["tcp:10465", "tcp6:10465:interface=\\\\:\\\\:1"]\n'
             "[limits]\n"
-            "recipients = 5\n"
+            "recipients = 500\n"
             "idle_timeout = 2\n"
             "[auth]\n"
             "failure_window = 60.5\n"
@@ -116,7 +118,7 @@ class LoadTests(ConfigFileTestCase):
         self.assertEqual(c.source, path)
         self.assertEqual(c.hostname, "mail.example.com")
         self.assertEqual(c.listen.submissions, ["tcp:10465", "tcp6:10465:interface=\\:\\:1"])
-        self.assertEqual(c.limits.recipients, 5)
+        self.assertEqual(c.limits.recipients, 500)
         self.assertEqual(c.limits.message_size, 50 * 1024 * 1024)
         self.assertEqual(c.auth.failure_window, 60.5)
 
@@ -229,7 +231,8 @@ class ErrorTests(ConfigFileTestCase):
 
     def test_below_minimum(self) -> None:
         cases = [
-            ("[limits]\nrecipients = 0\n", "[limits] recipients", "at least 1"),
+            ("[limits]\nrecipients = 0\n", "[limits] recipients", "at least 100"),
+            ("[limits]\nrecipients = 99\n", "[limits] recipients", "RFC 5321 section 4.5.3.1.8"),
             ("[limits]\nmessage_size = 1023\n", "[limits] message_size", "at least 1024"),
             ("[limits]\nidle_timeout = 0.05\n", "[limits] idle_timeout", "at least 0.1"),
             ("[auth]\nfailure_delay = -1\n", "[auth] failure_delay", "at least 0"),
@@ -240,8 +243,15 @@ class ErrorTests(ConfigFileTestCase):
                 self.assertConfigError(text, where, rule)
 
     def test_at_minimum(self) -> None:
-        c = config.load(self.write("[limits]\nrecipients = 1\nmessage_size = 1024\n"))
-        self.assertEqual((c.limits.recipients, c.limits.message_size), (1, 1024))
+        c = config.load(self.write("[limits]\nrecipients = 100\nmessage_size = 1024\n"))
+        self.assertEqual((c.limits.recipients, c.limits.message_size), (100, 1024))
+
+    def test_bare_newline_choices(self) -> None:
+        c = config.load(self.write('[limits]\nbare_newline = "reject"\n'))
+        self.assertEqual(c.limits.bare_newline, "reject")
+        self.assertConfigError(
+            '[limits]\nbare_newline = "strip"\n', "[limits] bare_newline", "normalize, reject"
+        )
 
     def test_nan(self) -> None:
         self.assertConfigError("[limits]\nidle_timeout = nan\n", "[limits] idle_timeout")
