@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
@@ -472,15 +472,26 @@ class PolicyFetcher:
     def fetch(self, domain: str) -> Deferred[bytes]:
         """The policy body of C{domain} (an A-label name); fails with PolicyError."""
         d = Deferred.fromCoroutine(self._fetch(domain))
-        d.addTimeout(self.timeout, self.reactor)
-        return d.addErrback(self._explain)
+        expired: list[bool] = []
 
-    def _explain(self, failure: Failure) -> Failure:
-        if failure.check(PolicyError):
-            return failure
-        if failure.check(TimeoutError):
-            return Failure(PolicyError(f"no policy within {self.timeout:g} s"))
-        return Failure(PolicyError(_describe(failure)))
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()  # aborts whatever is in progress: DNS wait, connection, body
+
+        timer = self.reactor.callLater(self.timeout, expire)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if not isinstance(result, Failure):
+                return result
+            if expired:
+                return Failure(PolicyError(f"no policy within {self.timeout:g} s"))
+            if result.check(PolicyError):
+                return result
+            return Failure(PolicyError(_describe(result)))
+
+        return d.addBoth(done)
 
     async def _fetch(self, domain: str) -> bytes:
         url = f"https://mta-sts.{domain}{POLICY_PATH}".encode("ascii")
