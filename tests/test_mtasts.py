@@ -37,7 +37,10 @@ from mta.testing import FakeResolver
 from tests.pki import CA, self_signed
 from tests.policyserver import PolicyServer
 
-GOOD = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.mx.example.test\r\nmax_age: 86400\r\n"
+GOOD = (
+    "version: STSv1\r\nmode: enforce\r\n"
+    "mx: mx1.example.test\r\nmx: *.mx.example.test\r\nmax_age: 86400\r\n"
+)
 
 
 class TXTTests(SynchronousTestCase):
@@ -93,7 +96,10 @@ class PolicyParserTests(SynchronousTestCase):
         )
 
     def test_lf_line_ends_any_order_extensions_and_space(self) -> None:
-        body = b"max_age:604800  \nmx:   MX.Example.TEST.\nmode: testing\nfoo_bar: some value\nversion: STSv1"
+        body = (
+            b"max_age:604800  \nmx:   MX.Example.TEST.\nmode: testing\n"
+            b"foo_bar: some value\nversion: STSv1"
+        )
         self.assertEqual(parse_policy(body), Policy("testing", 604800, ("mx.example.test",)))
 
     def test_mode_none_needs_no_mx(self) -> None:
