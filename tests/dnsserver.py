@@ -33,10 +33,11 @@ every query as (name, type, "udp"/"tcp").
 C{"secure": true} plays a validating resolver's part for DNSSEC: an
 answer whose every name (along a CNAME chain) is secure has the AD bit
 set (RFC 4035 section 3.2.3), when the query asked for it with AD or
-DO (RFC 6840 section 5.7).  Nothing is signed; a client that trusts the
-AD bit of its resolver, as the MTA does with C{[delivery] dnssec}, needs
-no more.  A bogus answer is what a validating resolver turns into
-SERVFAIL, which C{"servfail"} gives.  TLSA records (RFC 6698) are
+DO (RFC 6840 section 5.7), or always with C{ad_unasked} (some resolvers
+set it unasked; a client not using DNSSEC must not believe it).  Nothing
+is signed; a client that trusts the AD bit of its resolver, as the MTA
+does with C{[delivery] dnssec}, needs no more.  A bogus answer is what
+a validating resolver turns into SERVFAIL, which C{"servfail"} gives.  TLSA records (RFC 6698) are
 C{[usage, selector, matching type, "hex data"]}.
 
 Run as a program it serves a zone from a JSON file in the format above,
@@ -117,6 +118,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.reactor = reactor
         self.queries: list[tuple[str, str, str]] = []  # (name, type, "udp"/"tcp")
         self.delayed: list[IDelayedCall] = []
+        self.ad_unasked = False  # set AD on secure answers whether asked or not
 
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> None:
         query = message.queries[0]
@@ -136,7 +138,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         response.timeReceived = message.timeReceived  # sendReply reads it
         entry = self.zone.get(name, {})
         secure = self._answer(response, name, query.type)
-        if secure and response.rCode == dns.OK and _wants_dnssec(message):
+        if secure and response.rCode == dns.OK and (self.ad_unasked or _wants_dnssec(message)):
             response.authenticData = 1
         response.maxSize = 0  # no limit over TCP; over UDP, truncate whole records
         if udp and (entry.get("truncate") or len(response.toStr()) > _udp_limit(message)):
