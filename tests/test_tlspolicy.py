@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
 from mta.batch import run_now
+from mta.config import RouteConfig, parse
 from mta.delivery import pkix
 from mta.delivery.dns import TLSARecord
 from mta.delivery.mtasts import MTASTS, Policy, PolicyCache, PolicyFetcher
@@ -40,9 +41,10 @@ from mta.delivery.tlspolicy import (
     PKIXCheck,
     TLSPolicies,
 )
-from mta.errors import DeliveryError
+from mta.errors import ConfigError, DeliveryError
+from mta.service import MTAService
 from mta.smtp.client import ClientPolicy, ClientTimeouts, OutboundConnection, connect
-from mta.testing import HANG, FakeResolver, SinkBehaviour, SinkFactory
+from mta.testing import HANG, FakeResolver, SinkBehaviour, SinkFactory, write_users
 from mta.tls import ServerTLS
 from tests.client_support import ScriptedServer, outbound
 from tests.pki import CA, Issued, self_signed
@@ -535,8 +537,6 @@ class AgentTests(RelayTestCase):
         self.assertEqual((result.ok, result.tls), (True, "may"))
 
     async def test_routes_ignore_dane_and_mta_sts(self) -> None:
-        from mta.config import RouteConfig  # noqa: PLC0415
-
         self.mx("sts.test", (10, "mail.elsewhere.test", "127.0.0.2"))
         await self.sink("127.0.0.5")
         router = Router({"sts.test": RouteConfig(relay=f"[127.0.0.5]:{self.port}")})
@@ -563,3 +563,38 @@ class AgentTests(RelayTestCase):
         [second] = await agent.deliver(self.job("carol@dane.test"))
         self.assertEqual((first.tls, second.tls), ("dane", "dane"))
         self.assertEqual(len(self.resolver.queries), queries)  # the cached connection was used
+
+
+class ServiceWiringTests(SynchronousTestCase):
+    """The composition root builds the policies from [delivery]."""
+
+    def service(self, **delivery: Any) -> Any:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        write_users(os.path.join(directory, "users.json"), {"a@example.test": "password-1"})
+        doc = {
+            "server": {"hostname": "localhost", "spool": "spool", "users_file": "users.json"},
+            "listen": {"submissions": [], "submission": []},
+            "delivery": {"dns_servers": ["127.0.0.1"], "dns_port": 9, **delivery},
+        }
+        return MTAService(parse(doc, "test.toml", directory), reactor)
+
+    def test_mta_sts_cache_in_the_spool(self) -> None:
+        service = self.service()
+        self.assertIsInstance(service.agent.tls, TLSPolicies)
+        self.assertIsInstance(service.agent.tls.mta_sts, MTASTS)
+        self.assertEqual(
+            service.agent.tls.mta_sts.cache.directory,
+            os.path.join(service.store.root, "state", "mta-sts"),
+        )
+        self.assertFalse(service.agent.tls.dnssec)
+
+    def test_switches(self) -> None:
+        service = self.service(mta_sts=False, dnssec=True)
+        self.assertIsNone(service.agent.tls.mta_sts)
+        self.assertTrue(service.agent.tls.dnssec)
+
+    def test_unreadable_ca_file_stops_start_up(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            self.service(ca_file="missing-ca.pem")
+        self.assertIn("[delivery] ca_file: cannot read", str(caught.exception))
