@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mta.address import parse_networks
@@ -495,6 +495,39 @@ class DiscoveryTests(TestCase):
         await self.server.stop()
         restarted = self.make()
         self.assertEqual(await restarted.policy("example.test"), parse_policy(GOOD.encode()))
+
+    async def test_policy_used_after_a_day_is_refreshed_in_the_background(self) -> None:
+        # RFC 8461 section 3.3: refresh before expiry, about once a day.
+        week = GOOD.replace("max_age: 86400", "max_age: 604800")
+        self.server.table["mta-sts.example.test"] = {"body": week}
+        await self.sts.policy("example.test")
+        self.clock.advance(86399)
+        await self.sts.policy("example.test")
+        self.assertEqual(self.fetches(), 1)
+        self.clock.advance(1)
+        self.server.table["mta-sts.example.test"] = {"body": week, "delay": 0.1}
+        self.assertIsNotNone(await self.sts.policy("example.test"))  # at once, from the cache
+        self.assertEqual(self.fetches(), 1)
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(self.fetches(), 2)
+        cache = PolicyCache(self.cache_dir, run_now, self.clock)
+        entry = await cache.get("example.test")
+        assert entry is not None
+        self.assertEqual(entry.fetched, self.clock.seconds())  # max_age counts from now
+
+    async def test_failed_refresh_keeps_the_policy(self) -> None:
+        week = GOOD.replace("max_age: 86400", "max_age: 604800")
+        self.server.table["mta-sts.example.test"] = {"body": week}
+        await self.sts.policy("example.test")
+        self.clock.advance(86000)
+        self.server.table["mta-sts.example.test"] = {"status": 500}
+        self.clock.advance(400)
+        await self.sts.policy("example.test")
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.fetches(), 2)
+        self.assertIsNotNone(await self.sts.policy("example.test"))
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.fetches(), 2)  # not again within RETRY_AFTER
 
     async def test_txt_lookup_error_without_cache(self) -> None:
         self.net.resolver.table["_mta-sts.example.test"] = {"servfail": True}

@@ -22,7 +22,9 @@ fails, a cached policy that has not expired still applies (section 3.3:
 policy exists in the sender's cache, the sender MUST apply that cached
 policy"); with nothing cached, the domain has no policy.  A failed fetch
 is not tried again for the same id for L{RETRY_AFTER} seconds, so that a
-dead policy host does not cost every delivery a timeout.
+dead policy host does not cost every delivery a timeout.  A cached policy
+older than L{REFRESH_AFTER} is fetched again in the background when it is
+used, so that its C{max_age} starts anew while the domain gets mail.
 
 Everything runs in the reactor: DNS through the injected L{IResolver},
 HTTP with C{twisted.web.client.Agent}, file access through an injected
@@ -67,6 +69,11 @@ MAX_POLICY_SIZE = 64 * 1024
 MAX_AGE_LIMIT = 31_557_600
 #: After a failed fetch, the seconds before the same policy id is fetched again.
 RETRY_AFTER = 300.0
+#: A cached policy older than this is fetched again in the background when
+#: used, so that a domain mailed often never sees its policy expire (RFC 8461
+#: section 3.3: "MTAs SHOULD proactively refresh cached policies before they
+#: expire; a suggested refresh frequency is once per day").
+REFRESH_AFTER = 86400.0
 #: The well-known path of the policy (RFC 8461 section 3.2).
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
@@ -537,12 +544,14 @@ class MTASTS:
         clock: IReactorTime,
         *,
         retry_after: float = RETRY_AFTER,
+        refresh_after: float = REFRESH_AFTER,
     ) -> None:
         self.resolver = resolver
         self.fetch = fetch
         self.cache = cache
         self.clock = clock
         self.retry_after = retry_after
+        self.refresh_after = refresh_after
         self._failed: dict[tuple[str, str], float] = {}  # (domain, id) -> when
         self._in_flight: dict[str, list[Deferred[CachedPolicy | None]]] = {}
 
@@ -568,10 +577,17 @@ class MTASTS:
         except PolicyError as e:
             log.info("MTA-STS: _mta-sts.{domain}: {error}", domain=domain, error=e)
             return cached
-        if cached is not None and cached.id == sts_id:
-            return cached
         failed = self._failed.get((domain, sts_id))
-        if failed is not None and self.clock.seconds() - failed < self.retry_after:
+        retry = failed is None or self.clock.seconds() - failed >= self.retry_after
+        if cached is not None and cached.id == sts_id:
+            old = self.clock.seconds() - cached.fetched >= self.refresh_after
+            if old and retry and domain not in self._in_flight:
+                refresh = Deferred.fromCoroutine(self._refresh(domain, sts_id, cached))
+                refresh.addErrback(
+                    lambda f: log.failure("MTA-STS: refreshing {domain}", f, domain=domain)
+                )
+            return cached
+        if not retry:
             return cached
         return await self._refresh(domain, sts_id, cached)
 
