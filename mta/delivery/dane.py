@@ -19,7 +19,7 @@ that); this module is the pure part, on records and certificates:
     server sent; the chain from the server certificate to it must verify
     (signatures and dates), and the server certificate must name the
     TLSA base domain (the MX host) or the next-hop domain (sections 3.1.2
-    and 3.2.2).
+    and 3.2).
 """
 
 from __future__ import annotations
