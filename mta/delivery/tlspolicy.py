@@ -49,8 +49,9 @@ from mta.config import DeliveryConfig
 from mta.delivery import dane, pkix
 from mta.delivery.dns import DNSError, TLSARecord
 from mta.delivery.mtasts import MTASTS, Policy, PolicyCache, PolicyFetcher, Runner
-from mta.delivery.mx import NextHop, to_ascii
+from mta.delivery.mx import NextHop
 from mta.errors import DeliveryError, Reply
+from mta.hostnames import to_ascii
 from mta.interfaces import IResolver
 from mta.smtp.client import ClientPolicy
 
