@@ -57,6 +57,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from mta.address import Network, in_networks
+from mta.batch import Runner
 from mta.delivery.dns import DNSError
 from mta.interfaces import IResolver
 
@@ -254,8 +255,6 @@ class CachedPolicy:
         return cls(domain, sts_id, float(fetched), parse_policy(body.encode()), body)
 
 
-Runner = Callable[[Callable[[], Any]], Deferred[Any]]
-
 _SAFE_NAME = re.compile(r"[a-z0-9_-][a-z0-9._-]*")
 
 
@@ -270,7 +269,12 @@ class PolicyCache:
     """
 
     def __init__(
-        self, directory: str, runner: Runner, clock: IReactorTime, *, memory_limit: int = 10_000
+        self,
+        directory: str,
+        runner: Runner[Any],
+        clock: IReactorTime,
+        *,
+        memory_limit: int = 10_000,
     ) -> None:
         self.directory = directory
         self._runner = runner

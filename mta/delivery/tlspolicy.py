@@ -45,10 +45,11 @@ from cryptography import x509
 from twisted.logger import Logger
 
 from mta.address import Network
+from mta.batch import Runner
 from mta.config import DeliveryConfig
 from mta.delivery import dane, pkix
 from mta.delivery.dns import DNSError, TLSARecord
-from mta.delivery.mtasts import MTASTS, Policy, PolicyCache, PolicyFetcher, Runner
+from mta.delivery.mtasts import MTASTS, Policy, PolicyCache, PolicyFetcher
 from mta.delivery.mx import NextHop
 from mta.errors import DeliveryError, Reply
 from mta.hostnames import to_ascii
@@ -203,7 +204,7 @@ def from_config(
     resolver: IResolver,
     *,
     cache_dir: str,
-    runner: Runner,
+    runner: Runner[Any],
     families: tuple[str, ...],
     refuse_networks: tuple[Network, ...],
 ) -> TLSPolicies:
