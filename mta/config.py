@@ -99,6 +99,13 @@ class DeliveryConfig:
     ip_versions: list[str] = _opt(["ipv4", "ipv6"])
     tls: str = _opt("may", choices=("none", "may", "encrypt", "verify"))
     tls_required: list[str] = _opt([])
+    # DANE (RFC 7672): trust the AD bit of dns_servers, which must validate.
+    dnssec: bool = False
+    # MTA-STS (RFC 8461): look up, fetch and honour domains' policies.
+    mta_sts: bool = True
+    mta_sts_port: int = _opt(443, minimum=1)  # the policy hosts' HTTPS port (tests)
+    mta_sts_timeout: float = _opt(30.0, minimum=0.1)
+    ca_file: str = ""  # CAs for MTA-STS and tls = "verify"; "" = the system's
     refuse_networks: list[str] = _opt(
         ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10"]
     )
@@ -210,6 +217,7 @@ _PATH_OPTIONS = {
     ("tls", "selfsigned_dir"),
     ("log", "json_file"),
     ("dkim", "keys_dir"),
+    ("delivery", "ca_file"),
 }
 
 

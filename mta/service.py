@@ -34,6 +34,7 @@ from mta.checks import PluginContext
 from mta.checks import host as checkhost
 from mta.config import Config
 from mta.controlsocket import ControlFactory, socket_address
+from mta.delivery import tlspolicy
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
@@ -165,11 +166,17 @@ class MTAService(MultiService):
                 nameservers=d.dns_servers or None,
                 port=d.dns_port,
                 timeout=d.dns_timeout,
+                dnssec=d.dnssec,
             ),
             reactor,
         )
         self.router = Router(config.routes, default_tls=d.tls, tls_required=d.tls_required)
         families = tuple({"ipv4": "A", "ipv6": "AAAA"}[v] for v in d.ip_versions)
+        tls = tlspolicy.from_config(
+            d, reactor, self.resolver, cache_dir=self.store.state_dir("mta-sts"),
+            runner=self.spool_runner, families=families,
+            refuse_networks=parse_networks(d.refuse_networks),
+        )  # fmt: skip
         self.agent = DeliveryAgent(
             reactor,
             self.resolver,
@@ -199,6 +206,7 @@ class MTAService(MultiService):
             runner=self.spool_runner,
             metrics=self.metrics,
             outbound=self.checks.outbound if self.checks.has(IOutboundHook) else None,
+            tls=tls,
         )
         self.queue = QueueManager(
             self.store,

@@ -270,3 +270,30 @@ class ErrorTests(ConfigFileTestCase):
     def test_long_value_shortened(self) -> None:
         message = self.assertConfigError(f'[limits]\nrecipients = "{"x" * 500}"\n', "recipients")
         self.assertLess(len(message), 300)
+
+
+class TLSPolicyOptionTests(ConfigFileTestCase):
+    """[delivery] dnssec, mta_sts, mta_sts_port, mta_sts_timeout and ca_file."""
+
+    def test_defaults(self) -> None:
+        d = config.load(None).delivery
+        self.assertEqual(
+            (d.dnssec, d.mta_sts, d.mta_sts_port, d.mta_sts_timeout, d.ca_file),
+            (False, True, 443, 30.0, ""),
+        )
+
+    def test_values_and_ca_file_relative_to_the_file(self) -> None:
+        path = self.write(
+            "[delivery]\ndnssec = true\nmta_sts = false\nmta_sts_port = 8443\n"
+            'mta_sts_timeout = 5\nca_file = "tls/ca.pem"\n'
+        )
+        d = config.load(path).delivery
+        self.assertEqual((d.dnssec, d.mta_sts, d.mta_sts_port, d.mta_sts_timeout),
+                         (True, False, 8443, 5.0))  # fmt: skip
+        self.assertEqual(d.ca_file, os.path.join(os.path.dirname(path), "tls", "ca.pem"))
+
+    def test_errors(self) -> None:
+        self.assertConfigError('[delivery]\ndnssec = "yes"\n', "[delivery] dnssec", "true or false")
+        self.assertConfigError("[delivery]\nmta_sts = 1\n", "[delivery] mta_sts", "true or false")
+        self.assertConfigError("[delivery]\nmta_sts_port = 0\n", "[delivery] mta_sts_port")
+        self.assertConfigError("[delivery]\nmta_sts_timeout = 0\n", "[delivery] mta_sts_timeout")

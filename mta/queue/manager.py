@@ -318,7 +318,7 @@ class QueueManager(Service):
             self.log_result(
                 env, o.recipient, o.status, reply=o.result.reply, relay=o.result.relay,
                 activated=message.activated, started=started, now=now,
-                setup=o.result.setup_time, transfer=o.result.transfer_time,
+                setup=o.result.setup_time, transfer=o.result.transfer_time, tls=o.result.tls,
             )  # fmt: skip
         message.notices.extend(decision.notices)
         if decision.answered:
@@ -359,17 +359,17 @@ class QueueManager(Service):
     def log_result(
         self, env: Envelope, rcpt: Recipient, status: str, *, reply: Reply, relay: str,
         activated: float, started: float, now: float, setup: float = 0.0,
-        transfer: float = 0.0,
+        transfer: float = 0.0, tls: str = "",
     ) -> None:  # fmt: skip
         """Count a recipient's result and log it in Postfix's shape, with its fields."""
         self.metrics.deliveries.labels(status, rcpt.category or "").inc()
         line = maillog.delivery_line(
             env.queue_id, rcpt.address, relay=relay, status=status, reply=reply,
             arrival=env.arrival, activated=activated, started=started, setup=setup,
-            transfer=transfer, now=now,
+            transfer=transfer, now=now, tls=tls,
         )  # fmt: skip
         maillog_log.info("{line}", queue_id=env.queue_id, recipient=rcpt.address, relay=relay,
-                         status=status, dsn=rcpt.dsn_status, reply=rcpt.reply,
+                         status=status, dsn=rcpt.dsn_status, reply=rcpt.reply, tls=tls,
                          line=line)  # fmt: skip
 
     def _chain(self, message: ActiveMessage, work: Callable[[], None]) -> None:
