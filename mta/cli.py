@@ -367,12 +367,13 @@ def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: Text
     store = _store(config)
     state, envelope, message = _read_message(store, args.id)
     out.write(f"# state: {state}\n# envelope: {store.location(args.id, state)}\n")
-    if state == QueueState.ACTIVE:
+    if state.waiting:
         for record in store.journaled(args.id):
+            r = record.recipient
             out.write(
                 printable(
-                    f"# journal: {record.address} sent at {format_time(record.time)} "
-                    f"({record.reply}), not yet in the envelope\n"
+                    f"# journal: {r.address} {r.state} at {format_time(r.last_attempt)} "
+                    f"({r.reply}), not yet in the message file\n"
                 )
             )
     out.write(printable(dumps(envelope).decode("utf-8", "replace")))

@@ -127,6 +127,15 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class SpoolConfig:
+    # "standard": one fsync per message before its 250 and one per directory
+    # per group commit, nothing after delivery; "strict": also fsync each
+    # filing and every journal batch (docs/decisions.md).
+    sync: str = _opt("standard", choices=("standard", "strict"))
+    journal_sync_interval: float = _opt(0.1, minimum=0)  # seconds between journal fdatasyncs
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     active_limit: int = _opt(1000, minimum=1)
     minimal_backoff_time: float = _opt(300.0, minimum=0)
@@ -190,6 +199,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -283,6 +293,7 @@ SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
+    "spool": SpoolConfig,
     "retention": RetentionConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,

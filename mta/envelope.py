@@ -2,8 +2,8 @@
 
 An L{Envelope} is what the spool stores beside the raw message (see
 C{docs/spool-format.md}); L{mta.spool.format} turns it into JSON and back.
-L{QueueState} names where in the queue a message is, and L{SentRecord} is
-one delivery written ahead of the envelope (the sent journal).  This module
+L{QueueState} names where in the queue a message is, and L{ProgressRecord}
+is one recipient's result written ahead of the message file (the journal).  This module
 is the shared model: it imports nothing but the standard library.
 """
 
@@ -102,20 +102,18 @@ class Envelope:
 
 
 @dataclass(frozen=True)
-class SentRecord:
-    """One recipient accepted by the next hop, written before its envelope is.
+class ProgressRecord:
+    """A recipient's state after a delivery result, written (to the progress
+    journal) before the message file is.
 
     C{index} is the recipient's position in the envelope; a record counts
-    only for the recipient at that position with that address.
+    only for the recipient at that position with the same address.
+    C{recipient} is a copy, never the envelope's own object.
     """
 
     queue_id: str
     index: int
-    address: str
-    time: float
-    reply: str
-    dsn: str | None
-    relay: str | None
+    recipient: Recipient
 
 
 @dataclass
@@ -124,3 +122,16 @@ class QueueScan:
 
     ready: list[str] = field(default_factory=list)  # to deliver now, in this order
     deferred: list[tuple[float, str]] = field(default_factory=list)  # (due time hint, ID)
+
+
+@dataclass
+class Committed:
+    """A message the spool has just made durable (what its listeners are told).
+
+    C{data} is the message's bytes when the spool still has them in memory
+    (small messages), so the first delivery need not read them back.
+    """
+
+    queue_id: str
+    envelope: Envelope
+    data: bytes | None = None

@@ -13,7 +13,7 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from mta.envelope import Envelope, QueueState, SentRecord
+from mta.envelope import Committed, Envelope, ProgressRecord, QueueState
 from mta.errors import StorageError
 
 
@@ -27,6 +27,10 @@ class ISpoolTransaction(Interface):
 
     queue_id = Attribute("The queue ID this message will have once committed.")
     size = Attribute("Number of message octets written so far.")
+    producer = Attribute(
+        "The client's transport (an IPushProducer), or None: the spool pauses it "
+        "while what was written waits for the disk."
+    )
 
     def write(data: bytes) -> None:
         """Append message bytes.  Raises L{mta.errors.StorageError}."""
@@ -35,7 +39,7 @@ class ISpoolTransaction(Interface):
         """Make the message durable; fires with the queue ID.
 
         Fires only after the message, its envelope and the directory entry
-        are on stable storage (fsync of files and directory).  Fails with
+        are on stable storage (fsync of the file and of its directory).  Fails with
         L{mta.errors.StorageError} otherwise, in which case nothing of the
         message is left in the queue.
         """
@@ -60,8 +64,10 @@ class ISpool(Interface):
     def begin() -> ISpoolTransaction:
         """Start receiving a message.  Raises L{mta.errors.StorageError}."""
 
-    def add_listener(listener: Callable[[str, str], None]) -> None:
-        """Call C{listener(queue_id, state)} after each message is committed."""
+    def add_listener(listener: Callable[[Committed], None]) -> None:
+        """Call C{listener(committed)} after each message is committed
+        (L{mta.envelope.Committed}: its ID, envelope and, when the spool
+        still has them, its bytes)."""
 
 
 class IQueueStore(Interface):
@@ -116,8 +122,8 @@ class IQueueStore(Interface):
         L{mta.spool.format.FormatError} of one that cannot be read.  Reads one
         envelope at a time (a queue may be large)."""
 
-    def journaled(queue_id: str) -> list[SentRecord]:
-        """The sent journal's records of a message not yet in its envelope."""
+    def journaled(queue_id: str) -> list[ProgressRecord]:
+        """The progress journal's records of a message not yet in its file."""
 
     def location(queue_id: str, state: QueueState) -> str:
         """Where a person finds the message (a path), for display only."""
@@ -130,15 +136,18 @@ class IQueueStore(Interface):
         """Commit one whole message to C{incoming} (C{mta-sendmail}, reports, tests)."""
 
     def activate(queue_id: str) -> Envelope | None:
-        """Take a waiting message for delivery: it is in C{active} afterwards.
+        """Take a waiting message for delivery (reading it): it is C{active}
+        afterwards (in this process; its file stays where it was).
 
         Returns None when the message is not waiting any more (gone, on
         hold, finished).  A message whose envelope cannot be read is moved
         to C{corrupt} and L{mta.spool.format.FormatError} raised, saying why.
         """
 
-    def record(envelope: Envelope) -> None:
-        """Record the envelope of an active message (results of one of its jobs)."""
+    def claim(queue_id: str) -> bool:
+        """Take a message this process has just committed for delivery, without
+        reading it (reactor thread, no I/O): True when the store still knows
+        it from the commit, else the caller must L{activate} it."""
 
     def file(
         items: Sequence[tuple[Envelope, QueueState, float | None]],
@@ -148,7 +157,8 @@ class IQueueStore(Interface):
         Each item is (envelope, target state, time): for C{deferred} the
         time the message is due, for C{done} the time it was finished.
         The result for each item is None (recorded and moved) or the error
-        that left that message where it was, with its old envelope.
+        that left that message active.  Not durable by itself: the results
+        are in the journal until the filing is.
         """
 
     def settle(
@@ -171,10 +181,11 @@ class IQueueStore(Interface):
         envelope redacted at C{when} and move it to C{redacted}.  False when
         the message is no longer in C{done}."""
 
-    def journal(records: list[SentRecord]) -> object | None:
-        """Write deliveries ahead of the envelope (reactor thread; quick, no
-        fsync).  Returns a token for L{release}, or None when nothing was
-        written (the journal is only a way to send fewer duplicates after a
+    def journal(records: list[ProgressRecord]) -> object | None:
+        """Write recipients' results ahead of the message file (reactor
+        thread; no I/O there: written in batches by the spool threads).
+        Returns a token for L{release}, or None when there was nothing to
+        write (the journal is only a way to send fewer duplicates after a
         crash: a failure to write it is logged, never raised)."""
 
     def release(token: object | None) -> None:

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mta import config as configmod
+from mta import logs
 from mta.address import parse_networks
 from mta.bounce import Classifier
 from mta.checks import PluginContext
@@ -100,6 +101,8 @@ class MTAService(MultiService):
             create=True,
             workers=SPOOL_SYNC_WORKERS,
             journal_runner=self.spool_runner,
+            schedule=lambda f: reactor.callLater(0, f),
+            settings=config.spool,
         )
         self.lock = self.store.lock()
 
@@ -263,6 +266,7 @@ class MTAService(MultiService):
         except (OSError, StorageError) as e:
             fatal(str(e))
         self._raise_file_limit()
+        logs.start_batching(self.reactor.callLater)
         self._log_json()
         self._recover()
         self._listen()
@@ -377,6 +381,7 @@ class MTAService(MultiService):
             for pool in self._pools:
                 pool.stop()
             self.store.close()
+            logs.stop_batching()
             if self._control_dir is not None:
                 os.close(self._control_dir)
                 self._control_dir = None
@@ -420,6 +425,7 @@ class MTAService(MultiService):
                 "limits",
                 "auth",
                 "delivery",
+                "spool",
                 "routes",
                 "metrics",
                 "log",

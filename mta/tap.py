@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from mta import config as configmod
+from mta import logs
 from mta.errors import ConfigError
 from mta.service import MTAService, build, fatal
 
@@ -19,6 +20,15 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (docs/configuration.md)"],
     ]
+
+    def postOptions(self) -> None:
+        """twistd's text log, written in batches (L{mta.logs}) unless the
+        command line chose another logger or syslog."""
+        parent = getattr(self, "parent", None)
+        if parent is None or parent.get("logger") or parent.get("syslog"):
+            return
+        logs.use_batched_text_log(parent.get("logfile"))
+        parent["logger"] = "mta.logs.batched_text_observer"
 
 
 def makeService(options: Options) -> MTAService:

@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from twisted.internet.defer import Deferred
@@ -109,8 +109,8 @@ class NoSyncOps(FileOps):
     """File operations without fsync, for tests where durability is not the
     subject and thousands of fsyncs would only make them slow."""
 
-    def fsync(self, f: IO[bytes]) -> None:
-        f.flush()
+    def fsync(self, fd: int) -> None:
+        pass
 
     def fsync_dir(self, path: str) -> None:
         pass
@@ -121,6 +121,8 @@ class FailingOps(FileOps):
 
     C{FailingOps("fsync_dir", errno.EIO, after=1)} lets one directory fsync
     succeed and fails the next one; C{times} bounds how often it fails.
+    The kinds are the methods of L{FileOps}: create, append, write, fsync,
+    fsync_dir, rename, unlink.
     """
 
     def __init__(self, operation: str, code: int = errno.EIO, after: int = 0, times: int = 1):
@@ -136,17 +138,21 @@ class FailingOps(FileOps):
         if name == self.operation and self.after <= count < self.after + self.times:
             raise OSError(self.code, os.strerror(self.code))
 
-    def mkdir(self, path: str) -> None:
-        self._maybe_fail("mkdir")
-        super().mkdir(path)
+    def create(self, path: str) -> int:
+        self._maybe_fail("create")
+        return super().create(path)
 
-    def open_new(self, path: str) -> IO[bytes]:
-        self._maybe_fail("open_new")
-        return super().open_new(path)
+    def append(self, path: str) -> int:
+        self._maybe_fail("append")
+        return super().append(path)
 
-    def fsync(self, f: IO[bytes]) -> None:
+    def write(self, fd: int, data: bytes) -> None:
+        self._maybe_fail("write")
+        super().write(fd, data)
+
+    def fsync(self, fd: int) -> None:
         self._maybe_fail("fsync")
-        super().fsync(f)
+        super().fsync(fd)
 
     def fsync_dir(self, path: str) -> None:
         self._maybe_fail("fsync_dir")
@@ -155,6 +161,10 @@ class FailingOps(FileOps):
     def rename(self, src: str, dst: str) -> None:
         self._maybe_fail("rename")
         super().rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._maybe_fail("unlink")
+        super().unlink(path)
 
 
 class TLSStringTransport(StringTransport):

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.config import QueueConfig
 from mta.delivery.routes import Router
-from mta.envelope import Envelope, QueueState
+from mta.envelope import Committed, Envelope, QueueState
 from mta.errors import Reply
 from mta.interfaces import IQueueStore, ISpool
 from mta.queue.dispatch import QueueLimits
@@ -89,6 +89,17 @@ class QueueTestCase(SynchronousTestCase):
             arrival=arrival or self.clock.seconds(),
         )
 
+    def commit(self, qm: QueueManager, queue_id: str) -> None:
+        """Tell the manager of a message just added, as the spool does after a commit."""
+        _, env = self.store.load(queue_id)
+        with self.store.open_message(queue_id) as f:
+            data = f.read()
+        qm.committed(Committed(queue_id, env, data))
+
+    def restart_store(self) -> None:
+        """As after the daemon stopped: a new process opens the spool and recovers."""
+        self.store.recover()
+
     def envelope(self, queue_id: str) -> tuple[QueueState, Envelope]:
         state, env = self.store.load(queue_id)
         return state, env
@@ -115,6 +126,12 @@ class FileQueueTestCase(QueueTestCase):
     """The same, on the file system store in a temporary directory."""
 
     def make_store(self) -> IQueueStore:
-        store = FileStore(os.path.abspath(self.mktemp()), NoSyncOps())
+        self.root = os.path.abspath(self.mktemp())
+        store = FileStore(self.root, NoSyncOps())
         store.open()
         return store
+
+    def restart_store(self) -> None:
+        self.store = FileStore(self.root, NoSyncOps())
+        self.store.open()
+        self.store.recover()

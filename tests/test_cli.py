@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mta import cli
 from mta.bounce import DEFAULT_RULES
 from mta.cli import main
-from mta.envelope import Envelope, Recipient, RecipientState, SentRecord
+from mta.envelope import Envelope, ProgressRecord, Recipient, RecipientState
 from mta.spool import journal
-from mta.spool.fs import ENVELOPE, MESSAGE, FileStore, Spool, SpoolLock
+from mta.spool.fs import FileStore, Spool, SpoolLock
 from mta.spool.queueid import QueueIdGenerator
 from mta.testing import FailingOps, run_inline, write_users
 from mta.users import UserFile, verify_password
@@ -295,6 +295,16 @@ class SpoolTestCase(CLITestCase):
             self.store, run_inline, QueueIdGenerator(lambda: 1_700_000_000.0, lambda bits: 0)
         )
 
+    def break_envelope(self, state: str, queue_id: str, text: bytes = b"{not json") -> bytes:
+        """Make a message's envelope unreadable; returns the file as it was."""
+        path = self.store.path(state, queue_id)
+        with open(path, "rb") as f:
+            good = f.read()
+        _, env = self.store.load(queue_id, state)
+        with open(path, "wb") as f:
+            f.write(good[: env.size] + text + b"\n")
+        return good
+
     def commit(self, *recipients: str, data: bytes = MESSAGE_BYTES) -> str:
         txn = self.spool.begin()
         txn.write(data)
@@ -358,8 +368,7 @@ class QueueTests(SpoolTestCase):
         envelope.recipients[0].reply = "451 4.7.1 greylisted, try later"
         envelope.recipients[0].attempts = 2
         envelope.recipients[0].next_attempt = 1_700_000_600.0
-        self.store.write_envelope("incoming", envelope)
-        self.store.move(queue_id, "incoming", "deferred")
+        self.store.settle(envelope, "incoming", "deferred")
         code, out = self.mtactl("queue", "list")
         self.assertEqual(code, 0)
         self.assertIn("(451 4.7.1 greylisted, try later)", out)
@@ -378,8 +387,7 @@ class QueueTests(SpoolTestCase):
     def test_list_unreadable_envelope(self) -> None:
         broken = self.commit("bob@example.net")
         good = self.commit("carol@example.org")
-        with open(self.store.path("incoming", broken, ENVELOPE), "wb") as f:
-            f.write(b"{not json")
+        self.break_envelope("incoming", broken)
         code, out = self.mtactl("queue", "list")
         self.assertEqual(code, 0)
         self.assertIn(f"{broken}", out)
@@ -404,7 +412,7 @@ class QueueTests(SpoolTestCase):
         self.assertEqual(code, 0)
         comments, envelope, message = self.split_show(out)
         self.assertIn("# state: incoming", comments)
-        self.assertIn(f"# envelope: {self.store.path('incoming', queue_id, ENVELOPE)}", comments)
+        self.assertIn(f"# envelope: {self.store.path('incoming', queue_id)}", comments)
         self.assertEqual(envelope["id"], queue_id)
         self.assertEqual(envelope["sender"], "alice@example.com")
         self.assertEqual(message, HEADERS.decode().replace("\r\n", "\n"))
@@ -445,15 +453,14 @@ class QueueTests(SpoolTestCase):
 
     def test_show_unreadable_envelope(self) -> None:
         queue_id = self.commit()
-        with open(self.store.path("incoming", queue_id, ENVELOPE), "wb") as f:
-            f.write(b"[]")
+        self.break_envelope("incoming", queue_id, b"[]")
         code, out = self.mtactl("queue", "show", queue_id)
         self.assertEqual((code, out), (1, ""))
         self.assert_one_line_error(queue_id)
 
     def test_show_missing_message_file(self) -> None:
         queue_id = self.commit()
-        os.remove(self.store.path("incoming", queue_id, MESSAGE))
+        os.remove(self.store.path("incoming", queue_id))
         code, _ = self.mtactl("queue", "show", queue_id)
         self.assertEqual(code, 1)
         self.assert_one_line_error(queue_id)
@@ -521,8 +528,7 @@ class OfflineActionTests(QueueTests):
 
     def test_flush_all_goes_past_a_corrupt_envelope(self) -> None:
         first, broken, last = self.deferred(), self.deferred(), self.deferred()
-        with open(self.store.path("deferred", broken, ENVELOPE), "wb") as f:
-            f.write(b"{")
+        self.break_envelope("deferred", broken)
         code, out = self.mtactl("queue", "flush", "--all")
         self.assertEqual((code, out), (1, "flushed 2 deferred message(s)\n"))
         self.assert_one_line_error(broken, "unreadable")
@@ -549,11 +555,8 @@ class OfflineActionTests(QueueTests):
     def test_requeue_corrupt_needs_a_repair(self) -> None:
         queue_id = self.deferred()
         self.store.move(queue_id, "deferred", "corrupt")
-        path = self.store.path("corrupt", queue_id, ENVELOPE)
-        with open(path, "rb") as f:
-            good = f.read()
-        with open(path, "wb") as f:
-            f.write(b"{")
+        path = self.store.path("corrupt", queue_id)
+        good = self.break_envelope("corrupt", queue_id)
         code, _ = self.mtactl("queue", "requeue", queue_id)
         self.assertEqual(code, 1)
         self.assert_one_line_error(queue_id, "unreadable")
@@ -806,23 +809,15 @@ class ClassifyTests(CLITestCase):
 
 
 class JournalTests(SpoolTestCase):
-    """A daemon killed after a delivery, before it filed it: the sent journal says so."""
+    """A daemon killed after a delivery, before it filed it: the journal says so."""
 
     def killed_after_delivery(self) -> str:
         queue_id = self.commit("bob@example.net", "carol@example.org")
-        self.store.move(queue_id, "incoming", "active")
-        line = journal.line(
-            SentRecord(
-                queue_id,
-                1,
-                "carol@example.org",
-                1_700_000_060.0,
-                "250 2.0.0 Ok",
-                "2.0.0",
-                "mx[x]:25",
-            )
-        )
-        with open(os.path.join(journal.directory(self.store.root), "sent-1.log"), "wb") as f:
+        carol = Recipient("carol@example.org", state=RecipientState.SENT, attempts=1,
+                          last_attempt=1_700_000_060.0, reply="250 2.0.0 Ok",
+                          dsn_status="2.0.0", relay="mx[x]:25")  # fmt: skip
+        line = journal.line(ProgressRecord(queue_id, 1, carol))
+        with open(os.path.join(journal.directory(self.store.root), "progress-1.log"), "wb") as f:
             f.write(line)
         return queue_id
 
@@ -831,7 +826,7 @@ class JournalTests(SpoolTestCase):
         code, out = self.mtactl("queue", "list")
         self.assertEqual(code, 0)
         lines = out.splitlines()
-        self.assertEqual(lines[1].split()[4], "active")
+        self.assertEqual(lines[1].split()[4], "incoming")
         self.assertEqual(lines[2].split(), ["bob@example.net", "[pending]"])
         self.assertEqual(lines[3].split(), ["carol@example.org", "[sent,", "1", "attempt]"])
         (row,) = json.loads(self.mtactl("queue", "list", "--json")[1])
@@ -847,7 +842,7 @@ class JournalTests(SpoolTestCase):
         self.assertEqual(code, 0)
         self.assertIn(
             "# journal: carol@example.org sent at 2023-11-14T22:14:20.000000Z (250 2.0.0 Ok), "
-            "not yet in the envelope\n",
+            "not yet in the message file\n",
             out,
         )
 
@@ -864,11 +859,11 @@ class JournalTests(SpoolTestCase):
 
     def test_offline_action_refused_while_the_journal_cannot_be_applied(self) -> None:
         queue_id = self.killed_after_delivery()
-        self.store.ops = FailingOps("fsync", errno.ENOSPC)
+        self.store.ops = FailingOps("append", errno.ENOSPC)
         self.patch(cli, "_store", lambda config: self.store)
         code, _ = self.mtactl("queue", "hold", queue_id)
         self.assertEqual(code, 1)
-        self.assert_one_line_error("sent journal", "only delete")
-        self.assertEqual(self.store.locate(queue_id), "active")
+        self.assert_one_line_error("journal", "only delete")
+        self.assertEqual(self.store.locate(queue_id), "incoming")
         # Delete does not need it (and may be what frees the disk).
         self.assertEqual(self.mtactl("queue", "delete", queue_id), (0, f"{queue_id}: deleted\n"))

@@ -82,6 +82,7 @@ class DefaultTests(SynchronousTestCase):
                 "auth",
                 "delivery",
                 "queue",
+                "spool",
                 "retention",
                 "metrics",
                 "log",

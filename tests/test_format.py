@@ -141,7 +141,7 @@ class RoundTripTests(SynchronousTestCase):
         """Indented UTF-8 for C{cat} and C{jq}; non-ASCII is not escaped."""
         data = dumps(full_envelope())
         self.assertTrue(data.endswith(b"}\n"))
-        self.assertIn(b'\n  "format": "mta-envelope/1",\n', data)
+        self.assertIn(b'\n  "format": "mta-envelope/2",\n', data)
         self.assertIn('"sender": "jörg@exämple.com"'.encode(), data)
 
     def test_layout(self) -> None:
@@ -201,7 +201,7 @@ class FormatErrorTests(SynchronousTestCase):
         return self.assertRaises(FormatError, loads, json.dumps(doc).encode())
 
     def test_wrong_format_tag(self) -> None:
-        for tag in ["mta-envelope/2", "mta-users/1", None, 1]:
+        for tag in ["mta-envelope/3", "mta-users/1", None, 1]:
             with self.subTest(tag=tag):
                 doc = document()
                 doc["format"] = tag

@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.smtp.server import CLOSE_GRACE
 from tests.dnsserver import DNSTestServer
+from tests.queue_support import LATER, NO_USER, OK, QueueTestCase
 from tests.support import LOGIN, Harness, make_config
-from tests.test_queue import LATER, NO_USER, OK, QueueTestCase
 
 
 class CloseGraceTests(SynchronousTestCase):
@@ -161,7 +161,7 @@ class UnprovenShareTests(QueueTestCase):
     def start(self, *recipients: str) -> list[str]:
         ids = [self.queue(r) for r in recipients]
         for qid in ids:
-            self.qm.committed(qid, "incoming")
+            self.commit(self.qm, qid)
         return ids
 
     def destinations(self) -> list[str]:

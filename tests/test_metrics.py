@@ -9,7 +9,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mta.metrics import Metrics, site
 from mta.spool.queueid import arrival_of
-from tests.test_queue import LATER, NO_USER, OK, T0, QueueTestCase
+from tests.queue_support import LATER, NO_USER, OK, T0, QueueTestCase
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -53,7 +53,7 @@ class QueueCountingTests(QueueTestCase):
         qm = self.manager()
         metrics = qm.metrics
         later = self.queue("c@example.org")
-        qm.committed(later, "incoming")
+        self.commit(qm, later)
         self.spy.answer_each(0, [OK, NO_USER])
         self.clock.advance(7)
         self.spy.answer(1, LATER)

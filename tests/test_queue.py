@@ -51,7 +51,7 @@ class DeliveryFlowTests(QueueTestCase):
     def test_committed_message_is_picked_up_at_once(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.assertEqual(len(self.spy.waiting), 1)
 
     def test_recipients_grouped_by_domain(self) -> None:
@@ -138,11 +138,12 @@ class RetryTests(QueueTestCase):
         qm = self.manager()
         self.spy.answer(0, LATER)
         crashed = self.queue("b@example.net")
-        qm.committed(crashed, "incoming")
+        self.commit(qm, crashed)
         self.assertEqual(self.store.locate(crashed), "active")
         qm.stopService()
         # A new manager on the same spool: the crash leftover runs at once,
         # the deferred message at its due time, from the scan alone.
+        self.restart_store()
         self.spy = DeliverySpy()
         self.manager()
         self.assertEqual([j.envelope.queue_id for j in self.spy.waiting], [crashed])
@@ -396,7 +397,7 @@ class DoubleActivationTests(QueueTestCase):
         runner = QueuedRunner()
         qm = self.manager(runner)  # the scan is queued, not run yet
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")  # load #1 queued behind the scan
+        qm.enqueue(qid)  # load #1 queued behind the scan
         runner.run_all()  # scan finds qid in incoming while load #1 is pending
         self.assertEqual(len(self.spy.calls), 1, "two deliveries of the same message")
 
@@ -404,7 +405,7 @@ class DoubleActivationTests(QueueTestCase):
         runner = QueuedRunner()
         qm = self.manager(runner)
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        qm.enqueue(qid)
         runner.run_next(1)  # load #1 before the scan: activated
         self.spy.answer(0, LATER)
         runner.run_next(1)  # the filing puts it in deferred (heap entry #1) ...
@@ -463,7 +464,7 @@ class DispatchReentrancyTests(QueueTestCase):
     def test_two_suspended_destinations_waiting(self) -> None:
         qm = self.manager(connections=1)
         for rcpt in ("a@a.example", "b@b.example", "x@x.example"):
-            qm.committed(self.queue(rcpt), "incoming")
+            self.commit(qm, self.queue(rcpt))
         # Make a.example and b.example dead sites (one connection at a time).
         for dom in ("a.example", "b.example"):
             [idx] = self.waiting()
@@ -475,7 +476,7 @@ class DispatchReentrancyTests(QueueTestCase):
         # While x.example holds the only connection, one message for both
         # suspended destinations waits.
         qid = self.queue("a2@a.example", "b2@b.example")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         _, d = self.spy.calls[running]
         self.spy.answer(running, OK)
         outcome: list[Any] = []
@@ -560,10 +561,10 @@ class StarvationTests(QueueTestCase):
         qm = self.manager(active=1)
         self.spy.answer(0, LATER)  # old is deferred until T0 + 300
         self.clock.advance(250)
-        qm.committed(self.queue("n0@example.net"), "incoming")
+        self.commit(qm, self.queue("n0@example.net"))
         self.clock.advance(100)  # old is due now, n0 holds the only slot
         for i in range(1, 20):
-            qm.committed(self.queue(f"n{i}@example.net"), "incoming")
+            self.commit(qm, self.queue(f"n{i}@example.net"))
             self.spy.answer(self.waiting()[0], OK)
             self.clock.advance(60)
         tried = [j.envelope.queue_id for j, _ in self.spy.calls]
@@ -579,14 +580,14 @@ class BoundsTests(QueueTestCase):
         self.settings = QueueConfig(maximal_queue_lifetime=0)
         qm = self.manager()
         for i in range(50):
-            qm.committed(self.queue(f"u@dead{i}.example"), "incoming")
+            self.commit(qm, self.queue(f"u@dead{i}.example"))
         for k in range(50):
             self.spy.answer(k, REFUSED, kind="network", relay="none")
         self.assertEqual(len(qm.destinations.suspended), 50)
         # Much later, other mail flows normally.
         self.clock.advance(86400)
         for i in range(5):
-            qm.committed(self.queue(f"u{i}@alive.example"), "incoming")
+            self.commit(qm, self.queue(f"u{i}@alive.example"))
             self.spy.answer(len(self.spy.calls) - 1, OK)
         self.assertEqual(qm.destinations.suspended, {})
 

@@ -34,7 +34,7 @@ class ControlTestCase(QueueTestCase):
     def deferred_message(self, qm: Any, *recipients: str) -> str:
         """A message that failed once and waits 300 s for its next attempt."""
         qid = self.queue(*recipients)
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.spy.answer(len(self.spy.calls) - 1, LATER)
         self.assertEqual(self.store.locate(qid), "deferred")
         return qid
@@ -87,7 +87,7 @@ class HoldReleaseTests(ControlTestCase):
     def test_hold_during_delivery_applies_when_it_ends(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         text = self.act(qm, "hold", qid)
         self.assertIn("being delivered", text)
         self.assertEqual(self.store.locate(qid), "active")
@@ -99,7 +99,7 @@ class HoldReleaseTests(ControlTestCase):
     def test_hold_of_a_message_delivered_meanwhile_leaves_it_done(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.act(qm, "hold", qid)
         self.spy.answer(0, OK)
         self.assertEqual(self.store.locate(qid), "done")
@@ -122,7 +122,7 @@ class DeleteTests(ControlTestCase):
         """The delivery in flight finishes; the message is then gone, sent once."""
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.assertIn("being delivered", self.act(qm, "delete", qid))
         self.spy.answer(0, OK)
         self.assertRaises(KeyError, self.store.locate, qid)
@@ -133,7 +133,7 @@ class DeleteTests(ControlTestCase):
     def test_delete_racing_a_delivery_that_fails(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.act(qm, "delete", qid)
         self.spy.answer(0, LATER)
         self.assertRaises(KeyError, self.store.locate, qid)
@@ -144,7 +144,7 @@ class DeleteTests(ControlTestCase):
         """Of two destinations, one job runs and one waits: the waiting one never starts."""
         qm = self.manager(connections=1)
         qid = self.queue("a@one.example", "b@two.example")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.assertEqual(len(self.spy.calls), 1)
         self.act(qm, "delete", qid)
         self.spy.answer(0, OK)
@@ -167,7 +167,7 @@ class DeleteTests(ControlTestCase):
     def test_finished_message_is_left_to_retention(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.spy.answer(0, OK)
         self.assertIn("finished", self.refused(qm.operator.act("delete", qid)))
 
@@ -194,7 +194,7 @@ class BounceTests(ControlTestCase):
     def test_bounce_during_delivery(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net", "nobody@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.assertIn("being delivered", self.act(qm, "bounce", qid))
         self.spy.answer_each(0, [OK, LATER])
         state, env = self.envelope(qid)
@@ -248,7 +248,7 @@ class FlushTests(ControlTestCase):
     def test_flush_during_delivery_retries_right_after(self) -> None:
         qm = self.manager()
         qid = self.queue("bob@example.net")
-        qm.committed(qid, "incoming")
+        self.commit(qm, qid)
         self.act(qm, "flush", qid)
         self.spy.answer(0, LATER)
         self.assertEqual(len(self.spy.waiting), 1)

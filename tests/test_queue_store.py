@@ -13,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mta.envelope import Envelope, QueueState, Recipient, RecipientState, SentRecord
+from mta.envelope import Envelope, ProgressRecord, QueueState, Recipient, RecipientState
 from mta.errors import StorageError
 from mta.interfaces import IQueueStore
 from mta.spool import FileStore
@@ -110,20 +110,54 @@ class QueueStoreContract:
         self.assertIsNone(self.store.activate(qid))
         self.assertEqual(self.store.locate(qid), QueueState.HOLD)
 
-    def test_crash_leftovers_are_ready_first(self: Any) -> None:
-        new = self.add(arrival=T0 + 10)
-        old = self.add(arrival=T0 + 20)
-        self.store.activate(old)
-        self.assertEqual(self.store.scan().ready, [old, new])
+    def test_a_message_in_delivery_at_a_restart_is_ready_again(self: Any) -> None:
+        first = self.add(arrival=T0 + 10)
+        second = self.add(arrival=T0 + 20)
+        self.store.activate(second)
+        self.assertEqual(self.store.scan().ready, [first])
+        self.recovered()
+        self.assertEqual(self.store.scan().ready, [first, second])
+        self.assertEqual(self.store.locate(second), QueueState.INCOMING)
 
-    def test_record_mid_round(self: Any) -> None:
-        qid = self.add("b@example.net", "c@example.org")
+    def test_a_deferred_message_in_delivery_at_a_restart_is_due(self: Any) -> None:
+        qid = self.add()
         env = self.store.activate(qid)
+        self.store.file([(env, QueueState.DEFERRED, T0 + 300)])
+        self.store.activate(qid)
+        self.assertEqual(self.store.scan().deferred, [])
+        self.recovered()
+        self.assertEqual(self.store.scan().deferred, [(T0 + 300, qid)])
+
+    def test_claim_a_message_just_added(self: Any) -> None:
+        qid = self.add()
+        self.assertTrue(self.store.claim(qid))
+        self.assertEqual(self.store.locate(qid), QueueState.ACTIVE)
+        self.assertFalse(self.store.claim(qid), "claimed once")
+        self.assertFalse(self.store.claim("0000000000Z0000"))
+        _, env = self.store.load(qid)
         env.recipients[0].state = RecipientState.SENT
-        self.store.record(env)
-        state, stored = self.store.load(qid)
-        self.assertEqual(state, QueueState.ACTIVE)
-        self.assertEqual(stored.recipients[0].state, RecipientState.SENT)
+        self.assertEqual(self.store.file([(env, QueueState.DONE, T0)]), [None])
+        self.assertEqual(self.store.locate(qid), QueueState.DONE)
+
+    def test_a_message_activated_is_not_claimed(self: Any) -> None:
+        qid = self.add()
+        self.assertIsNotNone(self.store.activate(qid))
+        self.assertFalse(self.store.claim(qid))
+        self.assertIsNone(self.store.activate(qid), "already in delivery")
+
+    def test_filed_again_and_again(self: Any) -> None:
+        """Each round's results are kept; the state read back is the last one."""
+        qid = self.add("b@example.net", "c@example.org")
+        for attempt in range(1, 12):
+            env = self.store.activate(qid)
+            env.recipients[1].attempts = attempt
+            env.recipients[1].reply = f"451 4.3.0 try {attempt}"
+            self.store.file([(env, QueueState.DEFERRED, T0 + attempt)])
+        _, env = self.store.load(qid)
+        self.assertEqual(env.recipients[1].attempts, 11)
+        self.assertEqual(env.recipients[1].reply, "451 4.3.0 try 11")
+        self.assertEqual(env.recipients[0].attempts, 0)
+        self.assertEqual(self.read(qid), DATA)
 
     def test_file_done_with_the_time_finished(self: Any) -> None:
         qid = self.add()
@@ -200,8 +234,10 @@ class QueueStoreContract:
 
     # -- the sent journal ------------------------------------------------------------
 
-    def sent(self, queue_id: str, index: int = 0, address: str = "b@example.net") -> SentRecord:
-        return SentRecord(queue_id, index, address, T0 + 1, "250 2.0.0 Ok", "2.0.0", "mx[x]:25")
+    def sent(self, queue_id: str, index: int = 0, address: str = "b@example.net") -> ProgressRecord:
+        rcpt = Recipient(address, state=RecipientState.SENT, attempts=1, last_attempt=T0 + 1,
+                         reply="250 2.0.0 Ok", dsn_status="2.0.0", relay="mx[x]:25")  # fmt: skip
+        return ProgressRecord(queue_id, index, rcpt)
 
     def test_journal_shows_in_views_not_in_loads(self: Any) -> None:
         qid = self.add("b@example.net", "c@example.org")
@@ -212,11 +248,12 @@ class QueueStoreContract:
         self.assertEqual(loaded.recipients[0].state, RecipientState.PENDING)
         _, seen = self.store.view(qid)
         self.assertEqual(seen.recipients[0].state, RecipientState.SENT)
-        [(listed_id, state, listed)] = list(self.store.listing([QueueState.ACTIVE]))
-        self.assertEqual((listed_id, state), (qid, QueueState.ACTIVE))
+        [(listed_id, state, listed)] = list(self.store.listing(list(QueueState)))
+        self.assertEqual(listed_id, qid)
+        self.assertIn(state, (QueueState.ACTIVE, QueueState.INCOMING))
         self.assertEqual(listed.recipients[0].state, RecipientState.SENT)
 
-    def test_recover_applies_the_journal_to_active_messages(self: Any) -> None:
+    def test_recover_applies_the_journal_to_messages_in_delivery(self: Any) -> None:
         qid = self.add("b@example.net", "c@example.org")
         self.store.activate(qid)
         self.store.journal([self.sent(qid, 1, "c@example.org")])
@@ -242,6 +279,18 @@ class QueueStoreContract:
 
     def test_nothing_to_journal(self: Any) -> None:
         self.assertIsNone(self.store.journal([]))
+
+    def test_recover_keeps_a_later_state_than_the_journal(self: Any) -> None:
+        qid = self.add()
+        env = self.store.activate(qid)
+        rcpt = Recipient("b@example.net", state=RecipientState.DEFERRED, attempts=1)
+        old = ProgressRecord(qid, 0, rcpt)
+        self.store.journal([old])
+        env.recipients[0].state, env.recipients[0].attempts = RecipientState.DEFERRED, 2
+        self.store.file([(env, QueueState.DEFERRED, T0)])
+        self.store.close()
+        self.assertEqual(self.recovered().recipients, 0)
+        self.assertEqual(self.store.load(qid)[1].recipients[0].attempts, 2)
 
     def recovered(self) -> Any:
         return self.store.recover()
@@ -286,9 +335,8 @@ class FileStoreTests(QueueStoreContract, SynchronousTestCase):
         return self.store.recover()
 
     def break_envelope(self, queue_id: str) -> None:
-        state = self.store.locate(queue_id)
-        with open(self.store.path(state, queue_id, "envelope.json"), "wb") as f:
-            f.write(b"{broken")
+        with open(self.store.path(self.store.locate(queue_id), queue_id), "wb") as f:
+            f.write(DATA + b'{"format":"mta-envelope/2","size":0,broken\n')
 
 
 class RecipientCopyTests(SynchronousTestCase):

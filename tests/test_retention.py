@@ -117,5 +117,8 @@ class FileStoreRetentionTests(RetentionTests):
         return store
 
     def break_envelope(self, queue_id: str) -> None:
-        with open(self.store.path("done", queue_id, "envelope.json"), "w") as f:
-            f.write("{not json")
+        path = self.store.path("done", queue_id)
+        when = os.stat(path).st_mtime
+        with open(path, "wb") as f:
+            f.write(MESSAGE + b"{not json\n")
+        os.utime(path, (when, when))

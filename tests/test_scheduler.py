@@ -339,12 +339,13 @@ class NoticeTests(SynchronousTestCase):
         self.assertEqual([r.next_attempt for r in env.recipients], [None, T0 + 5])
 
 
-class SentRecordTests(SynchronousTestCase):
-    """Which deliveries go to the journal ahead of the envelope."""
+class ProgressRecordTests(SynchronousTestCase):
+    """Which results go to the journal ahead of the message file, and as what."""
 
-    def test_records(self) -> None:
+    def test_a_transaction_s_deliveries(self) -> None:
         env = envelope("a@x.example", "b@x.example", "c@x.example", "d@x.example")
         env.recipients[3].notify = ("SUCCESS",)
+        env.recipients[1].attempts = 2
         results = [
             RecipientResult("b@x.example", OK, "remote", "mx[1]:25"),
             RecipientResult("c@x.example", NO_USER, "remote"),
@@ -352,5 +353,26 @@ class SentRecordTests(SynchronousTestCase):
             RecipientResult("a@x.example", OK, "remote"),
         ]
         records = scheduler.sent_records(env, env.recipients, results, T0, written={"a@x.example"})
-        self.assertEqual([(r.index, r.address, r.dsn, r.relay) for r in records],
-                         [(1, "b@x.example", "2.0.0", "mx[1]:25")])  # fmt: skip
+        [record] = records
+        r = record.recipient
+        self.assertEqual((record.index, r.address, r.state, r.attempts, r.last_attempt),
+                         (1, "b@x.example", RecipientState.SENT, 3, T0))  # fmt: skip
+        self.assertEqual((r.reply, r.dsn_status, r.relay), (str(OK), "2.0.0", "mx[1]:25"))
+        self.assertIsNot(r, env.recipients[1])
+        self.assertEqual(env.recipients[1].state, RecipientState.PENDING, "only a copy is marked")
+
+    def test_a_job_s_results_as_applied(self) -> None:
+        env = envelope("a@x.example", "b@x.example", "c@x.example")
+        env.recipients[2].notify = ("SUCCESS",)
+        results = [
+            RecipientResult("a@x.example", OK, "remote"),
+            RecipientResult("b@x.example", LATER, "remote"),
+            RecipientResult("c@x.example", OK, "remote"),  # owed a relayed notice
+        ]
+        decision = scheduler.apply(env, env.recipients, results, T0, settings=QueueConfig(),
+                                   classifier=Classifier())  # fmt: skip
+        records = scheduler.progress_records(env, decision, written={"a@x.example"})
+        [record] = records
+        self.assertEqual((record.index, record.recipient.state), (1, RecipientState.DEFERRED))
+        self.assertEqual(record.recipient, env.recipients[1])
+        self.assertIsNot(record.recipient, env.recipients[1])

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta import sendmail
 from mta.sendmail import read_message
-from mta.spool.fs import MESSAGE, FileStore
+from mta.spool.fs import FileStore
 from tests.test_cli import write_config
 
 
@@ -56,7 +56,7 @@ class SendmailTests(SynchronousTestCase):
         out = []
         for queue_id in self.store.ids("incoming"):
             _, env = self.store.load(queue_id, "incoming")
-            with open(self.store.path("incoming", queue_id, MESSAGE), "rb") as f:
+            with self.store.open_message(queue_id) as f:
                 out.append((env, f.read()))
         return out
 

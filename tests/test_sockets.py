@@ -23,8 +23,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from mta.config import parse
+from mta.envelope import QueueState
 from mta.service import MTAService
-from mta.spool.fs import STATES, FileStore
+from mta.spool.fs import FileStore
 from mta.testing import write_users
 from mta.tls import ensure_selfsigned, fingerprint
 
@@ -34,7 +35,7 @@ PASSWORD = "s3cret password"
 
 def queued(store: FileStore) -> list[str]:
     """Every message in the spool, whatever its state (delivery runs at once)."""
-    return [qid for state in STATES for qid in store.ids(state)]
+    return [qid for state in QueueState for qid in store.ids(state)]
 
 
 def message(sender: str = LOGIN, body: str = "Hello over TLS.\n") -> EmailMessage:

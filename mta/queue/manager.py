@@ -23,10 +23,11 @@ of one message is chained so it never overlaps.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -41,7 +42,7 @@ from mta.bounce import Classifier
 from mta.config import QueueConfig
 from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.routes import Router
-from mta.envelope import Envelope, QueueScan, QueueState, Recipient
+from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState, Recipient
 from mta.errors import ErrorKind, Reply
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
@@ -56,6 +57,7 @@ from mta.spool.queueid import arrival_of
 log = Logger(namespace="mta.queue")
 maillog_log = Logger(namespace="mta.maillog")
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
+CACHE_BYTES = 32 * 1024 * 1024  # new messages' bytes kept for their first delivery
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ActiveMessage:
     io: Deferred[Any] = field(default_factory=lambda: succeed(None))
     notices: list[dsn.Notice] = field(default_factory=list)
     journal: list[object] = field(default_factory=list)  # tokens of IQueueStore.journal
+    data: bytes | None = None  # the message's bytes, while the spool's copy is at hand
 
 
 @dataclass
@@ -123,6 +126,7 @@ class QueueManager(Service):
         self._stopped = True
         self._retries: list[IDelayedCall] = []
         self.idle_waiters: list[Deferred[None]] = []
+        self._cached = 0  # bytes of ActiveMessage.data
 
     def configure(self, settings: QueueConfig, classifier: Classifier | None = None) -> None:
         """New settings (a reload): used from the next decision on."""
@@ -179,8 +183,29 @@ class QueueManager(Service):
         self._retries = []
         super().stopService()  # type: ignore[no-untyped-call]
 
-    def committed(self, queue_id: str, state: str) -> None:
-        """Spool listener: a new message is in C{incoming}."""
+    def committed(self, notice: Committed) -> None:
+        """Spool listener: a new message is in C{incoming}.
+
+        With room in the active set it is taken up at once, with the
+        envelope (and the bytes) the spool still has: no read, no thread.
+        """
+        queue_id = notice.queue_id
+        if (
+            not self._stopped
+            and len(self.active) + len(self.loading) < self.limits.active
+            and queue_id not in self.active
+            and queue_id not in self.loading
+            and queue_id not in self.busy
+            and queue_id not in self.ready
+            and self.store.claim(queue_id)
+        ):
+            self._take(queue_id, notice.envelope, notice.data)
+        else:
+            self.ready.add(queue_id)
+        self.pump()
+
+    def enqueue(self, queue_id: str) -> None:
+        """A message in C{incoming} that the store has not told us of (C{mta-sendmail})."""
         self.ready.add(queue_id)
         self.pump()
 
@@ -212,10 +237,7 @@ class QueueManager(Service):
         def loaded(envelope: Envelope | None) -> None:
             self.loading.discard(queue_id)
             if envelope is not None and not self._stopped:
-                message = ActiveMessage(envelope, self.clock.seconds())
-                message.notices = scheduler.owed_notices(envelope)
-                self.active[queue_id] = message
-                self._plan(message)
+                self._take(queue_id, envelope, None)
             else:
                 self.flushed.discard(queue_id)
             self.operator.loaded(queue_id)
@@ -241,6 +263,16 @@ class QueueManager(Service):
 
         self.runner(partial(self.store.activate, queue_id)).addCallbacks(loaded, failed)
 
+    def _take(self, queue_id: str, envelope: Envelope, data: bytes | None) -> None:
+        """Make a message active and send out its due recipients."""
+        message = ActiveMessage(envelope, self.clock.seconds())
+        if data is not None and self._cached + len(data) <= CACHE_BYTES:
+            message.data = data
+            self._cached += len(data)
+        message.notices = scheduler.owed_notices(envelope)
+        self.active[queue_id] = message
+        self._plan(message)
+
     # -- planning and dispatch -----------------------------------------------
 
     def _plan(self, message: ActiveMessage) -> None:
@@ -251,10 +283,15 @@ class QueueManager(Service):
         if not plans:
             self._finish(message)
             return
-        opener = partial(self.store.open_message, env.queue_id, QueueState.ACTIVE)
+        data = message.data
+        opener: Callable[[], IO[bytes]] = (
+            partial(io.BytesIO, data)
+            if data is not None
+            else partial(self.store.open_message, env.queue_id, QueueState.ACTIVE)
+        )
         for p in plans:
             item = _Job(message, DeliveryJob(env, p.recipients, opener, p.destination, p.domain))
-            item.job.on_transaction = partial(self._journal, item)
+            item.job.on_transaction = partial(self._transaction, item)
             message.jobs += 1
             self.dispatcher.add(p.destination, item)
         self._dispatch()
@@ -300,8 +337,6 @@ class QueueManager(Service):
     ) -> None:
         """Apply one job's results (L{scheduler.apply}), log them, carry the decision out."""
         dest, message, now = item.job.destination, item.message, self.clock.seconds()
-        if ran:
-            self._journal(item, results)
         if item.running is not None:
             self.dispatcher.finished(item.running)
             item.running = None
@@ -320,6 +355,7 @@ class QueueManager(Service):
                 activated=message.activated, started=started, now=now,
                 setup=o.result.setup_time, transfer=o.result.transfer_time, tls=o.result.tls,
             )  # fmt: skip
+        self._journal(item, scheduler.progress_records(env, decision, written=item.journaled))
         message.notices.extend(decision.notices)
         if decision.answered:
             self.destinations.answered(dest, now)
@@ -332,29 +368,26 @@ class QueueManager(Service):
         message.jobs -= 1
         if message.jobs == 0:
             self._finish(message)
-        else:
-            snapshot = copy.deepcopy(env)
-            self._chain(message, partial(self.store.record, snapshot))
         self._dispatch()
 
-    def _journal(self, item: _Job, results: list[RecipientResult]) -> None:
-        """Write the job's deliveries ahead of the envelope (the sent journal).
-
-        This runs as soon as each transaction's replies are read (the
-        agent's C{on_transaction}), and again for the whole job when it
-        ends, for agents that do not report transactions; a recipient is
-        written once.  So a SIGKILL before the message is filed does not
-        send it again, even when the kill comes during a later transaction
-        of the same job.
-        """
+    def _transaction(self, item: _Job, results: list[RecipientResult]) -> None:
+        """The agent's C{on_transaction}: one transaction's deliveries, journaled
+        before the job ends, so that a SIGKILL during a later transaction of
+        the same job (more than 50 recipients, another MX host for the rest)
+        does not send them again."""
         records = scheduler.sent_records(
             item.message.envelope, item.job.recipients, results, self.clock.seconds(),
             written=item.journaled,
         )  # fmt: skip
+        self._journal(item, records)
+
+    def _journal(self, item: _Job, records: list[ProgressRecord]) -> None:
+        """Write results ahead of the message file (the progress journal); a
+        recipient's delivery is written once."""
         token = self.store.journal(records) if records else None
         if token is not None:
             item.message.journal.append(token)
-            item.journaled.update(r.address for r in records)
+            item.journaled.update(r.recipient.address for r in records if r.recipient.state.final)
 
     def log_result(
         self, env: Envelope, rcpt: Recipient, status: str, *, reply: Reply, relay: str,
@@ -371,15 +404,6 @@ class QueueManager(Service):
         maillog_log.info("{line}", queue_id=env.queue_id, recipient=rcpt.address, relay=relay,
                          status=status, dsn=rcpt.dsn_status, reply=rcpt.reply, tls=tls,
                          line=line)  # fmt: skip
-
-    def _chain(self, message: ActiveMessage, work: Callable[[], None]) -> None:
-        """Run store work for a message after any earlier work for it."""
-
-        def failed(failure: Failure) -> None:
-            log.failure("{qid}: cannot record delivery results", failure,
-                        qid=message.envelope.queue_id)  # fmt: skip
-
-        message.io.addCallback(lambda _: self.runner(work)).addErrback(failed)
 
     # -- the end of a round ----------------------------------------------------
 
@@ -436,6 +460,9 @@ class QueueManager(Service):
         for token in message.journal:
             self.store.release(token)
         message.journal = []
+        if message.data is not None:
+            self._cached -= len(message.data)
+            message.data = None
         self.active.pop(queue_id, None)
         if state == QueueState.DEFERRED:
             self.ready.schedule(queue_id, when)

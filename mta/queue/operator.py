@@ -171,7 +171,7 @@ class Operator:
                 state = None
             if state != QueueState.INCOMING:
                 raise ActionError(f"no message {queue_id} in incoming/")
-            m.committed(queue_id, QueueState.INCOMING)
+            m.enqueue(queue_id)
         return f"{queue_id}: queued"
 
     # -- called by the manager --------------------------------------------------

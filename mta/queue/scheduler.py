@@ -22,14 +22,14 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mta import dsn, maillog
 from mta.address import domain_of
 from mta.bounce import Classification, Classifier
 from mta.config import QueueConfig
 from mta.delivery.job import RecipientResult
-from mta.envelope import Envelope, QueueState, Recipient, RecipientState, SentRecord
+from mta.envelope import Envelope, ProgressRecord, QueueState, Recipient, RecipientState
 from mta.errors import DeliveryError, ErrorKind, Reply
 
 #: A destination that answered an SMTP transaction counts as responsive this
@@ -388,6 +388,10 @@ def suspended_results(recipients: list[Recipient], suspension: Suspension) -> li
     return [RecipientResult(r.address, reply, ErrorKind.SUSPENDED) for r in recipients]
 
 
+def _owes_relayed(envelope: Envelope, rcpt: Recipient, result: RecipientResult) -> bool:
+    return not result.dsn_passed and dsn.needs_notice(envelope, rcpt, "relayed")
+
+
 def sent_records(
     envelope: Envelope,
     recipients: list[Recipient],
@@ -395,10 +399,11 @@ def sent_records(
     now: float,
     *,
     written: set[str],
-) -> list[SentRecord]:
-    """The deliveries among C{results} to write ahead of the envelope.
+) -> list[ProgressRecord]:
+    """The deliveries of one transaction, to journal before the job ends.
 
-    Recipients already C{written} are left out, and so is one owed a
+    Each is the recipient as L{apply} will record it (sent, one attempt
+    more).  Recipients already C{written} are left out, and so is one owed a
     "relayed" notice: recovery could not send the notice, so a crash
     delivers it again rather than lose the notice.
     """
@@ -409,21 +414,34 @@ def sent_records(
         if not result.ok or result.address in written:
             continue
         rcpt = by_address[result.address]
-        if id(rcpt) not in position:
+        if id(rcpt) not in position or _owes_relayed(envelope, rcpt, result):
             continue
-        if not result.dsn_passed and dsn.needs_notice(envelope, rcpt, "relayed"):
+        sent = replace(
+            rcpt, state=RecipientState.SENT, attempts=rcpt.attempts + 1, last_attempt=now,
+            next_attempt=None, reply=str(result.reply), dsn_status=maillog.dsn_code(result.reply),
+            relay=result.relay, category=None,
+        )  # fmt: skip
+        records.append(ProgressRecord(envelope.queue_id, position[id(rcpt)], sent))
+    return records
+
+
+def progress_records(
+    envelope: Envelope, decision: Decision, *, written: set[str]
+) -> list[ProgressRecord]:
+    """The recipients as a job's results left them (L{apply}), to journal.
+
+    Those already C{written} (by L{sent_records}) are left out, and so are
+    deliveries owed a "relayed" notice (see L{sent_records}).
+    """
+    position = {id(r): n for n, r in enumerate(envelope.recipients)}
+    records = []
+    for o in decision.outcomes:
+        rcpt = o.recipient
+        if rcpt.address in written or id(rcpt) not in position:
             continue
-        records.append(
-            SentRecord(
-                envelope.queue_id,
-                position[id(rcpt)],
-                rcpt.address,
-                now,
-                str(result.reply),
-                maillog.dsn_code(result.reply),
-                result.relay,
-            )
-        )
+        if o.status == "sent" and _owes_relayed(envelope, rcpt, o.result):
+            continue
+        records.append(ProgressRecord(envelope.queue_id, position[id(rcpt)], replace(rcpt)))
     return records
 
 

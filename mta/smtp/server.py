@@ -737,6 +737,9 @@ class SubmissionSession(Protocol):
         except StorageError as e:
             log.error("cannot start a message: {e}", e=str(e))
             return storage_reply(e)
+        # A large message is written to disk as it arrives; when the disk
+        # lags, the spool pauses this client (ISpoolTransaction.producer).
+        spool_txn.producer = self.transport
         self.txn = _Transaction(sender=sender, spool=spool_txn, size=size, smtputf8=smtputf8)
         self.txn.started = self.s.clock.seconds()
         self.txn.body = params.get("BODY")

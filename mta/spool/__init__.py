@@ -12,15 +12,35 @@ from collections.abc import Callable
 from typing import Any
 
 from mta.batch import Runner, run_now
+from mta.config import SpoolConfig
 from mta.spool.fs import FileOps, FileStore, Spool, SpoolLock
 
 
 def open_store(
-    root: str, *, create: bool = False, workers: int = 1, journal_runner: Runner[Any] = run_now
+    root: str,
+    *,
+    create: bool = False,
+    workers: int = 1,
+    journal_runner: Runner[Any] = run_now,
+    schedule: Callable[[Callable[[], None]], object] | None = None,
+    settings: SpoolConfig | None = None,
 ) -> FileStore:
-    """The spool at C{root} (made if missing when C{create}); L{mta.errors.StorageError}
-    if it is not a spool this version can read."""
-    store = FileStore(root, workers=workers, journal_runner=journal_runner)
+    """The spool at C{root} (made if missing when C{create}, upgraded from an
+    older format); L{mta.errors.StorageError} if this version cannot read it.
+
+    C{journal_runner} and C{schedule} are for the daemon: where the progress
+    journal is written, and how to run a function at the next turn of the
+    reactor (lines are written once per turn).
+    """
+    settings = settings or SpoolConfig()
+    store = FileStore(
+        root,
+        workers=workers,
+        journal_runner=journal_runner,
+        schedule=schedule,
+        sync=settings.sync,
+        journal_sync_interval=settings.journal_sync_interval,
+    )
     store.open(create=create)
     return store
 

@@ -15,7 +15,10 @@ from typing import Any
 
 from mta.envelope import Envelope, Recipient, RecipientState
 
-FORMAT = "mta-envelope/1"
+FORMAT = "mta-envelope/2"  # a record in a message file (mta-spool/2)
+FORMAT_V1 = "mta-envelope/1"  # envelope.json of mta-spool/1, read when upgrading
+_FORMATS = (FORMAT, FORMAT_V1)
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 _TOP_KEYS = {
     "format", "id", "kind", "arrival", "sender", "size", "body", "smtputf8", "dsn",
@@ -48,7 +51,7 @@ def parse_time(text: object) -> float | None:
         raise FormatError(f"bad time {text!r}") from e
 
 
-def _recipient_to_json(r: Recipient) -> dict[str, Any]:
+def recipient_to_json(r: Recipient) -> dict[str, Any]:
     return {
         "address": r.address,
         "notify": list(r.notify) if r.notify is not None else None,
@@ -85,7 +88,7 @@ def to_json(env: Envelope) -> dict[str, Any]:
         },
         "message_id": env.message_id,
         "redacted": format_time(env.redacted),
-        "recipients": [_recipient_to_json(r) for r in env.recipients],
+        "recipients": [recipient_to_json(r) for r in env.recipients],
     }
     for key, value in env.extra.items():
         doc.setdefault(key, value)
@@ -167,7 +170,7 @@ def _notify(value: list[Any] | None) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def _recipient_from_json(doc: object) -> Recipient:
+def recipient_from_json(doc: object) -> Recipient:
     if not isinstance(doc, dict):
         raise FormatError("a recipient must be an object")
     notify = _get(doc, "notify", list, null=True)
@@ -195,13 +198,13 @@ def _recipient_from_json(doc: object) -> Recipient:
 def from_json(doc: object) -> Envelope:
     if not isinstance(doc, dict):
         raise FormatError("an envelope must be a JSON object")
-    if doc.get("format") != FORMAT:
+    if doc.get("format") not in _FORMATS:
         raise FormatError(f"unknown envelope format {doc.get('format')!r}")
     dsn = _get(doc, "dsn", dict)
     client = _get(doc, "client", dict)
     arrival = parse_time(_get(doc, "arrival", str))
     assert arrival is not None
-    recipients = [_recipient_from_json(r) for r in _get(doc, "recipients", list)]
+    recipients = [recipient_from_json(r) for r in _get(doc, "recipients", list)]
     if not recipients:
         raise FormatError("an envelope needs at least one recipient")
     return Envelope(
@@ -232,3 +235,76 @@ def loads(data: bytes) -> Envelope:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"not valid JSON: {e}") from e
     return from_json(doc)
+
+
+# -- records: the envelope as it is kept in a message file (mta-spool/2) ------------
+#
+# A message file is the message, exactly as stored, followed by one or more
+# records, each one line of compact JSON ending in LF.  The first record (at
+# the commit) is a full envelope; later ones are either full envelopes or
+# updates of the recipients that changed:
+#
+#     {"format":"mta-envelope/2","id":ID,"size":N,"update":{"3":{...}}}
+#
+# The state of a message is its last full record with the updates after it
+# applied in order.  C{size} in every record is the message's length, which
+# is where the records begin.
+
+
+def recipient_text(rcpt: Recipient) -> str:
+    """One recipient as compact JSON (a part of a record)."""
+    return _COMPACT.encode(recipient_to_json(rcpt))
+
+
+def full_record(env: Envelope, recipients: list[str] | None = None) -> bytes:
+    """The envelope as a full record line; C{recipients} are the recipients'
+    L{recipient_text}s when the caller has them already."""
+    doc = to_json(env)
+    del doc["recipients"]
+    head = _COMPACT.encode(doc)
+    texts = recipients if recipients is not None else [recipient_text(r) for r in env.recipients]
+    return (head[:-1] + ',"recipients":[' + ",".join(texts) + "]}\n").encode("utf-8")
+
+
+def update_record(queue_id: str, size: int, changed: dict[int, str]) -> bytes:
+    """A record of the recipients that changed (index to L{recipient_text})."""
+    head = _COMPACT.encode({"format": FORMAT, "id": queue_id, "size": size})
+    parts = ",".join(f'"{index}":{text}' for index, text in sorted(changed.items()))
+    return (head[:-1] + ',"update":{' + parts + "}}\n").encode("utf-8")
+
+
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """A record line as a JSON object, or None for one that is torn or not a record."""
+    try:
+        doc = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    size = doc.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    if "update" in doc and not isinstance(doc["update"], dict):
+        return None
+    return doc
+
+
+def fold(records: list[dict[str, Any]]) -> Envelope:
+    """The envelope the records say: the last full one with later updates applied.
+
+    Raises L{FormatError} when there is no full record or an update does not
+    fit it (a recipient that is not there, or not valid).
+    """
+    start = max((i for i, r in enumerate(records) if "update" not in r), default=None)
+    if start is None:
+        raise FormatError("no full envelope record")
+    env = from_json(records[start])
+    for doc in records[start + 1 :]:
+        for key, value in doc["update"].items():
+            if not key.isdigit() or int(key) >= len(env.recipients):
+                raise FormatError(f"an update names recipient {key!r}, which is not there")
+            rcpt = recipient_from_json(value)
+            if rcpt.address != env.recipients[int(key)].address:
+                raise FormatError(f"an update of recipient {key} names another address")
+            env.recipients[int(key)] = rcpt
+    return env

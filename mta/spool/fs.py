@@ -1,25 +1,37 @@
-"""The on-disk spool: one directory per message, moved between state directories.
+"""The on-disk spool: one file per message, moved between state directories.
 
 Layout (C{docs/spool-format.md})::
 
-    spool.json                 {"format": "mta-spool/1"}
-    tmp/ID/                    a message being received; never delivered
-    incoming/ID/message        committed, not yet taken by the queue manager
-    incoming/ID/envelope.json
-    active/ deferred/ hold/ corrupt/ done/    the other states, same shape
-    journal/sent-N.log         deliveries not yet in their envelopes (mta.spool.journal)
+    spool.json                 {"format": "mta-spool/2"}
+    tmp/ID                     a message being received; never delivered
+    incoming/ID                committed, not yet delivered
+    deferred/ID                waiting for its next attempt (modification time: when)
+    hold/ID corrupt/ID         set aside by the operator, or unreadable
+    done/ID redacted/ID        finished (modification time: when)
+    journal/progress-N.log     delivery results not yet in their files (L{journal})
 
-A message is committed by the maildir recipe: write C{message} and
-C{envelope.json} in C{tmp/ID/}, fsync both files and the directory, rename
-the directory into C{incoming/} (atomic: the message appears whole or not
-at all), fsync C{incoming/}.  Renaming a whole directory keeps the message
-and its envelope together through every state change.
+A message file is the message exactly as stored, then its envelope as
+records of one line of JSON each (L{mta.spool.format}): a full envelope at
+the commit, and one record more each time the message is filed after a
+delivery round or changed by the operator.  The message bytes are never
+rewritten while the message is queued.
+
+Durability (C{docs/decisions.md}): a message is committed by writing
+C{tmp/ID}, one fsync of the file (in worker threads, concurrently with the
+other messages of its group), a rename into C{incoming/}, and one fsync of
+C{incoming/} for the whole group.  Only then does the client get its 250.
+Nothing after that waits for the disk: results go to the progress journal
+(group-committed, written in batches), and filing a message (appending a
+record, renaming it) is not fsync'd, which on a journalling file system
+(ext4, xfs) can at worst bring a message back after a power loss, never
+lose or tear one.  C{sync = "strict"} fsyncs the filing too.
 
 L{FileStore} is the queue on disk (L{mta.interfaces.IQueueStore}),
 synchronous, shared with C{mtactl}.  L{Spool} is the daemon's way in
-(L{mta.interfaces.ISpool}): it runs the blocking parts in a thread and
-commits concurrent messages in groups, one fsync of C{incoming/} for the
-whole group.  Nothing outside L{mta.spool} knows this layout.
+(L{mta.interfaces.ISpool}): messages are received into memory (only large
+ones are written to C{tmp/} as they arrive, in the spool threads), and
+committed in groups, one hand-off to the threads per group.  Nothing
+outside L{mta.spool} knows this layout.
 """
 
 from __future__ import annotations
@@ -27,11 +39,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
-import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail
@@ -40,25 +54,30 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.batch import Batcher, Runner, run_now
-from mta.envelope import Envelope, QueueScan, QueueState, SentRecord
+from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState
 from mta.errors import StorageError
 from mta.interfaces import IQueueStore, ISpool, ISpoolTransaction
 from mta.spool import format as envformat
-from mta.spool import journal
+from mta.spool import journal, upgrade
 from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.queueid import is_queue_id
 
 T = TypeVar("T")
 U = TypeVar("U")
 
-SPOOL_FORMAT = "mta-spool/1"
-STATES = tuple(QueueState)
-INCOMING = QueueState.INCOMING
-MESSAGE = "message"
-ENVELOPE = "envelope.json"
+SPOOL_FORMAT = "mta-spool/2"
+SPOOL_FORMAT_V1 = "mta-spool/1"
+#: The state directories; C{active} is no directory: a message in delivery
+#: stays where it was, and the daemon knows it is active.
+DIRECTORIES = tuple(s for s in QueueState if s != QueueState.ACTIVE)
 TMP = "tmp"
-JOURNAL = "journal"  # the sent journal (mta.spool.journal)
+STATE = "state"  # small files of other parts (plugins, the MTA-STS cache)
 MAX_GROUP = 256
+SPILL = 256 * 1024  # a message larger than this is written to tmp/ as it arrives
+HIGH_WATER = 4 * 1024 * 1024  # pause the client while this much waits to be written
+TAIL = 64 * 1024  # read this much of a file's end to find its last record
+COMMITTED_CACHE = 4096  # placements of new messages kept for the queue manager
+SYNC_MODES = ("standard", "strict")
 
 log = Logger(namespace="mta.spool")
 
@@ -72,15 +91,19 @@ def storage_error(action: str, e: BaseException) -> StorageError:
 class FileOps:
     """The file system calls that make durability; injectable for fault tests."""
 
-    def mkdir(self, path: str) -> None:
-        os.mkdir(path, 0o700)
+    def create(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
-    def open_new(self, path: str) -> IO[bytes]:
-        return open(path, "xb", buffering=65536)
+    def append(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
-    def fsync(self, f: IO[bytes]) -> None:
-        f.flush()
-        os.fsync(f.fileno())
+    def write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -92,17 +115,107 @@ class FileOps:
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
-    def rmtree(self, path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+
+@dataclass
+class Placement:
+    """Where a message's file is and how its records end (this process's notes)."""
+
+    state: QueueState  # the directory the file is in
+    size: int  # message octets: where the records begin
+    full_len: int  # length of the last full record
+    since: int = 0  # bytes of update records after it
+    recipients: list[str] = field(default_factory=list)  # as last recorded
+
+
+class _Bounded(io.RawIOBase):
+    """The first C{size} bytes of a file: the message, without its records."""
+
+    def __init__(self, raw: IO[bytes], size: int) -> None:
+        self._raw = raw
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(b)[: self._left]
+        n = self._raw.readinto(view)  # type: ignore[attr-defined]
+        self._left -= n or 0
+        return n or 0
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _message_reader(path: str, size: int) -> IO[bytes]:
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes the reader
+    return io.BufferedReader(_Bounded(raw, size), 65536)
+
+
+def read_records(fd: int, end: int) -> tuple[Envelope, Placement]:
+    """The envelope at the end of an open message file, and how its records lie.
+
+    The last line that is a record names the message size, where the
+    records begin; they are read from there and folded (L{envformat.fold}).
+    A torn last line (a power loss while appending) is passed over.
+    """
+    want = min(TAIL, end)
+    size = None
+    while size is None:
+        start = end - want
+        chunk = os.pread(fd, want, start)
+        lines = chunk.split(b"\n")
+        offset = end
+        # lines[0] may be cut (unless the chunk starts the file); lines[-1] follows the last LF.
+        for i in range(len(lines) - 1, 0 if start else -1, -1):
+            text = lines[i]
+            offset -= len(text) + (1 if i < len(lines) - 1 else 0)
+            doc = envformat.parse_record(text) if text else None
+            if doc is not None and doc["size"] <= offset:
+                size = doc["size"]
+                break
+        if size is None:
+            if want >= end:
+                last = chunk.rstrip(b"\n").rpartition(b"\n")[2]
+                if last.startswith(b'{"format"'):
+                    raise FormatError("its envelope record is not valid")
+                raise MissingEnvelopeError("no envelope record in the message file")
+            want = min(end, want * 4)
+    region = os.pread(fd, end - size, size)
+    records = []
+    full_len = since = 0
+    for text in region.split(b"\n"):
+        doc = envformat.parse_record(text) if text.strip() else None
+        if doc is None:
+            continue
+        records.append(doc)
+        if "update" in doc:
+            since += len(text) + 1
+        else:
+            full_len, since = len(text) + 1, 0
+    env = envformat.fold(records)
+    texts = [envformat.recipient_text(r) for r in env.recipients]
+    return env, Placement(QueueState.INCOMING, size, full_len, since, texts)
 
 
 @implementer(IQueueStore)
 class FileStore:
-    """The queue on disk (L{IQueueStore}); every write is durable.
+    """The queue on disk (L{IQueueStore}).
 
     Synchronous: the daemon calls it in its spool threads, C{mtactl} and
-    C{mta-sendmail} directly.  The sent journal's writer (L{journal},
-    L{release}) is used in the daemon's reactor thread.
+    C{mta-sendmail} directly.  The progress journal (L{journal},
+    L{release}) and L{claim} are used in the daemon's reactor thread and
+    do no I/O there.  The messages this process has taken for delivery
+    are C{active}: their files stay where they were.
     """
 
     def __init__(
@@ -112,13 +225,23 @@ class FileStore:
         *,
         workers: int = 1,
         journal_runner: Runner[Any] = run_now,
+        schedule: Callable[[Callable[[], None]], object] | None = None,
+        sync: str = "standard",
+        journal_sync_interval: float = journal.SYNC_INTERVAL,
     ) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"unknown sync mode {sync!r}")
         self.root = os.path.abspath(root)
         self.ops = ops or FileOps()
+        self.sync = sync
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._journal_runner = journal_runner
-        self._writer: journal.SentJournal | None = None
+        self._schedule = schedule
+        self._journal_sync = 0.0 if sync == "strict" else journal_sync_interval
+        self._writer: journal.ProgressJournal | None = None
+        self._active: dict[str, Placement] = {}
+        self._committed: OrderedDict[str, Placement] = OrderedDict()
 
     def _each(self, work: Callable[[T], U], items: Sequence[T]) -> list[U]:
         """C{work} on every item; with C{workers} > 1, several at once.
@@ -135,32 +258,26 @@ class FileStore:
 
     # -- layout ------------------------------------------------------------
 
-    def path(self, state: str, queue_id: str | None = None, name: str | None = None) -> str:
-        if state not in STATES and state != TMP:
-            raise ValueError(f"unknown spool state {state!r}")
-        parts = [self.root, state]
-        if queue_id is not None:
-            parts.append(queue_id)
-        if name is not None:
-            parts.append(name)
-        return os.path.join(*parts)
+    def path(self, state: str, queue_id: str | None = None) -> str:
+        if state not in DIRECTORIES and state != TMP:
+            raise ValueError(f"unknown spool directory {state!r}")
+        if queue_id is None:
+            return os.path.join(self.root, state)
+        return os.path.join(self.root, state, queue_id)
 
     def open(self, *, create: bool = True) -> None:
-        """Check (and if needed create) the layout; raise L{StorageError} if unusable."""
+        """Check (and if needed create or upgrade) the layout; L{StorageError} if unusable."""
         marker = os.path.join(self.root, "spool.json")
         try:
             if create:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
-                for state in (TMP, *STATES):
-                    os.makedirs(self.path(state), mode=0o700, exist_ok=True)
-                os.makedirs(os.path.join(self.root, JOURNAL), mode=0o700, exist_ok=True)
-            if not os.path.exists(marker):
-                if not create:
-                    raise StorageError(f"{self.root} is not an mta spool (no spool.json)")
-                self._write_json_atomic(marker, {"format": SPOOL_FORMAT})
-            with open(marker, "rb") as f:
-                doc = json.load(f)
-            found = doc.get("format") if isinstance(doc, dict) else doc
+            found = self._format(marker, create)
+            if found == SPOOL_FORMAT_V1:
+                upgrade.from_v1(self)
+                found = SPOOL_FORMAT
+            if create:
+                for name in (TMP, *DIRECTORIES, journal.JOURNAL, STATE):
+                    os.makedirs(os.path.join(self.root, name), mode=0o700, exist_ok=True)
         except (OSError, ValueError) as e:
             raise storage_error(f"cannot open spool {self.root}", e) from e
         if found != SPOOL_FORMAT:
@@ -168,9 +285,28 @@ class FileStore:
                 f"spool {self.root} has format {found!r}; this version reads {SPOOL_FORMAT}"
             )
 
+    def _format(self, marker: str, create: bool) -> object:
+        if not os.path.exists(marker):
+            if not create:
+                raise StorageError(f"{self.root} is not an mta spool (no spool.json)")
+            self.write_marker(SPOOL_FORMAT)
+        with open(marker, "rb") as f:
+            doc = json.load(f)
+        return doc.get("format") if isinstance(doc, dict) else doc
+
+    def write_marker(self, version: str) -> None:
+        marker = os.path.join(self.root, "spool.json")
+        tmp = marker + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"format": version}).encode() + b"\n")
+            f.flush()
+            self.ops.fsync(f.fileno())
+        self.ops.rename(tmp, marker)
+        self.ops.fsync_dir(self.root)
+
     def state_dir(self, name: str) -> str:
         """A directory in the spool for a part's own files (C{state/NAME}), made if missing."""
-        path = os.path.join(self.root, "state", name) if name else os.path.join(self.root, "state")
+        path = os.path.join(self.root, STATE, name) if name else os.path.join(self.root, STATE)
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
@@ -185,145 +321,83 @@ class FileStore:
         """Remove messages whose reception never completed; returns how many."""
         removed = 0
         for name in os.listdir(self.path(TMP)):
-            self.ops.rmtree(self.path(TMP, name))
-            removed += 1
+            with contextlib.suppress(FileNotFoundError):
+                self.ops.unlink(self.path(TMP, name))
+                removed += 1
         return removed
-
-    def recover(self, *, incomplete: bool = True) -> journal.Recovery:
-        result = journal.recover(self)
-        if incomplete:
-            result.incomplete = self.clean_tmp()
-        return result
 
     def writable(self) -> bool:
         return os.access(self.path(TMP), os.W_OK | os.X_OK)
 
-    def _write_json_atomic(self, path: str, doc: Any) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(doc).encode() + b"\n")
-            self.ops.fsync(f)
-        self.ops.rename(tmp, path)
-        self.ops.fsync_dir(os.path.dirname(path))
-
-    # -- receiving ---------------------------------------------------------
-
-    def create_tmp(self, queue_id: str) -> IO[bytes]:
-        """Make C{tmp/ID/} and open its message file for writing."""
-        self.ops.mkdir(self.path(TMP, queue_id))
-        try:
-            return self.ops.open_new(self.path(TMP, queue_id, MESSAGE))
-        except BaseException:
-            self.ops.rmtree(self.path(TMP, queue_id))
-            raise
-
-    def discard_tmp(self, queue_id: str) -> None:
-        self.ops.rmtree(self.path(TMP, queue_id))
-
-    def commit_group(self, items: list[tuple[str, IO[bytes], bytes]]) -> list[StorageError | None]:
-        """Commit several received messages with one fsync of C{incoming/}.
-
-        C{items} are C{(queue_id, open message file, envelope bytes)}.  Each
-        result is C{None} (committed) or the error that kept that message
-        out of the queue; a failed message leaves nothing in C{incoming/}.
-        """
-
-        def one(item: tuple[str, IO[bytes], bytes]) -> StorageError | None:
-            queue_id, message, envelope = item
-            try:
-                try:
-                    self.ops.fsync(message)
-                finally:
-                    message.close()
-                with self.ops.open_new(self.path(TMP, queue_id, ENVELOPE)) as f:
-                    f.write(envelope)
-                    self.ops.fsync(f)
-                self.ops.fsync_dir(self.path(TMP, queue_id))
-                self.ops.rename(self.path(TMP, queue_id), self.path(INCOMING, queue_id))
-                return None
-            except Exception as e:
-                self.ops.rmtree(self.path(TMP, queue_id))
-                return storage_error(f"cannot commit {queue_id}", e)
-
-        results = self._each(one, items)
-        moved = [i for i, error in enumerate(results) if error is None]
-        if moved:
-            try:
-                self.ops.fsync_dir(self.path(INCOMING))
-            except Exception as e:
-                # The entries may not survive a crash, so the client must not
-                # get 250; take them out again rather than risk a duplicate.
-                for i in moved:
-                    queue_id = items[i][0]
-                    results[i] = storage_error(f"cannot commit {queue_id}", e)
-                    self.ops.rmtree(self.path(INCOMING, queue_id))
-        return results
-
-    def add(self, envelope: Envelope, data: bytes) -> None:
-        """Commit one whole message at once (C{mta-sendmail}, tests).
-
-        The same steps as a received message: C{tmp/}, fsync, rename into
-        C{incoming/}, fsync.  Raises L{StorageError}; nothing is left behind then.
-        """
-        queue_id = envelope.queue_id
-        try:
-            message = self.create_tmp(queue_id)
-        except OSError as e:
-            raise storage_error(f"cannot start {queue_id}", e) from e
-        try:
-            message.write(data)
-            envelope_bytes = envformat.dumps(envelope)
-        except Exception as e:
-            message.close()
-            self.discard_tmp(queue_id)
-            raise storage_error(f"cannot write {queue_id}", e) from e
-        [error] = self.commit_group([(queue_id, message, envelope_bytes)])
-        if error is not None:
-            raise error
-
     # -- reading -----------------------------------------------------------
 
+    def _read(self, state: QueueState, queue_id: str) -> tuple[Envelope, Placement]:
+        fd = os.open(self.path(state, queue_id), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            env, place = read_records(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        place.state = state
+        return env, place
+
     def ids(self, state: QueueState) -> Iterator[str]:
+        if state == QueueState.ACTIVE:
+            yield from list(self._active)
+            return
         with os.scandir(self.path(state)) as it:
             for entry in it:
-                if is_queue_id(entry.name):
+                if is_queue_id(entry.name) and entry.name not in self._active:
                     yield entry.name
 
     def count(self, state: QueueState) -> int:
         try:
-            with os.scandir(self.path(state)) as it:
-                return sum(1 for _ in it)
+            return sum(1 for _ in self.ids(state))
         except OSError:
             return 0
 
     def locate(self, queue_id: str) -> QueueState:
+        if queue_id in self._active:
+            return QueueState.ACTIVE
+        return self._on_disk(queue_id)
+
+    def _on_disk(self, queue_id: str) -> QueueState:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-        for state in QueueState:
-            if os.path.isdir(self.path(state, queue_id)):
+        for state in DIRECTORIES:
+            if os.path.isfile(self.path(state, queue_id)):
                 return state
         raise KeyError(queue_id)
+
+    def _where(self, queue_id: str, state: QueueState | None) -> QueueState:
+        """The directory of a message said to be in C{state} (or wherever it is)."""
+        if state is None:
+            state = self.locate(queue_id)
+        if state == QueueState.ACTIVE:
+            place = self._active.get(queue_id)
+            if place is None:
+                raise KeyError(queue_id)
+            return place.state
+        return QueueState(state)
 
     def load(self, queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
         state = QueueState(state) if state is not None else self.locate(queue_id)
         try:
-            with open(self.path(state, queue_id, ENVELOPE), "rb") as f:
-                data = f.read()
+            env, _ = self._read(self._where(queue_id, state), queue_id)
         except FileNotFoundError as e:
             raise KeyError(queue_id) from e
-        return state, envformat.loads(data)
+        return state, env
 
-    def journaled(self, queue_id: str) -> list[SentRecord]:
+    def journaled(self, queue_id: str) -> list[ProgressRecord]:
         return journal.read(journal.directory(self.root)).get(queue_id, [])
 
     def view(self, queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
         state, envelope = self.load(queue_id, state)
-        if state == QueueState.ACTIVE:
+        if state.waiting:
             journal.apply(envelope, self.journaled(queue_id))
         return state, envelope
 
     def listing(self, states: Sequence[QueueState]) -> Iterator[tuple[str, QueueState, Any]]:
-        sent = journal.read(journal.directory(self.root)) if QueueState.ACTIVE in states else {}
+        progress = journal.read(journal.directory(self.root))
         for state in QueueState:
             if state not in states:
                 continue
@@ -335,39 +409,46 @@ class FileStore:
                 except FormatError as e:
                     yield queue_id, state, e
                     continue
-                if state == QueueState.ACTIVE and queue_id in sent:
-                    journal.apply(envelope, sent[queue_id])
+                if state.waiting and queue_id in progress:
+                    journal.apply(envelope, progress[queue_id])
                 yield queue_id, state, envelope
 
     def location(self, queue_id: str, state: QueueState) -> str:
-        return self.path(state, queue_id, ENVELOPE)
+        try:
+            return self.path(self._where(queue_id, state), queue_id)
+        except KeyError:
+            return self.path(QueueState(state), queue_id) if state != QueueState.ACTIVE else ""
 
     def open_message(self, queue_id: str, state: QueueState | None = None) -> IO[bytes]:
         for _ in range(3):  # it may move between locate and open
             try:
-                found = QueueState(state) if state is not None else self.locate(queue_id)
-            except KeyError:
-                break
-            try:
-                return open(self.path(found, queue_id, MESSAGE), "rb")
-            except FileNotFoundError:
+                where = self._where(queue_id, state)
+                place = self._active.get(queue_id)
+                if place is not None and place.state == where:
+                    size = place.size
+                else:
+                    _, found = self._read(where, queue_id)
+                    size = found.size
+                return _message_reader(self.path(where, queue_id), size)
+            except (KeyError, FileNotFoundError):
                 state = None
                 continue
+            except FormatError as e:
+                raise StorageError(f"cannot read {queue_id}: {e}") from e
             except OSError as e:
                 raise storage_error(f"cannot read {queue_id}", e) from e
         raise StorageError(f"{queue_id} is no longer in the spool")
 
     def scan(self) -> QueueScan:
-        # Messages left in active/ by a crash go first: they were already due.
-        ready = sorted(self.ids(QueueState.ACTIVE)) + sorted(self.ids(QueueState.INCOMING))
-        return QueueScan(ready, self._due_times(QueueState.DEFERRED))
+        ready = sorted(q for q in self.ids(QueueState.INCOMING))
+        return QueueScan(ready, self._times(QueueState.DEFERRED))
 
-    def _due_times(self, state: QueueState) -> list[tuple[float, str]]:
-        """(due time hint, queue ID) for every message in a state, from stat only."""
+    def _times(self, state: QueueState) -> list[tuple[float, str]]:
+        """(time kept beside it, queue ID) of every message in a state, from stat only."""
         out = []
         with os.scandir(self.path(state)) as it:
             for entry in it:
-                if is_queue_id(entry.name):
+                if is_queue_id(entry.name) and entry.name not in self._active:
                     try:
                         out.append((entry.stat().st_mtime, entry.name))
                     except FileNotFoundError:
@@ -375,163 +456,298 @@ class FileStore:
         return out
 
     def finished_before(self, state: QueueState, when: float) -> list[str]:
-        return [queue_id for due, queue_id in self._due_times(state) if due <= when]
+        return [queue_id for due, queue_id in self._times(state) if due <= when]
+
+    # -- receiving ---------------------------------------------------------
+
+    def commit_group(self, items: list[_Commit]) -> list[StorageError | None]:
+        """Commit received messages: each file fsync'd, renamed into C{incoming/},
+        then one fsync of C{incoming/} for the group.  A failed message leaves
+        nothing in C{incoming/}."""
+
+        def one(item: _Commit) -> StorageError | None:
+            tmp = self.path(TMP, item.queue_id)
+            fd = item.fd
+            try:
+                if fd is None:
+                    fd = self.ops.create(tmp)
+                self.ops.write(fd, item.data)
+                self.ops.fsync(fd)
+                self.ops.close(fd)
+                fd = None
+                self.ops.rename(tmp, self.path(QueueState.INCOMING, item.queue_id))
+                return None
+            except Exception as e:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        self.ops.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                return storage_error(f"cannot commit {item.queue_id}", e)
+
+        results = self._each(one, items)
+        moved = [i for i, error in enumerate(results) if error is None]
+        if moved:
+            try:
+                self.ops.fsync_dir(self.path(QueueState.INCOMING))
+            except Exception as e:
+                # The entries may not survive a crash, so the client must not
+                # get 250; take them out again rather than risk a duplicate.
+                for i in moved:
+                    queue_id = items[i].queue_id
+                    results[i] = storage_error(f"cannot commit {queue_id}", e)
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path(QueueState.INCOMING, queue_id))
+        for item, error in zip(items, results, strict=True):
+            if error is None and item.placement is not None:
+                self._remember(item.queue_id, item.placement)
+        return results
+
+    def _remember(self, queue_id: str, place: Placement) -> None:
+        self._committed[queue_id] = place
+        while len(self._committed) > COMMITTED_CACHE:
+            self._committed.popitem(last=False)
+
+    def add(self, envelope: Envelope, data: bytes) -> None:
+        """Commit one whole message at once (C{mta-sendmail}, reports, tests)."""
+        item = _Commit.of(envelope, data)
+        [error] = self.commit_group([item])
+        if error is not None:
+            raise error
 
     # -- changing ----------------------------------------------------------
 
+    def claim(self, queue_id: str) -> bool:
+        committed = self._committed.pop(queue_id, None)
+        if committed is None:
+            return False
+        self._active[queue_id] = committed
+        return True
+
     def activate(self, queue_id: str) -> Envelope | None:
+        if queue_id in self._active:
+            return None
         try:
-            found, envelope = self.load(queue_id)
+            state = self._on_disk(queue_id)
         except KeyError:
-            try:
-                found = self.locate(queue_id)
-            except KeyError:
-                return None  # delivered or deleted meanwhile
-            if found.waiting:
-                self.move(queue_id, found, QueueState.CORRUPT)
-                raise MissingEnvelopeError(f"{queue_id} has no envelope") from None
+            return None  # delivered or deleted meanwhile
+        if not state.waiting:
+            return None  # e.g. put on hold, or finished, meanwhile
+        try:
+            env, place = self._read(state, queue_id)
+        except FileNotFoundError:
             return None
         except FormatError:
-            self.move(queue_id, self.locate(queue_id), QueueState.CORRUPT)
+            self.move(queue_id, state, QueueState.CORRUPT)
             raise
-        if not found.waiting:
-            return None  # e.g. put on hold, or finished, meanwhile
-        if found != QueueState.ACTIVE:
-            # Not durable: after a crash, incoming/ and active/ are both delivered.
-            self.move(queue_id, found, QueueState.ACTIVE, durable=False)
-        return envelope
+        self._committed.pop(queue_id, None)
+        self._active[queue_id] = place
+        return env
 
-    def record(self, envelope: Envelope) -> None:
-        self.write_envelope(QueueState.ACTIVE, envelope)
+    def _record_for(self, env: Envelope, place: Placement) -> tuple[bytes, Placement]:
+        """The record that brings the file up to C{env} (b"" if nothing changed),
+        and what the placement is once it is written."""
+        texts = [envformat.recipient_text(r) for r in env.recipients]
+        old = place.recipients
+        changed = {i: t for i, t in enumerate(texts) if i >= len(old) or t != old[i]}
+        after = replace(place, recipients=texts)
+        if not changed:
+            return b"", after
+        update = envformat.update_record(env.queue_id, place.size, changed)
+        if len(changed) == len(texts) or place.since + len(update) > place.full_len:
+            env.size = place.size
+            record = envformat.full_record(env, texts)
+            after.full_len, after.since = len(record), 0
+            return record, after
+        after.since += len(update)
+        return update, after
 
-    def write_envelope(self, state: str, envelope: Envelope) -> None:
-        """Replace a message's envelope atomically and durably."""
-        target = self.path(state, envelope.queue_id, ENVELOPE)
-        tmp = target + ".tmp"
+    def _append(self, path: str, record: bytes, *, sync: bool) -> None:
+        fd = self.ops.append(path)
         try:
-            with open(tmp, "wb") as f:
-                f.write(envformat.dumps(envelope))
-                self.ops.fsync(f)
-            self.ops.rename(tmp, target)
-            self.ops.fsync_dir(self.path(state, envelope.queue_id))
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise storage_error(f"cannot update {envelope.queue_id}", e) from e
+            self.ops.write(fd, record)
+            if sync:
+                self.ops.fsync(fd)
+        finally:
+            self.ops.close(fd)
 
-    def move(
-        self, queue_id: str, src: QueueState, dst: QueueState, *, durable: bool = True
+    def _file_one(
+        self, env: Envelope, place: Placement, dst: QueueState, when: float | None, sync: bool
     ) -> None:
-        """Move a message to another state directory.
-
-        C{durable=False} skips the directory fsyncs, for moves whose loss
-        in a crash is harmless (C{incoming} to C{active}: both are
-        delivered at start-up).
-        """
-        try:
-            self.ops.rename(self.path(src, queue_id), self.path(dst, queue_id))
-            if durable:
-                self.ops.fsync_dir(self.path(dst))
-                self.ops.fsync_dir(self.path(src))
-        except OSError as e:
-            raise storage_error(f"cannot move {queue_id} from {src} to {dst}", e) from e
-
-    def settle(
-        self, envelope: Envelope, src: QueueState, dst: QueueState, due: float | None = None
-    ) -> None:
-        """Record an envelope and move its message to C{dst}: L{settle_group} of one."""
-        [error] = self.settle_group([(envelope, src, dst, due)])
-        if error is not None:
-            raise error
+        queue_id = env.queue_id
+        record, after = self._record_for(env, place)
+        src = self.path(place.state, queue_id)
+        if record:
+            self._append(src, record, sync=sync)
+        place.recipients, place.full_len, place.since = (
+            after.recipients,
+            after.full_len,
+            after.since,
+        )
+        target = self.path(dst, queue_id)
+        if dst != place.state:
+            self.ops.rename(src, target)
+            place.state = dst
+        if when is not None:
+            os.utime(target, (when, when))
 
     def file(
         self, items: Sequence[tuple[Envelope, QueueState, float | None]]
     ) -> list[StorageError | None]:
-        return self.settle_group([(env, QueueState.ACTIVE, dst, due) for env, dst, due in items])
-
-    def settle_group(
-        self, items: Sequence[tuple[Envelope, QueueState, QueueState, float | None]]
-    ) -> list[StorageError | None]:
-        """Record envelopes and move their messages, one fsync per target directory.
-
-        Each new envelope is written to a temporary file, fsync'd and
-        renamed over the old one, and the message directory is fsync'd (so
-        the new envelope is durable before the message changes state);
-        then the message directory is renamed into C{dst}.  Both renames
-        are atomic, so after a crash a message has its old or its new
-        envelope, never a torn one, and never its old envelope in its new
-        state.  One fsync of each source and target directory at the end
-        makes the group's moves durable.  C{due} becomes the message
-        directory's modification time, so that start-up can index the
-        deferred queue (and retention the finished one) from C{stat}
-        alone, without reading every envelope (Postfix does the same with
-        its queue files); the envelope stays the truth, the time is a hint.
-        """
-
-        def one(item: tuple[Envelope, QueueState, QueueState, float | None]) -> StorageError | None:
-            envelope, src, dst, due = item
-            queue_id = envelope.queue_id
+        strict = self.sync == "strict"
+        results: list[StorageError | None] = []
+        dirs: set[QueueState] = set()
+        for env, dst, when in items:
+            place = self._active.get(env.queue_id)
+            if place is None:
+                results.append(StorageError(f"{env.queue_id} is not being delivered"))
+                continue
+            dirs |= {place.state, QueueState(dst)}
             try:
-                self.write_envelope(src, envelope)
-                if dst != src:
-                    self.ops.rename(self.path(src, queue_id), self.path(dst, queue_id))
-                if due is not None:
-                    os.utime(self.path(dst, queue_id), (due, due))
-                return None
-            except StorageError as e:
-                return e
+                self._file_one(env, place, QueueState(dst), when, strict)
             except OSError as e:
-                return storage_error(f"cannot record {queue_id}", e)
+                results.append(storage_error(f"cannot file {env.queue_id}", e))
+                continue
+            del self._active[env.queue_id]
+            results.append(None)
+        if strict:
+            self._sync_dirs(dirs, items, results)
+        return results
 
-        results = self._each(one, items)
-        targets = {state for _, src, dst, _ in items for state in (src, dst)}
-        for state in sorted(targets):
+    def _sync_dirs(
+        self, dirs: set[QueueState], items: Sequence[tuple[Envelope, Any, Any]], results: list[Any]
+    ) -> None:
+        for state in sorted(dirs):
             try:
                 self.ops.fsync_dir(self.path(state))
             except OSError as e:
-                for i, (envelope, _, dst, _) in enumerate(items):
-                    if dst == state and results[i] is None:
-                        results[i] = storage_error(f"cannot record {envelope.queue_id}", e)
-        return results
+                for i, (env, *_) in enumerate(items):
+                    if results[i] is None:
+                        results[i] = storage_error(f"cannot record {env.queue_id}", e)
+
+    def settle(
+        self, envelope: Envelope, src: QueueState, dst: QueueState, due: float | None = None
+    ) -> None:
+        """Record an envelope and move its message, durably (operator actions)."""
+        queue_id = envelope.queue_id
+        try:
+            if src == QueueState.ACTIVE:
+                raise StorageError(f"{queue_id} is being delivered")
+            _, place = self._read(QueueState(src), queue_id)
+            self._file_one(envelope, place, QueueState(dst), due, True)
+            for state in sorted({QueueState(src), QueueState(dst)}):
+                self.ops.fsync_dir(self.path(state))
+        except FileNotFoundError as e:
+            raise KeyError(queue_id) from e
+        except OSError as e:
+            raise storage_error(f"cannot record {queue_id}", e) from e
+
+    def move(self, queue_id: str, src: QueueState, dst: QueueState) -> None:
+        """Move a message to another state without changing its envelope."""
+        try:
+            where = self._where(queue_id, src)
+            self.ops.rename(self.path(where, queue_id), self.path(dst, queue_id))
+            self._active.pop(queue_id, None)
+            self.ops.fsync_dir(self.path(dst))
+            self.ops.fsync_dir(self.path(where))
+        except OSError as e:
+            raise storage_error(f"cannot move {queue_id} from {src} to {dst}", e) from e
 
     def remove(self, queue_id: str, state: QueueState) -> None:
-        """Take a message out of the queue: one rename, then delete at leisure."""
-        graveyard = self.path(TMP, f"removed-{queue_id}")
+        """Take a message out of the spool."""
+        where = self._where(queue_id, state)
         try:
-            self.ops.rename(self.path(state, queue_id), graveyard)
-            self.ops.fsync_dir(self.path(state))
+            self.ops.unlink(self.path(where, queue_id))
+            self._active.pop(queue_id, None)
+            self.ops.fsync_dir(self.path(where))
+        except FileNotFoundError as e:
+            raise KeyError(queue_id) from e
         except OSError as e:
             raise storage_error(f"cannot remove {queue_id}", e) from e
-        self.ops.rmtree(graveyard)
 
     def redact(self, queue_id: str, transform: Callable[[bytes], bytes], when: float) -> bool:
+        """Write the transformed message and its envelope into C{redacted/} (a new
+        file, fsync'd), then remove the one in C{done/}."""
         try:
-            _, envelope = self.load(queue_id, QueueState.DONE)
-        except KeyError:
+            envelope, place = self._read(QueueState.DONE, queue_id)
+        except FileNotFoundError:
             return False
-        message = self.path(QueueState.DONE, queue_id, MESSAGE)
-        tmp = message + ".tmp"
+        done = self.path(QueueState.DONE, queue_id)
+        tmp = self.path(TMP, f"{queue_id}.redacted")
+        target = self.path(QueueState.REDACTED, queue_id)
         try:
-            with open(message, "rb") as f:
-                original = f.read()
-            with open(tmp, "wb") as f:
-                f.write(transform(original))
-                self.ops.fsync(f)
-            self.ops.rename(tmp, message)
+            with open(done, "rb") as f:
+                data = transform(f.read(place.size))
+            envelope.redacted = when
+            envelope.size = len(data)
+            fd = self.ops.create(tmp)
+            try:
+                self.ops.write(fd, data + _separator(data) + envformat.full_record(envelope))
+                self.ops.fsync(fd)
+            finally:
+                self.ops.close(fd)
+            os.utime(tmp, (when, when))
+            self.ops.rename(tmp, target)
+            self.ops.unlink(done)
+            self.ops.fsync_dir(self.path(QueueState.REDACTED))
+            self.ops.fsync_dir(self.path(QueueState.DONE))
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise storage_error(f"cannot redact {queue_id}", e) from e
-        envelope.redacted = when
-        self.settle(envelope, QueueState.DONE, QueueState.REDACTED, when)
         return True
 
-    # -- the sent journal (reactor thread) ------------------------------------
+    # -- start-up ------------------------------------------------------------
 
-    def journal(self, records: list[SentRecord]) -> object | None:
+    def recover(self, *, incomplete: bool = True) -> journal.Recovery:
+        """Apply the progress journal to the messages it names, then remove it."""
+        path = journal.directory(self.root)
+        files = journal.segments(path)
+        result = journal.Recovery(segments=len(files))
+        for queue_id, records in journal.read(path).items():
+            try:
+                self._recover_one(queue_id, records, result)
+            except FormatError as e:
+                log.error("{qid}: journal not applied, unreadable envelope: {e}", qid=queue_id,
+                          e=e)  # fmt: skip
+            except OSError as e:
+                log.error("{qid}: journal not applied: {e}", qid=queue_id, e=e)
+                result.kept = True
+        if not result.kept:
+            for segment in files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(segment)
+        if incomplete:
+            result.incomplete = self.clean_tmp()
+        return result
+
+    def _recover_one(
+        self, queue_id: str, records: list[ProgressRecord], result: journal.Recovery
+    ) -> None:
+        try:
+            state = self._on_disk(queue_id)
+        except KeyError:
+            return  # removed since
+        if not state.waiting and state != QueueState.HOLD:
+            return  # finished: its file has its results
+        envelope, place = self._read(state, queue_id)
+        changed = journal.apply(envelope, records)
+        if changed:
+            record, _ = self._record_for(envelope, place)
+            if record:
+                self._append(self.path(state, queue_id), record, sync=True)
+            result.recipients += changed
+            result.messages += 1
+
+    # -- the progress journal (reactor thread) ------------------------------------
+
+    def journal(self, records: list[ProgressRecord]) -> object | None:
         if self._writer is None:
-            self._writer = journal.SentJournal(
-                journal.directory(self.root), runner=self._journal_runner
+            self._writer = journal.ProgressJournal(
+                journal.directory(self.root),
+                runner=self._journal_runner,
+                schedule=self._schedule,
+                sync_interval=self._journal_sync,
             )
         return self._writer.record(records)
 
@@ -540,9 +756,42 @@ class FileStore:
             self._writer.release(token)
 
     def close(self) -> None:
-        """At shutdown: close the sent journal (L{journal.SentJournal.close})."""
+        """At shutdown: write and close the progress journal."""
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+
+def _separator(data: bytes) -> bytes:
+    """A line end before the first record when the message has none at its end."""
+    return b"" if not data or data.endswith(b"\n") else b"\n"
+
+
+@dataclass
+class _Commit:
+    """One message of a group commit: its bytes not yet written, ending in its record."""
+
+    queue_id: str
+    data: bytes
+    fd: int | None = None  # tmp/ID already open (a large message written as it came)
+    placement: Placement | None = None
+
+    @classmethod
+    def of(
+        cls, envelope: Envelope, rest: bytes, fd: int | None = None, last: bytes | None = None
+    ) -> _Commit:
+        """The rest of a message's file: C{rest}, the bytes of the message not
+        written yet (the whole message unless it is partly in C{fd}, whose
+        last byte is C{last}), then its first record."""
+        texts = [envformat.recipient_text(r) for r in envelope.recipients]
+        record = envformat.full_record(envelope, texts)
+        end = rest[-1:] or (last or b"")
+        separator = b"" if not end or end == b"\n" else b"\n"
+        place = Placement(QueueState.INCOMING, envelope.size, len(record), 0, texts)
+        return cls(envelope.queue_id, rest + separator + record, fd, place)
 
 
 class SpoolLock:
@@ -571,68 +820,179 @@ class SpoolLock:
             self._fd = None
 
 
+class _Concat(io.RawIOBase):
+    """Several byte sources read one after the other (a message half on disk)."""
+
+    def __init__(self, parts: list[IO[bytes]]) -> None:
+        self._parts = parts
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._parts:
+            n = self._parts[0].readinto(b)  # type: ignore[attr-defined]
+            if n:
+                return int(n)
+            self._parts.pop(0).close()
+        return 0
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+        self._parts = []
+        super().close()
+
+
 @implementer(ISpoolTransaction)
 class _Transaction:
+    """A message being received: in memory, and once it is large in C{tmp/ID}
+    too, written there by the spool threads while more arrives.
+
+    While more than L{HIGH_WATER} waits to be written, the client is paused
+    (C{producer}, the session's transport, when it has set one).
+    """
+
     def __init__(self, spool: Spool, queue_id: str) -> None:
         self._spool = spool
         self.queue_id = queue_id
         self.size = 0
-        self._file: IO[bytes] | None = spool.store.create_tmp(queue_id)
+        self.producer: Any = None
+        self._buffer = bytearray()
+        self._in_flight = b""  # being written to tmp/ID now
+        self._written = 0  # bytes in tmp/ID
+        self._last = b""  # the last byte of those
+        self._fd: int | None = None
+        self._spilling: Deferred[None] | None = None
+        self._paused = False
         self._error: StorageError | None = None
+        self._closed = False
         self._committed = False
 
     def write(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error
-        if self._file is None:
+        if self._closed:
             raise StorageError("transaction is closed")
-        try:
-            self._file.write(data)
-        except OSError as e:
-            self._error = storage_error(f"cannot write {self.queue_id}", e)
-            raise self._error from e
+        self._buffer += data
         self.size += len(data)
+        if len(self._buffer) >= SPILL:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._spilling is not None:
+            if len(self._buffer) >= HIGH_WATER and not self._paused and self.producer:
+                self._paused = True
+                self.producer.pauseProducing()
+            return
+        chunk, self._buffer = bytes(self._buffer), bytearray()
+        self._in_flight = chunk
+        self._last = chunk[-1:]
+        store = self._spool.store
+        tmp = store.path(TMP, self.queue_id)
+
+        def write() -> None:
+            if self._fd is None:
+                self._fd = store.ops.create(tmp)
+            store.ops.write(self._fd, chunk)
+
+        def done(_: object) -> None:
+            self._spilling = None
+            self._written += len(chunk)
+            self._in_flight = b""
+            if self._paused and len(self._buffer) < HIGH_WATER:
+                self._paused = False
+                self.producer.resumeProducing()
+            if self._closed and not self._committed:
+                self._discard()
+            elif not self._closed and len(self._buffer) >= SPILL:
+                self._spill()
+
+        def failed(failure: Failure) -> None:
+            self._spilling = None
+            error = failure.value or OSError("write failed")
+            self._error = storage_error(f"cannot write {self.queue_id}", error)
+            if self._paused:
+                self._paused = False
+                self.producer.resumeProducing()
+            self._discard()
+
+        self._spilling = self._spool.runner(write).addCallbacks(done, failed)
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
-        if self._error is not None or self._file is None:
+        if self._error is not None or self._closed:
+            error = self._error or StorageError("transaction is closed")
             self.abort()
-            return fail(self._error or StorageError("transaction is closed"))
+            return fail(error)
         envelope.queue_id = self.queue_id
+        envelope.size = self.size
+        self._closed = self._committed = True
+        if self._spilling is not None:
+            waiting = self._spilling
+            return waiting.addCallback(lambda _: self._commit(envelope))
+        return self._commit(envelope)
+
+    def _commit(self, envelope: Envelope) -> Deferred[str]:
+        if self._error is not None:
+            return fail(self._error)
+        rest = bytes(self._buffer)
         try:
-            data = envformat.dumps(envelope)
+            item = _Commit.of(envelope, rest, self._fd, self._last)
         except Exception as e:  # e.g. text that is not valid UTF-8
-            self.abort()
+            self._committed = False
+            self._discard()
             return fail(StorageError(f"cannot write the envelope of {self.queue_id}: {e}"))
-        message, self._file = self._file, None
-        self._committed = True
-        return self._spool.commit(self.queue_id, message, data)
+        data = None if self._written else rest
+        self._fd = None
+        self._buffer = bytearray()
+        return self._spool.commit(item, envelope, data)
 
     def open_written(self) -> IO[bytes]:
         if self._error is not None:
             raise self._error
-        if self._committed:
+        if self._committed and not self._buffer and self._spilling is None:
             return self._spool.store.open_message(self.queue_id)
-        if self._file is None:
+        if self._closed and not self._committed:
             raise StorageError("transaction is closed")
-        try:
-            self._file.flush()
-            return open(self._spool.store.path(TMP, self.queue_id, MESSAGE), "rb")
-        except OSError as e:
-            raise storage_error(f"cannot read back {self.queue_id}", e) from e
+        parts: list[IO[bytes]] = []
+        if self._written:
+            try:
+                parts.append(_message_reader(self._spool.store.path(TMP, self.queue_id),
+                                             self._written))  # fmt: skip
+            except OSError as e:
+                raise storage_error(f"cannot read back {self.queue_id}", e) from e
+        parts += [io.BytesIO(self._in_flight), io.BytesIO(bytes(self._buffer))]
+        return io.BufferedReader(_Concat(parts))
 
     def abort(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
-            self._spool.store.discard_tmp(self.queue_id)
+        if self._closed and self._committed:
+            return
+        if not self._closed:
+            self._closed = True
+            if self._spilling is None:
+                self._discard()
+
+    def _discard(self) -> None:
+        """Forget what was received, closing and removing tmp/ID in the spool threads."""
+        self._buffer = bytearray()
+        fd, self._fd = self._fd, None
+        if fd is None and not self._written:
+            return
+        store, tmp = self._spool.store, self._spool.store.path(TMP, self.queue_id)
+
+        def remove() -> None:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    store.ops.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+        self._spool.runner(remove).addErrback(lambda f: None)
 
 
 @implementer(ISpool)
 class Spool:
-    """The daemon's spool: blocking work in a thread, commits in groups."""
+    """The daemon's spool: messages received into memory, committed in groups."""
 
     def __init__(
         self,
@@ -641,39 +1001,33 @@ class Spool:
         new_id: Callable[[], str],
     ) -> None:
         self.store = store
+        self.runner = runner
         self._new_id = new_id
-        self._listeners: list[Callable[[str, str], None]] = []
-        self._commits: Batcher[tuple[str, IO[bytes], bytes], str] = Batcher(
-            runner, self._commit_group, MAX_GROUP
-        )
+        self._listeners: list[Callable[[Committed], None]] = []
+        self._commits: Batcher[_Commit, str] = Batcher(runner, self._commit_group, MAX_GROUP)
 
     def begin(self) -> ISpoolTransaction:
-        for _ in range(5):
-            queue_id = self._new_id()
-            try:
-                return _Transaction(self, queue_id)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise storage_error("cannot start a message", e) from e
-        raise StorageError("cannot allocate a unique queue ID")
+        """A new transaction; no file is made until there is something to keep."""
+        return _Transaction(self, self._new_id())
 
-    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+    def add_listener(self, listener: Callable[[Committed], None]) -> None:
         self._listeners.append(listener)
 
-    def _commit_group(self, items: list[tuple[str, IO[bytes], bytes]]) -> list[str | StorageError]:
+    def _commit_group(self, items: list[_Commit]) -> list[str | StorageError]:
         results = self.store.commit_group(items)
         return [
-            item[0] if error is None else error for item, error in zip(items, results, strict=True)
+            item.queue_id if error is None else error
+            for item, error in zip(items, results, strict=True)
         ]
 
-    def commit(self, queue_id: str, message: IO[bytes], envelope: bytes) -> Deferred[str]:
+    def commit(self, item: _Commit, envelope: Envelope, data: bytes | None) -> Deferred[str]:
         """Commit a received message; concurrent commits share one group."""
 
         def committed(queue_id: str) -> str:
+            notice = Committed(queue_id, envelope, data)
             for listener in self._listeners:
                 try:
-                    listener(queue_id, "incoming")
+                    listener(notice)
                 except Exception:
                     log.failure("spool listener failed for {id}", id=queue_id)
             return queue_id
@@ -683,13 +1037,13 @@ class Spool:
                 # Not a per-message error: the runner itself broke.  Leave no
                 # trace of the message, since the client will not get 250.
                 log.failure("group commit failed", failure)
-                with contextlib.suppress(OSError):
-                    message.close()
-                self.store.discard_tmp(queue_id)
-                self.store.ops.rmtree(self.store.path(INCOMING, queue_id))
+                store = self.store
+                for path in (store.path(TMP, item.queue_id),
+                             store.path(QueueState.INCOMING, item.queue_id)):  # fmt: skip
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
                 return Failure(storage_error("cannot commit", failure.value or Exception()))
             log.error("{error}", error=str(failure.value))
             return failure
 
-        d = self._commits.submit((queue_id, message, envelope))
-        return d.addCallbacks(committed, failed)
+        return self._commits.submit(item).addCallbacks(committed, failed)

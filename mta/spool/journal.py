@@ -1,28 +1,30 @@
-"""The sent journal: deliveries written ahead of the envelope.
+"""The progress journal: delivery results written ahead of the message files.
 
-When a next hop accepts a recipient (its reply to the end of data), the
-queue manager appends one line per recipient to C{journal/sent-N.log} at
-once, in the reactor thread, with a plain C{write()}.  The envelope is
-rewritten and the message filed later, in a group commit (L{SpoolStore.settle_group});
-until then a SIGKILL would lose the delivery and the message would be sent
-again.  The journal line survives a SIGKILL (the kernel keeps the page
-cache), so only a delivery whose reply had not yet been read can be sent
-twice.
+When a next hop answers about a recipient, the queue manager hands the
+recipient's new state (sent, deferred, failed; attempts, last reply, next
+attempt) to the journal at once.  The message file gets the results only
+when the message's round ends and it is filed (an appended record, see
+L{mta.spool.format}); until then a SIGKILL would lose them, and the message
+would be sent again.  A journal line survives a SIGKILL (the kernel keeps
+the page cache), so only a delivery whose reply had not yet been read can
+be sent twice.
 
-The journal is not fsync'd: a power loss may lose lines, which sends
-those messages again, as before; a line is only ever true (written after
-the reply), so keeping one can never lose a message.
+Lines are collected in the reactor thread and written in batches, one
+write per reactor turn, in the spool thread pool; the segment is
+C{fdatasync}'d at most every C{sync_interval} seconds (a group commit that
+nothing waits for).  A power loss may lose the last lines, which sends
+those messages again; a line is only ever true (written after the reply),
+so keeping one never loses a message.
 
-Recovery (L{recover}) marks the recipients sent in the envelopes of the
-messages still in C{active/} (the only place an unfiled delivery can be),
-writes those envelopes durably, and removes the segments.  The daemon does
-it at start-up, C{mtactl} before acting on the spool without a daemon.
-Readers that must not write (C{mtactl queue list}/C{show}) overlay the
-journal with L{read} and L{apply}.
+Recovery (L{read} and L{apply}, by the store at start-up) gives each
+recipient that is not final yet in its message file its last state from
+the journal, records that in the file, and removes the segments.  A
+segment is also removed while the daemon runs, once every message with a
+line in it has been filed (L{ProgressJournal.release}) and a newer segment
+has taken over.  See C{docs/spool-format.md}.
 
-A segment is removed while the daemon runs once every message with a line
-in it has been filed (L{SentJournal.release}) and a newer segment has
-taken over.  See C{docs/spool-format.md}.
+An C{mta-spool/1} spool has a I{sent} journal (C{sent-N.log}: deliveries
+only); L{read_sent} reads it once, when the spool is upgraded.
 """
 
 from __future__ import annotations
@@ -31,50 +33,44 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
 from mta.batch import Runner, run_now
-from mta.envelope import Envelope, QueueState, Recipient, RecipientState, SentRecord
-from mta.spool.format import FormatError, format_time, parse_time
+from mta.envelope import Envelope, ProgressRecord, Recipient, RecipientState
+from mta.spool.format import FormatError, parse_time, recipient_from_json, recipient_to_json
 from mta.spool.queueid import is_queue_id
-
-if TYPE_CHECKING:
-    from mta.spool.fs import FileStore
 
 log = Logger(namespace="mta.spool")
 
 SEGMENT_BYTES = 1 << 20  # a new segment after this much
+SYNC_INTERVAL = 0.1  # seconds between fdatasyncs of the segment being written
 JOURNAL = "journal"  # the directory in the spool
-_SEGMENT = re.compile(r"^sent-(\d{1,18})\.log$")
+_SEGMENT = re.compile(r"^progress-(\d{1,18})\.log$")
+SENT_SEGMENT = re.compile(r"^sent-(\d{1,18})\.log$")  # mta-spool/1
 
 
-def line(record: SentRecord) -> bytes:
-    """One journal line for a L{SentRecord}."""
+def line(record: ProgressRecord) -> bytes:
+    """One journal line for a L{ProgressRecord}."""
     doc = {
         "id": record.queue_id,
         "rcpt": record.index,
-        "address": record.address,
-        "time": format_time(record.time),
-        "reply": record.reply,
-        "dsn": record.dsn,
-        "relay": record.relay,
+        "state": recipient_to_json(record.recipient),
     }
-    return json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n"
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def parse_line(line: bytes) -> SentRecord | None:
+def parse_line(data: bytes) -> ProgressRecord | None:
     """A journal line, or None for one that is torn or not ours."""
     try:
-        doc = json.loads(line)
+        doc = json.loads(data)
         if not isinstance(doc, dict):
             return None
-        queue_id, index, address = doc["id"], doc["rcpt"], doc["address"]
-        reply, dsn, relay = doc["reply"], doc.get("dsn"), doc.get("relay")
-        when = parse_time(doc["time"])
+        queue_id, index = doc["id"], doc["rcpt"]
+        recipient = recipient_from_json(doc["state"])
     except (ValueError, KeyError, TypeError, FormatError):
         return None
     if (
@@ -83,14 +79,9 @@ def parse_line(line: bytes) -> SentRecord | None:
         or not isinstance(index, int)
         or isinstance(index, bool)
         or index < 0
-        or not isinstance(address, str)
-        or not isinstance(reply, str)
-        or not isinstance(dsn, str | None)
-        or not isinstance(relay, str | None)
-        or when is None
     ):
         return None
-    return SentRecord(queue_id, index, address, when, reply, dsn, relay)
+    return ProgressRecord(queue_id, index, recipient)
 
 
 def directory(root: str) -> str:
@@ -98,134 +89,128 @@ def directory(root: str) -> str:
     return os.path.join(root, JOURNAL)
 
 
-def segments(path: str) -> list[str]:
+def segments(path: str, pattern: re.Pattern[str] = _SEGMENT) -> list[str]:
     """The segment files in the journal directory, oldest first (none if it is missing)."""
     try:
         names = os.listdir(path)
     except FileNotFoundError:
         return []
-    found = [(int(m.group(1)), name) for name in names if (m := _SEGMENT.match(name))]
+    found = [(int(m.group(1)), name) for name in names if (m := pattern.match(name))]
     return [os.path.join(path, name) for _, name in sorted(found)]
 
 
-def read(path: str) -> dict[str, list[SentRecord]]:
-    """Every record in the journal directory, by queue ID; unreadable lines are skipped."""
-    records: dict[str, list[SentRecord]] = {}
+def read(path: str) -> dict[str, list[ProgressRecord]]:
+    """Every record in the journal directory, by queue ID, in the order written;
+    unreadable lines are skipped."""
+    records: dict[str, list[ProgressRecord]] = {}
     for segment in segments(path):
         try:
             with open(segment, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             continue  # removed meanwhile: its messages were filed
-        for line in data.split(b"\n"):
-            record = parse_line(line) if line.strip() else None
+        for text in data.split(b"\n"):
+            record = parse_line(text) if text.strip() else None
             if record is not None:
                 records.setdefault(record.queue_id, []).append(record)
     return records
 
 
-def mark_sent(
-    rcpt: Recipient, *, when: float, reply: str, dsn: str | None, relay: str | None
-) -> None:
-    """What a successful delivery does to a recipient, as
-    L{mta.queue.scheduler.apply} records it (same fields)."""
-    rcpt.state = RecipientState.SENT
-    rcpt.category = None
-    rcpt.next_attempt = None
-    rcpt.reply = reply
-    rcpt.dsn_status = dsn
-    rcpt.relay = relay
-    rcpt.attempts += 1
-    rcpt.last_attempt = when
+def read_sent(path: str) -> dict[str, list[ProgressRecord]]:
+    """The deliveries in the sent journal of an C{mta-spool/1} spool, as progress
+    records (without the recipient's other fields, which L{apply} keeps)."""
+    records: dict[str, list[ProgressRecord]] = {}
+    for segment in segments(path, SENT_SEGMENT):
+        with open(segment, "rb") as f:
+            data = f.read()
+        for text in data.split(b"\n"):
+            try:
+                doc = json.loads(text) if text.strip() else None
+                if not isinstance(doc, dict) or not is_queue_id(doc.get("id", "")):
+                    continue
+                when = parse_time(doc["time"])
+                rcpt = Recipient(doc["address"], state=RecipientState.SENT, last_attempt=when,
+                                 reply=doc["reply"], dsn_status=doc.get("dsn"),
+                                 relay=doc.get("relay"))  # fmt: skip
+                index = doc["rcpt"]
+            except (ValueError, KeyError, TypeError, FormatError):
+                continue
+            if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+                records.setdefault(doc["id"], []).append(ProgressRecord(doc["id"], index, rcpt))
+    return records
 
 
-def apply(envelope: Envelope, records: Iterable[SentRecord]) -> list[Recipient]:
-    """Mark the journal's recipients sent; returns those that changed.
+def apply(envelope: Envelope, records: Iterable[ProgressRecord], *, sent_only: bool = False) -> int:
+    """Give the recipients their journaled states; returns how many changed.
 
     A record counts only for the recipient at its position with its
-    address, and only when that recipient is not final yet: once filed
-    as sent (or failed), a recipient never changes again, so applying a
-    record twice, or after the envelope was written, changes nothing.
+    address, only while that recipient is not final (once filed as sent or
+    failed a recipient never changes again), and only when it is not older
+    than what the envelope has (fewer attempts).  So applying a record
+    twice, or after the message was filed, changes nothing.  C{sent_only}
+    (the sent journal of an C{mta-spool/1} spool) marks the recipient sent
+    and keeps the rest of what the envelope says.
     """
-    changed = []
+    changed = 0
     for record in records:
         if record.queue_id != envelope.queue_id or record.index >= len(envelope.recipients):
             continue
         rcpt = envelope.recipients[record.index]
-        if rcpt.address != record.address or rcpt.state.final:
+        new = record.recipient
+        if rcpt.address != new.address or rcpt.state.final:
             continue
-        mark_sent(rcpt, when=record.time, reply=record.reply, dsn=record.dsn, relay=record.relay)
-        changed.append(rcpt)
+        if sent_only:
+            new = Recipient(**{**vars(rcpt), "state": RecipientState.SENT, "category": None,
+                               "next_attempt": None, "reply": new.reply,
+                               "dsn_status": new.dsn_status, "relay": new.relay,
+                               "attempts": rcpt.attempts + 1,
+                               "last_attempt": new.last_attempt})  # fmt: skip
+        elif new.attempts < rcpt.attempts:
+            continue
+        envelope.recipients[record.index] = Recipient(**vars(new))
+        changed += 1
     return changed
 
 
 @dataclass
 class Recovery:
-    recipients: int = 0  # marked sent
-    messages: int = 0  # envelopes rewritten
+    recipients: int = 0  # given their journaled state
+    messages: int = 0  # message files that got a record
     segments: int = 0  # segment files read
     kept: bool = False  # some could not be applied: the segments stay for the next time
     incomplete: int = 0  # messages whose reception never completed, removed
 
 
-def recover(store: FileStore) -> Recovery:
-    """Apply the journal to C{active/} and remove it (start-up, or C{mtactl} offline).
-
-    Only the owner of the spool lock may call this.  Envelopes are written
-    as the queue manager writes them (fsync'd, in one group).  When a
-    message cannot be read or written because of an I/O error, the
-    segments are kept, to be applied the next time; an envelope that is
-    not valid is left to the queue manager (it moves it to C{corrupt/}).
-    """
-    path = directory(store.root)
-    files = segments(path)
-    result = Recovery(segments=len(files))
-    if not files:
-        return result
-    updates: list[tuple[Envelope, QueueState, QueueState, float | None]] = []
-    for queue_id, records in read(path).items():
-        try:
-            _, envelope = store.load(queue_id, QueueState.ACTIVE)
-        except KeyError:
-            continue  # not in active/: it was filed after its lines were written
-        except FormatError as e:
-            log.error("{qid}: journal not applied, unreadable envelope: {e}", qid=queue_id, e=e)
-            continue
-        except OSError as e:
-            log.error("{qid}: journal not applied: {e}", qid=queue_id, e=e)
-            result.kept = True
-            continue
-        changed = apply(envelope, records)
-        if changed:
-            updates.append((envelope, QueueState.ACTIVE, QueueState.ACTIVE, None))
-            result.recipients += len(changed)
-    for (envelope, _, _, _), error in zip(updates, store.settle_group(updates), strict=True):
-        if error is None:
-            result.messages += 1
-        else:
-            log.error("{qid}: journal not applied: {e}", qid=envelope.queue_id, e=str(error))
-            result.kept = True
-    if not result.kept:
-        for segment in files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(segment)
-    return result
-
-
+@dataclass(eq=False)
 class _Segment:
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path
-        self.fd: int | None = fd
-        self.size = 0
-        self.pending = 0  # messages with a line here that are not filed yet
-        self.removed = False
+    """One journal file, and the messages with lines in it not filed yet."""
+
+    number: int
+    size: int = 0  # bytes given to it
+    pending: int = 0
+    superseded: bool = False
+    removed: bool = False
+    fd: int | None = None  # in the writer thread
+    path: str = ""
+    failed: bool = False
 
 
-class SentJournal:
-    """The daemon's writer (see the module docstring); used in the reactor thread only.
+@dataclass
+class _Batch:
+    writes: list[tuple[_Segment, bytes]] = field(default_factory=list)
+    removals: list[_Segment] = field(default_factory=list)
+    close: bool = False
 
-    L{record} never raises: a journal that cannot be written only means
-    that a SIGKILL before the filing sends the message again, as without it.
+
+class ProgressJournal:
+    """The daemon's writer (see the module docstring).
+
+    L{record} and L{release} are called in the reactor thread and do no
+    I/O there: lines wait until the next turn of the reactor (C{schedule}
+    runs a function then; the default runs it at once), and are written in
+    one batch in C{runner}.  Nothing here raises: a journal that cannot be
+    written only means that a SIGKILL before the filing sends the message
+    again.
     """
 
     def __init__(
@@ -233,101 +218,150 @@ class SentJournal:
         path: str,
         *,
         runner: Runner[None] = run_now,
+        schedule: Callable[[Callable[[], None]], object] | None = None,
         segment_bytes: int = SEGMENT_BYTES,
+        sync_interval: float = SYNC_INTERVAL,
     ) -> None:
         self.path = path
         self.runner = runner
+        self.schedule = schedule
         self.segment_bytes = segment_bytes
+        self.sync_interval = sync_interval
         self._current: _Segment | None = None
         self._next = 1
-        self._failing = False  # an error was logged; say so once, not per line
+        self._batch = _Batch()
+        self._scheduled = False
+        self._busy = False  # a batch is being written
+        self._failing = False  # an error was logged; say so once, not per batch
+        self._last_sync = 0.0
 
-    def record(self, records: list[SentRecord]) -> object | None:
-        """Append lines now; a token for L{release} once their message is filed,
-        or None when nothing was written."""
+    # -- the reactor thread ------------------------------------------------------
+
+    def record(self, records: list[ProgressRecord]) -> object | None:
+        """Queue lines; a token for L{release} once their message is filed,
+        or None when there was nothing to write."""
         if not records:
             return None
         data = b"".join(line(r) for r in records)
         segment = self._current
-        try:
-            if segment is None or segment.size >= self.segment_bytes:
-                segment = self._rotate()
-            assert segment.fd is not None
-            written = os.write(segment.fd, data)
-            if written != len(data):
-                raise OSError(f"short write to {segment.path} ({written} of {len(data)} bytes)")
-        except OSError as e:
-            # Give the segment up: the next line starts a new one rather than
-            # follow a torn line or a broken descriptor.
+        if segment is None or segment.size >= self.segment_bytes:
             if segment is not None:
-                self._close(segment)
-            if not self._failing:
-                log.error("cannot write the sent journal ({e}); going on without it", e=e)
-            self._failing = True
-            return None
-        if self._failing:
-            log.info("the sent journal is written again")
-            self._failing = False
-        segment.size += written
+                segment.superseded = True
+                self._maybe_remove(segment)
+            segment = self._current = _Segment(self._next)
+            self._next += 1
+        segment.size += len(data)
         segment.pending += 1
+        self._batch.writes.append((segment, data))
+        self._kick()
         return segment
 
     def release(self, token: object | None) -> None:
-        """The message of an L{record} is filed: its lines are no longer needed."""
-        if not isinstance(token, _Segment):
-            return
-        token.pending -= 1
-        self._maybe_remove(token)
+        """The message of a L{record} is filed: its lines are no longer needed."""
+        if isinstance(token, _Segment):
+            token.pending -= 1
+            self._maybe_remove(token)
 
     def close(self) -> None:
-        """At shutdown: close the current segment; remove it at once if nothing in
-        it is owed (the runner may be gone), else it is recovered at the next start."""
+        """At shutdown: write what waits (in this thread: the pool may be gone) and
+        close the segment; one with nothing owed is removed, the rest is
+        recovered at the next start."""
         segment, self._current = self._current, None
-        if segment is None:
-            return
-        if segment.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(segment.fd)
-            segment.fd = None
-        if segment.pending <= 0 and not segment.removed:
-            segment.removed = True
-            with contextlib.suppress(OSError):
-                os.unlink(segment.path)
+        if segment is not None:
+            segment.superseded = True
+            self._maybe_remove(segment)
+        batch, self._batch = self._batch, _Batch()
+        batch.close = True
+        self._write(batch)
 
-    def _rotate(self) -> _Segment:
-        if self._current is not None:
-            self._close(self._current)
-        while True:
-            name = os.path.join(self.path, f"sent-{self._next}.log")
-            self._next += 1
+    def _maybe_remove(self, segment: _Segment) -> None:
+        if segment.superseded and segment.pending <= 0 and not segment.removed:
+            segment.removed = True
+            self._batch.removals.append(segment)
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._scheduled or self._busy:
+            return
+        self._scheduled = True
+        if self.schedule is None:
+            self._flush()
+        else:
+            self.schedule(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._batch = self._batch, _Batch()
+        if not (batch.writes or batch.removals):
+            return
+        self._busy = True
+
+        def done(_: object) -> None:
+            self._busy = False
+            if self._batch.writes or self._batch.removals:
+                self._kick()
+
+        self.runner(lambda: self._write(batch)).addErrback(
+            lambda f: log.failure("the progress journal's writer failed", f)
+        ).addBoth(done)
+
+    # -- the spool thread ----------------------------------------------------------
+
+    def _write(self, batch: _Batch) -> None:
+        """Write a batch (one thread at a time: batches never overlap)."""
+        written: list[_Segment] = []
+        for segment, data in batch.writes:
+            if segment.failed or (segment.removed and segment.fd is None):
+                continue
             try:
-                fd = os.open(
+                fd = self._fd(segment)
+                os.write(fd, data)
+                if segment not in written:
+                    written.append(segment)
+            except OSError as e:
+                segment.failed = True
+                self._close_fd(segment)
+                if not self._failing:
+                    log.error("cannot write the progress journal ({e}); going on without it", e=e)
+                self._failing = True
+        if written and self._failing:
+            log.info("the progress journal is written again")
+            self._failing = False
+        now = time.monotonic()
+        if written and (batch.close or now - self._last_sync >= self.sync_interval):
+            self._last_sync = now
+            for segment in written:
+                if segment.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.fdatasync(segment.fd)
+        for segment in batch.removals:
+            self._close_fd(segment)
+            if segment.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(segment.path)
+        if batch.close:
+            for segment in written:
+                self._close_fd(segment)
+
+    def _fd(self, segment: _Segment) -> int:
+        if segment.fd is not None:
+            return segment.fd
+        number = segment.number
+        while True:
+            name = os.path.join(self.path, f"progress-{number}.log")
+            try:
+                segment.fd = os.open(
                     name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
                 )
             except FileExistsError:
-                continue  # left by an earlier run (kept by recovery)
-            self._current = _Segment(name, fd)
-            return self._current
+                number += 1  # left by an earlier run (kept by recovery)
+                continue
+            segment.path = name
+            return segment.fd
 
-    def _close(self, segment: _Segment) -> None:
-        if segment is self._current:
-            self._current = None
+    @staticmethod
+    def _close_fd(segment: _Segment) -> None:
         if segment.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(segment.fd)
             segment.fd = None
-        self._maybe_remove(segment)
-
-    def _maybe_remove(self, segment: _Segment) -> None:
-        if segment.fd is not None or segment.pending > 0 or segment.removed:
-            return
-        segment.removed = True
-        path = segment.path
-
-        def unlink() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-        self.runner(unlink).addErrback(
-            lambda f: log.error("cannot remove {path}: {e}", path=path, e=f.value)
-        )

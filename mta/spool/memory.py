@@ -23,7 +23,7 @@ from typing import IO
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from mta.envelope import Envelope, QueueScan, QueueState, SentRecord
+from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState
 from mta.errors import StorageError
 from mta.interfaces import IQueueStore, ISpool, ISpoolTransaction
 from mta.spool import journal
@@ -37,6 +37,7 @@ class _Stored:
     envelope: Envelope | None  # None: the envelope is missing (a broken spool)
     data: bytes
     time: float | None = None  # due (deferred) or finished (done, redacted)
+    where: QueueState | None = None  # while active: the state it was taken from
 
 
 @implementer(IQueueStore)
@@ -50,12 +51,13 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.messages: dict[str, _Stored] = {}
-        self.sent: list[SentRecord] = []  # the journal, as written
-        self.tokens: dict[int, list[SentRecord]] = {}
+        self.sent: list[ProgressRecord] = []  # the journal, as written
+        self.tokens: dict[int, list[ProgressRecord]] = {}
         self.unreadable: set[str] = set()
         self.fail: Exception | None = None
         self.fail_times = 1
         self.loads = 0  # how many envelopes were read (to prove what is not)
+        self.fresh: set[str] = set()  # committed by this process, not claimed yet
         self._token = 0
 
     def _change(self) -> None:
@@ -75,20 +77,28 @@ class MemoryStore:
     # -- start-up ------------------------------------------------------------
 
     def recover(self, *, incomplete: bool = True) -> journal.Recovery:
+        """As after a restart: messages in delivery are back where they were,
+        with the journal's results applied."""
         result = journal.Recovery()
-        by_id: dict[str, list[SentRecord]] = {}
+        for stored in self.messages.values():
+            if stored.state == QueueState.ACTIVE:
+                stored.state, stored.where = stored.where or QueueState.INCOMING, None
+        by_id: dict[str, list[ProgressRecord]] = {}
         for record in self.sent:
             by_id.setdefault(record.queue_id, []).append(record)
         for queue_id, records in by_id.items():
-            stored = self.messages.get(queue_id)
-            if stored is None or stored.state != QueueState.ACTIVE or stored.envelope is None:
+            found = self.messages.get(queue_id)
+            if found is None or found.envelope is None:
                 continue
-            changed = journal.apply(stored.envelope, records)
+            if not (found.state.waiting or found.state == QueueState.HOLD):
+                continue
+            changed = journal.apply(found.envelope, records)
             if changed:
-                result.recipients += len(changed)
+                result.recipients += changed
                 result.messages += 1
         self.sent = []
         self.tokens = {}
+        self.fresh = set()
         return result
 
     def scan(self) -> QueueScan:
@@ -98,7 +108,7 @@ class MemoryStore:
         deferred = [
             (m.time or 0.0, q) for q, m in self.messages.items() if m.state == QueueState.DEFERRED
         ]
-        return QueueScan(of(QueueState.ACTIVE) + of(QueueState.INCOMING), deferred)
+        return QueueScan(of(QueueState.INCOMING), deferred)
 
     def writable(self) -> bool:
         return True
@@ -123,12 +133,12 @@ class MemoryStore:
             raise FormatError(f"not valid JSON: {queue_id} was made unreadable by the test")
         return stored.state, copy.deepcopy(stored.envelope)
 
-    def journaled(self, queue_id: str) -> list[SentRecord]:
+    def journaled(self, queue_id: str) -> list[ProgressRecord]:
         return [r for r in self.sent if r.queue_id == queue_id]
 
     def view(self, queue_id: str, state: QueueState | None = None) -> tuple[QueueState, Envelope]:
         found, envelope = self.load(queue_id, state)
-        if found == QueueState.ACTIVE:
+        if found.waiting:
             journal.apply(envelope, self.journaled(queue_id))
         return found, envelope
 
@@ -175,6 +185,15 @@ class MemoryStore:
         self.messages[envelope.queue_id] = _Stored(
             QueueState.INCOMING, copy.deepcopy(envelope), bytes(data)
         )
+        self.fresh.add(envelope.queue_id)
+
+    def claim(self, queue_id: str) -> bool:
+        stored = self.messages.get(queue_id)
+        if queue_id not in self.fresh or stored is None or stored.state != QueueState.INCOMING:
+            return False
+        self.fresh.discard(queue_id)
+        stored.state, stored.where = QueueState.ACTIVE, QueueState.INCOMING
+        return True
 
     def activate(self, queue_id: str) -> Envelope | None:
         stored = self.messages.get(queue_id)
@@ -187,17 +206,13 @@ class MemoryStore:
             if stored.envelope is None:
                 raise MissingEnvelopeError(f"{queue_id} has no envelope")
             raise FormatError(f"not valid JSON: {queue_id} was made unreadable by the test")
-        if not stored.state.waiting:
+        if not stored.state.waiting or stored.state == QueueState.ACTIVE:
             return None
         self._change()
-        stored.state = QueueState.ACTIVE
+        self.fresh.discard(queue_id)
+        stored.state, stored.where = QueueState.ACTIVE, stored.state
         self.loads += 1
         return copy.deepcopy(stored.envelope)
-
-    def record(self, envelope: Envelope) -> None:
-        stored = self._get(envelope.queue_id, QueueState.ACTIVE)
-        self._change()
-        stored.envelope = copy.deepcopy(envelope)
 
     def file(
         self, items: Sequence[tuple[Envelope, QueueState, float | None]]
@@ -219,14 +234,14 @@ class MemoryStore:
         stored = self._get(envelope.queue_id, src)
         self._change()
         stored.envelope = copy.deepcopy(envelope)
-        stored.state = QueueState(dst)
+        stored.state, stored.where = QueueState(dst), None
         if due is not None:
             stored.time = due
 
     def move(self, queue_id: str, src: QueueState, dst: QueueState) -> None:
         stored = self._get(queue_id, src)
         self._change()
-        stored.state = QueueState(dst)
+        stored.state, stored.where = QueueState(dst), None
 
     def remove(self, queue_id: str, state: QueueState) -> None:
         self._get(queue_id, state)
@@ -249,7 +264,7 @@ class MemoryStore:
 
     # -- the sent journal ----------------------------------------------------
 
-    def journal(self, records: list[SentRecord]) -> object | None:
+    def journal(self, records: list[ProgressRecord]) -> object | None:
         if not records:
             return None
         self.sent.extend(records)
@@ -280,6 +295,7 @@ class MemoryTransaction:
         self._spool = spool
         self.queue_id = queue_id
         self.size = 0
+        self.producer: object = None
         self.data = bytearray()
         self.aborted = False
 
@@ -325,7 +341,7 @@ class MemorySpool:
         self.fail_commit: StorageError | None = None
         self.hold_commits = False
         self.held: list[tuple[MemoryTransaction, Envelope, Deferred[str]]] = []
-        self._listeners: list[Callable[[str, str], None]] = []
+        self._listeners: list[Callable[[Committed], None]] = []
 
     @property
     def messages(self) -> dict[str, tuple[str, Envelope | None, bytes]]:
@@ -340,9 +356,11 @@ class MemorySpool:
         return txn
 
     def store(self, txn: MemoryTransaction, envelope: Envelope) -> None:
+        envelope.size = len(txn.data)
         self.queue.add(envelope, bytes(txn.data))
+        notice = Committed(txn.queue_id, envelope, bytes(txn.data))
         for listener in self._listeners:
-            listener(txn.queue_id, "incoming")
+            listener(notice)
 
     def release_held(self) -> None:
         """Complete the commits held back by C{hold_commits}."""
@@ -351,5 +369,5 @@ class MemorySpool:
             self.store(txn, envelope)
             d.callback(txn.queue_id)
 
-    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+    def add_listener(self, listener: Callable[[Committed], None]) -> None:
         self._listeners.append(listener)

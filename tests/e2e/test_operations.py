@@ -84,7 +84,7 @@ class OperationsEndToEnd(SynchronousTestCase):
         return mtactl(args, self.daemon.config)
 
     def state(self, queue_id: str) -> str | None:
-        for state in ("incoming", "active", "deferred", "hold", "corrupt", "done", "redacted"):
+        for state in ("incoming", "deferred", "hold", "corrupt", "done", "redacted"):
             if queue_id in self.daemon.queued(state):
                 return state
         return None
@@ -195,9 +195,11 @@ class OperationsEndToEnd(SynchronousTestCase):
 
     def test_corrupt_envelope_is_set_aside(self) -> None:
         queue_id = self.deferred_message("corrupt@example.test", "corrupt envelope")
-        path = os.path.join(self.daemon.spool, "deferred", queue_id, "envelope.json")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write('{"format": "mta-envelope/1", "id": ')
+        path = os.path.join(self.daemon.spool, "deferred", queue_id)
+        with open(path, "rb") as f:
+            message = f.read().split(b'\n{"format":"mta-envelope/2"', 1)[0]
+        with open(path, "wb") as f:
+            f.write(message + b'\n{"format": "mta-envelope/2", "id": \n')
         self.assertEqual(self.ctl("queue", "flush", queue_id).returncode, 0)
         self.wait_state(queue_id, "corrupt")
         self.assertIn(f"{queue_id}: unreadable envelope, moved to corrupt/", self.daemon.log())

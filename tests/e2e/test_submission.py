@@ -18,7 +18,7 @@ from email.mime.text import MIMEText
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from mta.spool.format import loads
+from mta.spool.format import from_json
 from tests.e2e.daemon import REPO, Daemon, mtactl
 
 pytestmark = pytest.mark.e2e
@@ -63,9 +63,6 @@ class DaemonTestCase(SynchronousTestCase):
             "localhost", self.daemon.tls_port, context=self.context(), timeout=30
         )
 
-    def envelope_of(self, queue_id: str) -> bytes:
-        return self.daemon.read(queue_id)
-
 
 class SeedClientTests(DaemonTestCase):
     def test_smtplib_ssl_as_in_the_seed(self) -> None:
@@ -78,11 +75,11 @@ class SeedClientTests(DaemonTestCase):
         self.assertEqual(refused, {})
         self.assertEqual(reply[0], 250)
         [queue_id] = set(self.daemon.queued()) - before
-        env = loads(self.envelope_of(queue_id))
+        env = from_json(self.daemon.envelope(queue_id))
         self.assertEqual(env.sender, LOGIN)
         self.assertEqual([r.address for r in env.recipients], ["recipient@example.com"])
         self.assertEqual(env.auth_user, LOGIN)
-        stored = self.daemon.read(queue_id, "message")
+        stored = self.daemon.read(queue_id)
         self.assertTrue(stored.startswith(b"Received: from "))
         self.assertIn(b"Subject: Hello from Forward Email\r\n", stored)
         self.assertIn(b"Message-ID: <", stored)
@@ -223,7 +220,7 @@ class NegativeTests(DaemonTestCase):
             body = seed_message().as_bytes().replace(b"\r\n", b"\n")
             self.assertEqual(s.sendmail(LOGIN, ["x@example.net"], body), {})
         [queue_id] = set(self.daemon.queued()) - before
-        stored = self.daemon.read(queue_id, "message")
+        stored = self.daemon.read(queue_id)
         self.assertNotIn(b"\n", stored.replace(b"\r\n", b""))
         # Message-ID: and Date: are added at the end of the header section.
         head, _, rest = body.replace(b"\n", b"\r\n").partition(b"\r\n\r\n")
@@ -281,7 +278,10 @@ class DurabilityTests(SynchronousTestCase):
                 while (reply := replies.readline())[3:4] != b" ":
                     pass
             self.assertTrue(reply.startswith(b"354"), reply)
-            half.sendall(f"From: {LOGIN}\r\nSubject: half\r\n\r\npartial body".encode())
+            # Large enough to be written to tmp/ as it arrives (smaller ones
+            # stay in memory until the end of data).
+            body = b"partial body line\r\n" * 20_000
+            half.sendall(f"From: {LOGIN}\r\nSubject: half\r\n\r\n".encode() + body)
             [queued] = d.queued()
             tmp = os.path.join(d.spool, "tmp")
             deadline = time.monotonic() + 10
