@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system programs the tests use as real peers, only when missing:
 # swaks (SMTP client), Node.js + npm (Nodemailer, the seed's Node client),
-# ClamAV's clamd and SpamAssassin's spamd (the content-check plugins' daemons).
+# ClamAV's clamd and SpamAssassin's spamd (the content-check plugins' daemons),
+# HAProxy and Redis (several instances behind a balancer, sharing limits; the
+# tests start private ones on loopback ports, never the system services).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,8 @@ command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
 [ -x /usr/sbin/spamd ] || need+=(spamd spamassassin)
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
+[ -x /usr/bin/redis-server ] || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install-test-deps: need root to apt-get install ${need[*]}" >&2

@@ -84,6 +84,7 @@ class DefaultTests(SynchronousTestCase):
                 "metrics",
                 "log",
                 "dkim",
+                "cluster",
             },
         )
         self.assertEqual(defaults["limits"]["message_size"], 50 * 1024 * 1024)
