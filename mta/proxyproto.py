@@ -127,7 +127,9 @@ def _client(address: IAddress | None) -> IPv4Address | IPv6Address | None:
         raise InvalidHeader(f"PROXY header with an address of the wrong family {ip}")
     if not 0 <= address.port <= 65535:
         raise InvalidHeader(f"PROXY header with a bad port {address.port}")
-    return address
+    # The canonical text (2001:db8::7, not v2's 2001:db8:0:0:0:0:0:7) for
+    # logs, Received: and the throttle's keys alike.
+    return type(address)("TCP", str(ip), address.port)
 
 
 def parse_header(header: bytes) -> tuple[IPv4Address | IPv6Address | None, IAddress | None]:
@@ -137,6 +139,10 @@ def parse_header(header: bytes) -> tuple[IPv4Address | IPv6Address | None, IAddr
     errors (and the C{ValueError}s some malformed fields raise in them)
     all become L{InvalidHeader}.
     """
+    if header[len(V1_PREFIX) :].split(b" ", 1)[0] in (b"UNKNOWN", b"UNKNOWN\r\n"):
+        # Section 2.1: "PROXY UNKNOWN" may end there (Twisted's parser
+        # wants more); the rest of the line, if any, is to be ignored.
+        return None, None
     try:
         if header.startswith(V2_SIGNATURE):
             info = V2Parser.parse(header)

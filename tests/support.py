@@ -22,7 +22,7 @@ from mta.dailycount import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.server import SessionSettings, SubmissionFactory, SubmissionSession
 from mta.spool.memory import MemorySpool
-from mta.testing import TLSStringTransport, run_inline, write_users
+from mta.testing import SwitchableState, TLSStringTransport, run_inline, write_users
 from mta.tls import ServerTLS, ensure_selfsigned
 from mta.users import UserFile
 
@@ -69,7 +69,10 @@ class Harness:
             domains={LOGIN: ["alice.example"]},
         )
         auth = self.config.auth
-        self.shared = LocalState(DailyCounter(os.path.join(directory, "state"), self.clock))
+        # Switchable: a test can take the shared state "down" (Redis gone).
+        self.shared = SwitchableState(
+            LocalState(DailyCounter(os.path.join(directory, "state"), self.clock))
+        )
         self.throttle = AuthThrottle(
             self.clock,
             max_failures=auth.max_failures,
