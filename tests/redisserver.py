@@ -22,7 +22,7 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisServer:
     """One redis-server; C{stop}/C{start} again keep its port (a "restart")."""
 
-    def __init__(self, directory: str, *, password: str = "") -> None:
+    def __init__(self, directory: str, *, password: str = "", persistent: bool = False) -> None:
         self.dir = os.path.abspath(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
@@ -34,7 +34,10 @@ class RedisServer:
             "daemonize no",
             f"dir {self.dir}",
             'save ""',
-            "appendonly no",
+            # Persistent: every write in the append-only file before its
+            # reply (docs/operations.md: what is lost without it).
+            "appendonly yes" if persistent else "appendonly no",
+            "appendfsync always",
             "protected-mode yes",
             f"logfile {os.path.join(self.dir, 'redis.log')}",
         ]
