@@ -114,7 +114,9 @@ class MTAService(MultiService):
         self.tls = ServerTLS(cert, key)
 
         self.instance = config.cluster.instance or self.hostname
-        self.metrics = Metrics(instance=self.instance if config.cluster.redis else "")
+        # The label only where it tells instances apart (or was asked for).
+        labelled = bool(config.cluster.redis or config.cluster.instance)
+        self.metrics = Metrics(instance=self.instance if labelled else "")
         self.spool = receiver(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
         self._build_shared(config, reactor)
         auth = config.auth

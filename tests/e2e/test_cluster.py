@@ -50,12 +50,21 @@ class ClusterEndToEnd(SynchronousTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-cluster-")
+        cls.redis = cls.sink = cls.haproxy = None  # type: ignore[assignment]
+        cls.daemons = []
+        try:
+            cls.start_all()
+        except BaseException:
+            cls.tearDownClass()  # unittest does not when setUpClass fails
+            raise
+
+    @classmethod
+    def start_all(cls) -> None:
         cls.redis = RedisServer(os.path.join(cls.tmp, "redis"), persistent=True).start()
         cls.out = os.path.join(cls.tmp, "sink")
         cls.sink = Helper(["tests/e2e/sink.py", cls.out], os.path.join(cls.tmp, "sink.log"))
         cert, key = ensure_selfsigned(os.path.join(cls.tmp, "cert"), "localhost")
         cls.cafile = cert
-        cls.daemons: list[Daemon] = []
         backends = []
         for name in ("mta-a", "mta-b"):
             ports = {"tls": free_port(), "plain": free_port(), "metrics": free_port()}
@@ -103,11 +112,14 @@ class ClusterEndToEnd(SynchronousTestCase):
 
     @classmethod
     def tearDownClass(cls) -> None:
-        cls.haproxy.stop()
+        if cls.haproxy is not None:
+            cls.haproxy.stop()
         for daemon in cls.daemons:
             daemon.stop()
-        cls.sink.stop()
-        cls.redis.stop()
+        if cls.sink is not None:
+            cls.sink.stop()
+        if cls.redis is not None:
+            cls.redis.stop()
         if not os.environ.get("MTA_KEEP"):
             shutil.rmtree(cls.tmp, ignore_errors=True)
 
@@ -133,7 +145,7 @@ class ClusterEndToEnd(SynchronousTestCase):
     def greet(cls, source: str) -> str:
         try:
             smtp, instance = cls.connect(source)
-        except (OSError, AssertionError, smtplib.SMTPException):
+        except (OSError, ValueError, AssertionError, smtplib.SMTPException):
             return ""
         smtp.quit()
         return instance
