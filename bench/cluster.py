@@ -25,7 +25,7 @@ smtp-source speaks neither TLS nor AUTH, so, as in compare.py, its
 address (127.0.0.1) is in [auth] trusted_networks: such clients have no
 login and are not counted, and Redis is asked nothing per message here.
 What Redis costs an authenticated submission (one GET at MAIL, one at the
-end of data, one EVAL after the commit, three round trips of AUTH
+end of data, one EVAL after the commit, two round trips of AUTH
 checks) is therefore not in these figures; its CPU is counted all the same.
 
 Needs root (Postfix), Debian's postfix, haproxy and redis-server packages,
