@@ -26,8 +26,11 @@ from mta.errors import ConfigError
 from mta.hostnames import check_relay
 
 
-def _opt(default: Any, *, minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
-    meta = {"minimum": minimum, "choices": choices}
+def _opt(
+    default: Any, *, minimum: float | None = None, choices: tuple[str, ...] = (), why: str = ""
+) -> Any:
+    """A field with a default and its checks; C{why} is added to a too-small value's error."""
+    meta = {"minimum": minimum, "choices": choices, "why": why}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -66,7 +69,10 @@ class TLSConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     message_size: int = _opt(50 * 1024 * 1024, minimum=1024)
-    recipients: int = _opt(50, minimum=1)
+    # Postfix's smtpd_recipient_limit; RFC 5321 section 4.5.3.1.8 asks for at least 100.
+    recipients: int = _opt(
+        1000, minimum=100, why="RFC 5321 section 4.5.3.1.8: a server must accept 100 recipients"
+    )
     received_headers: int = _opt(25, minimum=1)
     connections_per_ip: int = _opt(10, minimum=1)
     connections: int = _opt(1000, minimum=1)
@@ -76,6 +82,9 @@ class LimitsConfig:
     daily_messages: int = _opt(300, minimum=0)  # per login and UTC day; 0: no limit
     header_size: int = _opt(1024 * 1024, minimum=1024)
     data_min_rate: int = _opt(500, minimum=0)  # octets/s in DATA; 0: any progress will do
+    # A line that ends in a bare LF: stored with CRLF, or the message refused
+    # (Postfix 3.9's smtpd_forbid_bare_newline = normalize / reject).
+    bare_newline: str = _opt("normalize", choices=("normalize", "reject"))
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,13 @@ class DeliveryConfig:
     ip_versions: list[str] = _opt(["ipv4", "ipv6"])
     tls: str = _opt("may", choices=("none", "may", "encrypt", "verify"))
     tls_required: list[str] = _opt([])
+    # DANE (RFC 7672): trust the AD bit of dns_servers, which must validate.
+    dnssec: bool = False
+    # MTA-STS (RFC 8461): look up, fetch and honour domains' policies.
+    mta_sts: bool = True
+    mta_sts_port: int = _opt(443, minimum=1)  # the policy hosts' HTTPS port (tests)
+    mta_sts_timeout: float = _opt(30.0, minimum=0.1)
+    ca_file: str = ""  # CAs for MTA-STS and tls = "verify"; "" = the system's
     refuse_networks: list[str] = _opt(
         ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10"]
     )
@@ -235,6 +251,7 @@ _PATH_OPTIONS = {
     ("log", "json_file"),
     ("dkim", "keys_dir"),
     ("cluster", "password_file"),
+    ("delivery", "ca_file"),
 }
 
 
@@ -270,7 +287,8 @@ def _check_value(where: str, annotation: Any, value: object, meta: dict[str, Any
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: must be a finite number, got {_describe(value)}")
     if minimum is not None and isinstance(value, int | float) and value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {_describe(value)}")
+        why = f" ({meta['why']})" if meta.get("why") else ""
+        raise ConfigError(f"{where}: must be at least {minimum}{why}, got {_describe(value)}")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {_describe(value)}")

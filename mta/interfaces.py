@@ -219,6 +219,20 @@ class IResolver(Interface):
         C{rdtype} is C{"A"} or C{"AAAA"}.
         """
 
+    def lookup_txt(name: str) -> Deferred[Any]:
+        """Fire with an L{mta.delivery.dns.Answer} of TXT records as text.
+
+        Each record's character-strings are joined (RFC 8461 section 3.1
+        reads the C{_mta-sts} record that way).
+        """
+
+    def lookup_tlsa(name: str) -> Deferred[Any]:
+        """Fire with an L{mta.delivery.dns.Answer} of L{mta.delivery.dns.TLSARecord}.
+
+        C{Answer.secure} says whether the resolver validated it (RFC 7672
+        section 2.1: only DNSSEC-validated TLSA records may be used).
+        """
+
 
 class ISharedState(Interface):
     """What the instances of one site must count together (SPEC sections 2 and 9).

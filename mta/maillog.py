@@ -1,11 +1,16 @@
 """One log line per recipient per delivery attempt, in Postfix's shape.
 
     QUEUEID: to=<rcpt>, relay=host[ip]:port, delay=S, delays=a/b/c/d,
-             dsn=X.Y.Z, status=sent (250 2.0.0 Ok: queued as ...)
+             dsn=X.Y.Z, status=sent (250 2.0.0 Ok: queued as ...), tls=dane
 
 C{delays} splits the time since arrival like Postfix: a = before the queue
 manager took the message, b = waiting in the queue manager, c = connection
 set-up (DNS, TCP, greeting, TLS, EHLO), d = sending the message.
+C{tls} names the TLS policy that applied to the attempt (C{dane},
+C{mta-sts}, C{verify}, C{encrypt}, C{may}, C{none}, see
+L{mta.delivery.tlspolicy}); it comes after the reply so that parsers of
+Postfix's fields find them where they expect them, and is left out when
+no host was tried.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def delivery_line(
     transfer: float,
     now: float,
     note: str = "",
+    tls: str = "",
 ) -> str:
     delays = "/".join(
         _num(x)
@@ -51,7 +57,7 @@ def delivery_line(
         )
     )
     text = str(reply).replace("\r", " ").replace("\n", " ")
-    extra = f", {note}" if note else ""
+    extra = (f", tls={tls}" if tls else "") + (f", {note}" if note else "")
     return (
         f"{queue_id}: to=<{recipient}>, relay={relay}, delay={_num(now - arrival)}, "
         f"delays={delays}, dsn={dsn_code(reply)}, status={status} ({text}){extra}"

@@ -39,6 +39,7 @@ from mta.cluster.users import RedisUsers
 from mta.config import Config
 from mta.controlsocket import ControlFactory, socket_address
 from mta.dailycount import DailyCounter
+from mta.delivery import tlspolicy
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
@@ -49,7 +50,8 @@ from mta.logs import json_observer
 from mta.metrics import Metrics
 from mta.metrics import site as metrics_site
 from mta.proxyproto import ProxyHeaderFactory, ProxySettings
-from mta.queue.manager import QueueLimits, QueueManager
+from mta.queue.dispatch import QueueLimits
+from mta.queue.manager import QueueManager
 from mta.queue.reports import Reporter
 from mta.queue.retention import Retention
 from mta.smtp.auth import AuthThrottle, UserFileChecker
@@ -218,11 +220,17 @@ class MTAService(MultiService):
                 nameservers=d.dns_servers or None,
                 port=d.dns_port,
                 timeout=d.dns_timeout,
+                dnssec=d.dnssec,
             ),
             reactor,
         )
         self.router = Router(config.routes, default_tls=d.tls, tls_required=d.tls_required)
         families = tuple({"ipv4": "A", "ipv6": "AAAA"}[v] for v in d.ip_versions)
+        tls = tlspolicy.from_config(
+            d, reactor, self.resolver, cache_dir=self.store.state_dir("mta-sts"),
+            runner=self.spool_runner, families=families,
+            refuse_networks=parse_networks(d.refuse_networks),
+        )  # fmt: skip
         self.agent = DeliveryAgent(
             reactor,
             self.resolver,
@@ -252,6 +260,7 @@ class MTAService(MultiService):
             runner=self.spool_runner,
             metrics=self.metrics,
             outbound=self.checks.outbound if self.checks.has(IOutboundHook) else None,
+            tls=tls,
         )
         self.queue = QueueManager(
             self.store,

@@ -17,6 +17,7 @@ The zone maps a lower-case name without trailing dot to what it has::
         "slow.test": {"A": ["127.0.0.3"], "delay": 5.0},   # answer after 5 s
         "big.test": {"A": [...], "truncate": true},    # UDP answer truncated (TC)
         "s._domainkey.example.test": {"TXT": [["v=DKIM1; k=rsa; p=MIIB...", "...QAB"]]},
+        "_25._tcp.mx1.example.test": {"TLSA": [[3, 1, 1, "8f00..."]], "secure": true},
     }
 
 A name that is not in the zone is NXDOMAIN; a name without records of
@@ -28,6 +29,16 @@ may also be a list of types.  A UDP answer larger than the client's
 EDNS0 size (or 512) is sent empty with TC set, as C{"truncate"} forces;
 the client then asks again over TCP.  C{DNSTestServer.queries} records
 every query as (name, type, "udp"/"tcp").
+
+C{"secure": true} plays a validating resolver's part for DNSSEC: an
+answer whose every name (along a CNAME chain) is secure has the AD bit
+set (RFC 4035 section 3.2.3), when the query asked for it with AD or
+DO (RFC 6840 section 5.7), or always with C{ad_unasked} (some resolvers
+set it unasked; a client not using DNSSEC must not believe it).  Nothing
+is signed; a client that trusts the AD bit of its resolver, as the MTA
+does with C{[delivery] dnssec}, needs no more.  A bogus answer is what
+a validating resolver turns into SERVFAIL, which C{"servfail"} gives.  TLSA records (RFC 6698) are
+C{[usage, selector, matching type, "hex data"]}.
 
 Run as a program it serves a zone from a JSON file in the format above,
 for tests that run the MTA in another process::
@@ -53,9 +64,18 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.names import dns, server
 
 DEFAULT_TTL = 300
-RECORD_TYPES = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "CNAME": dns.CNAME, "TXT": dns.TXT}
+TLSA = 52  # RFC 6698; twisted.names has no record class for it
+RECORD_TYPES = {
+    "MX": dns.MX,
+    "A": dns.A,
+    "AAAA": dns.AAAA,
+    "CNAME": dns.CNAME,
+    "TXT": dns.TXT,
+    "TLSA": TLSA,
+}
 _TYPE_NAMES = {v: k for k, v in RECORD_TYPES.items()}
-_ENTRY_KEYS = {*RECORD_TYPES, "ttl", "servfail", "delay", "truncate"}
+_ENTRY_KEYS = {*RECORD_TYPES, "ttl", "servfail", "delay", "truncate", "secure"}
+_DO = 0x8000  # the DNSSEC OK bit in an OPT record's TTL field (RFC 3225)
 
 Zone = dict[str, dict[str, Any]]
 
@@ -71,6 +91,13 @@ def normalize_zone(zone: Zone) -> Zone:
             raise ValueError(f"zone entry for {name!r}: unknown keys {sorted(unknown)}")
         out[name.lower().rstrip(".")] = entry
     return out
+
+
+def _wants_dnssec(query: dns.Message) -> bool:
+    """Whether a query asked for the AD bit: AD set (RFC 6840 5.7) or EDNS0 DO."""
+    if query.authenticData:
+        return True
+    return any(rr.type == dns.OPT and int(rr.ttl) & _DO for rr in query.additional)
 
 
 def _udp_limit(query: dns.Message) -> int:
@@ -91,6 +118,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.reactor = reactor
         self.queries: list[tuple[str, str, str]] = []  # (name, type, "udp"/"tcp")
         self.delayed: list[IDelayedCall] = []
+        self.ad_unasked = False  # set AD on secure answers whether asked or not
 
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> None:
         query = message.queries[0]
@@ -109,7 +137,9 @@ class ZoneServerFactory(server.DNSServerFactory):
         response.queries = message.queries
         response.timeReceived = message.timeReceived  # sendReply reads it
         entry = self.zone.get(name, {})
-        self._answer(response, name, query.type)
+        secure = self._answer(response, name, query.type)
+        if secure and response.rCode == dns.OK and (self.ad_unasked or _wants_dnssec(message)):
+            response.authenticData = 1
         response.maxSize = 0  # no limit over TCP; over UDP, truncate whole records
         if udp and (entry.get("truncate") or len(response.toStr()) > _udp_limit(message)):
             response.answers, response.authority, response.trunc = [], [], 1
@@ -126,20 +156,25 @@ class ZoneServerFactory(server.DNSServerFactory):
         # transport is then a no-op.
         self.sendReply(protocol, response, address)
 
-    def _answer(self, response: dns.Message, name: str, qtype: int) -> None:
-        """Fill in C{response} for C{name}/C{qtype}, following CNAMEs."""
+    def _answer(self, response: dns.Message, name: str, qtype: int) -> bool:
+        """Fill in C{response} for C{name}/C{qtype}, following CNAMEs.
+
+        Returns whether every name on the way is marked secure.
+        """
+        secure = True
         for _ in range(8):
             entry = self.zone.get(name)
             if entry is None:
                 response.rCode = dns.ENAME
                 response.authority = [self._soa()]
-                return
+                return False
+            secure = secure and bool(entry.get("secure", False))
             servfail = entry.get("servfail", False)
             wanted = _TYPE_NAMES.get(qtype)
             if servfail is True or (isinstance(servfail, list) and wanted in servfail):
                 response.rCode = dns.ESERVER
                 response.answers = []
-                return
+                return False
             ttl = int(entry.get("ttl", DEFAULT_TTL))
             if "CNAME" in entry and qtype != dns.CNAME:
                 target = str(entry["CNAME"]).lower().rstrip(".")
@@ -151,14 +186,15 @@ class ZoneServerFactory(server.DNSServerFactory):
             if value == "servfail":
                 response.rCode = dns.ESERVER
                 response.answers = []
-                return
+                return False
             if not value:
                 response.authority = [self._soa()]
-                return
+                return secure
             for item in value:
                 response.answers.append(self._rr(name, qtype, ttl, self._record(qtype, item, ttl)))
-            return
+            return secure
         response.rCode = dns.ESERVER  # CNAME loop
+        return False
 
     @staticmethod
     def _record(qtype: int, item: Any, ttl: int) -> Any:
@@ -170,6 +206,10 @@ class ZoneServerFactory(server.DNSServerFactory):
             return dns.Record_A(str(item), ttl=ttl)
         if qtype == dns.AAAA:
             return dns.Record_AAAA(str(item), ttl=ttl)
+        if qtype == TLSA:
+            usage, selector, mtype, data = item
+            wire = bytes([int(usage), int(selector), int(mtype)]) + bytes.fromhex(str(data))
+            return dns.UnknownRecord(wire, ttl=ttl)
         if qtype == dns.TXT:
             # One record: a string, or a list of its character-strings (<= 255 each).
             parts = [item] if isinstance(item, str) else list(item)

@@ -16,7 +16,8 @@ from mta.delivery.routes import Router
 from mta.envelope import Envelope, QueueState
 from mta.errors import Reply
 from mta.interfaces import IQueueStore, ISpool
-from mta.queue.manager import QueueLimits, QueueManager
+from mta.queue.dispatch import QueueLimits
+from mta.queue.manager import QueueManager
 from mta.queue.reports import Reporter
 from mta.spool import FileStore, receiver
 from mta.spool.queueid import QueueIdGenerator

@@ -236,6 +236,42 @@ class SessionVerdictTests(SynchronousTestCase):
         self.assertIn(b"secret body", Refuse.seen)
         self.assertTrue(Refuse.seen.startswith(b"Received: "))
 
+    def test_owned_fields_removed_and_notes_kept(self) -> None:
+        """The client's own fields of the names a check writes are gone before
+        the check reads the message; what it notes is in the queued envelope."""
+
+        @implementer(IMessageHook)
+        class Verdicts:
+            name = "verdicts"
+            owned_fields = ("X-Verdict", "X-Verdict-Score")
+            seen: bytes = b""
+
+            def on_message(self, session: SessionInfo, message: Any) -> Verdict:
+                with message.open() as f:
+                    Verdicts.seen = f.read()
+                message.notes[self.name] = {"headers": "X-Verdict: fine\r\n"}
+                return CONTINUE
+
+        self.use(Verdicts())
+        c = self.h.connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        c.command("RCPT TO:<bob@example.net>")
+        c.command("DATA")
+        c.send(
+            f"X-VERDICT: forged clean\r\n\tfolded on\r\nFrom: {LOGIN}\r\n"
+            "x-verdict-score: -100\r\nX-Verdicts: kept\r\n\r\nbody\r\n.\r\n"
+        )
+        [(code, text)] = c.replies()
+        self.assertEqual(code, 250, text)
+        _, env, stored = self.h.spool.messages[text.rpartition(" ")[2]]
+        self.assertEqual(Verdicts.seen, stored)
+        self.assertNotIn(b"forged", stored)
+        self.assertNotIn(b"folded on", stored)
+        self.assertNotIn(b"-100", stored)
+        self.assertIn(b"\r\nX-Verdicts: kept\r\n", stored)
+        self.assertEqual(env.extra["plugins"], {"verdicts": {"headers": "X-Verdict: fine\r\n"}})
+
 
 class QueuedHookTests(SynchronousTestCase):
     def test_on_queued_reads_the_committed_message(self) -> None:

@@ -46,7 +46,9 @@ class DefaultTests(SynchronousTestCase):
         c = config.load(None)
         self.assertEqual(c.source, "<embedded default>")
         self.assertEqual(c.limits.message_size, 50 * 1024 * 1024)
-        self.assertEqual(c.limits.recipients, 50)
+        self.assertEqual(c.limits.recipients, 1000)
+        self.assertEqual(c.limits.bare_newline, "normalize")
+        self.assertEqual(c.delivery.recipients_per_transaction, 50)
         self.assertEqual(c.limits.received_headers, 25)
         self.assertEqual(c.limits.connections_per_ip, 10)
         self.assertEqual(c.auth.max_failures, 10)
@@ -108,7 +110,7 @@ class LoadTests(ConfigFileTestCase):
             "[listen]\n"
             'submissions = ["tcp:10465", "tcp6:10465:interface=\\\\:\\\\:1"]\n'
             "[limits]\n"
-            "recipients = 5\n"
+            "recipients = 500\n"
             "idle_timeout = 2\n"
             "[auth]\n"
             "failure_window = 60.5\n"
@@ -117,7 +119,7 @@ class LoadTests(ConfigFileTestCase):
         self.assertEqual(c.source, path)
         self.assertEqual(c.hostname, "mail.example.com")
         self.assertEqual(c.listen.submissions, ["tcp:10465", "tcp6:10465:interface=\\:\\:1"])
-        self.assertEqual(c.limits.recipients, 5)
+        self.assertEqual(c.limits.recipients, 500)
         self.assertEqual(c.limits.message_size, 50 * 1024 * 1024)
         self.assertEqual(c.auth.failure_window, 60.5)
 
@@ -259,7 +261,8 @@ class ErrorTests(ConfigFileTestCase):
 
     def test_below_minimum(self) -> None:
         cases = [
-            ("[limits]\nrecipients = 0\n", "[limits] recipients", "at least 1"),
+            ("[limits]\nrecipients = 0\n", "[limits] recipients", "at least 100"),
+            ("[limits]\nrecipients = 99\n", "[limits] recipients", "RFC 5321 section 4.5.3.1.8"),
             ("[limits]\nmessage_size = 1023\n", "[limits] message_size", "at least 1024"),
             ("[limits]\nidle_timeout = 0.05\n", "[limits] idle_timeout", "at least 0.1"),
             ("[auth]\nfailure_delay = -1\n", "[auth] failure_delay", "at least 0"),
@@ -270,8 +273,15 @@ class ErrorTests(ConfigFileTestCase):
                 self.assertConfigError(text, where, rule)
 
     def test_at_minimum(self) -> None:
-        c = config.load(self.write("[limits]\nrecipients = 1\nmessage_size = 1024\n"))
-        self.assertEqual((c.limits.recipients, c.limits.message_size), (1, 1024))
+        c = config.load(self.write("[limits]\nrecipients = 100\nmessage_size = 1024\n"))
+        self.assertEqual((c.limits.recipients, c.limits.message_size), (100, 1024))
+
+    def test_bare_newline_choices(self) -> None:
+        c = config.load(self.write('[limits]\nbare_newline = "reject"\n'))
+        self.assertEqual(c.limits.bare_newline, "reject")
+        self.assertConfigError(
+            '[limits]\nbare_newline = "strip"\n', "[limits] bare_newline", "normalize, reject"
+        )
 
     def test_nan(self) -> None:
         self.assertConfigError("[limits]\nidle_timeout = nan\n", "[limits] idle_timeout")
@@ -290,3 +300,30 @@ class ErrorTests(ConfigFileTestCase):
     def test_long_value_shortened(self) -> None:
         message = self.assertConfigError(f'[limits]\nrecipients = "{"x" * 500}"\n', "recipients")
         self.assertLess(len(message), 300)
+
+
+class TLSPolicyOptionTests(ConfigFileTestCase):
+    """[delivery] dnssec, mta_sts, mta_sts_port, mta_sts_timeout and ca_file."""
+
+    def test_defaults(self) -> None:
+        d = config.load(None).delivery
+        self.assertEqual(
+            (d.dnssec, d.mta_sts, d.mta_sts_port, d.mta_sts_timeout, d.ca_file),
+            (False, True, 443, 30.0, ""),
+        )
+
+    def test_values_and_ca_file_relative_to_the_file(self) -> None:
+        path = self.write(
+            "[delivery]\ndnssec = true\nmta_sts = false\nmta_sts_port = 8443\n"
+            'mta_sts_timeout = 5\nca_file = "tls/ca.pem"\n'
+        )
+        d = config.load(path).delivery
+        self.assertEqual((d.dnssec, d.mta_sts, d.mta_sts_port, d.mta_sts_timeout),
+                         (True, False, 8443, 5.0))  # fmt: skip
+        self.assertEqual(d.ca_file, os.path.join(os.path.dirname(path), "tls", "ca.pem"))
+
+    def test_errors(self) -> None:
+        self.assertConfigError('[delivery]\ndnssec = "yes"\n', "[delivery] dnssec", "true or false")
+        self.assertConfigError("[delivery]\nmta_sts = 1\n", "[delivery] mta_sts", "true or false")
+        self.assertConfigError("[delivery]\nmta_sts_port = 0\n", "[delivery] mta_sts_port")
+        self.assertConfigError("[delivery]\nmta_sts_timeout = 0\n", "[delivery] mta_sts_timeout")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from typing import Any
 
 from twisted.internet import reactor
@@ -17,7 +18,18 @@ from mta.checks import Action, MessageInfo, SessionInfo, Verdict
 from mta.checks import clamd as clamdmod
 from mta.checks import host as checkhost
 from mta.checks import spamd as spamdmod
+from mta.envelope import Envelope, Recipient
+from mta.spool.format import dumps, loads
 from tests.scanners import EICAR, EICAR_NAME, GTUBE, Clamd, Spamd, free_port
+
+# Scores above 0 and below 5 with spamd's shipped rules and no network tests
+# (GUARANTEED_100_PERCENT), in a message with every header a submission has.
+SPAMMY = (
+    b"From: App <app@example.com>\r\nTo: someone@example.test\r\nSubject: Free money\r\n"
+    b"Date: Tue, 24 Nov 2026 12:00:00 +0000\r\n"
+    b"Message-ID: <20261124120000.abcdef@example.com>\r\n\r\n"
+    b"Click here to claim your FREE prize now!!! 100% guaranteed, act now, limited time offer.\r\n"
+)
 
 SESSION = SessionInfo(peer="127.0.0.1", helo="c", login="a@example.com", tls=None, trusted=False)
 
@@ -39,6 +51,18 @@ def message(body: bytes, *, attachment: bytes | None = None) -> MessageInfo:
         queue_id="TESTID",
         sender="a@example.com",
         recipients=("b@example.net",),
+        size=len(data),
+        eight_bit=False,
+        opener=lambda: io.BytesIO(data),
+    )
+
+
+def whole(data: bytes) -> MessageInfo:
+    """A message given with its header section."""
+    return MessageInfo(
+        queue_id="TESTID",
+        sender="app@example.com",
+        recipients=("someone@example.test",),
         size=len(data),
         eight_bit=False,
         opener=lambda: io.BytesIO(data),
@@ -143,8 +167,67 @@ class SpamdTests(TestCase):
 
     async def test_clean_message_passes(self) -> None:
         body = b"Hello Bob,\r\n\r\nthe minutes of today's meeting are below.\r\n\r\nAlice\r\n"
-        v = await verdict_of(self.check().on_message(SESSION, message(body)))
+        info = message(body)
+        v = await verdict_of(self.check().on_message(SESSION, info))
         self.assertEqual(v.action, Action.CONTINUE)
+        fields = info.notes["spamd"]["headers"]
+        self.assertRegex(fields, r"^X-Spam-Checker-Version: SpamAssassin \d")
+        self.assertIn("\r\nX-Spam-Status: No, score=", fields)
+        self.assertNotIn("X-Spam-Flag", fields)
+
+    async def test_score_above_zero_below_the_limit(self) -> None:
+        """A message SpamAssassin scores above 0 (GUARANTEED_100_PERCENT) is
+        accepted with the score and the rules in SpamAssassin's header shape."""
+        info = whole(SPAMMY)
+        v = await verdict_of(self.check().on_message(SESSION, info))
+        self.assertEqual(v.action, Action.CONTINUE)
+        fields = info.notes["spamd"]["headers"]
+        score = re.search(r"\r\nX-Spam-Score: (-?[0-9.]+)\r\n", fields)
+        assert score is not None, fields
+        self.assertGreater(float(score.group(1)), 0)
+        self.assertLess(float(score.group(1)), 5.0)
+        # Unfolded (RFC 5322 section 2.2.3), the tests list read without the
+        # folding whitespace after its commas.
+        unfolded = fields.replace(",\r\n\t", ",").replace("\r\n\t", "\t")
+        status = re.search(r"X-Spam-Status: (.*)\r\n", unfolded)
+        assert status is not None, fields
+        self.assertRegex(
+            status.group(1),
+            rf"^No, score={re.escape(score.group(1))} required=5\.0 "
+            r"tests=\S*GUARANTEED_100_PERCENT\S*\s+autolearn=\w+ ",
+        )
+        self.assertNotIn("X-Spam-Flag", fields)
+        for line in fields.split("\r\n"):
+            self.assertLessEqual(len(line), 78, line)
+
+    async def test_mark_score_flags_instead_of_refusing(self) -> None:
+        info = whole(SPAMMY)
+        v = await verdict_of(self.check(mark_score=1.0).on_message(SESSION, info))
+        self.assertEqual(v.action, Action.CONTINUE)
+        fields = info.notes["spamd"]["headers"]
+        self.assertIn("\r\nX-Spam-Flag: YES\r\n", fields)
+        self.assertIn("\r\nX-Spam-Level: **", fields)
+        self.assertIn("X-Spam-Status: Yes, score=", fields)
+        self.assertIn(" required=1.0 ", fields)
+        # Above reject_score it is refused all the same.
+        v = await verdict_of(self.check(mark_score=1.0, reject_score=2.0).on_message(SESSION, info))
+        self.assertEqual(v.action, Action.REJECT)
+
+    async def test_outbound_hook_sends_the_kept_fields(self) -> None:
+        check = self.check()
+        info = whole(SPAMMY)
+        await verdict_of(check.on_message(SESSION, info))
+        env = Envelope("TESTID", "a@example.com", [Recipient("b@example.net")], 0.0)
+        self.assertEqual(check.on_outbound(env, b"From: a\r\n\r\nx\r\n"), b"")
+        env.extra["plugins"] = dict(info.notes)
+        sent = check.on_outbound(env, b"From: a\r\n\r\nx\r\n")
+        self.assertEqual(sent, info.notes["spamd"]["headers"].encode())
+        self.assertTrue(sent.startswith(b"X-Spam-Checker-Version: "))
+        self.assertTrue(sent.endswith(b"\r\n"))
+        # Through the envelope's JSON, as the spool keeps it.
+        self.assertEqual(check.on_outbound(loads(dumps(env)), b""), sent)
+        env.extra["plugins"] = {"spamd": {"headers": 5}}
+        self.assertEqual(check.on_outbound(env, b""), b"")
 
     async def test_reject_score_is_the_operators(self) -> None:
         body = b"Hello Bob,\r\n\r\nsee you tomorrow.\r\n"
@@ -223,6 +306,43 @@ class SpamdAnswerTests(TestCase):
         )
         result = spamdmod.parse_answer(answer)
         self.assertEqual((result.score, result.threshold, result.rules), (1002.3, 5.0, "GTUBE,X_Y"))
+
+    def test_parse_headers_answer(self) -> None:
+        answer = (
+            b"SPAMD/1.1 0 EX_OK\r\nContent-length: 300\r\nSpam: False ; 1.1 / 5.0\r\n\r\n"
+            b"X-Spam-Checker-Version: SpamAssassin 4.0.1 (2024-03-25) on mx\r\n"
+            b"X-Spam-Level: *\r\n"
+            b"X-Spam-Status: No, score=1.1 required=5.0 tests=HTML_MESSAGE,MIME_HTML_ONLY,\r\n"
+            b"\tNO_RECEIVED autolearn=no autolearn_force=no version=4.0.1\r\n"
+            b"From: a@example.com\r\nX-Spam-Other: \x1b[31mred\r\n\r\n"
+        )
+        result = spamdmod.parse_answer(answer)
+        self.assertEqual(result.rules, "HTML_MESSAGE,MIME_HTML_ONLY,NO_RECEIVED")
+        self.assertEqual(result.score_text, "1.1")
+        self.assertEqual(result.field("X-Spam-Other"), "[31mred")
+        fields = spamdmod.report_fields(result, 5.0)
+        self.assertEqual(
+            fields,
+            b"X-Spam-Checker-Version: SpamAssassin 4.0.1 (2024-03-25) on mx\r\n"
+            b"X-Spam-Score: 1.1\r\n"
+            b"X-Spam-Status: No, score=1.1 required=5.0 tests=HTML_MESSAGE,MIME_HTML_ONLY,\r\n"
+            b"\tNO_RECEIVED autolearn=no autolearn_force=no version=4.0.1\r\n",
+        )
+        marked = spamdmod.report_fields(result, 1.0)
+        self.assertIn(b"\r\nX-Spam-Flag: YES\r\nX-Spam-Level: *\r\n", marked)
+        self.assertIn(b"X-Spam-Status: Yes, score=1.1 required=1.0 tests=", marked)
+
+    def test_report_without_spamassassin_status(self) -> None:
+        answer = b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; -0.5 / 5.0\r\n\r\nFrom: a@b\r\n\r\n"
+        fields = spamdmod.report_fields(spamdmod.parse_answer(answer), 5.0)
+        self.assertEqual(
+            fields,
+            b"X-Spam-Score: -0.5\r\nX-Spam-Status: No, score=-0.5 required=5.0 tests=none\r\n",
+        )
+
+    def test_owned_fields(self) -> None:
+        self.assertIn("X-Spam-Status", spamdmod.SpamdCheck.owned_fields)
+        self.assertIn("X-Spam-Flag", spamdmod.SpamdCheck.owned_fields)
 
     def test_errors(self) -> None:
         for answer in (b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n",

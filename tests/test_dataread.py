@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.smtp.dataread import (
+    BARE_CR,
     BARE_NEWLINE,
     LINE_TOO_LONG,
     MAX_LINE,
@@ -29,9 +30,9 @@ BIG = 10_000_000
 class Reading:
     """One DataReader with a sink that records what it was given."""
 
-    def __init__(self, max_size: int = BIG) -> None:
+    def __init__(self, max_size: int = BIG, bare_newline: str = "normalize") -> None:
         self.received: list[bytes] = []
-        self.reader = DataReader(self.received.append, max_size)
+        self.reader = DataReader(self.received.append, max_size, bare_newline=bare_newline)
 
     @property
     def output(self) -> bytes:
@@ -149,64 +150,72 @@ class DotUnstuffingTests(SynchronousTestCase):
         self.assertEqual(r.reader.size, 3)
 
 
-class BareNewlineTests(SynchronousTestCase):
-    """A bare LF or CR anywhere makes the message refused (550 5.6.11)."""
+# The payloads of the SMTP smuggling advisories: each is taken by some
+# server as the end of data, so here none of them may be.
+SMUGGLING = [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r\r\n"]
+LF_ONLY = [p for p in SMUGGLING if b"\r" not in p.replace(b"\r\n", b"")]
+WITH_BARE_CR = [p for p in SMUGGLING if p not in LF_ONLY]
+SMUGGLED = b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<v@example.net>\r\nDATA\r\n"
 
-    # The payloads of the SMTP smuggling advisories: each is taken by some
-    # server as the end of data, so here none of them may be.
-    SMUGGLING = [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r\r\n"]
+
+class RejectBareNewlineTests(SynchronousTestCase):
+    """C{bare_newline = "reject"}: a bare LF or CR anywhere makes the message
+    refused (550 5.6.11)."""
+
+    def reading(self) -> Reading:
+        return Reading(bare_newline="reject")
 
     def test_reply(self) -> None:
         self.assertEqual((BARE_NEWLINE.code, BARE_NEWLINE.enhanced), (550, "5.6.11"))
 
     def test_smuggling_payloads_do_not_end_data(self) -> None:
-        for payload in self.SMUGGLING:
-            smuggled = b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<v@example.net>\r\nDATA\r\n"
-            data = b"Subject: x\r\n\r\nhello" + payload + smuggled + b"evil\r\n.\r\nQUIT\r\n"
+        for payload in SMUGGLING:
+            data = b"Subject: x\r\n\r\nhello" + payload + SMUGGLED + b"evil\r\n.\r\nQUIT\r\n"
             with self.subTest(payload=payload):
-                r = Reading()
+                r = self.reading()
                 self.assertEqual(r.feed(data), b"QUIT\r\n")
                 self.assertEqual(r.reader.error, BARE_NEWLINE)
                 self.assertNotIn(b"evil", r.output)
 
     def test_smuggling_payloads_at_every_split(self) -> None:
-        for payload in self.SMUGGLING:
+        for payload in SMUGGLING:
             data = b"hello" + payload + b"NOOP\r\n.\r\nQUIT\r\n"
             for first, second in every_split(data):
                 with self.subTest(payload=payload, split=len(first)):
-                    r = Reading()
+                    r = self.reading()
                     self.assertEqual(r.feed(first, second), b"QUIT\r\n")
                     self.assertEqual(r.reader.error, BARE_NEWLINE)
 
     def test_smuggling_payload_one_byte_chunks(self) -> None:
         data = b"hello\n.\r\nNOOP\r\n.\r\nQUIT\r\n"
-        r = Reading()
+        r = self.reading()
         self.assertEqual(r.feed(*[data[i : i + 1] for i in range(len(data))]), b"QUIT\r\n")
         self.assertEqual(r.reader.error, BARE_NEWLINE)
 
     def test_bare_lf_in_line(self) -> None:
-        r = Reading()
+        r = self.reading()
         self.assertEqual(r.feed(b"a\nb\r\n.\r\n"), b"")
         self.assertEqual(r.reader.error, BARE_NEWLINE)
+        self.assertEqual(r.reader.bare_lf, 1)
 
     def test_bare_cr_in_line(self) -> None:
-        r = Reading()
+        r = self.reading()
         self.assertEqual(r.feed(b"a\rb\r\n.\r\n"), b"")
         self.assertEqual(r.reader.error, BARE_NEWLINE)
 
     def test_cr_before_crlf(self) -> None:
-        r = Reading()
+        r = self.reading()
         self.assertEqual(r.feed(b"a\r\r\n.\r\n"), b"")
         self.assertEqual(r.reader.error, BARE_NEWLINE)
 
     def test_bare_lf_after_dot_line(self) -> None:
         """C{CRLF . LF} followed by more text is not the end either."""
-        r = Reading()
+        r = self.reading()
         self.assertIsNone(r.feed(b"a\r\n.\nb\r\n"))
         self.assertEqual(r.reader.error, BARE_NEWLINE)
 
     def test_nothing_passed_on_after_error(self) -> None:
-        r = Reading()
+        r = self.reading()
         self.assertIsNone(r.feed(b"good\r\n"))
         self.assertEqual(r.output, b"good\r\n")
         self.assertIsNone(r.feed(b"bad\n\r\n"))
@@ -214,6 +223,122 @@ class BareNewlineTests(SynchronousTestCase):
         self.assertEqual(r.feed(b".\r\n"), b"")
         self.assertEqual(r.output, b"good\r\n")
         self.assertEqual(r.reader.error, BARE_NEWLINE)
+
+    def test_unknown_mode(self) -> None:
+        self.assertRaises(ValueError, DataReader, lambda b: None, 10, bare_newline="strip")
+
+
+class NormalizeBareNewlineTests(SynchronousTestCase):
+    """The default, C{bare_newline = "normalize"} (Postfix 3.9): a line that
+    ends in a bare LF is stored with CRLF; only CRLF "." CRLF ends the data;
+    a bare CR is still refused."""
+
+    def test_lf_message_stored_with_crlf(self) -> None:
+        r = Reading()
+        self.assertEqual(r.feed(b"Subject: x\n\nline one\nline two\r\n.\r\nQUIT\r\n"), b"QUIT\r\n")
+        self.assertIsNone(r.reader.error)
+        self.assertEqual(r.output, b"Subject: x\r\n\r\nline one\r\nline two\r\n")
+        self.assertEqual(r.reader.size, len(r.output))
+        self.assertEqual(r.reader.bare_lf, 3)
+
+    def test_smuggling_payloads_are_content(self) -> None:
+        """Every LF form of a false end stays in the message as a line of one
+        dot; what follows it is message text, never commands."""
+        for payload in LF_ONLY:
+            data = b"Subject: x\r\n\r\nhello" + payload + SMUGGLED + b"evil\r\n.\r\nQUIT\r\n"
+            with self.subTest(payload=payload):
+                r = Reading()
+                self.assertEqual(r.feed(data), b"QUIT\r\n")
+                self.assertIsNone(r.reader.error)
+                self.assertEqual(
+                    r.output, b"Subject: x\r\n\r\nhello\r\n.\r\n" + SMUGGLED + b"evil\r\n"
+                )
+
+    def test_bare_cr_payloads_refused(self) -> None:
+        for payload in WITH_BARE_CR:
+            data = b"Subject: x\r\n\r\nhello" + payload + SMUGGLED + b"evil\r\n.\r\nQUIT\r\n"
+            with self.subTest(payload=payload):
+                r = Reading()
+                self.assertEqual(r.feed(data), b"QUIT\r\n")
+                self.assertEqual(r.reader.error, BARE_CR)
+                self.assertEqual((BARE_CR.code, BARE_CR.enhanced), (550, "5.6.11"))
+                self.assertNotIn(b"evil", r.output)
+
+    def test_smuggling_payloads_at_every_split(self) -> None:
+        for payload in SMUGGLING:
+            data = b"hello" + payload + b"NOOP\r\n.\r\nQUIT\r\n"
+            for first, second in every_split(data):
+                with self.subTest(payload=payload, split=len(first)):
+                    r = Reading()
+                    self.assertEqual(r.feed(first, second), b"QUIT\r\n")
+                    if payload in LF_ONLY:
+                        self.assertIsNone(r.reader.error)
+                        self.assertEqual(r.output, b"hello\r\n.\r\nNOOP\r\n")
+                    else:
+                        self.assertEqual(r.reader.error, BARE_CR)
+
+    def test_smuggling_payload_one_byte_chunks(self) -> None:
+        data = b"hello\n.\r\nNOOP\r\n.\r\nQUIT\r\n"
+        r = Reading()
+        self.assertEqual(r.feed(*[data[i : i + 1] for i in range(len(data))]), b"QUIT\r\n")
+        self.assertEqual(r.output, b"hello\r\n.\r\nNOOP\r\n")
+
+    def test_dot_line_after_lf_line_at_block_start(self) -> None:
+        """The dot line is the first of a piece, the bare LF ended the last one."""
+        r = Reading()
+        self.assertIsNone(r.feed(b"a\n"))
+        self.assertIsNone(r.feed(b".\r\n"))
+        self.assertEqual(r.feed(b"b\r\n.\r\n"), b"")
+        self.assertEqual(r.output, b"a\r\n.\r\nb\r\n")
+
+    def test_stuffed_lines_after_bare_lf_unstuffed(self) -> None:
+        """A client that sends LF line ends and stuffs dots gets them undone."""
+        r = Reading()
+        self.assertEqual(r.feed(b"a\n..b\n...\n..\r\n.\r\n"), b"")
+        self.assertEqual(r.output, b"a\r\n.b\r\n..\r\n.\r\n")
+
+    def test_crlf_dot_crlf_after_a_bare_lf_line_is_content(self) -> None:
+        """The line before the dot must end in CRLF too."""
+        r = Reading()
+        self.assertIsNone(r.feed(b"a\n.\r\n"))
+        self.assertFalse(r.reader.done)
+        self.assertEqual(r.feed(b".\r\n"), b"")
+        self.assertEqual(r.output, b"a\r\n.\r\n")
+
+    def test_first_line_bare_lf_dot(self) -> None:
+        """Right after 354, a dot with a bare LF is content too."""
+        r = Reading()
+        self.assertEqual(r.feed(b".\nx\r\n.\r\n"), b"")
+        self.assertEqual(r.output, b".\r\nx\r\n")
+
+    def test_empty_lf_lines(self) -> None:
+        r = Reading()
+        self.assertEqual(r.feed(b"\n\n\r\n.\r\n"), b"")
+        self.assertEqual(r.output, b"\r\n\r\n\r\n")
+
+    def test_lf_line_length_counts_the_stored_crlf(self) -> None:
+        r = Reading()
+        r.feed(b"a" * (MAX_LINE - 2) + b"\n.\r\n", b"\r\n.\r\n")
+        self.assertIsNone(r.reader.error)
+        r = Reading()
+        r.feed(b"a" * (MAX_LINE - 1) + b"\n\r\n.\r\n")
+        self.assertEqual(r.reader.error, LINE_TOO_LONG)
+
+    def test_size_counts_the_stored_crlf(self) -> None:
+        """Eleven octets on the wire, twelve as stored: over a limit of eleven."""
+        r = Reading(max_size=11)
+        r.feed(b"12345678\n\r\n.\r\n")
+        self.assertEqual(r.reader.error, too_big(11))
+        r = Reading(max_size=11)
+        r.feed(b"1234567\n\r\n.\r\n")
+        self.assertIsNone(r.reader.error)
+        self.assertEqual(r.output, b"1234567\r\n\r\n")
+
+    def test_bare_cr_in_long_partial_line(self) -> None:
+        r = Reading()
+        self.assertIsNone(r.feed(b"a" * 600 + b"\r" + b"a" * 600))
+        self.assertEqual(r.feed(b"\r\n.\r\n"), b"")
+        self.assertEqual(r.reader.error, BARE_CR)
 
 
 class NulTests(SynchronousTestCase):
@@ -270,12 +395,17 @@ class SizeLimitTests(SynchronousTestCase):
         """The reply must not depend on packet boundaries (found by the fuzz
         target, tests/test_fuzz_smtp.py): a bare LF outranks the size, a NUL
         and a long line, however the message was split."""
-        data = b"0123456789abcdef\r\n" + b"x" * 1200 + b"\x00bare\n\r\n.\r\n"
-        for first, second in every_split(data):
-            with self.subTest(split=len(first)):
-                r = Reading(max_size=10)
-                r.feed(first, second)
-                self.assertEqual(r.reader.error, BARE_NEWLINE)
+        for mode, bare, reply in [
+            ("reject", b"\n", BARE_NEWLINE),
+            ("reject", b"\r", BARE_NEWLINE),
+            ("normalize", b"\r", BARE_CR),
+        ]:
+            data = b"0123456789abcdef\r\n" + b"x" * 1200 + b"\x00bare" + bare + b"\r\n.\r\n"
+            for first, second in every_split(data):
+                with self.subTest(mode=mode, bare=bare, split=len(first)):
+                    r = Reading(max_size=10, bare_newline=mode)
+                    r.feed(first, second)
+                    self.assertEqual(r.reader.error, reply)
         r = Reading(max_size=10)
         r.feed(b"0123456789abcdef\r\n" + b"x" * 1200 + b"\x00\r\n.\r\n")
         self.assertEqual(r.reader.error, NUL_OCTET)
@@ -410,3 +540,27 @@ class ChunkingPropertyTests(SynchronousTestCase):
         self.assertEqual(r.output, message)
         self.assertEqual(rest, leftover)
         self.assertEqual(r.reader.size, len(message))
+
+    @given(
+        lines=lines,
+        ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=20, max_size=20),
+        leftover=st.binary(max_size=30),
+        data=st.data(),
+    )
+    def test_any_chunking_with_lf_line_ends(
+        self, lines: list[bytes], ends: list[bytes], leftover: bytes, data: st.DataObject
+    ) -> None:
+        """Lines that end in LF or CRLF, stuffed as a client stuffs them: the
+        sink gets every line with CRLF, whatever the chunking (the empty
+        line before the end makes the dot follow a CRLF)."""
+        body = b"".join(
+            (b"." + ln if ln.startswith(b".") else ln) + end
+            for ln, end in zip(lines, ends, strict=False)
+        )
+        wire = body + b"\r\n.\r\n" + leftover
+        message = b"".join(ln + b"\r\n" for ln in lines) + b"\r\n"
+        r = Reading()
+        rest = r.feed(*data.draw(chunkings(wire)))
+        self.assertIsNone(r.reader.error)
+        self.assertEqual(r.output, message)
+        self.assertEqual(rest, leftover)

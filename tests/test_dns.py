@@ -25,6 +25,7 @@ from mta.delivery.dns import (
     DNSError,
     DNSPythonResolver,
     MXRecord,
+    TLSARecord,
 )
 from mta.delivery.fakedns import FakeResolver
 from mta.interfaces import IResolver
@@ -46,6 +47,19 @@ ZONE: dict[str, dict[str, Any]] = {
     "half.test": {"A": ["127.0.0.4"], "AAAA": "servfail"},
     "slow.test": {"A": ["127.0.0.5"], "delay": 5.0},
     "big.test": {"A": [f"127.0.1.{i}" for i in range(1, 41)], "truncate": True},
+    "signed.test": {"A": ["127.0.0.6"], "MX": [[10, "mx1.example.test"]], "secure": True},
+    "signed-alias.test": {"CNAME": "signed.test", "secure": True},
+    "unsigned-alias.test": {"CNAME": "signed.test"},
+    "_mta-sts.example.test": {
+        "TXT": [["v=STSv1; ", "id=20240101"], "v=spf1 -all"],
+        "secure": True,
+    },
+    "_25._tcp.mx1.example.test": {
+        "TLSA": [[3, 1, 1, "0123456789abcdef" * 4], [2, 0, 2, "ff" * 64]],
+        "secure": True,
+    },
+    "_25._tcp.mx2.example.test": {"TLSA": [[3, 1, 1, "00" * 32]]},
+    "_25._tcp.bogus.test": {"TLSA": "servfail"},
 }
 
 
@@ -69,7 +83,7 @@ class DNSPythonResolverOnLoopback(TestCase):
         self.worker_threads: list[int] = []
         self.resolver = self.make_resolver(port, timeout=2.0)
 
-    def make_resolver(self, port: int, timeout: float) -> DNSPythonResolver:
+    def make_resolver(self, port: int, timeout: float, dnssec: bool = False) -> DNSPythonResolver:
         def runner(work: Any) -> Deferred[Any]:
             def recorded() -> Any:
                 self.worker_threads.append(threading.get_ident())
@@ -77,7 +91,9 @@ class DNSPythonResolverOnLoopback(TestCase):
 
             return deferToThreadPool(reactor, self.pool, recorded)
 
-        return DNSPythonResolver(runner, nameservers=["127.0.0.1"], port=port, timeout=timeout)
+        return DNSPythonResolver(
+            runner, nameservers=["127.0.0.1"], port=port, timeout=timeout, dnssec=dnssec
+        )
 
     async def failed(self, d: Deferred[Any]) -> DNSError:
         try:
@@ -100,6 +116,62 @@ class DNSPythonResolverOnLoopback(TestCase):
     async def test_null_mx(self) -> None:
         answer = await self.resolver.lookup_mx("null.test")
         self.assertEqual(answer.records, (MXRecord(0, ""),))
+
+    async def test_txt_strings_of_one_record_are_joined(self) -> None:
+        answer = await self.resolver.lookup_txt("_mta-sts.example.test")
+        self.assertEqual(sorted(answer.records), ["v=STSv1; id=20240101", "v=spf1 -all"])
+
+    async def test_tlsa(self) -> None:
+        answer = await self.resolver.lookup_tlsa("_25._tcp.mx1.example.test")
+        self.assertEqual(
+            sorted(answer.records, key=lambda r: r.usage),
+            [
+                TLSARecord(2, 0, 2, b"\xff" * 64),
+                TLSARecord(3, 1, 1, bytes.fromhex("0123456789abcdef" * 4)),
+            ],
+        )
+
+    async def test_no_tlsa_is_nodata_or_nxdomain(self) -> None:
+        error = await self.failed(self.resolver.lookup_tlsa("_25._tcp.mx3.example.test"))
+        self.assertEqual((error.kind, error.rdtype), ("nxdomain", "TLSA"))
+        error = await self.failed(self.resolver.lookup_tlsa("signed.test"))
+        self.assertEqual(error.kind, "nodata")
+
+    async def test_bogus_tlsa_is_temporary(self) -> None:
+        # What a validating resolver answers for records that fail validation.
+        error = await self.failed(self.resolver.lookup_tlsa("_25._tcp.bogus.test"))
+        self.assertEqual(error.kind, "temporary")
+
+    async def test_ad_bit_is_ignored_without_dnssec(self) -> None:
+        self.server.factory.ad_unasked = True
+        for lookup in (
+            self.resolver.lookup_addresses("signed.test", "A"),
+            self.resolver.lookup_mx("signed.test"),
+            self.resolver.lookup_tlsa("_25._tcp.mx1.example.test"),
+        ):
+            self.assertFalse((await lookup).secure)
+
+    async def test_ad_bit_with_dnssec(self) -> None:
+        resolver = self.make_resolver(self.server.port, timeout=2.0, dnssec=True)
+        for name, rdtype, secure in [
+            ("signed.test", "A", True),
+            ("signed.test", "MX", True),
+            ("mx1.example.test", "A", False),
+            ("_25._tcp.mx1.example.test", "TLSA", True),
+            ("_25._tcp.mx2.example.test", "TLSA", False),
+            ("_mta-sts.example.test", "TXT", True),
+            ("signed-alias.test", "A", True),
+            ("unsigned-alias.test", "A", False),  # one insecure link spoils the chain
+        ]:
+            if rdtype == "MX":
+                answer = await resolver.lookup_mx(name)
+            elif rdtype == "TLSA":
+                answer = await resolver.lookup_tlsa(name)
+            elif rdtype == "TXT":
+                answer = await resolver.lookup_txt(name)
+            else:
+                answer = await resolver.lookup_addresses(name, rdtype)
+            self.assertEqual(answer.secure, secure, f"{name}/{rdtype}")
 
     async def test_a(self) -> None:
         answer = await self.resolver.lookup_addresses("MX1.example.test.", "A")
@@ -270,6 +342,12 @@ class BrokenResolver:
     def lookup_addresses(self, host: str, rdtype: str) -> Deferred[Any]:
         return self.lookup_mx(host)
 
+    def lookup_txt(self, name: str) -> Deferred[Any]:
+        return self.lookup_mx(name)
+
+    def lookup_tlsa(self, name: str) -> Deferred[Any]:
+        return self.lookup_mx(name)
+
 
 class CachingResolverTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -281,6 +359,8 @@ class CachingResolverTests(SynchronousTestCase):
                 "long.test": {"A": ["192.0.2.2"], "ttl": 100_000},
                 "zero.test": {"A": ["192.0.2.3"], "ttl": 0},
                 "broken.test": {"servfail": True},
+                "_25._tcp.mx.example.test": {"TLSA": [(3, 1, 1, "ab" * 32)], "secure": True},
+                "_mta-sts.example.test": {"TXT": ["v=STSv1; id=1"], "ttl": 50},
             }
         )
         self.cache = CachingResolver(self.inner, self.clock)
@@ -300,6 +380,26 @@ class CachingResolverTests(SynchronousTestCase):
 
     def test_provides_interface(self) -> None:
         self.assertTrue(verifyObject(IResolver, self.cache))
+
+    def test_tlsa_kept_with_its_dnssec_status(self) -> None:
+        for _ in range(2):
+            answer = self.successResultOf(self.cache.lookup_tlsa("_25._tcp.mx.example.test"))
+            self.assertEqual(answer.records, (TLSARecord(3, 1, 1, b"\xab" * 32),))
+            self.assertTrue(answer.secure)
+        self.clock.advance(10)
+        self.assertTrue(
+            self.successResultOf(self.cache.lookup_tlsa("_25._tcp.mx.example.test")).secure
+        )
+        self.assertEqual(self.inner.queries, [("_25._tcp.mx.example.test", "TLSA")])
+
+    def test_txt_is_cached_apart_from_other_types(self) -> None:
+        self.successResultOf(self.cache.lookup_txt("_mta-sts.example.test"))
+        self.clock.advance(49)
+        answer = self.successResultOf(self.cache.lookup_txt("_mta-sts.example.test"))
+        self.assertEqual((answer.records, answer.ttl), (("v=STSv1; id=1",), 1))
+        self.assertEqual(len(self.inner.queries), 1)
+        self.failureResultOf(self.cache.lookup_tlsa("_mta-sts.example.test"), DNSError)
+        self.assertEqual(len(self.inner.queries), 2)
 
     def test_positive_answer_is_kept_for_its_ttl(self) -> None:
         self.assertEqual(self.mx().records, (MXRecord(10, "mx.example.test"),))

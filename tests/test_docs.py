@@ -17,6 +17,8 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def toml_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float | int):
         return repr(value)
     return json.dumps(value, separators=(", ", ": "))

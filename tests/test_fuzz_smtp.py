@@ -16,10 +16,16 @@ made of.  After every step:
   - every "queued as" reply names a message committed to the spool and
     every committed message had one: at most one message per DATA;
   - for a transaction the machine knows it started, the message is
-    committed if and only if its content has no bare CR or LF, NUL or
+    committed if and only if its content has no bare CR, NUL or
     over-long line, and then its stored bytes are the dot-unstuffed input
-    after one Received: field; nothing after a false end of data (a
-    smuggling attempt) is ever taken as a command;
+    with every line ending in CRLF (bare LF normalized) after one
+    Received: field; nothing after a false end of data (a smuggling
+    attempt) is ever taken as a command;
+  - a message sent in BDAT chunks (RFC 3030) cut at random points gets
+    one reply per chunk, the last one C{250} exactly when a line-by-line
+    model takes the message (no dot-unstuffing, bare LF normalized), and
+    is then stored as the model says; once a chunk fails, every later
+    chunk gets the same reply;
   - when a session is closed, every spool transaction it opened was
     committed or aborted.
 
@@ -112,17 +118,52 @@ HEADER = (
 
 
 def data_outcome(stream: bytes) -> tuple[bytes | None, bytes]:
-    """What a strict reader makes of the bytes after 354: (message or None if
-    refused, the bytes after the end of data).  Assumes the end is in C{stream}."""
-    end = 0 if stream.startswith(b".\r\n") else stream.find(b"\r\n.\r\n") + 2
-    lines = stream[:end].split(b"\r\n")[:-1] if end else []
-    rest = stream[end + 3 :]
-    for line in lines:
-        if b"\r" in line or b"\n" in line or b"\x00" in line:
+    """What a strict reader makes of the bytes after 354 (with the default
+    C{bare_newline = "normalize"}): (message or None if refused, the bytes
+    after the end of data).  Assumes the end is in C{stream}.
+
+    Written line by line, unlike the reader: a line ends at LF; the end
+    is a line "." that ends in CRLF after a line that ended in CRLF; a
+    line that ended in a bare LF is stored with CRLF; a bare CR, a NUL or
+    an over-long line refuses the message; a line of one dot that is not
+    the end is kept, other lines lose one leading dot."""
+    lines: list[bytes] = []
+    pos, after_crlf = 0, True
+    while True:
+        lf = stream.index(b"\n", pos)
+        raw, pos = stream[pos : lf + 1], lf + 1
+        crlf = raw.endswith(b"\r\n")
+        text = raw[:-2] if crlf else raw[:-1]
+        if text == b"." and crlf and after_crlf:
+            break
+        lines.append(text)
+        after_crlf = crlf
+    rest = stream[pos:]
+    out = []
+    for text in lines:
+        if b"\r" in text or b"\x00" in text:
             return None, rest
-        if len(line[1:] if line[:1] == b"." else line) > MAX_LINE - 2:
+        line = text[1:] if text.startswith(b".") and text != b"." else text
+        if len(line) > MAX_LINE - 2:
             return None, rest
-    return b"".join((ln[1:] if ln[:1] == b"." else ln) + b"\r\n" for ln in lines), rest
+        out.append(line + b"\r\n")
+    return b"".join(out), rest
+
+
+def chunks_outcome(message: bytes) -> bytes | None:
+    """What BDAT makes of a message (RFC 3030: no end marker, no dot-stuffing):
+    None if refused, else the stored form, every line ending in CRLF."""
+    lines = message.split(b"\n")
+    unterminated = lines.pop()  # "" when the message ends in LF
+    ended = [(line, True) for line in lines] + ([(unterminated, False)] if unterminated else [])
+    out = []
+    for line, lf in ended:
+        # Only a CR that an LF follows is half of a line end.
+        text = line[:-1] if lf and line.endswith(b"\r") else line
+        if b"\r" in text or b"\x00" in text or len(text) > MAX_LINE - 2:
+            return None
+        out.append(text + b"\r\n")
+    return b"".join(out)
 
 
 def normalized(data: bytes) -> bytes:
@@ -175,6 +216,7 @@ class SMTPMachine(RuleBasedStateMachine):
         self.rng = random.Random(0)
         self.read = 0  # how much of session 0's output the last step saw
         self.transaction_open = False  # the last step ended with 354 for a known DATA
+        self.chunks_open = False  # the last step ended with MAIL and RCPT accepted, no DATA
 
     def teardown(self) -> None:
         for s in self.sessions:
@@ -213,12 +255,12 @@ class SMTPMachine(RuleBasedStateMachine):
     @rule(data=step_bytes)
     def send_bytes(self, data: bytes) -> None:
         self.feed(data)
-        self.transaction_open = False
+        self.transaction_open = self.chunks_open = False
 
     @rule()
     def login(self) -> None:
         self.feed(f"EHLO client.test\r\nAUTH PLAIN {plain(LOGIN, PASSWORD)}\r\n".encode())
-        self.transaction_open = False
+        self.transaction_open = self.chunks_open = False
 
     @rule(recipients=st.integers(1, 3), params=st.sampled_from(["", " BODY=8BITMIME"]))
     def start_transaction(self, recipients: int, params: str) -> None:
@@ -226,8 +268,67 @@ class SMTPMachine(RuleBasedStateMachine):
             f"RCPT TO:<r{n}@example.net>\r\n" for n in range(recipients)
         )
         replies = self.feed((lines + "DATA\r\n").encode())
+        self.chunks_open = False
         # Known to be in DATA only when every command got its expected reply.
         self.transaction_open = [c for c, _ in replies] == [250] * (recipients + 1) + [354]
+
+    @rule(recipients=st.integers(1, 3))
+    def start_chunked_transaction(self, recipients: int) -> None:
+        # Logged in first (the EHLO also ends any transaction), so that the
+        # chunks are often taken: BDAT steps are rare otherwise.
+        self.feed(f"EHLO client.test\r\nAUTH PLAIN {plain(LOGIN, PASSWORD)}\r\n".encode())
+        lines = f"MAIL FROM:<{LOGIN}>\r\n" + "".join(
+            f"RCPT TO:<r{n}@example.net>\r\n" for n in range(recipients)
+        )
+        replies = self.feed(lines.encode())
+        self.transaction_open = False
+        self.chunks_open = [c for c, _ in replies] == [250] * (recipients + 1)
+
+    @precondition(lambda self: self.chunks_open)
+    @rule(
+        content=body,
+        cuts=st.lists(st.integers(0, 2000), max_size=4),
+        empty_last=st.booleans(),
+        after=st.sampled_from([b"", b"NOOP\r\n", b"RSET\r\nNOOP\r\n"]),
+    )
+    def send_chunks(self, content: bytes, cuts: list[int], empty_last: bool, after: bytes) -> None:
+        """The message in BDAT chunks cut anywhere (RFC 3030), the last one
+        maybe empty: replies one per chunk, the last one 250 exactly when
+        the model takes the message, which is then stored as it says."""
+        self.chunks_open = False
+        message = HEADER + content
+        bounds = sorted({0, len(message), *(min(c, len(message)) for c in cuts)})
+        chunks = [message[a:b] for a, b in itertools.pairwise(bounds)] or [b""]
+        if empty_last:
+            chunks.append(b"")
+        stream = b"".join(
+            b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if i == len(chunks) - 1 else b"") + chunk
+            for i, chunk in enumerate(chunks)
+        )
+        before = dict(self.sessions[0].spool.messages)
+        expected = chunks_outcome(message)
+        replies = self.feed(stream + after)
+        codes = [code for code, _ in replies]
+        new = {k: v for k, v in self.sessions[0].spool.messages.items() if k not in before}
+        if self.sessions[0].client.closed:
+            return  # too many errors before: nothing more to say
+        assert len(replies) == len(chunks) + after.count(b"\n"), (replies, chunks)
+        chunk_replies = replies[: len(chunks)]
+        failed = [r for r in chunk_replies if r[0] != 250]
+        # Once a chunk fails, every later chunk gets the same reply.
+        assert all(r == failed[0] for r in failed), chunk_replies
+        assert failed == chunk_replies[len(chunk_replies) - len(failed) :], chunk_replies
+        if expected is None:
+            assert codes[len(chunks) - 1] == 550, (chunk_replies, message)
+            assert failed[0][1].startswith("5.6."), failed
+            assert new == {}
+        else:
+            assert failed == [], (chunk_replies, message)
+            assert chunk_replies[-1][1].startswith("2.0.0 Ok: queued as "), chunk_replies
+            [(_, _, stored)] = new.values()
+            received, _, stored_message = stored.partition(b";\r\n\t")
+            assert received.startswith(b"Received: from ")
+            assert stored_message.partition(b"\r\n")[2] == expected, (stored, expected)
 
     @precondition(lambda self: self.transaction_open)
     @rule(content=body, after=st.sampled_from([b"", b"NOOP\r\n", b"RSET\r\nNOOP\r\n"]))
@@ -265,7 +366,7 @@ class SMTPMachine(RuleBasedStateMachine):
         for s in self.sessions:
             s.h.clock.advance(seconds)
         self.feed(b"")
-        self.transaction_open = False
+        self.transaction_open = self.chunks_open = False
 
     @rule()
     def reconnect(self) -> None:
@@ -274,7 +375,7 @@ class SMTPMachine(RuleBasedStateMachine):
         self.check_spool_transactions()
         self.read = 0
         self.feed(b"")
-        self.transaction_open = False
+        self.transaction_open = self.chunks_open = False
 
     # -- invariants ------------------------------------------------------------
 
@@ -322,7 +423,10 @@ class FuzzTests(SynchronousTestCase):
     def test_reference_reader(self) -> None:
         """The oracle itself: a smuggled end is no end; stuffing is undone."""
         self.assertEqual(data_outcome(b"a\r\n..b\r\n.\r\nX"), (b"a\r\n.b\r\n", b"X"))
-        self.assertEqual(data_outcome(b"a\n.\nb\r\n.\r\n"), (None, b""))
+        self.assertEqual(data_outcome(b"a\n.\nb\r\n.\r\n"), (b"a\r\n.\r\nb\r\n", b""))
+        self.assertEqual(data_outcome(b"a\n.\r\n.\r\nX"), (b"a\r\n.\r\n", b"X"))
+        self.assertEqual(data_outcome(b"a\n..\r\n.\r\n"), (b"a\r\n.\r\n", b""))
+        self.assertEqual(data_outcome(b"a\r.\rb\r\n.\r\n"), (None, b""))
         self.assertEqual(data_outcome(b"a\x00\r\n.\r\n"), (None, b""))
         self.assertEqual(data_outcome(b".\r\nX"), (b"", b"X"))
 

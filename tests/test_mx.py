@@ -603,6 +603,10 @@ ZONE: dict[str, dict[str, Any]] = {
     "null.test": {"MX": [[0, "."]]},
     "broken.test": {"servfail": True},
     "lame.test": {"MX": [[10, "gone.test"]]},
+    "signed.test": {"MX": [[10, "mx.signed.test"], [20, "mx1.example.test"]], "secure": True},
+    "mx.signed.test": {"A": ["127.0.0.4"], "AAAA": ["::4"], "secure": True},
+    "implicit-signed.test": {"A": ["127.0.0.6"], "secure": True},
+    "unsigned.test": {"MX": [[10, "mx.signed.test"]]},
 }
 
 
@@ -616,8 +620,9 @@ class NextHopsOnLoopbackDNS(TestCase):
         pool = ThreadPool(minthreads=0, maxthreads=4, name="mx-test")
         pool.start()
         self.addCleanup(pool.stop)
+        self.runner = partial(deferToThreadPool, reactor, pool)
         self.resolver = DNSPythonResolver(
-            partial(deferToThreadPool, reactor, pool),
+            self.runner,
             nameservers=["127.0.0.1"],
             port=port,
             timeout=2.0,
@@ -659,6 +664,22 @@ class NextHopsOnLoopbackDNS(TestCase):
     async def test_mx_host_that_does_not_exist(self) -> None:
         error = await self.failed("lame.test")
         self.assertEqual((error.reply.code, error.reply.enhanced), (550, "5.4.4"))
+
+    async def test_hops_are_secure_only_with_validated_mx_and_addresses(self) -> None:
+        # RFC 7672 sections 2.2.1 and 2.2.2: DANE needs the whole way validated.
+        resolver = DNSPythonResolver(
+            self.runner, nameservers=["127.0.0.1"], port=self.server.port, dnssec=True
+        )
+        hops = await next_hops(resolver, "signed.test", shuffle=keep_order)
+        self.assertEqual([(h.host, h.secure) for h in hops],
+                         [("mx.signed.test", True), ("mx1.example.test", False)])  # fmt: skip
+        [hop] = await next_hops(resolver, "unsigned.test")
+        self.assertFalse(hop.secure)  # validated addresses, but an MX that is not
+        [hop] = await next_hops(resolver, "implicit-signed.test")
+        self.assertEqual((hop.mx, hop.secure), (False, True))
+        # Without dnssec nothing is secure.
+        [first, _] = await next_hops(self.resolver, "signed.test", shuffle=keep_order)
+        self.assertFalse(first.secure)
 
     async def test_cache_spares_the_server(self) -> None:
         cached = CachingResolver(self.resolver, Clock())

@@ -300,7 +300,8 @@ def test_daily_limit_is_enforced(tmp_path: Any) -> None:
 
 
 def test_data_reader_matches_a_strict_reference_under_any_chunking() -> None:
-    """End of data only at CRLF.CRLF; bare CR/LF refused; same at every split."""
+    """End of data only at CRLF.CRLF; bare CR/LF refused when so configured;
+    same at every split."""
     pieces = [b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.\r\n", b"\n.\n", b"\r.\r", b"..", b".\r\n"]
     rng = random.Random(5)
     for _ in range(20000):
@@ -310,7 +311,7 @@ def test_data_reader_matches_a_strict_reference_under_any_chunking() -> None:
         bare = any(b"\r" in ln or b"\n" in ln for ln in lines)
         expect_body = b"".join((ln[1:] if ln[:1] == b"." else ln) + b"\r\n" for ln in lines)
         out: list[bytes] = []
-        reader = DataReader(out.append, 10**9)
+        reader = DataReader(out.append, 10**9, bare_newline="reject")
         pos, rest = 0, None
         while rest is None:
             n = rng.randint(1, 4)
@@ -320,3 +321,38 @@ def test_data_reader_matches_a_strict_reference_under_any_chunking() -> None:
         assert (reader.error is not None) == bare, data
         if not bare:
             assert b"".join(out) == expect_body
+
+
+def test_normalizing_data_reader_matches_a_reference_under_any_chunking() -> None:
+    """The default (bare LF stored as CRLF): the end of data is still only a
+    dot line with CRLF after a line with CRLF; bare CR refused; same at every
+    split.  The reference reads line by line, the reader in blocks."""
+    pieces = [b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.\r\n", b"\n.\n", b"\r.\r", b"..", b".\r\n"]
+    rng = random.Random(6)
+    for _ in range(20000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 10))) + b"\r\n.\r\nT"
+        lines, pos, after_crlf = [], 0, True
+        while True:
+            lf = data.index(b"\n", pos)
+            raw, pos = data[pos : lf + 1], lf + 1
+            text = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            if text == b"." and raw.endswith(b"\r\n") and after_crlf:
+                break
+            lines.append(text)
+            after_crlf = raw.endswith(b"\r\n")
+        end = pos
+        bare_cr = any(b"\r" in ln for ln in lines)
+        expect_body = b"".join(
+            (ln[1:] if ln[:1] == b"." and ln != b"." else ln) + b"\r\n" for ln in lines
+        )
+        out: list[bytes] = []
+        reader = DataReader(out.append, 10**9)
+        pos, rest = 0, None
+        while rest is None:
+            n = rng.randint(1, 4)
+            rest = reader.feed(data[pos : pos + n])
+            pos += n
+        assert rest + data[pos:] == data[end:], data
+        assert (reader.error is not None) == bare_cr, data
+        if not bare_cr:
+            assert b"".join(out) == expect_body, data

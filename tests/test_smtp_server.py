@@ -65,6 +65,7 @@ class GreetingAndEhloTests(SessionTestCase):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "DSN",
+            "CHUNKING",
             "AUTH PLAIN LOGIN",
         ):
             self.assertIn(ext, lines)
@@ -76,6 +77,7 @@ class GreetingAndEhloTests(SessionTestCase):
         c.replies()
         lines = c.command("EHLO client.test")[1].split("\n")
         self.assertIn("STARTTLS", lines)
+        self.assertIn("CHUNKING", lines)
         self.assertFalse(any(line.startswith("AUTH") for line in lines))
 
     def test_ehlo_needs_argument(self) -> None:
@@ -442,20 +444,29 @@ class MailTransactionTests(SessionTestCase):
         self.assertEqual(self.h.spool.messages, {})
 
     def test_recipient_limit(self) -> None:
+        """1,000 recipients by default (Postfix's smtpd_recipient_limit), then 452 4.5.3."""
         c = self.h.connect()
         c.login()
         c.command(f"MAIL FROM:<{LOGIN}>")
-        for i in range(50):
-            self.assertEqual(c.command(f"RCPT TO:<r{i}@example.net>")[0], 250)
-        code, text = c.command("RCPT TO:<r50@example.net>")
-        self.assertEqual(code, 452)
-        self.assertTrue(text.startswith("4.5.3"))
+        c.send("".join(f"RCPT TO:<r{i}@example.net>\r\n" for i in range(1001)))
+        replies = c.replies()
+        self.assertEqual([code for code, _ in replies], [250] * 1000 + [452])
+        self.assertEqual(replies[-1][1], "4.5.3 Too many recipients (at most 1000 per message)")
         c.command("DATA")
         c.send(data())
         [(code, text)] = c.replies()
         self.assertEqual(code, 250)
         _, env, _ = self.h.spool.messages[text.rpartition(" ")[2]]
-        self.assertEqual(len(env.recipients), 50)
+        self.assertEqual(len(env.recipients), 1000)
+        self.assertEqual(env.recipients[-1].address, "r999@example.net")
+
+    def test_recipient_limit_configured(self) -> None:
+        h = Harness(self.mktemp(), make_config(limits={"recipients": 100}))
+        c = h.connect()
+        c.login()
+        c.command(f"MAIL FROM:<{LOGIN}>")
+        c.send("".join(f"RCPT TO:<r{i}@example.net>\r\n" for i in range(102)))
+        self.assertEqual(c.codes(), [250] * 100 + [452, 452])
 
     def test_duplicate_recipient_kept_once(self) -> None:
         c = self.h.connect()
@@ -507,14 +518,43 @@ class LimitTests(SessionTestCase):
         self.assertEqual(h.spool.messages, {})
         self.assertTrue(h.spool.transactions[-1].aborted)
 
-    def test_bare_lf_in_data_refused(self) -> None:
-        c = self.h.connect()
+    def test_bare_lf_in_data_refused_when_configured(self) -> None:
+        h = Harness(self.mktemp(), make_config(limits={"bare_newline": "reject"}))
+        c = h.connect()
         c.login()
         code, text = self.submit(c, message=MESSAGE + "smuggled\n.\nMAIL FROM:<x@y>\r\n")
         self.assertEqual(code, 550)
         self.assertTrue(text.startswith("5.6.11"))
-        self.assertEqual(self.h.spool.messages, {})
+        self.assertEqual(h.spool.messages, {})
         self.assertEqual(self.submit(c)[0], 250)
+
+    def test_bare_lf_in_data_normalized_by_default(self) -> None:
+        """Postfix 3.9's normalize: LF lines stored with CRLF; the LF form of an
+        end of data is a line of the message, not the end."""
+        c = self.h.connect()
+        c.login()
+        lf_message = MESSAGE.replace("\r\n", "\n")
+        code, text = self.submit(c, message=lf_message + "smuggled\n.\nMAIL FROM:<x@y>\r\n")
+        self.assertEqual(code, 250, text)
+        _, _, stored = self.h.spool.messages[text.rpartition(" ")[2]]
+        self.assertNotIn(b"\n", stored.replace(b"\r\n", b""))
+        self.assertTrue(
+            stored.endswith(
+                b"\r\n\r\nHello Bob.\r\n.a line that started with a dot\r\n"
+                b"smuggled\r\n.\r\nMAIL FROM:<x@y>\r\n"
+            ),
+            stored,
+        )
+        self.assertIn(f"From: Alice <{LOGIN}>\r\nTo: Bob".encode(), stored)
+        self.assertNotIn(b"Bcc:", stored)
+
+    def test_bare_cr_in_data_refused(self) -> None:
+        c = self.h.connect()
+        c.login()
+        code, text = self.submit(c, message=MESSAGE + "smuggled\r.\rMAIL FROM:<x@y>\r\n")
+        self.assertEqual(code, 550)
+        self.assertTrue(text.startswith("5.6.11 Message contains a bare CR"), text)
+        self.assertEqual(self.h.spool.messages, {})
 
     def test_long_data_line_refused(self) -> None:
         c = self.h.connect()

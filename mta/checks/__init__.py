@@ -109,6 +109,10 @@ class MessageInfo:
     size: int  # octets as stored, with our Received: field
     eight_bit: bool
     opener: Callable[[], IO[bytes]] = field(repr=False)
+    # What message hooks keep with the message, by plugin name: stored in
+    # the envelope (Envelope.extra["plugins"], so JSON values only) when the
+    # message is queued, where the plugin's outbound hook finds it again.
+    notes: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def open(self) -> IO[bytes]:
         """A new binary file of the message from its first byte; close it after use.

@@ -177,6 +177,17 @@ class Checks:
     def has(self, iface: type[Interface]) -> bool:
         return bool(self._with(iface))
 
+    def owned_fields(self) -> frozenset[bytes]:
+        """Lower-case names of the header fields that message hooks write
+        (a plugin's C{owned_fields}): the client's own fields of those names
+        are removed at receipt, so that no client can forge a check's verdict."""
+        names: set[bytes] = set()
+        for loaded in self._with(IMessageHook):
+            names.update(
+                n.lower().encode("ascii") for n in getattr(loaded.plugin, "owned_fields", ())
+            )
+        return frozenset(names)
+
     def _call(self, loaded: Loaded, phase: str, call: Callable[[], Any]) -> Any:
         """One hook: a Verdict now, or a Deferred that never fails."""
 

@@ -1,7 +1,9 @@
 """DNS lookups for delivery: dnspython in a thread pool, and a TTL cache.
 
 Delivery needs two questions answered (RFC 5321 section 5.1): the MX
-records of a domain and the A/AAAA records of a host.  Both go through the
+records of a domain and the A/AAAA records of a host; the TLS policies
+need two more, the C{_mta-sts} TXT record (RFC 8461 section 3.1) and the
+TLSA records of an MX host (RFC 7672 section 2.2).  All go through the
 L{IResolver} seam so that the next-hop logic (L{mta.delivery.mx}) can be
 tested against a table (L{mta.delivery.fakedns.FakeResolver}) and run in
 production against real servers.
@@ -26,6 +28,14 @@ caller needs to decide between bouncing and retrying:
 Negative answers carry the negative-caching TTL of RFC 2308 section 5
 (the smaller of the SOA record's TTL and its MINIMUM field) when the
 server sent the SOA.
+
+With C{dnssec=True} (C{[delivery] dnssec}) every query asks for DNSSEC
+(the AD bit and EDNS0 DO, RFC 6840 section 5.7 and RFC 3225) and an
+answer is L{Answer.secure} when the server set the AD bit.  Nothing here
+validates signatures: like Postfix's C{smtp_dns_support_level = dnssec},
+this trusts the configured recursive resolver, which must validate and
+must be reached over a path an attacker cannot touch (the loopback
+interface, normally).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.rdatatype
@@ -61,6 +72,9 @@ KINDS = (NXDOMAIN, NODATA, TEMPORARY)
 #: The record types L{IResolver.lookup_addresses} accepts.
 ADDRESS_TYPES = ("A", "AAAA")
 
+#: The EDNS0 payload size to offer with the DO bit (the DNS flag day 2020 value).
+EDNS_PAYLOAD = 1232
+
 
 @dataclass(frozen=True)
 class MXRecord:
@@ -75,16 +89,40 @@ class MXRecord:
 
 
 @dataclass(frozen=True)
+class TLSARecord:
+    """One TLSA record (RFC 6698 section 2.1): usage, selector, matching type, data.
+
+    The numbers are kept as published, also the ones this MTA cannot use
+    (L{mta.delivery.dane.usable} sorts those out, RFC 7672 section 3.1.3).
+    """
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def __str__(self) -> str:
+        """The presentation form, C{"3 1 1 0A1B..."}, digests cut for the log."""
+        text = self.data.hex().upper()
+        if len(text) > 16:
+            text = text[:16] + "..."
+        return f"{self.usage} {self.selector} {self.mtype} {text}"
+
+
+@dataclass(frozen=True)
 class Answer(Generic[T]):
     """A positive answer: the records and how many seconds it may be cached.
 
     C{ttl} is the smallest TTL along the answer's CNAME chain (RFC 2181
     section 5.2 makes all records of one RRset share a TTL; a CNAME may
-    expire earlier than its target).
+    expire earlier than its target).  C{secure} is whether the resolver
+    said the answer was DNSSEC-validated (the AD bit, RFC 4035 section
+    3.2.3); it is only ever True from a resolver asked to use DNSSEC.
     """
 
     records: tuple[T, ...]
     ttl: float
+    secure: bool = False
 
 
 class DNSError(Exception):
@@ -170,6 +208,8 @@ class DNSPythonResolver:
     @param timeout: total seconds one lookup may take, over all servers
         and retries (dnspython's I{lifetime}); when it passes the lookup
         fails as C{"temporary"}.
+    @param dnssec: ask for DNSSEC and report the AD bit of each answer as
+        L{Answer.secure} (see the module docstring).
 
     dnspython retries over TCP by itself when a UDP answer is truncated
     (RFC 7766 section 5).  The search list is never applied: mail domains
@@ -183,6 +223,7 @@ class DNSPythonResolver:
         nameservers: list[str] | None = None,
         port: int = 53,
         timeout: float = 10.0,
+        dnssec: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"DNS timeout must be positive, not {timeout!r}")
@@ -210,9 +251,15 @@ class DNSPythonResolver:
         # single silent server would leave no time to ask the next one.
         resolver.timeout = min(resolver.timeout, timeout)
         resolver.cache = None
+        if dnssec:
+            # RFC 6840 section 5.7: AD in a query asks for AD in the answer;
+            # DO (RFC 3225) is what older validating resolvers wait for.
+            resolver.flags = dns.flags.RD | dns.flags.AD
+            resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
         self._resolver = resolver
         self._runner = runner
         self.timeout = timeout
+        self.dnssec = dnssec
 
     @property
     def nameservers(self) -> list[str]:
@@ -228,6 +275,14 @@ class DNSPythonResolver:
         if rdtype not in ADDRESS_TYPES:
             raise ValueError(f"address lookups are A or AAAA, not {rdtype!r}")
         return self._runner(partial(self._query, host, rdtype))
+
+    def lookup_txt(self, name: str) -> Deferred[Answer[str]]:
+        """Fire with the TXT records of C{name}, each one's strings joined."""
+        return self._runner(partial(self._query, name, "TXT"))
+
+    def lookup_tlsa(self, name: str) -> Deferred[Answer[TLSARecord]]:
+        """Fire with the TLSA records of C{name} (e.g. C{_25._tcp.mx.example.com})."""
+        return self._runner(partial(self._query, name, "TLSA"))
 
     def _query(self, name: str, rdtype: str) -> Answer[Any]:
         """One blocking lookup; runs in the runner's thread."""
@@ -260,9 +315,19 @@ class DNSPythonResolver:
             records = tuple(
                 MXRecord(int(rr.preference), _exchange_text(rr.exchange)) for rr in answer.rrset
             )
+        elif rdtype == "TXT":
+            # RFC 7208 section 3.3 and RFC 8461 section 3.1: the strings of
+            # one record are joined without anything between them.
+            records = tuple(b"".join(rr.strings).decode("utf-8", "replace") for rr in answer.rrset)
+        elif rdtype == "TLSA":
+            records = tuple(
+                TLSARecord(int(rr.usage), int(rr.selector), int(rr.mtype), bytes(rr.cert))
+                for rr in answer.rrset
+            )
         else:
             records = tuple(str(rr.address) for rr in answer.rrset)
-        return Answer(records, ttl)
+        secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
+        return Answer(records, ttl, secure)
 
 
 _Key = tuple[str, str]
@@ -282,7 +347,8 @@ class CachingResolver:
     query to the wrapped resolver.  At most C{max_entries} answers are
     kept; when a new one would exceed that, the oldest one is dropped.
 
-    Answers served from the cache carry their remaining TTL.
+    Answers served from the cache carry their remaining TTL and keep
+    whether they were DNSSEC-validated.
     """
 
     def __init__(
@@ -318,6 +384,12 @@ class CachingResolver:
             raise ValueError(f"address lookups are A or AAAA, not {rdtype!r}")
         return self._lookup(host, rdtype, lambda: self._resolver.lookup_addresses(host, rdtype))
 
+    def lookup_txt(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, "TXT", lambda: self._resolver.lookup_txt(name))
+
+    def lookup_tlsa(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, "TLSA", lambda: self._resolver.lookup_tlsa(name))
+
     def clear(self) -> None:
         """Forget every cached answer (lookups in flight are unaffected)."""
         self._entries.clear()
@@ -344,7 +416,7 @@ class CachingResolver:
 
     def _from_cache(self, result: Answer[Any] | DNSError, remaining: float) -> Deferred[Any]:
         if isinstance(result, Answer):
-            return succeed(Answer(result.records, remaining))
+            return succeed(Answer(result.records, remaining, result.secure))
         ttl = None if result.ttl is None else remaining
         return fail(DNSError(result.kind, result.name, result.rdtype, result.detail, ttl=ttl))
 

@@ -12,6 +12,8 @@ The table has the shape of the loopback test DNS server's zone
         "mx1.example.com": {"A": ["192.0.2.1"], "AAAA": "temporary"},
         "null.example": {"MX": [(0, ".")]},
         "broken.example": {"servfail": True},
+        "_mta-sts.example.com": {"TXT": ["v=STSv1; id=1"]},
+        "_25._tcp.mx1.example.com": {"TLSA": [(3, 1, 1, "0a1b...")], "secure": True},
     })
 
 A name that is not in the table is C{"nxdomain"} for every type; a name
@@ -19,7 +21,10 @@ without the asked type is C{"nodata"}.  Instead of records a type may
 map to an error kind: C{"nxdomain"}, C{"nodata"}, C{"temporary"} (or
 C{"servfail"}, the same).  C{"servfail": True} (or a list of types) makes
 every (or those) lookups of the name temporary failures.  C{"ttl"} sets
-the TTL of a name's answers.  CNAMEs are not modelled.
+the TTL of a name's answers.  C{"secure": True} marks a name's answers as
+DNSSEC-validated (L{Answer.secure}).  TXT records are strings (or lists of
+strings, joined); TLSA records are (usage, selector, matching type, data
+as hex).  CNAMEs are not modelled.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from mta.delivery.dns import (
     Answer,
     DNSError,
     MXRecord,
+    TLSARecord,
 )
 from mta.interfaces import IResolver
 
@@ -83,6 +89,12 @@ class FakeResolver:
             raise ValueError(f"address lookups are A or AAAA, not {rdtype!r}")
         return self._lookup(host, rdtype)
 
+    def lookup_txt(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, "TXT")
+
+    def lookup_tlsa(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, "TLSA")
+
     def release(self) -> int:
         """Answer every held lookup from the table as it is now; returns how many."""
         held, self.held = self.held, []
@@ -113,11 +125,19 @@ class FakeResolver:
         if not value:
             raise DNSError(NODATA, name, rdtype, ttl=self.negative_ttl)
         ttl = float(entry.get("ttl", self.ttl))
+        secure = bool(entry.get("secure", False))
+        records: tuple[Any, ...]
         if rdtype == "MX":
-            return Answer(
-                tuple(MXRecord(int(p), str(x).lower().rstrip(".")) for p, x in value), ttl
+            records = tuple(MXRecord(int(p), str(x).lower().rstrip(".")) for p, x in value)
+        elif rdtype == "TXT":
+            records = tuple(v if isinstance(v, str) else "".join(v) for v in value)
+        elif rdtype == "TLSA":
+            records = tuple(
+                TLSARecord(int(u), int(s), int(m), bytes.fromhex(d)) for u, s, m, d in value
             )
-        return Answer(tuple(str(a) for a in value), ttl)
+        else:
+            records = tuple(str(a) for a in value)
+        return Answer(records, ttl, secure)
 
     def _lookup(self, name: str, rdtype: str) -> Deferred[Any]:
         self.queries.append((name, rdtype))

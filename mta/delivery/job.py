@@ -27,7 +27,9 @@ class RecipientResult:
     parameters (RFC 3461 section 4), which decides "relayed" vs
     "delivered" in a success notice.  C{connected} is whether the attempt
     got an SMTP session with any host at all: only an attempt that never
-    did makes a destination look dead.
+    did makes a destination look dead.  C{tls} is the TLS policy that
+    applied (C{"dane"}, C{"mta-sts"}, C{"may"}, ...; see
+    L{mta.delivery.tlspolicy}), "" when no host was tried.
     """
 
     address: str
@@ -38,6 +40,7 @@ class RecipientResult:
     setup_time: float = 0.0
     transfer_time: float = 0.0
     connected: bool = False
+    tls: str = ""
 
     def __post_init__(self) -> None:
         self.kind = ErrorKind(self.kind)

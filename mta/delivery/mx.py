@@ -55,6 +55,11 @@ class NextHop:
     C{[host]}.  C{host} is the A-label (ASCII) form, or the IP address
     for a literal; it is the name to log and to check a certificate
     against.
+
+    C{secure} is whether the DNS said so with DNSSEC all the way: the MX
+    answer (for an MX host) and every address answer of the host were
+    validated (L{Answer.secure}).  Only then may its TLSA records be
+    used (RFC 7672 sections 2.2.1 and 2.2.2).
     """
 
     host: str
@@ -62,6 +67,7 @@ class NextHop:
     addresses: tuple[str, ...]
     port: int = 25
     mx: bool = True
+    secure: bool = False
 
 
 async def next_hops(
@@ -159,6 +165,7 @@ async def next_hops(
         shuffle=shuffle,
         address_limit=address_limit,
         mx=True,
+        secure=answer.secure,
     )
     if hops:
         return hops
@@ -241,6 +248,7 @@ async def _host_hops(
         shuffle=shuffle,
         address_limit=address_limit,
         mx=False,
+        secure=True,
     )
     if hops:
         return hops
@@ -318,8 +326,14 @@ async def _resolve_hosts(
     shuffle: Callable[[list[Any]], None],
     address_limit: int,
     mx: bool,
+    secure: bool,
 ) -> tuple[list[NextHop], list[DNSError]]:
-    """Look up the addresses of C{candidates}; returns the hops and the errors."""
+    """Look up the addresses of C{candidates}; returns the hops and the errors.
+
+    C{secure} is whether the answer that named the candidates was
+    DNSSEC-validated; a hop is secure when that and all of its address
+    answers were.
+    """
     # Start every lookup before waiting for any, so they run concurrently.
     pending = [
         [_settle(resolver.lookup_addresses(host, family)) for family in families]
@@ -328,12 +342,14 @@ async def _resolve_hosts(
     errors: list[DNSError] = []
     entries: list[tuple[int, str, str]] = []  # (candidate index, family, address)
     seen: set[str] = set()
+    validated = [secure] * len(candidates)
     for index, lookups in enumerate(pending):
         for family, lookup in zip(families, lookups, strict=True):
             result = await lookup
             if isinstance(result, DNSError):
                 errors.append(result)
                 continue
+            validated[index] = validated[index] and result.secure
             addresses = [a for a in result.records if _is_ip(a, family)]
             if len(addresses) > 1:
                 shuffle(addresses)
@@ -347,7 +363,7 @@ async def _resolve_hosts(
     for index, (host, preference) in enumerate(candidates):
         found = tuple(a for i, _, a in kept if i == index)
         if found:
-            hops.append(NextHop(host, preference, found, port, mx))
+            hops.append(NextHop(host, preference, found, port, mx, validated[index]))
         elif not any(i == index for i, _, _ in entries):
             log.info("skipping host {host}: no address", host=host)
     return hops, errors

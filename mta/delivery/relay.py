@@ -31,6 +31,7 @@ from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.mime import DowngradeError, downgrade_8bit, is_8bit_file, read_header_section
 from mta.delivery.mime import needs_smtputf8 as _needs_smtputf8
 from mta.delivery.routes import Route, Router
+from mta.delivery.tlspolicy import DomainTLS, HopRefusedError, TLSPolicies
 from mta.envelope import Envelope, Recipient
 from mta.errors import DeliveryError, Reply
 from mta.interfaces import IDeliveryAgent, IResolver
@@ -221,8 +222,12 @@ class DeliveryAgent:
         runner: Runner[Any] = run_now,
         metrics: Metrics | None = None,
         outbound: Callable[[Envelope, bytes], Deferred[bytes]] | None = None,
+        tls: TLSPolicies | None = None,
     ) -> None:
         self.reactor = reactor
+        # DANE and MTA-STS for MX delivery (mta.delivery.tlspolicy); None:
+        # the configured TLS level only.
+        self.tls = tls
         self.metrics = metrics or Metrics()
         self.runner = runner
         # Plugins' outbound hooks (DKIM signing): the exact bytes to send,
@@ -296,7 +301,11 @@ class DeliveryAgent:
             # as Postfix does; "encrypt" and "verify" never fall back.
             log.info("{error}; retrying without TLS", error=str(e.reply))
             return await self.connector(
-                self.reactor, hop.host, address, hop.port, replace(policy, tls="none")
+                self.reactor,
+                hop.host,
+                address,
+                hop.port,
+                replace(policy, tls="none", label=policy.tls_label),
             )
 
 
@@ -314,6 +323,7 @@ class _Attempt:
         )
         self.results: dict[str, RecipientResult] = {}
         self.connected = False  # an SMTP session was set up with some host
+        self.tls = ""  # the TLS policy of the last host tried
 
     async def run(self) -> list[RecipientResult]:
         job = self.job
@@ -343,6 +353,7 @@ class _Attempt:
                     relay=error.remote or "none",
                     setup_time=self.clock.seconds() - self.start,
                     connected=self.connected,
+                    tls=self.tls,
                 ),
             )
 
@@ -359,14 +370,29 @@ class _Attempt:
                 return
         sessions = 0
         hops = await agent.hops(job.domain, route)
+        found: DomainTLS | None = None
         if route is None:
             hops = self._allowed(hops)
+            if agent.tls is not None:
+                found = await agent.tls.for_domain(job.domain, policy)
+        self.tls = policy.tls_label
         for hop in hops:
+            if sessions >= agent.settings.session_limit:
+                break
+            hop_policy = policy
+            if found is not None and agent.tls is not None:
+                try:
+                    hop_policy = await agent.tls.for_hop(found, hop)
+                except HopRefusedError as e:
+                    last_error, self.tls = e, e.label
+                    log.info("{qid}: {error}", qid=job.envelope.queue_id, error=str(e.reply))
+                    continue
+                self.tls = hop_policy.tls_label
             for address in hop.addresses:
                 if sessions >= agent.settings.session_limit:
                     break
                 try:
-                    conn = await agent.connect(hop, address, policy)
+                    conn = await agent.connect(hop, address, hop_policy)
                 except DeliveryError as e:
                     last_error = e
                     log.info("{qid}: {error}", qid=job.envelope.queue_id, error=str(e.reply))
@@ -431,6 +457,7 @@ class _Attempt:
                 if isinstance(outcome, DeliveryError):
                     return batch + left, outcome
                 for result in outcome:
+                    result.tls = conn.policy.tls_label
                     self.results[result.address] = result
                 self._tell(outcome)
             return [], None

@@ -23,7 +23,6 @@ of one message is chained so it never overlaps.
 from __future__ import annotations
 
 import copy
-from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,29 +46,16 @@ from mta.errors import ErrorKind, Reply
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
 from mta.queue import scheduler
+from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
 from mta.queue.reports import Reporter
-from mta.queue.scheduler import (
-    UNPROVEN_CONCURRENCY,
-    Destinations,
-    ReadyQueue,
-    RetryPolicy,
-    Suspension,
-    no_jitter,
-)
+from mta.queue.scheduler import Destinations, ReadyQueue, RetryPolicy, Suspension, no_jitter
 from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.queueid import arrival_of
 
 log = Logger(namespace="mta.queue")
 maillog_log = Logger(namespace="mta.maillog")
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
-
-
-@dataclass
-class QueueLimits:
-    active: int = 1000
-    destination_concurrency: int = 20
-    connections: int = 100
 
 
 @dataclass
@@ -86,7 +72,7 @@ class ActiveMessage:
 class _Job:
     message: ActiveMessage
     job: DeliveryJob
-    unproven: bool = False  # counted against the share of unproven destinations
+    running: Running | None = None  # its place in the dispatcher's counts, once started
     journaled: set[str] = field(default_factory=set)  # addresses in the sent journal
 
 
@@ -129,11 +115,7 @@ class QueueManager(Service):
         self.requests: dict[str, str] = {}  # actions waiting for a round to end
         self.flushed: set[str] = set()  # every pending recipient due at the next plan
         self.operator = Operator(self)
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()
-        self._running: Counter[str] = Counter()
-        self._running_total = 0
-        self._unproven_running = 0
-        self._dispatching = self._dispatch_again = False
+        self.dispatcher: Dispatcher[_Job] = Dispatcher(self.limits, self.destinations)
         self._timer: IDelayedCall | None = None
         self._files: Batcher[tuple[Envelope, QueueState, float | None], None] = Batcher(
             runner, store.file
@@ -274,70 +256,20 @@ class QueueManager(Service):
             item = _Job(message, DeliveryJob(env, p.recipients, opener, p.destination, p.domain))
             item.job.on_transaction = partial(self._journal, item)
             message.jobs += 1
-            self._queues.setdefault(p.destination, deque()).append(item)
+            self.dispatcher.add(p.destination, item)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Start waiting jobs within the limits, destinations in turn.
-
-        Not re-entrant: a job that completes at once (a cached DNS failure,
-        a suspended destination) calls back here; that call only asks the
-        running loop to go round again, so the stack stays flat however
-        many jobs wait.
-        """
-        if self._dispatching:
-            self._dispatch_again = True
-            return
-        self._dispatching = self._dispatch_again = True
-        try:
-            while self._dispatch_again:
-                self._dispatch_again = False
-                self._dispatch_round()
-        finally:
-            self._dispatching = False
-
-    def _dispatch_round(self) -> None:
-        limits, now = self.limits, self.clock.seconds()
-        for dest in list(self._queues):
-            if self._running_total >= limits.connections:
-                return
-            waiting = self._queues.get(dest)
-            if not waiting or self._running[dest] >= limits.destination_concurrency:
-                continue
-            suspension = self.destinations.suspension(dest, now)
-            if (
-                suspension is None
-                and not self.destinations.proven(dest, now)
-                and (
-                    self._running[dest] >= UNPROVEN_CONCURRENCY
-                    or self._unproven_running >= max(1, limits.connections // 2)
-                )
-            ):
-                continue  # not heard from yet: a small share until it answers
-            item = waiting.popleft()
-            if not waiting:
-                del self._queues[dest]
-            else:
-                self._queues.move_to_end(dest)
-            if suspension is not None:
-                self._skip(item, suspension)
-            else:
-                self._start(item)
-            self._dispatch_again = True
+        self.dispatcher.dispatch(self.clock.seconds, self._start, self._skip)
 
     def _skip(self, item: _Job, suspension: Suspension) -> None:
         """Defer a job's recipients without a connection: the destination rests."""
         results = scheduler.suspended_results(item.job.recipients, suspension)
         self._record(item, results, self.clock.seconds(), ran=False, resume=suspension.until)
 
-    def _start(self, item: _Job) -> None:
-        dest = item.job.destination
-        self._running[dest] += 1
-        self._running_total += 1
+    def _start(self, item: _Job, running: Running) -> None:
+        item.running = running
         started = self.clock.seconds()
-        if not self.destinations.proven(dest, started):
-            item.unproven = True
-            self._unproven_running += 1
 
         def crashed(failure: Failure) -> list[RecipientResult]:
             log.failure("{qid}: delivery crashed", failure, qid=item.job.envelope.queue_id)
@@ -349,15 +281,7 @@ class QueueManager(Service):
 
     def withdraw(self, message: ActiveMessage) -> None:
         """Take a message's jobs that have not started out of the waiting queues."""
-        removed = 0
-        for dest in list(self._queues):
-            waiting = self._queues[dest]
-            keep = deque(item for item in waiting if item.message is not message)
-            removed += len(waiting) - len(keep)
-            if keep:
-                self._queues[dest] = keep
-            else:
-                del self._queues[dest]
+        removed = self.dispatcher.withdraw(lambda item: item.message is message)
         if removed:
             message.jobs -= removed
             if message.jobs == 0:
@@ -378,11 +302,9 @@ class QueueManager(Service):
         dest, message, now = item.job.destination, item.message, self.clock.seconds()
         if ran:
             self._journal(item, results)
-            self._running[dest] -= 1
-            if self._running[dest] <= 0:
-                del self._running[dest]
-            self._running_total -= 1
-            self._unproven_running -= item.unproven
+        if item.running is not None:
+            self.dispatcher.finished(item.running)
+            item.running = None
         env = message.envelope
         decision = scheduler.apply(
             env, item.job.recipients, results, now, settings=self.settings,
@@ -396,7 +318,7 @@ class QueueManager(Service):
             self.log_result(
                 env, o.recipient, o.status, reply=o.result.reply, relay=o.result.relay,
                 activated=message.activated, started=started, now=now,
-                setup=o.result.setup_time, transfer=o.result.transfer_time,
+                setup=o.result.setup_time, transfer=o.result.transfer_time, tls=o.result.tls,
             )  # fmt: skip
         message.notices.extend(decision.notices)
         if decision.answered:
@@ -437,17 +359,17 @@ class QueueManager(Service):
     def log_result(
         self, env: Envelope, rcpt: Recipient, status: str, *, reply: Reply, relay: str,
         activated: float, started: float, now: float, setup: float = 0.0,
-        transfer: float = 0.0,
+        transfer: float = 0.0, tls: str = "",
     ) -> None:  # fmt: skip
         """Count a recipient's result and log it in Postfix's shape, with its fields."""
         self.metrics.deliveries.labels(status, rcpt.category or "").inc()
         line = maillog.delivery_line(
             env.queue_id, rcpt.address, relay=relay, status=status, reply=reply,
             arrival=env.arrival, activated=activated, started=started, setup=setup,
-            transfer=transfer, now=now,
+            transfer=transfer, now=now, tls=tls,
         )  # fmt: skip
         maillog_log.info("{line}", queue_id=env.queue_id, recipient=rcpt.address, relay=relay,
-                         status=status, dsn=rcpt.dsn_status, reply=rcpt.reply,
+                         status=status, dsn=rcpt.dsn_status, reply=rcpt.reply, tls=tls,
                          line=line)  # fmt: skip
 
     def _chain(self, message: ActiveMessage, work: Callable[[], None]) -> None:

@@ -11,8 +11,10 @@ Layers:
   - L{ClientProtocol} reads replies (RFC 5321 section 4.2) and hands each
     to the next waiting Deferred, with a timeout per step (section
     4.5.3.2);
-  - L{OutboundConnection} runs the dialogue on it: greeting, EHLO, STARTTLS,
-    AUTH, transactions, QUIT;
+  - L{OutboundConnection} runs the dialogue on it: greeting, EHLO, STARTTLS
+    (and, when the policy has a L{PeerCheck}, the check of the server's
+    certificate chain before anything is sent inside TLS), AUTH,
+    transactions, QUIT;
   - L{connect} makes a TCP connection and returns a ready connection.
 
 All failures that concern the whole attempt are L{DeliveryError}s; the
@@ -24,11 +26,13 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -75,6 +79,26 @@ class ClientTimeouts:
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
 
 
+class PeerCheck(typing.Protocol):
+    """A check of the server's certificate chain once the TLS handshake is done.
+
+    The TLS policies of L{mta.delivery.tlspolicy} (DANE, MTA-STS, the
+    PKIX check of C{tls = "verify"}) provide it.  C{name} says in replies
+    and logs whose rule it is (C{"DANE"}, C{"MTA-STS policy of
+    example.com"}); when C{enforced} is False (an MTA-STS policy in
+    C{testing} mode) a failure is only logged.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def enforced(self) -> bool: ...
+
+    def problem(self, chain: Sequence[x509.Certificate]) -> str | None:
+        """None if the chain (the server's certificate first) passes, else why not."""
+
+
 @dataclass(frozen=True)
 class ClientPolicy:
     """How to talk to one destination.
@@ -83,6 +107,12 @@ class ClientPolicy:
     (opportunistic, no certificate check); C{"encrypt"} require TLS, no
     certificate check; C{"verify"} require TLS with a certificate valid for
     the host name (the system's CAs, or C{ca_file}).
+
+    C{check}, when set, is run on the server's chain after the handshake
+    and before the second EHLO (the handshake itself then checks nothing);
+    with C{tls = "encrypt"} and an enforced check, a failure ends the
+    session with C{451 4.7.5}.  C{label} is what the delivery log calls
+    the policy (C{tls=dane}); by default the C{tls} level.
     """
 
     hostname: str
@@ -91,10 +121,16 @@ class ClientPolicy:
     ca_file: str | None = None
     username: str | None = None
     password: str | None = None
+    check: PeerCheck | None = None
+    label: str = ""
 
     @property
     def tls_required(self) -> bool:
         return self.tls in ("encrypt", "verify")
+
+    @property
+    def tls_label(self) -> str:
+        return self.label or self.tls
 
 
 @dataclass(frozen=True)
@@ -193,10 +229,51 @@ class ClientProtocol(Protocol):
         self.tls_done = False
         self.lost = False
         self._closed_waiters: list[Deferred[None]] = []
+        self._handshake_waiters: list[Deferred[None]] = []
+        self._handshake_timer: IDelayedCall | None = None
 
     def handshakeCompleted(self) -> None:
         self.tls_handshaking = False
         self.tls_done = True
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def wait_handshake(self, timeout: float) -> Deferred[None]:
+        """Fires when the TLS handshake is done; fails as the connection does.
+
+        A handshake that takes longer than C{timeout} seconds aborts the
+        connection (kind C{"timeout"}).
+        """
+        d: Deferred[None] = Deferred()
+        if self._error is not None:
+            d.errback(self._error)
+        elif self.tls_done:
+            d.callback(None)
+        else:
+            self._handshake_waiters.append(d)
+            if self._handshake_timer is None:
+                self._handshake_timer = self.clock.callLater(timeout, self._handshake_timed_out)
+        return d
+
+    def _handshake_timed_out(self) -> None:
+        self._fail(
+            DeliveryError(
+                Reply(451, "4.4.2", f"{self.remote}: timeout in the TLS handshake"),
+                "timeout",
+                remote=self.remote,
+            )
+        )
+        self.abort()
+
+    def peer_chain(self) -> list[x509.Certificate]:
+        """The certificate chain the server sent, its own certificate first."""
+        handle = self.transport.getHandle()  # type: ignore[union-attr]
+        if not isinstance(handle, SSL.Connection):
+            return []
+        return handle.get_peer_cert_chain(as_cryptography=True) or []
 
     def expect(self, timeout: float) -> Deferred[Reply]:
         """A Deferred for the next reply; fails after C{timeout} seconds."""
@@ -324,6 +401,11 @@ class ClientProtocol(Protocol):
         waiters, self._waiters = self._waiters, deque()
         for d, _ in waiters:
             d.errback(self._error)
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        handshakes, self._handshake_waiters = self._handshake_waiters, []
+        for waiter in handshakes:
+            waiter.errback(self._error)
 
     def when_closed(self) -> Deferred[None]:
         """Fires once the connection is gone."""
@@ -386,8 +468,13 @@ class _OpportunisticTLS:
 
 
 def tls_creator(policy: ClientPolicy, server_name: str) -> Any:
-    """The client TLS settings for a policy and the host we connected to."""
-    if policy.tls == "verify":
+    """The client TLS settings for a policy and the host we connected to.
+
+    With a L{PeerCheck} the handshake checks nothing: the check runs on
+    the chain afterwards.  SNI names the host either way (RFC 7672
+    section 8.1 asks for it with DANE).
+    """
+    if policy.tls == "verify" and policy.check is None:
         if policy.ca_file:
             with open(policy.ca_file, "rb") as f:
                 root = Certificate.loadPEM(f.read())
@@ -408,6 +495,7 @@ class OutboundConnection:
         self.greeting: Reply | None = None
         self.transactions = 0
         self.broken = False
+        self.verified = False  # the policy's PeerCheck passed
 
     @property
     def remote(self) -> str:
@@ -440,6 +528,8 @@ class OutboundConnection:
             self.p.send_line("QUIT")
             raise self._fail_reply(self.greeting)
         await self._hello()
+        check = self.policy.check
+        by = f" by the {check.name}" if check is not None else ""
         if "STARTTLS" in self.extensions and self.policy.tls != "none":
             reply = await self._command("STARTTLS", t.starttls)
             if reply.code != 220:
@@ -448,16 +538,46 @@ class OutboundConnection:
                         Reply(451, "4.7.5", f"{self.remote}: STARTTLS refused: {reply}"),
                         "tls",
                     )
+                self._not_enforced(f"STARTTLS refused: {reply}")
             else:
                 self.p.start_tls(tls_creator(self.policy, self.server_name))
+                if check is not None:
+                    # Nothing goes inside TLS before the server is authenticated.
+                    await self.p.wait_handshake(t.starttls)
+                    self._check_peer(check)
                 await self._hello()
+        elif self.policy.tls != "none" and not self.policy.tls_required:
+            self._not_enforced("STARTTLS is not offered")
         if self.policy.tls_required and not self.tls:
             raise self._fail_reply(
-                Reply(451, "4.7.4", f"{self.remote}: TLS is required but not offered"),
+                Reply(451, "4.7.4", f"{self.remote}: TLS is required{by} but not offered"),
                 "tls",
             )
         if self.policy.username is not None:
             await self._auth()
+
+    def _check_peer(self, check: PeerCheck) -> None:
+        """Run the policy's check on the server's chain; raise or log a failure."""
+        problem = check.problem(self.p.peer_chain())
+        if problem is None:
+            self.verified = True
+            return
+        if check.enforced:
+            raise self._fail_reply(
+                Reply(451, "4.7.5", f"{self.remote}: TLS authentication failed ({check.name}): "
+                      f"{problem}"),
+                "tls",
+            )  # fmt: skip
+        self._not_enforced(problem)
+
+    def _not_enforced(self, problem: str) -> None:
+        """A failure that a policy in testing mode only reports (RFC 8461 section 5)."""
+        check = self.policy.check
+        if check is not None and not check.enforced:
+            log.warn(
+                "{remote}: {problem}: the {name} (testing) would not deliver; delivering anyway",
+                remote=self.remote, problem=problem, name=check.name,
+            )  # fmt: skip
 
     async def _hello(self) -> None:
         t = self.policy.timeouts

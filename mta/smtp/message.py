@@ -4,8 +4,9 @@ L{MessageBuilder} sits between the DATA reader and the spool.  It holds back
 the header section until it is complete, checks it (one From: address that
 the login may use, not too many Received: fields), then writes the stored
 form: a new C{Received:} field first, every original field byte for byte
-except C{Bcc:}, C{Message-ID:} and C{Date:} when missing, then the body as
-received.
+except C{Bcc:} and the fields a check writes itself (C{X-Spam-Status:} when
+the spam check is on: a client must not be able to forge a verdict),
+C{Message-ID:} and C{Date:} when missing, then the body as received.
 """
 
 from __future__ import annotations
@@ -177,8 +178,11 @@ class MessageBuilder:
         *,
         max_received: int,
         max_header_size: int,
+        removed: frozenset[bytes] = frozenset(),
     ) -> None:
         self._trace = trace
+        # Lower-case names of fields dropped besides Bcc: (what checks write).
+        self._removed = removed | {b"bcc"}
         self._user = user
         self._out = out
         self._max_received = max_received
@@ -188,6 +192,7 @@ class MessageBuilder:
         self.error: Reply | None = None
         self.storage_error: StorageError | None = None
         self.message_id: str | None = None
+        self.removed_fields: list[bytes] = []  # names of the fields removed, for the log
 
     def write(self, data: bytes) -> None:
         if self.error is not None or self.storage_error is not None:
@@ -249,7 +254,8 @@ class MessageBuilder:
             return
         names = {name for name, _ in fields}
         out = [received_field(self._trace)]
-        out += [raw for name, raw in fields if name != b"bcc"]
+        out += [raw for name, raw in fields if name not in self._removed]
+        self.removed_fields = [name for name, _ in fields if name in self._removed]
         trace = self._trace
         out += missing_fields(names, trace.queue_id, trace.hostname, trace.when)
         if b"message-id" not in names:

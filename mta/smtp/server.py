@@ -11,6 +11,9 @@ on C{Protocol} directly.  It is a small state machine:
     Deferred of one, and while a Deferred is pending no further input is
     processed, so pipelined commands (RFC 2920) get their replies in order;
   - after C{354}, input goes to the L{DataReader} until C{CRLF.CRLF};
+  - after C{BDAT n} (CHUNKING, RFC 3030), the next C{n} octets go to the
+    transaction's L{ChunkReader} whatever they are, and only then is the
+    command answered; the chunk marked C{LAST} ends the message;
   - the message goes through L{MessageBuilder} into a spool transaction
     that was opened at MAIL and is committed before C{250} is sent.
 
@@ -19,6 +22,7 @@ Reply texts are written for the person reading them in a mail client.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +52,7 @@ from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.interfaces import ISpool, ISpoolTransaction, IUserDirectory
 from mta.metrics import Metrics
 from mta.smtp import auth
-from mta.smtp.dataread import DataReader
+from mta.smtp.dataread import BodyReader, ChunkReader, DataReader
 from mta.smtp.message import MessageBuilder, TraceInfo
 from mta.tls import ServerTLS, describe_connection
 
@@ -72,6 +76,9 @@ NEED_AUTH = Reply(
 )
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 NO_PARAMS = Reply(501, "5.5.4", "This command takes no arguments")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+# RFC 3030 section 3: a chunk size is 1*DIGIT; more than 20 digits is no size.
+_BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.IGNORECASE)
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded; closing connection")
 
 
@@ -116,6 +123,30 @@ class _Transaction:
     envid: str | None = None
     recipients: list[Recipient] = field(default_factory=list)
     started: float = 0.0  # when MAIL was accepted, for the latency metric
+    seen: set[str] = field(default_factory=set)  # the recipients, lower-cased ASCII
+
+    def add(self, rcpt: Recipient) -> None:
+        self.recipients.append(rcpt)
+        self.seen.add(addr.ascii_lower(rcpt.address))
+
+
+@dataclass
+class _Chunked:
+    """The message of a transaction that BDAT is sending (RFC 3030)."""
+
+    reader: ChunkReader
+    builder: MessageBuilder
+    failed: Reply | None = None  # a chunk failed: every later chunk is discarded with this
+
+
+@dataclass
+class _Chunk:
+    """The BDAT chunk being read: how many of its octets are still to come."""
+
+    size: int
+    left: int
+    last: bool
+    refused: Reply | None = None  # read only to be discarded, then answered with this
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -159,6 +190,8 @@ class SubmissionSession(Protocol):
         self._closed = False
         self._reader: DataReader | None = None
         self._builder: MessageBuilder | None = None
+        self._chunked: _Chunked | None = None  # BDAT began in this transaction
+        self._chunk: _Chunk | None = None  # inside a BDAT chunk
         self._sasl: Callable[[str], Reply | Deferred[Reply] | None] | None = None
         self._errors = 0
         self.stats: Counter[str] = Counter()
@@ -300,6 +333,8 @@ class SubmissionSession(Protocol):
     def _state(self) -> str:
         if self._reader is not None:
             return "DATA"
+        if self._chunk is not None:
+            return "BDAT"
         if self._sasl is not None:
             return "AUTH"
         return "RCPT" if self.txn else "command"
@@ -332,7 +367,7 @@ class SubmissionSession(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        if self._reader is not None:
+        if self._reader is not None or self._chunk is not None:
             self._data_progress(len(data))
         self._buffer += data
         self._update_reading()
@@ -340,6 +375,9 @@ class SubmissionSession(Protocol):
 
     def _process(self) -> None:
         while self._buffer and not self._busy and not self._closed and not self._output_blocked:
+            if self._chunk is not None:
+                self._chunk_octets()
+                continue
             if self._reader is not None:
                 rest = self._reader.feed(self._buffer)
                 self._buffer = b""
@@ -355,6 +393,19 @@ class SubmissionSession(Protocol):
             self._reset_timer()
             self._line(line)
         self._update_reading()
+
+    def _chunk_octets(self) -> None:
+        """Take what is buffered of the current BDAT chunk, at most its rest."""
+        chunk = self._chunk
+        assert chunk is not None
+        octets = self._buffer[: chunk.left]
+        self._buffer = self._buffer[len(octets) :]
+        chunk.left -= len(octets)
+        if octets and chunk.refused is None:
+            assert self._chunked is not None
+            self._chunked.reader.feed(octets)
+        if chunk.left == 0:
+            self._run(self._end_of_chunk)
 
     def _next_line(self) -> bytes | None:
         """Take one line from the buffer, handling over-long ones.
@@ -475,6 +526,7 @@ class SubmissionSession(Protocol):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "DSN",
+            "CHUNKING",
         ]
         if self.tls_active:
             ext.append("AUTH " + " ".join(auth.MECHANISMS))
@@ -751,6 +803,8 @@ class SubmissionSession(Protocol):
     def do_RCPT(self, args: str) -> Reply | Deferred[Reply]:
         if self.txn is None:
             return Reply(503, "5.5.1", "Need MAIL command first")
+        if self._chunked is not None:
+            return Reply(503, "5.5.1", "RCPT after BDAT: the message is already being sent")
         if len(self.txn.recipients) >= self.limits.recipients:
             return Reply(
                 452, "4.5.3", f"Too many recipients (at most {self.limits.recipients} per message)"
@@ -767,13 +821,11 @@ class SubmissionSession(Protocol):
                 return Reply(555, "5.5.4", f"Unsupported parameter {key}")
         ok = Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
         # A repeated recipient is accepted but kept once (duplicate filter).
-        if addr.ascii_lower(rcpt.address) in {
-            addr.ascii_lower(r.address) for r in self.txn.recipients
-        }:
+        if addr.ascii_lower(rcpt.address) in self.txn.seen:
             return ok
         txn = self.txn
         if self.s.checks is None:
-            txn.recipients.append(rcpt)
+            txn.add(rcpt)
             return ok
 
         def decide(verdict: Verdict) -> Reply:
@@ -781,7 +833,7 @@ class SubmissionSession(Protocol):
                 return self._refused("RCPT", verdict, txn.spool.queue_id)
             if self.txn is not txn:
                 return Reply(503, "5.5.1", "The transaction ended")
-            txn.recipients.append(rcpt)
+            txn.add(rcpt)
             return ok
 
         accepted = [r.address for r in txn.recipients]
@@ -793,9 +845,19 @@ class SubmissionSession(Protocol):
             return NO_PARAMS
         if self.txn is None:
             return Reply(503, "5.5.1", "Need MAIL command first")
+        if self._chunked is not None:
+            # RFC 3030 section 3: DATA and BDAT do not mix in one transaction.
+            return Reply(503, "5.5.1", "DATA after BDAT: send the rest with BDAT, or RSET")
         if not self.txn.recipients:
             return Reply(554, "5.5.1", "No valid recipients")
-        txn = self.txn
+        self._builder = self._new_builder(self.txn)
+        self._reader = DataReader(
+            self._builder.write, self.limits.message_size, bare_newline=self.limits.bare_newline
+        )
+        return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def _new_builder(self, txn: _Transaction) -> MessageBuilder:
+        """What turns the message of C{txn} into its stored form (DATA or BDAT)."""
         trace = TraceInfo(
             hostname=self.s.hostname,
             queue_id=txn.spool.queue_id,
@@ -808,15 +870,91 @@ class SubmissionSession(Protocol):
             authenticated=self.login is not None,
             encrypted=self.tls_active,
         )
-        self._builder = MessageBuilder(
+        return MessageBuilder(
             trace,
             self._user() if self.login is not None else None,
             txn.spool.write,
             max_received=self.limits.received_headers,
             max_header_size=self.limits.header_size,
+            removed=self.s.checks.owned_fields() if self.s.checks is not None else frozenset(),
         )
-        self._reader = DataReader(self._builder.write, self.limits.message_size)
-        return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def do_BDAT(self, args: str) -> Reply | Deferred[Reply] | None:
+        """C{BDAT size [LAST]} (RFC 3030): the next C{size} octets are message.
+
+        The chunk is read before it is answered, also when it is refused
+        (no MAIL, no recipient, an earlier chunk failed): its octets are
+        never taken for commands.  Only a command whose size cannot be
+        read leaves the octets to be read as commands (C{501}), as Postfix
+        does; a client that sent it cannot be followed anyway.
+        """
+        m = _BDAT_ARGS.fullmatch(args)
+        if m is None:
+            return BDAT_SYNTAX
+        size = int(m.group(1))
+        refused = self._chunk_refusal()
+        if refused is None and self._chunked is None:
+            assert self.txn is not None
+            try:
+                builder = self._new_builder(self.txn)
+            except SMTPReplyError as e:
+                refused = e.reply  # the login's account is gone
+            else:
+                reader = ChunkReader(
+                    builder.write, self.limits.message_size, bare_newline=self.limits.bare_newline
+                )
+                self._chunked = _Chunked(reader, builder)
+        self._chunk = _Chunk(size=size, left=size, last=m.group(2) is not None, refused=refused)
+        if size == 0:
+            return self._end_of_chunk()
+        return None  # answered once the chunk has been read (_chunk_octets)
+
+    def _chunk_refusal(self) -> Reply | None:
+        """Why the chunk about to be read cannot be taken, or None."""
+        if not self.esmtp:
+            return Reply(503, "5.5.1", "BDAT needs EHLO first")
+        if self.txn is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if not self.txn.recipients:
+            return Reply(554, "5.5.1", "No valid recipients")
+        if self._chunked is not None and self._chunked.failed is not None:
+            return self._chunked.failed
+        return None
+
+    def _end_of_chunk(self) -> Reply | Deferred[Reply]:
+        """All octets of a chunk are in: answer it; after LAST, queue the message."""
+        chunk, chunked, txn = self._chunk, self._chunked, self.txn
+        self._chunk = None
+        assert chunk is not None
+        if chunk.refused is not None:
+            if chunk.last and chunked is not None:
+                # The failed message's last chunk ends its transaction.
+                self._chunked, self.txn = None, None
+            return chunk.refused
+        assert chunked is not None
+        assert txn is not None
+        if chunk.last:
+            self._chunked, self.txn = None, None
+            chunked.reader.finish()
+            return self._finish_message(chunked.reader, chunked.builder, txn, "BDAT")
+        builder = chunked.builder
+        error = chunked.reader.error or builder.error
+        if error is None and builder.storage_error is not None:
+            log.error("{qid}: {e}", qid=txn.spool.queue_id, e=str(builder.storage_error))
+            error = storage_reply(builder.storage_error)
+        if error is None:
+            return Reply(250, "2.0.0", f"Ok: {chunk.size} octets received")
+        # RFC 3030 section 3: the rest of the message is read and discarded,
+        # each further chunk answered with this, until LAST or RSET.
+        txn.spool.abort()
+        chunked.failed = error
+        log.info(
+            "{qid}: reject: BDAT from [{peer}]: {reply}",
+            qid=txn.spool.queue_id,
+            peer=self.peer,
+            reply=str(error),
+        )
+        return error
 
     def _end_of_data(self) -> Reply | Deferred[Reply]:
         reader, builder, txn = self._reader, self._builder, self.txn
@@ -825,6 +963,12 @@ class SubmissionSession(Protocol):
         assert reader is not None
         assert builder is not None
         assert txn is not None
+        return self._finish_message(reader, builder, txn, "DATA")
+
+    def _finish_message(
+        self, reader: BodyReader, builder: MessageBuilder, txn: _Transaction, verb: str
+    ) -> Reply | Deferred[Reply]:
+        """The whole message is in: checks, then the commit (DATA and BDAT alike)."""
         try:
             if reader.error is None:
                 builder.finish()
@@ -838,12 +982,27 @@ class SubmissionSession(Protocol):
         if error is not None:
             txn.spool.abort()
             log.info(
-                "{qid}: reject: DATA from [{peer}]: {reply}",
+                "{qid}: reject: {verb} from [{peer}]: {reply}",
                 qid=txn.spool.queue_id,
+                verb=verb,
                 peer=self.peer,
                 reply=str(error),
             )
             return error
+        if reader.bare_lf:
+            log.info(
+                "{qid}: {n} lines from [{peer}] ended in a bare LF; stored with CRLF",
+                qid=txn.spool.queue_id,
+                n=reader.bare_lf,
+                peer=self.peer,
+            )
+        forged = sorted({n.decode("ascii") for n in builder.removed_fields} - {"bcc"})
+        if forged:
+            log.info(
+                "{qid}: removed the client's own {names}: the checks write those",
+                qid=txn.spool.queue_id,
+                names=", ".join(forged),
+            )
         envelope = Envelope(
             queue_id=txn.spool.queue_id,
             sender=txn.sender,
@@ -883,6 +1042,9 @@ class SubmissionSession(Protocol):
             if self._closed:
                 txn.spool.abort()  # the client is gone: it would never see a 250
                 return Reply(421, "4.4.2", "Connection closed")
+            if info.notes:
+                # What the hooks keep with the message, for their outbound hooks.
+                envelope.extra["plugins"] = dict(info.notes)
             return self._commit(txn, envelope, lambda: checks.queued(session, info))
 
         try:
@@ -942,9 +1104,6 @@ class SubmissionSession(Protocol):
     def do_EXPN(self, args: str) -> Reply:
         return Reply(502, "5.5.1", "EXPN is not available")
 
-    def do_BDAT(self, args: str) -> Reply:
-        return Reply(502, "5.5.1", "CHUNKING is not offered; use DATA")
-
     _handlers: dict[str, Callable[[Any, str], Reply | Deferred[Reply] | None]] = {
         "EHLO": do_EHLO,
         "HELO": do_HELO,
@@ -967,6 +1126,7 @@ class SubmissionSession(Protocol):
             self.txn.spool.abort()
             self.txn = None
         self._reader = self._builder = None
+        self._chunked = None
 
 
 @implementer(interfaces.IProtocolFactory)

@@ -26,6 +26,8 @@ also appended to C{OUTDIR/rcpt.log}, so tests can count attempts.
 C{"lenient"} makes the sink end DATA at a "." between any line ends and
 drop NULs, as careless servers do (L{SinkBehaviour.lenient_end}).
 C{--host} picks the loopback address to listen on (default 127.0.0.1).
+C{--tls-cert} and C{--tls-key} (PEM files) make the sink offer STARTTLS
+with that certificate.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 from twisted.internet import reactor as global_reactor
 
 from mta.testing import SinkBehaviour, SinkFactory
+from mta.tls import ServerTLS
 
 _RCPT = re.compile(r"RCPT TO:<([^>]*)>", re.IGNORECASE)
 
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--script", default=None, help="JSON file with replies")
+    parser.add_argument("--tls-cert", default=None, help="offer STARTTLS with this certificate")
+    parser.add_argument("--tls-key", default=None)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     script = Script(args.script, args.out)
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     behaviour = SinkBehaviour(rcpt=script.rcpt, lenient_end=bool(script.load().get("lenient")))
     if extensions is not None:
         behaviour.extensions = tuple(extensions)
-    factory = SinkFactory(behaviour)
+    tls = ServerTLS(args.tls_cert, args.tls_key) if args.tls_cert else None
+    factory = SinkFactory(behaviour, tls=tls)
     behaviour.message = lambda data: script.message(factory, data)
     reactor: Any = global_reactor
     port = reactor.listenTCP(args.port, factory, interface=args.host)

@@ -136,14 +136,39 @@ class AttackDaemon(SynchronousTestCase):
         return list(wait_for(seen, timeout, f"{mids} at the sink"))
 
 
+def taken_as_content(sep: bytes, mode: str) -> bool:
+    """Whether a message with this false end is accepted (as one message):
+    with bare LF normalized, unless it has a bare CR or a NUL."""
+    return mode == "normalize" and b"\x00" not in sep and b"\r" not in sep.replace(b"\r\n", b"")
+
+
 class SmugglingTests(AttackDaemon):
+    """The default, C{[limits] bare_newline = "normalize"}."""
+
+    mode = "normalize"
+
+    def delivered(self, mid: str) -> bytes:
+        """The one message with this Message-ID that the sink accepted."""
+        found = []
+        for name in sorted(os.listdir(self.out)):
+            if name.endswith(".eml"):
+                with open(os.path.join(self.out, name), "rb") as f:
+                    data = f.read()
+                if f"\r\nMessage-ID: <{mid}@example.com>\r\n".encode() in data:
+                    found.append(data)
+        self.assertEqual(len(found), 1, mid)
+        return found[0]
+
     def test_no_end_of_data_variant_yields_a_second_message(self) -> None:
         """Each variant hides a whole second transaction after a false end of data.
 
-        The real daemon must refuse the message (bare CR/LF, NUL) or take it
-        as one; a control message on the same connection afterwards shows the
-        session stayed in step.  Downstream, the careless sink must see each
-        control message once and nothing smuggled.
+        The real daemon must refuse the message (bare CR, NUL; bare LF too
+        with C{bare_newline = "reject"}) or take it as one, the false end
+        and the hidden transaction as its text; a control message on the
+        same connection afterwards shows the session stayed in step.
+        Downstream, the careless sink must see each control message once,
+        each accepted message once and whole (the false end went out
+        dot-stuffed), and nothing smuggled.
         """
         outcomes = []
         controls = []
@@ -169,18 +194,67 @@ class SmugglingTests(AttackDaemon):
                 self.assertEqual(code, 250, text)
                 controls.append(f"control-{i}")
                 self.assertEqual(w.cmd("QUIT")[0], 221)
-        for sep, (code, text) in zip(SMUGGLING, outcomes, strict=True):
+        accepted = []
+        for i, (sep, (code, text)) in enumerate(zip(SMUGGLING, outcomes, strict=True)):
+            if taken_as_content(sep, self.mode):
+                self.assertEqual(code, 250, f"{sep!r}: {code} {text}")
+                accepted.append(i)
+                continue
             # Refused, with the reason, rather than repaired.
             self.assertEqual(code, 550, f"{sep!r}: {code} {text}")
             self.assertTrue(text.startswith(("5.6.11", "5.6.0")), f"{sep!r}: {text}")
-        seen = self.wait_delivered(controls)
+        self.assertEqual(len(accepted), 3 if self.mode == "normalize" else 0)
+        seen = self.wait_delivered(controls + [f"outer-{i}" for i in accepted])
         # Let anything else in the queue arrive too before counting.
         wait_for(lambda: not self.daemon.queued("incoming", "active"), 30, "an empty queue")
         seen = self.sink_message_ids()
         self.assertEqual([m for m in seen if m.startswith("smuggled")], [])
-        self.assertEqual([m for m in seen if m.startswith("outer")], [])
+        self.assertEqual(sorted(m for m in seen if m.startswith("outer")),
+                         sorted(f"outer-{i}" for i in accepted))  # fmt: skip
         for mid in controls:
             self.assertEqual(seen.count(mid), 1, mid)
+        for i in accepted:
+            # What reached the sink is the message as stored: its lines with
+            # CRLF, the false end a line of one dot, the hidden transaction text.
+            body = self.delivered(f"outer-{i}").partition(b"\r\n\r\n")[2]
+            self.assertEqual(
+                body,
+                b"before\r\n.\r\n"
+                + f"MAIL FROM:<{LOGIN}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
+                + message(f"smuggled-{i}"),
+            )
+
+    def test_false_ends_split_across_packets(self) -> None:
+        """Every variant cut at every octet of its false end, each part sent
+        on its own (the daemon reads them separately): the same outcome as
+        in one piece, and the same message at the sink."""
+        outcomes: dict[bytes, list[int]] = {}
+        mids = []
+        for i, sep in enumerate(SMUGGLING):
+            # One connection per variant: refusals count towards [limits] errors.
+            with self.logged_in() as w:
+                w.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for cut in range(len(sep) + 1):
+                    mid = f"split-{self.mode}-{i}-{cut}"
+                    self.assertEqual(w.cmd(f"MAIL FROM:<{LOGIN}>")[0], 250)
+                    self.assertEqual(w.cmd(f"RCPT TO:<{RCPT}>")[0], 250)
+                    self.assertEqual(w.cmd("DATA")[0], 354)
+                    data = message(mid, b"before" + sep + b"QUIT\r\nafter\r\n") + b".\r\n"
+                    at = data.index(b"before") + len(b"before") + cut
+                    w.send(data[:at])
+                    time.sleep(0.05)
+                    w.send(data[at:])
+                    code, _ = w.reply()
+                    outcomes.setdefault(sep, []).append(code)
+                    if code == 250:
+                        mids.append(mid)
+        for sep, codes in outcomes.items():
+            expected = 250 if taken_as_content(sep, self.mode) else 550
+            self.assertEqual(codes, [expected] * (len(sep) + 1), sep)
+        self.wait_delivered(mids)
+        for mid in mids:
+            body = self.delivered(mid).partition(b"\r\n\r\n")[2]
+            self.assertEqual(body, b"before\r\n.\r\nQUIT\r\nafter\r\n", mid)
 
     def test_careless_sink_would_split_a_smuggled_message(self) -> None:
         """The sink is as careless as claimed: the test above can fail."""
@@ -198,6 +272,13 @@ class SmugglingTests(AttackDaemon):
             self.assertEqual([w.reply()[0] for _ in range(5)], [250, 250, 250, 354, 250])
         seen = self.wait_delivered(["sinkcheck-1", "sinkcheck-2"])
         self.assertEqual(seen.count("sinkcheck-2"), 1)
+
+
+class RejectModeSmugglingTests(SmugglingTests):
+    """C{[limits] bare_newline = "reject"}: every variant is refused."""
+
+    mode = "reject"
+    sections = {"limits": {"bare_newline": "reject"}}
 
 
 class RelayAndSyntaxTests(AttackDaemon):
@@ -368,21 +449,21 @@ class RelayAndSyntaxTests(AttackDaemon):
             self.assertIn(code, (501, 552), text)
         self.assert_nothing_queued(before)
 
-    def test_51st_recipient_refused(self) -> None:
+    def test_1001st_recipient_refused(self) -> None:
         with self.logged_in() as w:
             self.assertEqual(w.cmd(f"MAIL FROM:<{LOGIN}>")[0], 250)
-            for n in range(50):
-                self.assertEqual(w.cmd(f"RCPT TO:<r{n}@example.test>")[0], 250)
-            code, text = w.cmd("RCPT TO:<r50@example.test>")
+            w.send("".join(f"RCPT TO:<r{n}@example.test>\r\n" for n in range(1000)))
+            self.assertEqual([w.reply()[0] for _ in range(1000)], [250] * 1000)
+            code, text = w.cmd("RCPT TO:<r1000@example.test>")
             self.assertEqual((code, text[:5]), (452, "4.5.3"))
             self.assertEqual(w.cmd("DATA")[0], 354)
-            w.send(message("fifty") + b".\r\n")
+            w.send(message("thousand") + b".\r\n")
             code, text = w.reply()
             self.assertEqual(code, 250, text)
         queue_id = text.rpartition(" ")[2]
         env = self.daemon.envelope(queue_id)
-        self.assertEqual(len(env["recipients"]), 50)
-        self.assertNotIn("r50@example.test", [r["address"] for r in env["recipients"]])
+        self.assertEqual(len(env["recipients"]), 1000)
+        self.assertNotIn("r1000@example.test", [r["address"] for r in env["recipients"]])
 
     def test_malformed_auth_base64(self) -> None:
         with self.smtps() as w:

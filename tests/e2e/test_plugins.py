@@ -42,6 +42,12 @@ def headers(extra: str = "") -> str:
     )
 
 
+def undated(extra: str = "") -> str:
+    """Headers without Date: (the server adds it): SpamAssassin's score of a
+    message then does not depend on how long ago a fixed date was."""
+    return f"From: App <{LOGIN}>\r\nTo: someone@example.test\r\nSubject: offer\r\n{extra}"
+
+
 class PluginsEndToEnd(SynchronousTestCase):
     @classmethod
     def setUpClass(cls) -> None:
@@ -95,7 +101,7 @@ class PluginsEndToEnd(SynchronousTestCase):
                 '[[plugins]]\nname = "clamd"\n[plugins.options]\n'
                 f'address = "{cls.clamd.unix_address}"\n\n'
                 '[[plugins]]\nname = "spamd"\ntimeout = 60\n[plugins.options]\n'
-                f'address = "{cls.spamd.address}"\n\n'
+                f'address = "{cls.spamd.address}"\nmark_score = 2.0\n\n'
                 '[[plugins]]\nname = "dkim"\n'
             )
         cls.daemon.add_user(LOGIN, PASSWORD)
@@ -183,6 +189,65 @@ class PluginsEndToEnd(SynchronousTestCase):
         self.assertTrue(data.isascii())
         self.assertIn(b"Content-Transfer-Encoding: quoted-printable", data)
         self.assertEqual(self.verify(data), [True, True])
+
+    def spam_fields(self, data: bytes) -> dict[str, list[str]]:
+        """The X-Spam-* fields of a delivered message's header section, unfolded."""
+        head = data.partition(b"\r\n\r\n")[0].decode()
+        found: dict[str, list[str]] = {}
+        for raw in re.split(r"\r\n(?![ \t])", head):
+            name, _, value = raw.partition(":")
+            if name.lower().startswith("x-spam-"):
+                found.setdefault(name, []).append(
+                    value.replace(",\r\n\t", ",").replace("\r\n\t", " ").strip()
+                )
+        return found
+
+    def test_spam_score_on_delivered_mail_and_forged_fields_removed(self) -> None:
+        """A message that SpamAssassin scores above 0 and below mark_score is
+        delivered with the score, the rules and the checker version; the
+        clean verdict the client wrote itself is gone."""
+        forged = (
+            "X-Spam-Status: No, score=-50.0 required=5.0 tests=FORGED\r\n"
+            "X-Spam-Flag: NO\r\nx-spam-score: -50\r\nX-Spam-Checker-Version: none\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/html\r\n"
+        )
+        body = b"<html><body><p>Hello <b>there</b></p></body></html>\r\n"
+        code, text = self.submit(f"{undated(forged)}\r\n".encode() + body)
+        self.assertEqual(code, 250, text)
+        data = self.delivered(text.rpartition(" ")[2])
+        fields = self.spam_fields(data)
+        self.assertNotIn(b"FORGED", data)
+        self.assertNotIn(b"-50", data)
+        self.assertEqual(
+            sorted(fields), ["X-Spam-Checker-Version", "X-Spam-Score", "X-Spam-Status"], fields
+        )
+        [score] = fields["X-Spam-Score"]
+        self.assertGreater(float(score), 0)
+        self.assertLess(float(score), 2.0)
+        [status] = fields["X-Spam-Status"]
+        self.assertRegex(
+            status,
+            rf"^No, score={re.escape(score)} required=2\.0 tests=\S*MIME_HTML_ONLY\S* "
+            r"autolearn=\w+ autolearn_force=no version=",
+        )
+        self.assertTrue(fields["X-Spam-Checker-Version"][0].startswith("SpamAssassin "))
+        # The fields go in front of the signatures' own headers; both still verify.
+        self.assertEqual(self.verify(data), [True, True])
+
+    def test_spam_between_mark_and_reject_is_flagged(self) -> None:
+        body = (
+            b"<html><body><p>Click here to claim your FREE prize now!!! 100% guaranteed, "
+            b"act now, limited time offer.</p></body></html>\r\n"
+        )
+        forged = undated("X-Spam-Flag: NO\r\nMIME-Version: 1.0\r\nContent-Type: text/html\r\n")
+        code, text = self.submit(f"{forged}\r\n".encode() + body)
+        self.assertEqual(code, 250, text)
+        fields = self.spam_fields(self.delivered(text.rpartition(" ")[2]))
+        self.assertEqual(fields["X-Spam-Flag"], ["YES"])
+        [score] = fields["X-Spam-Score"]
+        self.assertGreaterEqual(float(score), 2.0)
+        self.assertLess(float(score), 5.0)
+        self.assertTrue(fields["X-Spam-Status"][0].startswith(f"Yes, score={score} required=2.0"))
 
     def test_eicar_is_refused(self) -> None:
         encoded = base64.b64encode(EICAR).decode()

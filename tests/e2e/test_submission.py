@@ -205,23 +205,30 @@ class NegativeTests(DaemonTestCase):
         self.assertTrue(text.startswith(b"5.3.4"))
 
     def test_too_many_recipients(self) -> None:
+        """1,000 recipients per message by default; smtplib reports the rest."""
         with self.smtps() as s:
             s.login(LOGIN, PASSWORD)
             refused = s.sendmail(
-                LOGIN, [f"r{i}@example.net" for i in range(51)], seed_message().as_string()
+                LOGIN, [f"r{i}@example.net" for i in range(1002)], seed_message().as_string()
             )
-        self.assertEqual(list(refused), ["r50@example.net"])
-        self.assertEqual(refused["r50@example.net"][0], 452)
+        self.assertEqual(sorted(refused), ["r1000@example.net", "r1001@example.net"])
+        self.assertEqual(refused["r1000@example.net"][0], 452)
+        self.assertTrue(refused["r1000@example.net"][1].startswith(b"4.5.3"))
 
     def test_bare_lf(self) -> None:
+        """smtplib sends bytes unchanged, bare LF included: stored with CRLF."""
+        before = set(self.daemon.queued())
         with self.smtps() as s:
             s.login(LOGIN, PASSWORD)
-            # Bytes are sent unchanged by smtplib, bare LF included.
             body = seed_message().as_bytes().replace(b"\r\n", b"\n")
-            with self.assertRaises(smtplib.SMTPDataError) as e:
-                s.sendmail(LOGIN, ["x@example.net"], body)
-        self.assertEqual(e.exception.smtp_code, 550)
-        self.assertTrue(e.exception.smtp_error.startswith(b"5.6.11"))
+            self.assertEqual(s.sendmail(LOGIN, ["x@example.net"], body), {})
+        [queue_id] = set(self.daemon.queued()) - before
+        stored = self.daemon.read(queue_id, "message")
+        self.assertNotIn(b"\n", stored.replace(b"\r\n", b""))
+        # Message-ID: and Date: are added at the end of the header section.
+        head, _, rest = body.replace(b"\n", b"\r\n").partition(b"\r\n\r\n")
+        self.assertIn(head + b"\r\nMessage-ID: <", stored)
+        self.assertTrue(stored.endswith(b"\r\n\r\n" + rest + b"\r\n"), stored[-200:])
 
     def test_line_too_long(self) -> None:
         with self.smtps() as s:
@@ -318,6 +325,13 @@ class StartupErrorTests(SynchronousTestCase):
     def test_bad_value(self) -> None:
         d = Daemon(self.mktemp(), {"limits": {"recipients": "many"}})
         self.assertOneLineError(self.run_daemon(d), "mta.toml", "[limits] recipients", "integer")
+
+    def test_too_few_recipients_allowed(self) -> None:
+        """Below RFC 5321's minimum of 100 recipients the daemon does not start."""
+        d = Daemon(self.mktemp(), {"limits": {"recipients": 50}})
+        self.assertOneLineError(
+            self.run_daemon(d), "[limits] recipients", "at least 100", "RFC 5321", "got 50"
+        )
 
     def test_unknown_key(self) -> None:
         d = Daemon(self.mktemp(), {"limits": {"recipeints": 5}})
