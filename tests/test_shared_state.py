@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 from mta.cluster.client import RedisClient
 from mta.cluster.local import LocalState
 from mta.cluster.redisstate import RedisState
-from mta.dailycount import DailyCounter
+from mta.dailycount import DailyCounter, utc_day
 from mta.errors import SharedStateError
 from mta.interfaces import ISharedState
 from mta.smtp.auth import AuthThrottle, LoginUnavailable
@@ -276,7 +276,8 @@ class RedisStateTests(RedisFixture, StateContract, TestCase):
     @inlineCallbacks
     def test_day_keys_expire_by_themselves(self) -> Gen:
         yield self.state.add_sent("a@example.com", 1)
-        ttl = yield self.state.client.execute("PTTL", self.state._sent_key("a@example.com"))
+        key = f"{self.prefix}:sent:{utc_day(self.clock.seconds())}:a@example.com"
+        ttl = yield self.state.client.execute("PTTL", key)
         self.assertTrue(86400 * 1000 < ttl <= 2 * 86400 * 1000)
 
     @inlineCallbacks
