@@ -20,6 +20,8 @@ from mta import config as configmod
 from mta.address import ascii_lower, domain_of, parse_mailbox, valid_domain
 from mta.bounce import Classifier, parse_reply
 from mta.checks import dkim
+from mta.cluster.blocking import BlockingRedis
+from mta.cluster.users import RedisUserStore
 from mta.controlsocket import ControlSocketError, DaemonNotRunningError
 from mta.controlsocket import request as control_request
 from mta.envelope import QueueState
@@ -70,8 +72,15 @@ def _read_password(args: argparse.Namespace, stdin: TextIO) -> str:
     return password
 
 
-def _users(config: configmod.Config) -> UserFile:
-    return UserFile(config.server.users_file)
+def _users(config: configmod.Config) -> UserFile | RedisUserStore:
+    """Where the daemon reads the users: the file, or Redis (C{[cluster] users})."""
+    cluster = config.cluster
+    if cluster.users != "redis":
+        return UserFile(config.server.users_file)
+    redis = BlockingRedis(
+        cluster.redis, timeout=max(cluster.timeout, 5.0), password=cluster.password(config.source)
+    )
+    return RedisUserStore(redis, cluster.prefix)
 
 
 def cmd_user_add(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:

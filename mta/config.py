@@ -51,6 +51,12 @@ class ListenConfig:
     # Twisted server endpoint descriptions (plain TCP; TLS is added by mta).
     submissions: list[str] = _opt(["tcp:8465:interface=127.0.0.1"])
     submission: list[str] = _opt(["tcp:8587:interface=127.0.0.1"])
+    # Listeners behind a load balancer: every connection starts with a PROXY
+    # protocol header (v1 or v2) naming the real client; only from proxy_from.
+    proxy_submissions: list[str] = _opt([])  # implicit TLS after the header
+    proxy_submission: list[str] = _opt([])  # STARTTLS after the header
+    proxy_from: list[str] = _opt([])  # the load balancers' addresses or networks
+    proxy_timeout: float = _opt(10.0, minimum=0.1)  # seconds to wait for the header
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,32 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    # Twisted client endpoint of the Redis the instances share, e.g.
+    # "tcp:host=127.0.0.1:port=6379"; "" = no cluster, all state in this process.
+    redis: str = ""
+    password_file: str = ""  # a file holding Redis's password (requirepass); "" = none
+    prefix: str = "mta"  # of every key, so that several sites can share one Redis
+    instance: str = ""  # this instance's name in metrics and logs; "" = the hostname
+    timeout: float = _opt(1.0, minimum=0.01)  # seconds for each Redis command
+    retry: float = _opt(1.0, minimum=0.01)  # after a failed connection, fail at once this long
+    users: str = _opt("file", choices=("file", "redis"))  # where the users are kept
+    users_refresh: float = _opt(2.0, minimum=0.1)  # seconds between checks for changed users
+
+    def password(self, source: str) -> str:
+        """The password in C{password_file} ("" without one); L{ConfigError} if unreadable."""
+        if not self.password_file:
+            return ""
+        try:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"{source}: [cluster] password_file: cannot read {self.password_file}: {e.strerror}"
+            ) from None
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One entry of C{[routes]}: where mail for a domain goes instead of its MX."""
 
@@ -205,6 +237,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plugins: tuple[PluginConfig, ...] = ()
     bounce_rules: tuple[Rule, ...] = ()  # from [[bounce.rules]]
     source: str = "<embedded default>"
@@ -227,6 +260,7 @@ _PATH_OPTIONS = {
     ("tls", "selfsigned_dir"),
     ("log", "json_file"),
     ("dkim", "keys_dir"),
+    ("cluster", "password_file"),
     ("delivery", "ca_file"),
 }
 
@@ -298,6 +332,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "log": LogConfig,
     "dkim": DKIMConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -332,6 +367,7 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
     for where, networks in (
         ("[auth] trusted_networks", config.auth.trusted_networks),
         ("[delivery] refuse_networks", config.delivery.refuse_networks),
+        ("[listen] proxy_from", config.listen.proxy_from),
     ):
         for network in networks:
             try:
@@ -340,6 +376,7 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
                 raise ConfigError(
                     f"{source}: {where}: {network!r} is not an address or network"
                 ) from None
+    _check_cluster(config)
     if config.auth.failure_delay_max < config.auth.failure_delay:
         raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
     config = _resolve_paths(config)
@@ -347,6 +384,22 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
         keys_dir = os.path.join(config.server.spool, "dkim")
         config = replace(config, dkim=replace(config.dkim, keys_dir=keys_dir))
     return config
+
+
+def _check_cluster(config: Config) -> None:
+    """PROXY listeners need their balancers; Redis users need Redis."""
+    source, listen, cluster = config.source, config.listen, config.cluster
+    if (listen.proxy_submissions or listen.proxy_submission) and not listen.proxy_from:
+        raise ConfigError(
+            f"{source}: [listen] proxy_from: PROXY listeners need the load balancers' "
+            "addresses (a header from anyone else would let a client claim any address)"
+        )
+    if cluster.users == "redis" and not cluster.redis:
+        raise ConfigError(f'{source}: [cluster] users = "redis" needs [cluster] redis')
+    if cluster.password_file and not cluster.redis:
+        raise ConfigError(f"{source}: [cluster] password_file needs [cluster] redis")
+    if not cluster.prefix or any(c.isspace() for c in cluster.prefix):
+        raise ConfigError(f"{source}: [cluster] prefix must be a word without spaces")
 
 
 def _load_routes(source: str, doc: object, base_dir: str) -> dict[str, RouteConfig]:

@@ -23,6 +23,11 @@ from twisted.logger import Logger
 log = Logger(namespace="mta.dailycount")
 
 
+def utc_day(seconds: float) -> str:
+    """The UTC day of a time as C{YYYYMMDD}: the unit of the daily limit."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%d")
+
+
 class DailyCounter:
     """Messages accepted per login today."""
 
@@ -36,7 +41,7 @@ class DailyCounter:
         self._roll()
 
     def _today(self) -> str:
-        return datetime.fromtimestamp(self.clock.seconds(), UTC).strftime("%Y%m%d")
+        return utc_day(self.clock.seconds())
 
     def _path(self, day: str) -> str:
         return os.path.join(self.directory, f"sent-{day}.log")

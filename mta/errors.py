@@ -100,6 +100,14 @@ class ConfigError(Exception):
     """A configuration file or value is wrong; the text names file and key."""
 
 
+class SharedStateError(Exception):
+    """The state the instances of a cluster share (Redis) could not be read or
+    changed in time: unreachable, too slow, restarting, or it refused the
+    command.  The checks that depend on it fail closed with a temporary reply
+    (SPEC section 9); the text says what went wrong, for the log.
+    """
+
+
 class ErrorKind(StrEnum):
     """Where a delivery result came from, for the classifier and the logs.
 

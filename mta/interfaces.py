@@ -245,6 +245,82 @@ class IResolver(Interface):
         """
 
 
+class ISharedState(Interface):
+    """What the instances of one site must count together (SPEC sections 2 and 9).
+
+    Several mta processes behind a load balancer are one service to a user
+    and to a receiver: the user's daily sending count and the wrong
+    passwords from one client address must add up over all of them.
+    L{mta.cluster.local.LocalState} keeps them in this process (as one
+    instance always has: daily counts in C{spool/state/}, failures in
+    memory); L{mta.cluster.redisstate.RedisState} keeps them in Redis, where
+    every instance sees every change at once.  One conformance suite tests
+    both (C{tests/test_shared_state.py}).
+
+    Each method is one atomic operation on the store and returns a
+    Deferred.  It fails with L{mta.errors.SharedStateError} when the store
+    cannot answer in time (unreachable, restarting, too slow); the caller
+    then fails closed, with a temporary reply, and asks again next time:
+    an implementation recovers by itself when its store comes back.  Times
+    are given by the caller (its injected clock), so that the store needs
+    no clock of its own and all instances judge a window alike.
+
+    Room for more: the traffic-shaping limits per destination (SPEC
+    section 6) are the next thing a cluster must share; they get their own
+    methods here (named C{destination_*}), in their own key space of the
+    store (Redis: C{PREFIX:shape:...}, beside C{PREFIX:sent:...} and
+    C{PREFIX:authfail:...}), on the same connection and with the same
+    failure contract.
+    """
+
+    def sent_today(login: str) -> Deferred[int]:
+        """How many units (messages or recipients) C{login} sent this UTC day."""
+
+    def add_sent(login: str, n: int) -> Deferred[int]:
+        """Count C{n} more units for C{login} today; fires with the new total.
+
+        Counts of a day are kept at least until that day is over; a
+        restart of the instance (or of Redis, with persistence on) keeps them.
+        """
+
+    def auth_failures(client: str, since: float) -> Deferred[Any]:
+        """The wrong passwords recorded for a client key after C{since}:
+        a L{mta.cluster.FailureCounts} (distinct pairs, all attempts)."""
+
+    def auth_failed_before(client: str, digest: bytes, since: float) -> Deferred[bool]:
+        """Whether this client key failed with exactly this (keyed) digest of
+        username, password and stored hash after C{since}."""
+
+    def add_auth_failure(client: str, digest: bytes, when: float, window: float) -> Deferred[Any]:
+        """Record one wrong password at C{when}; older than C{when - window}
+        is forgotten.  Fires with the L{mta.cluster.FailureCounts} after it."""
+
+    def close() -> Deferred[None]:
+        """At shutdown: flush and close what the store keeps open."""
+
+
+class IUserDirectory(Interface):
+    """The submission users, as the daemon reads them (L{mta.users.User}).
+
+    L{mta.users.UserFile} reads a JSON file and re-reads it when it
+    changes; L{mta.cluster.users.RedisUsers} keeps a copy of the users
+    held in Redis, refreshed when C{mtactl} changes them, so that every
+    instance of a cluster sees a change without a restart.  Reads are
+    synchronous and cheap (they are made for every login and MAIL).
+    """
+
+    def users() -> dict[str, Any]:
+        """Every user by normalised login address."""
+
+    def get(email: str) -> Any:
+        """The L{mta.users.User} of a login address, or None."""
+
+    def ready() -> bool:
+        """Whether the users are known at all (False: a Redis that has not
+        answered since start-up).  Logins then get a temporary reply rather
+        than "wrong password"."""
+
+
 # -- plugins (docs/plugins.md) ------------------------------------------------
 #
 # A plugin is an object that provides ICheck and one or more of the hook

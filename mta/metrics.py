@@ -36,9 +36,17 @@ LATENCY_BUCKETS = (
 
 
 class Metrics:
-    """The counters and histograms the MTA keeps, on a private registry."""
+    """The counters and histograms the MTA keeps, on a private registry.
 
-    def __init__(self) -> None:
+    With an C{instance} name, every sample carries the label
+    C{mta_instance="NAME"} (C{[cluster] instance}): the instances of a
+    cluster can then be told apart and summed however they are scraped
+    (Prometheus's own C{instance} label is the scrape address, which a
+    federation or a second balancer in between would change).
+    """
+
+    def __init__(self, instance: str = "") -> None:
+        self.instance = instance
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections_in = Counter(
@@ -116,6 +124,29 @@ class _QueueCollector(Collector):
         return iter(())
 
 
+class _Labelled:
+    """A registry's samples with constant labels added (what C{generate_latest} reads)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [
+                s._replace(labels={**s.labels, **self.labels}) for s in metric.samples
+            ]
+            yield metric
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The Prometheus text of every metric, with the instance label when there is one."""
+    if not metrics.instance:
+        return generate_latest(metrics.registry)
+    labelled = _Labelled(metrics.registry, {"mta_instance": metrics.instance})
+    return generate_latest(labelled)
+
+
 class Exposition(Resource):
     """C{/metrics}, rendered in the reactor thread.
 
@@ -126,13 +157,13 @@ class Exposition(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.registry = registry
+        self.metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
+        return exposition(self.metrics)
 
 
 class Health(Resource):
@@ -155,7 +186,7 @@ class Health(Resource):
 def site(metrics: Metrics, health: Callable[[], dict[str, Any]]) -> Site:
     """The HTTP site: C{/metrics} and C{/health}, nothing else."""
     root = Resource()
-    root.putChild(b"metrics", Exposition(metrics.registry))
+    root.putChild(b"metrics", Exposition(metrics))
     root.putChild(b"health", Health(health))
     s = Site(root)
     s.displayTracebacks = False

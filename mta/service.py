@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -33,18 +33,24 @@ from mta.address import parse_networks
 from mta.bounce import Classifier
 from mta.checks import PluginContext
 from mta.checks import host as checkhost
+from mta.cluster.client import RedisClient
+from mta.cluster.local import LocalState
+from mta.cluster.redisstate import RedisState
+from mta.cluster.users import RedisUsers
 from mta.config import Config
 from mta.controlsocket import ControlFactory, socket_address
+from mta.dailycount import DailyCounter
 from mta.delivery import tlspolicy
 from mta.delivery.dns import CachingResolver, DNSPythonResolver
 from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
 from mta.envelope import QueueState
 from mta.errors import ConfigError, StorageError
-from mta.interfaces import IOutboundHook
+from mta.interfaces import IOutboundHook, ISharedState, IUserDirectory
 from mta.logs import json_observer
 from mta.metrics import Metrics
 from mta.metrics import site as metrics_site
+from mta.proxyproto import ProxyHeaderFactory, ProxySettings
 from mta.queue.dispatch import QueueLimits
 from mta.queue.manager import QueueManager
 from mta.queue.reports import Reporter
@@ -112,10 +118,12 @@ class MTAService(MultiService):
             cert, key = ensure_selfsigned(config.tls.selfsigned_dir, self.hostname)
         self.tls = ServerTLS(cert, key)
 
-        self.metrics = Metrics()
+        self.instance = config.cluster.instance or self.hostname
+        # The label only where it tells instances apart (or was asked for).
+        labelled = bool(config.cluster.redis or config.cluster.instance)
+        self.metrics = Metrics(instance=self.instance if labelled else "")
         self.spool = receiver(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
-        self.users = UserFile(config.server.users_file)
-        self.users.users()  # a broken users file stops start-up here
+        self._build_shared(config, reactor)
         auth = config.auth
         self.settings = SessionSettings(
             config=config,
@@ -130,6 +138,7 @@ class MTAService(MultiService):
                 window=auth.failure_window,
                 delay=auth.failure_delay,
                 delay_max=auth.failure_delay_max,
+                state=self.shared,
             ),
             clock=reactor,
             trusted_networks=parse_networks(auth.trusted_networks),
@@ -145,6 +154,7 @@ class MTAService(MultiService):
                 users=self.users,
                 state_dir=self.store.state_dir(""),
                 hostname=self.hostname,
+                shared=self.shared,
             ),
         )
         self.settings.checks = self.checks
@@ -156,9 +166,53 @@ class MTAService(MultiService):
         for description in config.listen.submission:
             plain = SubmissionFactory(self.settings, implicit_tls=False)
             self.listeners.append((description, plain))
+        self._proxy_listeners(config, reactor)
         self.metrics.watch_queue(self.queue_counts, self.queue.oldest_arrival, reactor.seconds)
         for description in config.metrics.listen:
             self.listeners.append((description, metrics_site(self.metrics, self.health)))
+
+    def _build_shared(self, config: Config, reactor: Any) -> None:
+        """The state the instances share (and the users): Redis with
+        C{[cluster] redis}, else this process and the users file, as always."""
+        cluster = config.cluster
+        self.redis: RedisClient | None = None
+        self.redis_users: RedisUsers | None = None
+        self.users: IUserDirectory
+        if not cluster.redis:
+            self.shared: ISharedState = LocalState(DailyCounter(self.store.state_dir(""), reactor))
+        else:
+            self.redis = RedisClient(
+                redis_endpoint(reactor, config),
+                reactor,
+                name=cluster.redis,
+                timeout=cluster.timeout,
+                retry=cluster.retry,
+                password=cluster.password(config.source),
+            )
+            self.shared = RedisState(self.redis, reactor, cluster.prefix)
+        if cluster.users == "redis":
+            assert self.redis is not None
+            self.redis_users = RedisUsers(
+                self.redis, reactor, cluster.prefix, cluster.users_refresh
+            )
+            self.users = self.redis_users
+        else:
+            users = UserFile(config.server.users_file)
+            users.users()  # a broken users file stops start-up here
+            self.users = users
+
+    def _proxy_listeners(self, config: Config, reactor: Any) -> None:
+        """C{[listen] proxy_submissions/proxy_submission}: sessions behind a
+        load balancer, built once the PROXY header names the client."""
+        listen = config.listen
+        proxy = ProxySettings(parse_networks(listen.proxy_from), listen.proxy_timeout)
+        for description in listen.proxy_submissions:
+            inner = SubmissionFactory(self.settings, implicit_tls=True)
+            tls = TLSMemoryBIOFactory(self.tls, False, inner)
+            self.listeners.append((description, ProxyHeaderFactory(tls, proxy, reactor)))
+        for description in listen.proxy_submission:
+            plain = SubmissionFactory(self.settings, implicit_tls=False)
+            self.listeners.append((description, ProxyHeaderFactory(plain, proxy, reactor)))
 
     def _build_delivery(self, config: Config, reactor: Any) -> None:
         """The resolver, route table, delivery agent and queue manager."""
@@ -253,6 +307,12 @@ class MTAService(MultiService):
         if problems:
             doc["problems"] = problems
         doc["queue"] = self.queue_counts()
+        if self.redis is not None:
+            # Information, not a failure: with Redis down every instance is
+            # alike, and taking them all out of the balancer would stop
+            # the mail that needs no Redis (relay from trusted networks).
+            doc["instance"] = self.instance
+            doc["redis"] = "connected" if self.redis.connected else "not connected"
         return doc
 
     def _pool(self, name: str, size: int) -> Callable[[Callable[[], Any]], Deferred[Any]]:
@@ -274,7 +334,18 @@ class MTAService(MultiService):
         for pool in self._pools:
             pool.start()
         signal.signal(signal.SIGHUP, self._sighup)
+        if self.redis_users is not None:
+            self.redis_users.start()
         self.checks.startup()
+        if self.redis is not None:
+            log.info(
+                "instance {name} of a cluster: shared state in Redis at {redis} "
+                "(prefix {prefix}), users in {users}",
+                name=self.instance,
+                redis=self.config.cluster.redis,
+                prefix=self.config.cluster.prefix,
+                users="Redis" if self.redis_users is not None else "the users file",
+            )
         log.info(
             "mta started as {host}; spool {spool}; TLS certificate {cert} (SHA-256 {fp})",
             host=self.hostname,
@@ -375,6 +446,9 @@ class MTAService(MultiService):
         children = super().stopService()  # type: ignore[no-untyped-call]
         listening = self._unlisten()
         closing = self.agent.cache.close_all()
+        if self.redis_users is not None:
+            self.redis_users.stop()
+        shared = self.shared.close()
 
         def release(_: object) -> None:
             # Waits for work already handed to the threads (commits in flight).
@@ -387,7 +461,7 @@ class MTAService(MultiService):
                 self._control_dir = None
             self.lock.release()
 
-        return DeferredList([children, listening, closing]).addBoth(release)
+        return DeferredList([children, listening, closing, shared]).addBoth(release)
 
     def _sighup(self, signum: int, frame: FrameType | None) -> None:
         self.reactor.callFromThread(self.reload)
@@ -430,6 +504,7 @@ class MTAService(MultiService):
                 "metrics",
                 "log",
                 "dkim",
+                "cluster",
                 "plugins",
             )
             if getattr(new, name) != getattr(self.config, name)
@@ -443,6 +518,18 @@ class MTAService(MultiService):
                 "changes to [{sections}] take effect after a restart",
                 sections="], [".join(restart),
             )
+
+
+def redis_endpoint(reactor: Any, config: Config) -> IStreamClientEndpoint:
+    """The client endpoint of C{[cluster] redis}; L{ConfigError} names a bad one."""
+    description = config.cluster.redis
+    try:
+        endpoint: IStreamClientEndpoint = clientFromString(reactor, description)
+        return endpoint
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(
+            f"{config.source}: [cluster] redis: bad endpoint {description!r}: {e}"
+        ) from None
 
 
 def build(config: Config, reactor: Any) -> MTAService:

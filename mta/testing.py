@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
@@ -21,7 +21,8 @@ from mta.batch import run_now
 from mta.delivery.fakedns import FakeResolver
 from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.envelope import Envelope, Recipient
-from mta.interfaces import IDeliveryAgent, IQueueStore
+from mta.errors import SharedStateError
+from mta.interfaces import IDeliveryAgent, IQueueStore, ISharedState
 from mta.spool import FileOps
 from mta.spool.memory import MemorySpool, MemoryStore
 from mta.spool.queueid import QueueIdGenerator
@@ -41,6 +42,7 @@ __all__ = [
     "SinkBehaviour",
     "SinkFactory",
     "SinkServer",
+    "SwitchableState",
     "TLSStringTransport",
     "queue_message",
     "run_inline",
@@ -178,6 +180,43 @@ class TLSStringTransport(StringTransport):
     def startTLS(self, contextFactory: object, normal: bool = True) -> None:
         self.tls_started_with = contextFactory
         self.written_before_tls = self.value()  # type: ignore[no-untyped-call]
+
+
+@implementer(ISharedState)
+class SwitchableState:
+    """An L{ISharedState} (around a real one) that fails every call with
+    L{SharedStateError} while C{down} is set: Redis gone, for the session.
+    With method names in C{only}, only those fail (gone at that moment)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down = False
+        self.only: set[str] = set()
+
+    def _call(self, name: str, *args: Any) -> Deferred[Any]:
+        if self.down and (not self.only or name in self.only):
+            return fail(SharedStateError("Redis at tcp:host=127.0.0.1:port=1 is unreachable"))
+        return getattr(self.inner, name)(*args)  # type: ignore[no-any-return]
+
+    def sent_today(self, login: str) -> Deferred[int]:
+        return self._call("sent_today", login)
+
+    def add_sent(self, login: str, n: int) -> Deferred[int]:
+        return self._call("add_sent", login, n)
+
+    def auth_failures(self, client: str, since: float) -> Deferred[Any]:
+        return self._call("auth_failures", client, since)
+
+    def auth_failed_before(self, client: str, digest: bytes, since: float) -> Deferred[bool]:
+        return self._call("auth_failed_before", client, digest, since)
+
+    def add_auth_failure(
+        self, client: str, digest: bytes, when: float, window: float
+    ) -> Deferred[Any]:
+        return self._call("add_auth_failure", client, digest, when, window)
+
+    def close(self) -> Deferred[None]:
+        return self.inner.close()  # type: ignore[no-any-return]
 
 
 # -- a scriptable SMTP server (the far end of outbound delivery) -------------

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from zope.interface import implementer
 
 from mta.address import ascii_lower, normalize_for_alignment
 from mta.errors import ConfigError
+from mta.interfaces import IUserDirectory
 
 FORMAT = "mta-users/1"
 MIN_PASSWORD = 8
@@ -89,7 +91,9 @@ class User:
         return doc
 
 
-def _user_from_json(path: str, email: str, doc: object) -> User:
+def user_from_json(path: str, email: str, doc: object) -> User:
+    """One entry of the users file (or of Redis, L{mta.cluster.users}); C{path}
+    names where it came from in the error."""
     if not isinstance(doc, dict) or not isinstance(doc.get("password"), str):
         raise ConfigError(f"{path}: user {email!r} has no password hash")
     aliases = doc.get("aliases", [])
@@ -104,6 +108,7 @@ def _user_from_json(path: str, email: str, doc: object) -> User:
     return User(email, doc["password"], list(aliases), list(domains), limit)
 
 
+@implementer(IUserDirectory)
 class UserFile:
     """The users file, re-read whenever it changes on disk."""
 
@@ -126,7 +131,7 @@ class UserFile:
         if not isinstance(users, dict):
             raise ConfigError(f"{self.path}: 'users' must be an object")
         return {
-            normalize_login(email): _user_from_json(self.path, email, u)
+            normalize_login(email): user_from_json(self.path, email, u)
             for email, u in users.items()
         }
 
@@ -144,6 +149,9 @@ class UserFile:
 
     def get(self, email: str) -> User | None:
         return self.users().get(normalize_login(email))
+
+    def ready(self) -> bool:
+        return True  # a missing file is no users, a broken one an error at start
 
     @contextmanager
     def editing(self) -> Iterator[dict[str, User]]:

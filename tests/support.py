@@ -16,11 +16,13 @@ from mta import config as configmod
 from mta.address import parse_networks
 from mta.checks import PluginContext
 from mta.checks import host as checkhost
+from mta.cluster.local import LocalState
 from mta.config import Config
+from mta.dailycount import DailyCounter
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.server import SessionSettings, SubmissionFactory, SubmissionSession
 from mta.spool.memory import MemorySpool
-from mta.testing import TLSStringTransport, run_inline, write_users
+from mta.testing import SwitchableState, TLSStringTransport, run_inline, write_users
 from mta.tls import ServerTLS, ensure_selfsigned
 from mta.users import UserFile
 
@@ -67,12 +69,17 @@ class Harness:
             domains={LOGIN: ["alice.example"]},
         )
         auth = self.config.auth
+        # Switchable: a test can take the shared state "down" (Redis gone).
+        self.shared = SwitchableState(
+            LocalState(DailyCounter(os.path.join(directory, "state"), self.clock))
+        )
         self.throttle = AuthThrottle(
             self.clock,
             max_failures=auth.max_failures,
             window=auth.failure_window,
             delay=auth.failure_delay,
             delay_max=auth.failure_delay_max,
+            state=self.shared,
         )
         self.settings = SessionSettings(
             config=self.config,
@@ -93,6 +100,7 @@ class Harness:
             users=self.users,
             state_dir=os.path.join(directory, "state"),
             hostname="mx.test",
+            shared=self.shared,
         )
         self.settings.checks = self.checks = checkhost.load(self.config, self.context)
 

@@ -13,7 +13,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -21,7 +20,6 @@ from mta.errors import SMTPReplyError
 from mta.smtp.auth import (
     PASSWORD_CHALLENGE,
     USERNAME_CHALLENGE,
-    AuthThrottle,
     UserFileChecker,
     client_key,
     decode_login_field,
@@ -136,123 +134,8 @@ class ClientKeyTests(SynchronousTestCase):
         self.assertEqual(client_key("unknown"), "unknown")
 
 
-class AuthThrottleTests(SynchronousTestCase):
-    IP = "192.0.2.1"
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1700000000)
-        self.throttle = AuthThrottle(
-            self.clock, max_failures=3, window=900, delay=1.0, delay_max=4.0
-        )
-
-    def fail(self, n: int, address: str = IP, prefix: str = "guess") -> list[float]:
-        return [
-            self.throttle.failure(address, "alice@example.com", f"{prefix}{i}") for i in range(n)
-        ]
-
-    def test_not_blocked_initially(self) -> None:
-        self.assertFalse(self.throttle.blocked(self.IP))
-
-    def test_blocked_after_max_distinct_failures(self) -> None:
-        self.fail(2)
-        self.assertFalse(self.throttle.blocked(self.IP))
-        self.fail(1, prefix="other")
-        self.assertTrue(self.throttle.blocked(self.IP))
-
-    def test_same_password_counts_once(self) -> None:
-        """A client retrying one saved wrong password now and then is not locked out..."""
-        for _ in range(8):
-            self.throttle.failure(self.IP, "alice@example.com", "old password")
-        self.assertFalse(self.throttle.blocked(self.IP))
-
-    def test_same_password_hammered_is_blocked(self) -> None:
-        """... but three times max_failures attempts of any kind in the window are."""
-        for _ in range(9):
-            self.throttle.failure(self.IP, "alice@example.com", "old password")
-        self.assertTrue(self.throttle.blocked(self.IP))
-        self.clock.advance(901)
-        self.assertFalse(self.throttle.blocked(self.IP))
-
-    def test_known_failure_skips_the_hash(self) -> None:
-        self.throttle.failure(self.IP, "alice@example.com", "old password", "hash-1")
-        self.assertTrue(
-            self.throttle.known_failure(self.IP, "Alice@Example.com", "old password", "hash-1")
-        )
-        # A new stored hash (the password was changed) means: check again.
-        self.assertFalse(
-            self.throttle.known_failure(self.IP, "alice@example.com", "old password", "hash-2")
-        )
-        self.assertFalse(
-            self.throttle.known_failure("192.0.2.99", "alice@example.com", "old password", "hash-1")
-        )
-
-    def test_same_password_other_user_counts(self) -> None:
-        for user in ["a@example.com", "b@example.com", "c@example.com"]:
-            self.throttle.failure(self.IP, user, "password1")
-        self.assertTrue(self.throttle.blocked(self.IP))
-
-    def test_unblocked_when_window_passes(self) -> None:
-        self.fail(3)
-        self.clock.advance(899)
-        self.assertTrue(self.throttle.blocked(self.IP))
-        self.clock.advance(1)
-        self.assertFalse(self.throttle.blocked(self.IP))
-
-    def test_window_slides(self) -> None:
-        """Each failure expires on its own, window seconds after it."""
-        self.fail(2, prefix="early")
-        self.clock.advance(600)
-        self.fail(1, prefix="late")
-        self.assertTrue(self.throttle.blocked(self.IP))
-        self.clock.advance(300)  # the early ones expire
-        self.assertFalse(self.throttle.blocked(self.IP))
-        self.fail(2, prefix="again")
-        self.assertTrue(self.throttle.blocked(self.IP))
-
-    def test_other_ips_unaffected(self) -> None:
-        self.fail(3)
-        self.assertTrue(self.throttle.blocked(self.IP))
-        self.assertFalse(self.throttle.blocked("192.0.2.2"))
-        self.assertFalse(self.throttle.blocked("2001:db8::1"))
-
-    def test_ipv6_counted_per_64(self) -> None:
-        for i in range(3):
-            self.throttle.failure(f"2001:db8::{i + 1}", "alice@example.com", f"guess{i}")
-        self.assertTrue(self.throttle.blocked("2001:db8::ffff"))
-        self.assertFalse(self.throttle.blocked("2001:db8:0:1::1"))
-
-    def test_ipv4_mapped_same_as_ipv4(self) -> None:
-        self.fail(3, address="::ffff:192.0.2.1")
-        self.assertTrue(self.throttle.blocked(self.IP))
-
-    def test_delay_doubles_up_to_max(self) -> None:
-        self.assertEqual(self.fail(5), [1.0, 2.0, 4.0, 4.0, 4.0])
-
-    def test_delay_not_raised_by_repeats(self) -> None:
-        delays = [self.throttle.failure(self.IP, "alice@example.com", "same") for _ in range(4)]
-        self.assertEqual(delays, [1.0, 1.0, 1.0, 1.0])
-
-    def test_delay_restarts_after_window(self) -> None:
-        self.fail(2)
-        self.clock.advance(900)
-        self.assertEqual(self.fail(1, prefix="new"), [1.0])
-
-    def test_zero_delay(self) -> None:
-        throttle = AuthThrottle(self.clock, max_failures=3, window=900, delay=0, delay_max=0)
-        self.assertEqual(throttle.failure(self.IP, "a@example.com", "x"), 0)
-
-    def test_passwords_not_kept(self) -> None:
-        """Only keyed hashes of attempts are kept, never the passwords."""
-        secret = "correct-horse-battery-staple-42"
-        self.throttle.failure(self.IP, "alice@example.com", secret)
-        self.assertNotIn(secret, repr(vars(self.throttle)))
-        self.assertNotIn(secret.encode(), repr(vars(self.throttle)).encode())
-
-    def test_no_timers_left(self) -> None:
-        """The throttle only reads the clock; it never schedules calls."""
-        self.fail(5)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+# AuthThrottle's rules are tested against every ISharedState in
+# tests/test_shared_state.py (in this process and in Redis).
 
 
 class UserFileCheckerTests(SynchronousTestCase):

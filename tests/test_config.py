@@ -87,6 +87,7 @@ class DefaultTests(SynchronousTestCase):
                 "metrics",
                 "log",
                 "dkim",
+                "cluster",
             },
         )
         self.assertEqual(defaults["limits"]["message_size"], 50 * 1024 * 1024)
@@ -182,6 +183,35 @@ class LoadTests(ConfigFileTestCase):
 
 class ErrorTests(ConfigFileTestCase):
     """Every error is a ConfigError whose one line names file, section and key."""
+
+    def test_cluster_options(self) -> None:
+        self.assertConfigError(
+            '[listen]\nproxy_submissions = ["tcp:10465"]\n', "[listen] proxy_from", "load balancers"
+        )
+        self.assertConfigError(
+            '[listen]\nproxy_from = ["balancer"]\n', "[listen] proxy_from", "'balancer'"
+        )
+        self.assertConfigError('[cluster]\nusers = "redis"\n', "[cluster]", "needs [cluster] redis")
+        self.assertConfigError('[cluster]\nusers = "ldap"\n', "[cluster] users", "file, redis")
+        self.assertConfigError(
+            '[cluster]\npassword_file = "pw"\n', "[cluster] password_file", "needs [cluster] redis"
+        )
+        self.assertConfigError(
+            '[cluster]\nredis = "tcp:host=r:port=6379"\nprefix = "a b"\n', "[cluster] prefix"
+        )
+
+    def test_redis_password_file(self) -> None:
+        directory = self.directory()
+        with open(os.path.join(directory, "pw"), "w") as f:
+            f.write("s3cret\n")
+        path = os.path.join(directory, "mta.toml")
+        with open(path, "w") as f:
+            f.write('[cluster]\nredis = "tcp:host=r:port=6379"\npassword_file = "pw"\n')
+        c = config.load(path)
+        self.assertEqual(c.cluster.password(c.source), "s3cret")
+        os.unlink(os.path.join(directory, "pw"))
+        message = str(self.assertRaises(ConfigError, c.cluster.password, c.source))
+        self.assertIn("[cluster] password_file: cannot read", message)
 
     def test_missing_file(self) -> None:
         path = os.path.join(self.directory(), "absent.toml")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta import config
+from tests.haproxy import HAPROXY
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
@@ -63,3 +65,35 @@ class ConfigurationDocTests(SynchronousTestCase):
             self.assertGreaterEqual(
                 options.get("max_size", 25 * 1024 * 1024), doc["limits"]["message_size"]
             )
+
+
+class SeveralInstancesDocTests(SynchronousTestCase):
+    """docs/operations.md's "Running several instances": its configurations work."""
+
+    def setUp(self) -> None:
+        with open(os.path.join(DOCS, "operations.md"), encoding="utf-8") as f:
+            text = f.read()
+        self.section = text[text.index("## Running several instances") :]
+
+    def block(self, language: str) -> str:
+        match = re.search(rf"```{language}\n(.*?)```", self.section, re.S)
+        assert match is not None, f"no {language} block"
+        return match.group(1)
+
+    def test_the_instance_configuration_is_valid(self) -> None:
+        parsed = config.parse(tomllib.loads(self.block("toml")), "operations.md", "/etc/mta")
+        self.assertEqual(parsed.listen.proxy_submissions, ["tcp:10465"])
+        self.assertEqual(parsed.cluster.users, "redis")
+
+    def test_the_haproxy_configuration_is_valid(self) -> None:
+        """Checked by the real haproxy (-c: parse and check, bind nothing)."""
+        text = self.block("haproxy")
+        self.assertIn("send-proxy-v2", text)
+        self.assertIn("option httpchk GET /health", text)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        result = subprocess.run(
+            [HAPROXY, "-c", "-f", path], capture_output=True, text=True, timeout=60, check=False
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)

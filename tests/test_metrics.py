@@ -7,7 +7,7 @@ import json
 from prometheus_client import generate_latest
 from twisted.web.test.requesthelper import DummyRequest
 
-from mta.metrics import Metrics, site
+from mta.metrics import Metrics, exposition, site
 from mta.spool.queueid import arrival_of
 from tests.queue_support import LATER, NO_USER, OK, T0, QueueTestCase
 
@@ -37,6 +37,22 @@ class ExpositionTests(QueueTestCase):
         body = resource.getChildWithDefault(b"metrics", request).render(request)  # type: ignore[attr-defined]
         self.assertIsInstance(body, bytes)
         self.assertIn(b"mta_messages_accepted_total 1.0", body)
+
+    def test_every_sample_carries_the_instance_label(self) -> None:
+        metrics = Metrics(instance="mta-b")
+        metrics.messages_accepted.inc()
+        metrics.deliveries.labels("sent", "").inc()
+        metrics.watch_queue(lambda: {"incoming": 1}, lambda: None, lambda: T0)
+        text = exposition(metrics).decode()
+        samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+        self.assertTrue(samples)
+        for line in samples:
+            self.assertIn('mta_instance="mta-b"', line)
+        self.assertIn('mta_messages_accepted_total{mta_instance="mta-b"} 1.0', text)
+        self.assertIn('mta_queue_messages{mta_instance="mta-b",state="incoming"} 1.0', text)
+        # The registry itself is unchanged (tests read samples by their own labels).
+        self.assertEqual(sample(metrics, "mta_messages_accepted_total"), 1.0)
+        self.assertNotIn("mta_instance", exposition(Metrics()).decode())
 
     def test_health_resource(self) -> None:
         resource = site(Metrics(), lambda: {"status": "failing", "problems": ["disk"]}).resource

@@ -137,3 +137,4 @@ class PluginContext:
     users: Any  # mta.users.UserFile
     state_dir: str  # spool/state: where a plugin may keep small files
     hostname: str
+    shared: Any  # mta.interfaces.ISharedState: counts the instances of a cluster share

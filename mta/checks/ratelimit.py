@@ -5,8 +5,11 @@ its defaults.  The limit is a user's C{daily_limit} (users file, C{mtactl
 user add --daily-limit}) or else C{daily_messages} (the option, else
 C{[limits] daily_messages}, 300 by default); 0 means no limit.  What counts is
 one per accepted message, or with C{count = "recipients"} one per
-recipient.  Counts are kept by L{mta.dailycount.DailyCounter} in
-C{spool/state/}, so a restart does not reset them; the day is the UTC day.
+recipient.  Counts are kept in the service's L{ISharedState}: by
+L{mta.dailycount.DailyCounter} in C{spool/state/} for one instance (a
+restart does not reset them), in Redis for a cluster (every instance
+counts against the same limit); the day is the UTC day.  When Redis
+cannot answer, the limit fails closed: C{451 4.3.0}, the message waits.
 
 Refusals are temporary (C{451 4.7.1}) and say which limit was reached:
 at MAIL once the day's count is used up, at RCPT when one more recipient
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.checks import CONTINUE, MessageInfo, PluginContext, SessionInfo, Verdict, tempfail
 from mta.config import option
-from mta.dailycount import DailyCounter
-from mta.interfaces import IMailHook, IMessageHook, IQueuedHook, IRcptHook
+from mta.errors import SharedStateError
+from mta.interfaces import IMailHook, IMessageHook, IQueuedHook, IRcptHook, ISharedState
 
 log = Logger(namespace="mta.checks.ratelimit")
 
@@ -37,12 +42,17 @@ class Options:
     count: str = option("messages", choices=("messages", "recipients"))
 
 
+UNAVAILABLE = (
+    "The daily sending limit cannot be checked right now (a server problem); try again later"
+)
+
+
 @implementer(IMailHook, IRcptHook, IMessageHook, IQueuedHook)
 class SendingLimit:
     name = "ratelimit"
 
-    def __init__(self, counter: DailyCounter, users: object, default: int, count: str) -> None:
-        self.counter = counter
+    def __init__(self, state: ISharedState, users: object, default: int, count: str) -> None:
+        self.state = state
         self.users = users
         self.default = default
         self.by_recipient = count == "recipients"
@@ -60,49 +70,71 @@ class SendingLimit:
             f"Daily sending limit of {limit} {unit} reached for <{login}>; try again tomorrow"
         )
 
-    def on_mail(self, session: SessionInfo, sender: str) -> Verdict:
-        login = session.login
-        if login is None:
-            return CONTINUE
+    def _check(self, login: str, more: int) -> Verdict | Deferred[Verdict]:
+        """Refuse when C{more} units on top of today's count would pass the limit.
+
+        The count is asked of the shared state (another instance may have
+        counted since); when it cannot answer, the message waits (fail closed).
+        """
         limit = self.limit(login)
-        if limit and self.counter.count(login) >= limit:
-            return self._refuse(login, limit)
-        return CONTINUE
+        if not limit:
+            return CONTINUE
+
+        def decide(sent: int) -> Verdict:
+            return self._refuse(login, limit) if sent + more > limit else CONTINUE
+
+        def unavailable(f: Failure) -> Verdict:
+            f.trap(SharedStateError)
+            log.error(
+                "{login}: cannot check the daily limit: {e}", login=login, e=f.getErrorMessage()
+            )
+            return tempfail(UNAVAILABLE, 451, "4.3.0")
+
+        return self.state.sent_today(login).addCallbacks(decide, unavailable)
+
+    def on_mail(self, session: SessionInfo, sender: str) -> Verdict | Deferred[Verdict]:
+        if session.login is None:
+            return CONTINUE
+        return self._check(session.login, 1)
 
     def on_rcpt(
         self, session: SessionInfo, sender: str, accepted: list[str], recipient: str
-    ) -> Verdict:
-        login = session.login
-        if login is None or not self.by_recipient:
+    ) -> Verdict | Deferred[Verdict]:
+        if session.login is None or not self.by_recipient:
             return CONTINUE
-        limit = self.limit(login)
-        if limit and self.counter.count(login) + len(accepted) + 1 > limit:
-            return self._refuse(login, limit)
-        return CONTINUE
+        return self._check(session.login, len(accepted) + 1)
 
     def _weight(self, message: MessageInfo) -> int:
         return len(message.recipients) if self.by_recipient else 1
 
-    def on_message(self, session: SessionInfo, message: MessageInfo) -> Verdict:
-        login = session.login
-        if login is None:
+    def on_message(self, session: SessionInfo, message: MessageInfo) -> Verdict | Deferred[Verdict]:
+        if session.login is None:
             return CONTINUE
-        limit = self.limit(login)
-        if limit and self.counter.count(login) + self._weight(message) > limit:
-            return self._refuse(login, limit)
-        return CONTINUE
+        return self._check(session.login, self._weight(message))
 
     def on_queued(self, session: SessionInfo, message: MessageInfo) -> None:
-        if session.login is not None:
-            self.counter.add(session.login, self._weight(message))
+        login = session.login
+        if login is None:
+            return
+
+        def lost(f: Failure) -> None:
+            # The message is queued already; only its count is missing.
+            f.trap(SharedStateError)
+            log.error(
+                "{qid}: not counted for the daily limit of {login}: {e}",
+                qid=message.queue_id,
+                login=login,
+                e=f.getErrorMessage(),
+            )
+
+        self.state.add_sent(login, self._weight(message)).addCallbacks(lambda _: None, lost)
 
 
 def make(options: Options, context: PluginContext) -> SendingLimit:
     default = options.daily_messages
     if default is None:
         default = context.config.limits.daily_messages
-    counter = DailyCounter(context.state_dir, context.reactor)
-    return SendingLimit(counter, context.users, default, options.count)
+    return SendingLimit(context.shared, context.users, default, options.count)
 
 
 __all__ = ["Options", "SendingLimit", "make"]

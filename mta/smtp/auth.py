@@ -13,9 +13,7 @@ import hashlib
 import ipaddress
 import secrets
 from base64 import b64decode
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -24,10 +22,16 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mta.errors import Reply, SMTPReplyError
-from mta.users import UserFile, hash_password, normalize_login, verify_password
+from mta.cluster import FailureCounts
+from mta.errors import Reply, SharedStateError, SMTPReplyError
+from mta.interfaces import ISharedState, IUserDirectory
+from mta.users import hash_password, normalize_login, verify_password
+
+log = Logger(namespace="mta.smtpd")
 
 MECHANISMS = ("PLAIN", "LOGIN")
 # RFC 4954 section 4: a SASL line may be up to 12288 octets.
@@ -84,8 +88,28 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_hex(16))
 
 
-class TooBusy(Exception):  # noqa: N818 - a state, not an error of the caller
+class LoginUnavailable(Exception):  # noqa: N818 - a state, not an error of the caller
+    """A login cannot be checked now; C{reply} is the temporary reply to send."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+BUSY = Reply(454, "4.7.0", "Too many logins in progress; try again shortly")
+LOGIN_UNAVAILABLE = Reply(
+    454, "4.3.0", "Logins cannot be checked right now (a server problem); try again later"
+)
+USERS_UNAVAILABLE = Reply(
+    454, "4.3.0", "The list of users is not available right now; try again later"
+)
+
+
+class TooBusy(LoginUnavailable):
     """Too many password checks are in progress; the client should come back."""
+
+    def __init__(self) -> None:
+        super().__init__(BUSY)
 
 
 @implementer(ICredentialsChecker)
@@ -104,7 +128,7 @@ class UserFileChecker:
 
     def __init__(
         self,
-        users: UserFile,
+        users: IUserDirectory,
         runner: Callable[[Callable[[], Any]], Deferred[Any]],
         max_in_flight: int = 32,
     ) -> None:
@@ -126,6 +150,8 @@ class UserFileChecker:
             username.decode("utf-8") if isinstance(username, bytes) else username
         )
         secret = password.decode("utf-8") if isinstance(password, bytes) else password
+        if not self._users.ready():
+            return fail(LoginUnavailable(USERS_UNAVAILABLE))
         if self.in_flight >= self._max_in_flight:
             return fail(TooBusy())
         user = self._users.get(login)
@@ -161,12 +187,6 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
-@dataclass
-class _Client:
-    failures: dict[bytes, float] = field(default_factory=dict)  # digest -> time
-    attempts: deque[float] = field(default_factory=deque)  # every failure's time
-
-
 class AuthThrottle:
     """Counts wrong passwords per client; blocks after too many.
 
@@ -179,9 +199,14 @@ class AuthThrottle:
     is answered without running the slow hash again (L{known_failure}).
     Only keyed hashes of the attempts are kept, never the passwords; the
     stored hash is part of the key, so a changed password is checked anew.
-    """
 
-    MAX_CLIENTS = 100_000
+    The failures are kept in an L{ISharedState}: in this process
+    (L{mta.cluster.local.LocalState}) or in Redis for a cluster, so that a
+    guesser spreading over the instances is counted once.  Every answer is
+    a Deferred; when the state cannot answer it fails with
+    L{LoginUnavailable}, a temporary reply (fail closed: no login is
+    checked while the failures cannot be counted).
+    """
 
     def __init__(
         self,
@@ -190,6 +215,8 @@ class AuthThrottle:
         window: float,
         delay: float,
         delay_max: float,
+        *,
+        state: ISharedState,
     ) -> None:
         self._clock = clock
         self._max = max_failures
@@ -197,44 +224,55 @@ class AuthThrottle:
         self._delay = delay
         self._delay_max = delay_max
         self._key = secrets.token_bytes(16)
-        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._state = state
 
-    def _recent(self, client: str) -> _Client:
-        record = self._clients.get(client)
-        if record is None:
-            return _Client()
-        cutoff = self._clock.seconds() - self._window
-        for digest in [d for d, t in record.failures.items() if t <= cutoff]:
-            del record.failures[digest]
-        while record.attempts and record.attempts[0] <= cutoff:
-            record.attempts.popleft()
-        if not record.attempts:
-            del self._clients[client]
-        return record
+    def _since(self) -> float:
+        return self._clock.seconds() - self._window
 
     def _digest(self, username: str, password: str, stored: str) -> bytes:
         data = f"{normalize_login(username)}\0{password}\0{stored}".encode()
         return hashlib.blake2b(data, key=self._key, digest_size=16).digest()
 
-    def blocked(self, address: str) -> bool:
-        record = self._recent(client_key(address))
-        return len(record.failures) >= self._max or len(record.attempts) >= 3 * self._max
+    def blocked(self, address: str) -> Deferred[bool]:
+        d = self._state.auth_failures(client_key(address), self._since())
+        d.addCallback(lambda c: c.distinct >= self._max or c.attempts >= 3 * self._max).addErrback(
+            _unavailable
+        )
+        return d
 
-    def known_failure(self, address: str, username: str, password: str, stored: str) -> bool:
+    def known_failure(
+        self, address: str, username: str, password: str, stored: str
+    ) -> Deferred[bool]:
         """Whether this client already failed with exactly these credentials."""
-        record = self._recent(client_key(address))
-        return self._digest(username, password, stored) in record.failures
+        digest = self._digest(username, password, stored)
+        d = self._state.auth_failed_before(client_key(address), digest, self._since())
+        return d.addErrback(_unavailable)
 
-    def failure(self, address: str, username: str, password: str, stored: str = "") -> float:
-        """Record a wrong password; returns the delay before replying."""
-        client = client_key(address)
-        record = self._recent(client)
-        now = self._clock.seconds()
-        record.failures[self._digest(username, password, stored)] = now
-        record.attempts.append(now)
-        self._clients[client] = record
-        self._clients.move_to_end(client)
-        while len(self._clients) > self.MAX_CLIENTS:
-            self._clients.popitem(last=False)
-        delay: float = self._delay * 2 ** (len(record.failures) - 1)
-        return min(delay, self._delay_max)
+    def failure(
+        self, address: str, username: str, password: str, stored: str = ""
+    ) -> Deferred[float]:
+        """Record a wrong password; fires with the delay before replying (never fails)."""
+        digest = self._digest(username, password, stored)
+        d = self._state.add_auth_failure(
+            client_key(address), digest, self._clock.seconds(), self._window
+        )
+
+        def delay(counts: FailureCounts) -> float:
+            value: float = self._delay * 2 ** (counts.distinct - 1)
+            return min(value, self._delay_max)
+
+        def unrecorded(f: Failure) -> float:
+            # The password was wrong all the same (the client is told so);
+            # as it could not be counted, it earns the longest delay.
+            f.trap(SharedStateError)
+            log.error("cannot record an AUTH failure: {e}", e=f.getErrorMessage())
+            return self._delay_max
+
+        return d.addCallbacks(delay, unrecorded)
+
+
+def _unavailable(f: Failure) -> Failure:
+    """The shared state did not answer: a temporary reply, never a pass."""
+    f.trap(SharedStateError)
+    log.error("cannot check AUTH failures: {e}", e=f.getErrorMessage())
+    return Failure(LoginUnavailable(LOGIN_UNAVAILABLE))

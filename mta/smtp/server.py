@@ -49,7 +49,7 @@ from mta.checks import Action, MessageInfo, SessionInfo, Verdict
 from mta.config import Config
 from mta.envelope import Envelope, Recipient
 from mta.errors import Reply, SMTPReplyError, StorageError
-from mta.interfaces import ISpool, ISpoolTransaction
+from mta.interfaces import ISpool, ISpoolTransaction, IUserDirectory
 from mta.metrics import Metrics
 from mta.smtp import auth
 from mta.smtp.dataread import BodyReader, ChunkReader, DataReader
@@ -58,7 +58,7 @@ from mta.tls import ServerTLS, describe_connection
 
 if TYPE_CHECKING:
     from mta.checks.host import Checks
-from mta.users import User, UserFile
+from mta.users import User
 
 log = Logger(namespace="mta.smtpd")
 
@@ -96,7 +96,7 @@ class SessionSettings:
     hostname: str
     tls: ServerTLS
     spool: ISpool
-    users: UserFile
+    users: IUserDirectory
     checker: ICredentialsChecker
     throttle: auth.AuthThrottle
     clock: IReactorTime
@@ -591,11 +591,26 @@ class SubmissionSession(Protocol):
         mechanism, initial = mechanism.upper(), initial.strip()
         if mechanism not in auth.MECHANISMS:
             return Reply(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN")
-        if self.s.throttle.blocked(self.peer):
-            log.info("AUTH refused for [{peer}]: too many failures", peer=self.peer)
-            return Reply(
-                454, "4.7.0", "Too many failed login attempts from your address; try again later"
-            )
+
+        def start(blocked: bool) -> Reply | Deferred[Reply]:
+            if blocked:
+                log.info("AUTH refused for [{peer}]: too many failures", peer=self.peer)
+                return Reply(
+                    454,
+                    "4.7.0",
+                    "Too many failed login attempts from your address; try again later",
+                )
+            return self._start_sasl(mechanism, initial)
+
+        return self.s.throttle.blocked(self.peer).addCallbacks(start, self._login_unavailable)
+
+    def _login_unavailable(self, f: Failure) -> Reply:
+        """The throttle or the users cannot answer now: a temporary reply (fail closed)."""
+        f.trap(auth.LoginUnavailable)
+        log.warn("[{peer}]: login not checked: {e}", peer=self.peer, e=f.getErrorMessage())
+        return f.value.reply  # type: ignore[union-attr,no-any-return]
+
+    def _start_sasl(self, mechanism: str, initial: str) -> Reply | Deferred[Reply]:
         if mechanism == "PLAIN":
             if initial:
                 return self._plain(initial)
@@ -631,13 +646,16 @@ class SubmissionSession(Protocol):
         return Reply(334, None, auth.PASSWORD_CHALLENGE)
 
     def _check_password(self, method: str, username: str, password: str) -> Deferred[Reply]:
-        throttle = self.s.throttle
         stored = self.s.stored_hash(username)
-        if throttle.known_failure(self.peer, username, password, stored):
-            # Exactly this wrong password again: no need to run argon2.
-            return self._wrong_password(method, username, password, stored)
-        credentials = UsernamePassword(username.encode(), password.encode())
-        d = self.s.checker.requestAvatarId(credentials)
+        known = self.s.throttle.known_failure(self.peer, username, password, stored)
+
+        def check(known: bool) -> Deferred[Reply]:
+            if known:
+                # Exactly this wrong password again: no need to run argon2.
+                return self._wrong_password(method, username, password, stored)
+            credentials = UsernamePassword(username.encode(), password.encode())
+            d = self.s.checker.requestAvatarId(credentials)
+            return d.addCallbacks(ok, failed)
 
         def ok(login: str) -> Reply:
             self.login = login
@@ -650,18 +668,17 @@ class SubmissionSession(Protocol):
             return Reply(235, "2.7.0", "Authentication successful")
 
         def failed(f: Failure) -> Deferred[Reply] | Reply:
-            if f.check(auth.TooBusy):
-                log.warn("[{peer}]: too many logins in progress", peer=self.peer)
-                return Reply(454, "4.7.0", "Too many logins in progress; try again shortly")
+            if f.check(auth.LoginUnavailable):
+                return self._login_unavailable(f)
             f.trap(UnauthorizedLogin)
             return self._wrong_password(method, username, password, stored)
 
-        return d.addCallbacks(ok, failed)
+        return known.addCallbacks(check, failed)
 
     def _wrong_password(
         self, method: str, username: str, password: str, stored: str
     ) -> Deferred[Reply]:
-        delay = self.s.throttle.failure(self.peer, username, password, stored)
+        recorded = self.s.throttle.failure(self.peer, username, password, stored)
         self.s.metrics.auth_failures.inc()
         log.warn(
             "[{peer}]: SASL {method} authentication failed for {user!r}",
@@ -675,13 +692,17 @@ class SubmissionSession(Protocol):
             "Authentication failed: wrong username or password "
             "(the username is your full email address)",
         )
-        later: Deferred[Reply] = Deferred()
-        self.s.clock.callLater(delay, later.callback, reply)
-        return later
+
+        def wait(delay: float) -> Deferred[Reply]:
+            later: Deferred[Reply] = Deferred()
+            self.s.clock.callLater(delay, later.callback, reply)
+            return later
+
+        return recorded.addCallback(wait)
 
     def _user(self) -> User:
         assert self.login is not None
-        user = self.s.users.get(self.login)
+        user: User | None = self.s.users.get(self.login)
         if user is None:
             # Deleted since login: the session's rights end with the account.
             raise SMTPReplyError(Reply(535, "5.7.8", "Your account no longer exists"))
