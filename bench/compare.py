@@ -60,7 +60,15 @@ from typing import Any, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.run import BIN, free_port, mta_command, need, percentile, wait_port
+from bench.run import (
+    BIN,
+    free_port,
+    mta_command,
+    need,
+    percentile,
+    postfix_directories,
+    wait_port,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -262,6 +270,7 @@ class PostfixServer:
             os.chmod(path, 0o755)
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
             f.write(POSTFIX_MAIN.format(work=self.work, sink_port=sink_port))
+            f.write(postfix_directories())
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
             f.write(POSTFIX_MASTER.format(port=port))
         self._postfix("start")
@@ -504,6 +513,36 @@ def py_spy(pid: int, out: str, gil: bool = False) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+SYSCALLS = (
+    "fsync", "fdatasync", "openat", "rename", "renameat", "renameat2", "mkdir", "mkdirat",
+    "write", "writev", "sendto", "recvfrom", "read", "futex", "epoll_wait",
+)  # fmt: skip
+
+
+def strace(root: int, out: str) -> subprocess.Popen[bytes]:
+    """strace -f -c on every process of the server (Postfix's children too, as
+    they are forked) until SIGINT; the summary goes to C{out}."""
+    cmd = ["strace", "-f", "-c", "-o", out]
+    for pid in [root, *descendants(root)]:
+        cmd += ["-p", str(pid)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # attached
+    return proc
+
+
+def syscall_counts(path: str) -> dict[str, int]:
+    """The calls column of an strace -c summary, by system call."""
+    counts: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1].isidentifier():
+                calls = parts[3]
+                if calls.isdigit():
+                    counts[parts[-1]] = int(calls)
+    return counts
+
+
 def one_run(
     server: Server,
     sc: Scenario,
@@ -511,9 +550,11 @@ def one_run(
     timeout: float,
     profile: str = "",
     gil: bool = False,
+    syscalls: str = "",
 ) -> dict[str, Any]:
     sink = Sink()
     spy: subprocess.Popen[bytes] | None = None
+    tracer: subprocess.Popen[bytes] | None = None
     try:
         port = server.start(sink.port)
         time.sleep(0.5)  # let start-up work settle
@@ -526,6 +567,8 @@ def one_run(
             os.makedirs(profile, exist_ok=True)  # py-spy fails silently without it
             spy = py_spy(root, os.path.join(profile, f"{sc.name}.txt"), gil)
             time.sleep(1)
+        if syscalls:
+            tracer = strace(root, syscalls)
         start = time.monotonic()
         sampler.start()
         probe.start()
@@ -544,6 +587,9 @@ def one_run(
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=120)
         sampler.stopping.set()
         sampler.join()
         sampler.sample()
@@ -566,10 +612,17 @@ def one_run(
         }
         if isinstance(server, MtaServer):
             result["vmhwm_mib"] = round(hwm_bytes(root) / 2**20, 1)
+        if syscalls:
+            counts = syscall_counts(syscalls)
+            result["syscalls_per_message"] = {
+                name: round(counts.get(name, 0) / max(delivered, 1), 2) for name in SYSCALLS
+            }
         return result
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
+        if tracer is not None and tracer.poll() is None:
+            tracer.kill()
         server.stop()
         sink.stop()
 
@@ -616,6 +669,12 @@ def main() -> None:
         "--gil", action="store_true", help="with --profile: sample only the thread holding the GIL"
     )
     p.add_argument("--mta-only", action="store_true", help="skip Postfix (for profiling)")
+    p.add_argument(
+        "--strace",
+        action="store_true",
+        help="count system calls per delivered message with strace -f -c (slows both down: "
+        "use a separate, small run, e.g. --messages 2000)",
+    )
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (Postfix's master starts as root)")
@@ -630,8 +689,9 @@ def main() -> None:
             for make in makers[1:] if args.mta_only else makers:
                 with workdir(args.keep) as work:
                     server: Server = make(work)
+                    trace = os.path.join(work, "strace.txt") if args.strace else ""
                     row[server.name] = one_run(
-                        server, sc, args.messages, args.timeout, args.profile, args.gil
+                        server, sc, args.messages, args.timeout, args.profile, args.gil, trace
                     )
             if args.mta_only:
                 print(json.dumps(row), flush=True)
@@ -647,10 +707,28 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
     if results:
         print(table(results))
+        if args.strace:
+            print(syscall_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")
+
+
+def syscall_table(results: list[dict[str, Any]]) -> str:
+    """System calls per delivered message, mta beside Postfix (from --strace)."""
+    names = ("fsync", "fdatasync", "openat", "rename", "mkdir", "write", "futex")
+    head = "| scenario | server | " + " | ".join(names) + " |"
+    rows = [head, "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    for row in results:
+        for server in ("mta", "postfix"):
+            per = row[server].get("syscalls_per_message", {})
+            renames = sum(per.get(n, 0) for n in ("rename", "renameat", "renameat2"))
+            mkdirs = per.get("mkdir", 0) + per.get("mkdirat", 0)
+            values = {**per, "rename": round(renames, 2), "mkdir": round(mkdirs, 2)}
+            cells = " | ".join(f"{values.get(n, 0):.2f}" for n in names)
+            rows.append(f"| {row['scenario']} | {server} | {cells} |")
+    return "\n".join(rows)
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -40,8 +40,8 @@ def main() -> None:
     with open(args.profile) as f:
         for line in f:
             stack, _, count_text = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
+            if not stack or not count_text.isdigit():
+                continue  # a stack cut off (py-spy writes very long ones in pieces)
             count = int(count_text)
             frames = stack.split(";")
             thread = frames[0]

@@ -54,7 +54,54 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+POSTFIX_PACKAGE = os.path.join(REPO, "bench", "out", "postfix-package")
+
+
+def postfix_tree() -> str:
+    """Where Postfix's programs are: "" when Debian's postfix package is
+    installed, else the root of that package unpacked into bench/out/.
+
+    The tests need Debian's exim4 (a real sender of BDAT), and Debian
+    installs only one mail transport agent at a time; unpacked, Postfix's
+    programs run beside an installed exim.  The environment is set so that
+    they find their libraries.
+    """
+    if os.path.exists("/usr/sbin/postfix"):
+        return ""
+    root = POSTFIX_PACKAGE
+    if not os.path.exists(os.path.join(root, "usr", "sbin", "postfix")):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", "postfix"], cwd=tmp, check=True,
+                           capture_output=True)  # fmt: skip
+            [deb] = [os.path.join(tmp, n) for n in os.listdir(tmp) if n.endswith(".deb")]
+            os.makedirs(root, exist_ok=True)
+            subprocess.run(["dpkg", "-x", deb, root], check=True)
+    for group in ("postfix", "postdrop"):
+        subprocess.run(["groupadd", "--system", group], check=False, capture_output=True)
+    subprocess.run(["useradd", "--system", "-g", "postfix", "-d", "/nonexistent", "-s",
+                    "/usr/sbin/nologin", "postfix"], check=False, capture_output=True)  # fmt: skip
+    os.environ["PATH"] = os.path.join(root, "usr", "sbin") + os.pathsep + os.environ["PATH"]
+    os.environ["LD_LIBRARY_PATH"] = os.path.join(root, "usr", "lib", "postfix")
+    return root
+
+
+def postfix_directories() -> str:
+    """main.cf lines for an unpacked Postfix (L{postfix_tree}); "" for the installed one."""
+    root = postfix_tree()
+    if not root:
+        return ""
+    return (
+        f"command_directory = {root}/usr/sbin\n"
+        f"daemon_directory = {root}/usr/lib/postfix/sbin\n"
+        f"meta_directory = {root}/etc/postfix\n"
+        f"shlib_directory = {root}/usr/lib/postfix\n"
+        "import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C POSTLOG_SERVICE "
+        "POSTLOG_HOSTNAME LD_LIBRARY_PATH\n"
+    )
+
+
 def need(program: str) -> str:
+    postfix_tree()
     path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/usr/bin")
     if path is None:
         sys.exit(f"bench: {program} not found; install Debian's postfix package")

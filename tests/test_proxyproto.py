@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mta.address import parse_networks
 from mta.config import parse
+from mta.envelope import QueueState
 from mta.proxyproto import (
     V2_SIGNATURE,
     InvalidHeader,
@@ -36,7 +37,7 @@ from mta.proxyproto import (
 )
 from mta.service import MTAService
 from mta.smtp.server import SubmissionFactory, SubmissionSession
-from mta.spool.fs import STATES, FileStore
+from mta.spool.fs import FileStore
 from mta.testing import TLSStringTransport, write_users
 from tests.support import LOGIN, PASSWORD, Client, Harness, make_config
 
@@ -234,7 +235,7 @@ class ListenerTests(SynchronousTestCase):
 
 
 def _queued(store: FileStore) -> list[str]:
-    return [qid for state in STATES for qid in store.ids(state)]
+    return [qid for state in QueueState for qid in store.ids(state)]
 
 
 class SocketTests(TestCase):
