@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -57,6 +58,11 @@ class Reply:
         if self.enhanced is None:
             return texts
         return [f"{self.enhanced} {t}" if t else self.enhanced for t in texts]
+
+    @cached_property
+    def wire(self) -> bytes:
+        """L{encode}, computed once per reply (most replies are constants)."""
+        return self.encode()
 
     def encode(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated.

@@ -46,6 +46,7 @@ from mta.delivery.relay import DeliveryAgent, DeliverySettings
 from mta.delivery.routes import Router
 from mta.envelope import QueueState
 from mta.errors import ConfigError, StorageError
+from mta.fasttcp import WriteThroughReactor
 from mta.interfaces import IOutboundHook, ISharedState, IUserDirectory
 from mta.logs import json_observer
 from mta.metrics import Metrics
@@ -235,7 +236,7 @@ class MTAService(MultiService):
             refuse_networks=parse_networks(d.refuse_networks),
         )  # fmt: skip
         self.agent = DeliveryAgent(
-            reactor,
+            WriteThroughReactor(reactor),
             self.resolver,
             self.router,
             DeliverySettings(
@@ -378,7 +379,9 @@ class MTAService(MultiService):
     def _listen(self) -> None:
         for description, factory in self.listeners:
             try:
-                endpoint = serverFromString(self.reactor, with_backlog(description))
+                endpoint = serverFromString(
+                    WriteThroughReactor(self.reactor), with_backlog(description)
+                )
             except (ValueError, TypeError, KeyError) as e:
                 self._unlisten()
                 fatal(f"{self.config.source}: [listen] bad endpoint {description!r}: {e}")

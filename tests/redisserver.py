@@ -12,7 +12,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import weakref
 
 from tests.e2e.daemon import free_port
 
@@ -22,9 +24,16 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisServer:
     """One redis-server; C{stop}/C{start} again keep its port (a "restart")."""
 
-    def __init__(self, directory: str, *, password: str = "", persistent: bool = False) -> None:
-        self.dir = os.path.abspath(directory)
-        os.makedirs(self.dir, exist_ok=True)
+    def __init__(
+        self, directory: str | None = None, *, password: str = "", persistent: bool = False
+    ) -> None:
+        if directory is None:
+            # Its own directory under /tmp, removed with the object (or at exit).
+            self.dir = tempfile.mkdtemp(prefix="mta-redis-")
+            weakref.finalize(self, shutil.rmtree, self.dir, True)
+        else:
+            self.dir = os.path.abspath(directory)
+            os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
         self.password = password
         self.config = os.path.join(self.dir, "redis.conf")

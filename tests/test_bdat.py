@@ -20,7 +20,7 @@ from mta.checks import CONTINUE, SessionInfo, Verdict, reject
 from mta.checks import host as checkhost
 from mta.errors import StorageError
 from mta.interfaces import IMessageHook
-from mta.smtp.dataread import ChunkReader, too_big
+from mta.smtp.dataread import BARE_CR, LINE_TOO_LONG, MAX_LINE, NUL_OCTET, ChunkReader, too_big
 from tests.support import LOGIN, OTHER, Client, Harness, make_config
 
 MESSAGE = (
@@ -478,3 +478,20 @@ class ChunkReaderTests(SynchronousTestCase):
                 r = self.read(data[:i], data[i:])
                 self.assertIsNone(r.error)
                 self.assertEqual(b"".join(self.out), b"a\r\n.\r\n\r\nb\r\nc\r\n..\r\n")
+
+    def test_the_error_after_a_chunk_does_not_depend_on_the_packets(self) -> None:
+        """The reply to a chunk is the error its octets show, however they
+        arrived: whole, or one at a time, where an over-long line is found
+        before the NUL or bare CR that ends the chunk (found by the fuzzer,
+        tests/test_fuzz_smtp.py)."""
+        long = b"text" + b"x" * (2 * MAX_LINE)
+        for tail, expected in [(b"\x00", NUL_OCTET), (b"\ra", BARE_CR), (b"", LINE_TOO_LONG)]:
+            chunk = long + tail
+            errors = []
+            for pieces in ([chunk], [chunk[i : i + 1] for i in range(len(chunk))]):
+                r = ChunkReader(lambda _: None, 10_000_000)
+                for piece in pieces:
+                    r.feed(piece)
+                errors.append(r.error)  # the session replies now (not LAST)
+            with self.subTest(tail=tail):
+                self.assertEqual(errors, [expected, expected])

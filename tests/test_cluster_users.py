@@ -36,7 +36,7 @@ class RedisUsersTests(TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.server = RedisServer(os.path.abspath("redis-users-" + uuid.uuid4().hex[:8]))
+        cls.server = RedisServer()
         cls.server.start()
 
     @classmethod

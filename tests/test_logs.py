@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -120,3 +122,50 @@ class TwistdTests(SynchronousTestCase):
                   "log_namespace": "mta", "log_system": "-"})  # fmt: skip
         writer.drain()
         self.assertTrue(out.getvalue().endswith(" [-] hello world\n"), out.getvalue())
+
+
+class ClassicTextTests(SynchronousTestCase):
+    """The fast formatter writes exactly what Twisted's text log would."""
+
+    def test_same_text_as_twisted(self) -> None:
+
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            failure = Failure()
+
+        class Thing:
+            name = "thing"
+
+            def shout(self) -> str:
+                return "LOUD"
+
+        base = {"log_time": 1_700_000_000.75, "log_namespace": "mta.queue",
+                "log_level": LogLevel.info}  # fmt: skip
+        events: list[dict[str, Any]] = [
+            {**base, "log_format": "{qid}: queued ({n} recipients)", "qid": "Q1", "n": 3},
+            {**base, "log_format": "{secs:.0f} s and {pct:5.1%}", "secs": 3.7, "pct": 0.5},
+            {**base, "log_format": "{x.name} {y[0]}", "x": Thing(), "y": ["first"]},
+            {**base, "log_format": "{x.shout()}", "x": Thing()},
+            {**base, "log_format": "missing {nothere}"},
+            {**base, "log_format": "two\nlines"},
+            {**base, "log_format": ""},
+            {**base, "log_format": "no fields {{braces}}"},
+            {**base, "log_format": "{} positional"},
+            {**base, "log_format": "crashed {qid}", "qid": "Q", "log_failure": failure},
+            {**base, "log_format": "with system", "log_system": "-"},
+            {"log_format": "no level, no time", "log_namespace": "x"},
+            {**base, "log_format": "ünïcode {v}", "v": "ä"},
+            {**base, "log_format": b"bytes format"},
+            {**base, "log_format": None},
+        ]
+        for event in events:
+            with self.subTest(event=event.get("log_format")):
+                self.assertEqual(logs.classic_text(dict(event)),
+                                 formatEventAsClassicLogText(dict(event)))  # fmt: skip
+
+    def test_the_time_is_computed_once_a_second(self) -> None:
+
+        for when in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0, 12.5, 0.0):
+            self.assertEqual(logs._time_text(when), formatTime(when))
+        self.assertEqual(logs._time_text(None), "-")

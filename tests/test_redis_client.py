@@ -10,9 +10,7 @@ Redis that wants a password.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import Generator
 from typing import Any
 
@@ -118,7 +116,7 @@ class _Garbage(Protocol):
 
 class ClientTests(TestCase):
     def setUp(self) -> None:
-        self.server = RedisServer(os.path.abspath("redis-" + uuid.uuid4().hex[:8]))
+        self.server = RedisServer()
         self.addCleanup(self.server.stop)
 
     def client(self, endpoint: str, **options: Any) -> RedisClient:
@@ -199,7 +197,7 @@ class ClientTests(TestCase):
 
     @inlineCallbacks
     def test_password(self) -> Gen:
-        self.server = RedisServer(os.path.abspath("redis-pw"), password="s3cret-redis")
+        self.server = RedisServer(password="s3cret-redis")
         self.server.start()
         self.addCleanup(self.server.stop)
         good = self.client(self.server.endpoint, password="s3cret-redis")

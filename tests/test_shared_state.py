@@ -10,7 +10,6 @@ with their own keys) counting against one Redis.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Generator
 from typing import Any
@@ -246,7 +245,7 @@ class RedisFixture:
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.server = RedisServer(os.path.join(os.path.abspath("redis-" + uuid.uuid4().hex[:8])))
+        cls.server = RedisServer()
         cls.server.start()
 
     @classmethod

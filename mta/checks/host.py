@@ -170,9 +170,15 @@ class Checks:
     def __init__(self, plugins: Sequence[Loaded], clock: IReactorTime) -> None:
         self.plugins = list(plugins)
         self.clock = clock
+        self._by_hook: dict[type[Interface], list[Loaded]] = {}
+        self._owned: frozenset[bytes] | None = None
 
     def _with(self, iface: type[Interface]) -> list[Loaded]:
-        return [p for p in self.plugins if iface.providedBy(p.plugin)]
+        """The plugins with a hook (asked once per hook: the plugins do not change)."""
+        found = self._by_hook.get(iface)
+        if found is None:
+            found = self._by_hook[iface] = [p for p in self.plugins if iface.providedBy(p.plugin)]
+        return found
 
     def has(self, iface: type[Interface]) -> bool:
         return bool(self._with(iface))
@@ -181,12 +187,14 @@ class Checks:
         """Lower-case names of the header fields that message hooks write
         (a plugin's C{owned_fields}): the client's own fields of those names
         are removed at receipt, so that no client can forge a check's verdict."""
-        names: set[bytes] = set()
-        for loaded in self._with(IMessageHook):
-            names.update(
-                n.lower().encode("ascii") for n in getattr(loaded.plugin, "owned_fields", ())
-            )
-        return frozenset(names)
+        if self._owned is None:
+            names: set[bytes] = set()
+            for loaded in self._with(IMessageHook):
+                names.update(
+                    n.lower().encode("ascii") for n in getattr(loaded.plugin, "owned_fields", ())
+                )
+            self._owned = frozenset(names)
+        return self._owned
 
     def _call(self, loaded: Loaded, phase: str, call: Callable[[], Any]) -> Any:
         """One hook: a Verdict now, or a Deferred that never fails."""

@@ -22,7 +22,6 @@ of one message is chained so it never overlaps.
 
 from __future__ import annotations
 
-import copy
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -420,8 +419,8 @@ class QueueManager(Service):
         Either step may fail (a full disk): then the message stays active in
         memory, as it is on disk, and the step is tried again a minute later
         — never dropped, never filed with a report marked sent that was not.
-        The envelope is copied in the reactor thread and filed in a group
-        with other messages' (one directory fsync per group).  An operator
+        The envelope is filed as it is (nothing changes it meanwhile) in a
+        group with other messages'.  An operator
         action that waited for the round to end is applied here
         (L{mta.queue.operator}).
         """
@@ -449,7 +448,7 @@ class QueueManager(Service):
                     env, self.clock.seconds(), flushed=queue_id in self.flushed,
                     hold=request == "hold",
                 )  # fmt: skip
-                await self._files.submit((copy.deepcopy(env), state, when))
+                await self._files.submit((env, state, when))
                 break
             except Exception:
                 log.failure("{qid}: cannot file the message; trying again in a minute",

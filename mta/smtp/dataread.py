@@ -120,16 +120,18 @@ class BodyReader:
         return buf[: last + 1], buf[last + 1 :]
 
     def _keep_partial(self, partial: bytes) -> None:
-        # A partial line longer than any legal line is already an error; keep
-        # only its last octet (a CR that may start the CRLF to come), behind
-        # a placeholder so that a kept "." is not taken for a line of its own.
+        # What a partial line already shows is an error now, not when the
+        # line ends, so the reply to a BDAT chunk does not depend on where
+        # the packets were cut: a NUL, a CR with no LF after it (only a
+        # final CR may yet be half of a CRLF), a line longer than any legal
+        # line.  Of an over-long line only its last octet is kept (the CR
+        # that may start the CRLF to come), behind a placeholder so that a
+        # kept "." is not taken for a line of its own.
+        if b"\x00" in partial:
+            self._fail(NUL_OCTET)
+        if b"\r" in partial[:-1]:
+            self._fail(self._bare_cr)
         if len(partial) > MAX_LINE:
-            # What is dropped here is checked here (a final CR may yet be
-            # half of a CRLF).
-            if b"\r" in partial[:-1]:
-                self._fail(self._bare_cr)
-            if b"\x00" in partial:
-                self._fail(NUL_OCTET)
             self._fail(LINE_TOO_LONG)
             partial = b"X" + partial[-1:]
         self._partial = partial

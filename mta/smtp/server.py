@@ -341,7 +341,7 @@ class SubmissionSession(Protocol):
 
     def _write(self, reply: Reply) -> None:
         if not self._closed:
-            self.transport.write(reply.encode())  # type: ignore[union-attr]
+            self.transport.write(reply.wire)  # type: ignore[union-attr]
 
     def _close(self) -> None:
         if self._closed:
