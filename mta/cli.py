@@ -396,6 +396,103 @@ def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: Text
     return 0
 
 
+def cmd_queue_shaping(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Show (or end) the limits traffic shaping set per destination, from the daemon."""
+    if args.reset is not None and args.reset_all:
+        raise UsageError("queue shaping: give --reset DESTINATION or --reset-all, not both")
+    resetting = args.reset is not None or args.reset_all
+    if resetting and args.json:
+        raise UsageError("queue shaping: --json shows the limits; it does not go with a reset")
+    doc: dict[str, Any] = {"op": "shaping"}
+    if args.reset_all:
+        doc["reset"] = True
+    elif args.reset is not None:
+        if not args.reset.strip():
+            raise UsageError("queue shaping: --reset needs a destination as listed")
+        doc["reset"] = args.reset.strip()
+    store = _store(config)
+    try:
+        ok, text = control_request(store.control_socket(), doc)
+    except DaemonNotRunningError:
+        _fail(
+            f"no daemon answers on {store.control_socket()}: traffic-shaping limits live "
+            "in the running daemon (none apply while it is stopped)"
+        )
+    except ControlSocketError as e:
+        _fail(str(e))
+    if not ok:
+        _fail(text)
+    if resetting:
+        out.write(printable(text) + "\n")
+        return 0
+    try:
+        state = json.loads(text)
+        rows = state["destinations"]
+    except (ValueError, KeyError, TypeError):
+        _fail("the daemon's answer about traffic shaping was not understood")
+    if args.json:
+        out.write(json.dumps(_shaping_json(state), indent=2, ensure_ascii=False) + "\n")
+        return 0
+    out.write(printable(_shaping_text(state, rows)))
+    return 0
+
+
+_SHAPING_TIMES = ("since", "hold_until", "next_increase", "recovered_by")
+
+
+def _shaping_json(state: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's answer with times as in the spool (ISO 8601, UTC)."""
+    rows = []
+    for found in state["destinations"]:
+        row = {**found, **{key: format_time(found.get(key)) for key in _SHAPING_TIMES}}
+        row["reason"] = {**found["reason"], "at": format_time(found["reason"].get("at"))}
+        rows.append(row)
+    return {**state, "now": format_time(state.get("now")), "destinations": rows}
+
+
+def _when(value: object) -> str:
+    text = format_time(value) if isinstance(value, int | float) else None
+    return "-" if text is None else text[:19].replace("T", " ")
+
+
+def _per_minute(value: object) -> str:
+    return "no limit" if value is None else f"{value:g}/min"
+
+
+def _shaping_text(state: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What C{mtactl queue shaping} prints: per destination, the limits and why."""
+    ceiling = f"{state.get('max_concurrency')} connections, rate " + _per_minute(
+        state.get("max_rate_per_minute")
+    )
+    if not state.get("enabled", True):
+        return "Traffic shaping is off ([shaping] enabled = false).\n"
+    if not rows:
+        return f"No destination has lowered limits (each may have {ceiling}).\n"
+    lines = [f"{len(rows)} destination(s) with lowered limits (ceilings: {ceiling})"]
+    if state.get("instances", 1) > 1:
+        lines[0] += f"; limits shared by {state['instances']} instances, this one's share shown"
+    for row in rows:
+        reason = row.get("reason", {})
+        rule = reason.get("rule", "")
+        if reason.get("provider"):
+            rule += f" ({reason['provider']})"
+        lines += [
+            "",
+            str(row.get("destination")),
+            f"  concurrency {row.get('concurrency')} of {row.get('max_concurrency')}, "
+            f"rate {_per_minute(row.get('rate_per_minute'))} of "
+            f"{_per_minute(row.get('max_rate_per_minute'))}; "
+            f"{row.get('running', 0)} running, {row.get('waiting', 0)} waiting",
+            f"  lowered {row.get('decreases')} time(s) since {_when(row.get('since'))}; "
+            f"held until {_when(row.get('hold_until'))}, "
+            f"next increase {_when(row.get('next_increase'))}, "
+            f"back to the ceilings by {_when(row.get('recovered_by'))} if deliveries succeed",
+            f"  last lowered at {_when(reason.get('at'))} by rule {rule} for:",
+            f"    {reason.get('reply', '')}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     """Print how a reply would be treated: retry or bounce, and why.
 
@@ -512,6 +609,17 @@ def parser() -> argparse.ArgumentParser:
         qa = qsub.add_parser(name, help=text)
         qa.add_argument("ids", nargs="+", metavar="ID")
         qa.set_defaults(func=cmd_queue_action)
+    qsh = qsub.add_parser(
+        "shaping",
+        help="show each destination's traffic-shaping limits and why",
+        description="The limits the running daemon lowered for destinations whose replies "
+        "asked it to slow down (rate limits, too many connections), the reply and rule behind "
+        "them, since when and until when.",
+    )
+    qsh.add_argument("--json", action="store_true")
+    qsh.add_argument("--reset", metavar="DESTINATION", help="end this destination's limits")
+    qsh.add_argument("--reset-all", action="store_true", help="end every destination's limits")
+    qsh.set_defaults(func=cmd_queue_shaping)
     qs = qsub.add_parser("show", help="show a message's envelope and headers")
     qs.add_argument("id")
     qs.add_argument("--body", action="store_true", help="show the body too")

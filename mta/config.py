@@ -24,6 +24,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from mta.bounce import Rule, rules_from_config
 from mta.errors import ConfigError
 from mta.hostnames import check_relay
+from mta.queue.shaping_rules import ShapingRule
+from mta.queue.shaping_rules import rules_from_config as shaping_rules_from_config
 
 
 def _opt(
@@ -152,6 +154,25 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class ShapingConfig:
+    """C{[shaping]}: per-destination limits learnt from receivers' replies
+    (L{mta.queue.shaping}); rates in messages per minute, times in seconds."""
+
+    enabled: bool = True
+    max_rate: float = _opt(0.0, minimum=0)  # per destination; 0: none until a receiver asks
+    min_rate: float = _opt(6.0, minimum=0.001)  # the floor of a lowered rate
+    min_concurrency: int = _opt(1, minimum=1)  # the floor of a lowered concurrency
+    decrease_factor: float = _opt(0.5, minimum=0.01)  # what a signal multiplies by
+    hold_time: float = _opt(300.0, minimum=0)  # lowered limits hold this long
+    concurrency_step: int = _opt(1, minimum=1)  # added per recovery step
+    rate_step: float = _opt(30.0, minimum=0.001)  # added per recovery step
+    recovery_interval: float = _opt(60.0, minimum=0.01)  # between steps, with successes
+    max_wait: float = _opt(60.0, minimum=0)  # longer waits for the rate are deferred
+    forget_after: float = _opt(3600.0, minimum=1)  # no delivery this long: limits end
+    sync_interval: float = _opt(2.0, minimum=0.05)  # with [cluster] redis
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     retention_days: float = _opt(30.0, minimum=0)  # 0: redact as soon as finished
     remove_after_days: float = _opt(30.0, minimum=0)  # after redaction
@@ -240,6 +261,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plugins: tuple[PluginConfig, ...] = ()
     bounce_rules: tuple[Rule, ...] = ()  # from [[bounce.rules]]
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    shaping_rules: tuple[ShapingRule, ...] = ()  # from [[shaping.rules]]
     source: str = "<embedded default>"
     base_dir: str = "."
 
@@ -333,6 +356,7 @@ SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "dkim": DKIMConfig,
     "cluster": ClusterConfig,
+    "shaping": ShapingConfig,
 }
 
 
@@ -348,6 +372,9 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
             continue
         if key == "plugins":
             sections[key] = _load_plugins(source, value, base_dir)
+            continue
+        if key == "shaping":
+            sections[key], sections["shaping_rules"] = _load_shaping(source, value)
             continue
         if key not in SECTIONS:
             raise ConfigError(f"{source}: unknown section or key {key!r}")
@@ -377,6 +404,7 @@ def parse(doc: dict[str, Any], source: str, base_dir: str) -> Config:
                     f"{source}: {where}: {network!r} is not an address or network"
                 ) from None
     _check_cluster(config)
+    _check_shaping(config)
     if config.auth.failure_delay_max < config.auth.failure_delay:
         raise ConfigError(f"{source}: [auth] failure_delay_max must be >= failure_delay")
     config = _resolve_paths(config)
@@ -470,6 +498,32 @@ def _load_bounce(source: str, doc: object) -> tuple[Rule, ...]:
     if not isinstance(rules, list):
         raise ConfigError(f"{source}: [bounce] rules must be an array of tables ([[bounce.rules]])")
     return tuple(rules_from_config(rules, source))
+
+
+def _load_shaping(source: str, doc: object) -> tuple[ShapingConfig, tuple[ShapingRule, ...]]:
+    """C{[shaping]} and its C{[[shaping.rules]]}, tried before the built-in rules."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: [shaping] must be a table")
+    options = {k: v for k, v in doc.items() if k != "rules"}
+    rules = shaping_rules_from_config(doc.get("rules", []), source)
+    return _load_section(source, "shaping", ShapingConfig, options), tuple(rules)
+
+
+def _check_shaping(config: Config) -> None:
+    """The floors below the ceilings, a decrease that decreases."""
+    source, shaping = config.source, config.shaping
+    if shaping.decrease_factor >= 1:
+        raise ConfigError(
+            f"{source}: [shaping] decrease_factor must be below 1 (a signal lowers the limits), "
+            f"got {shaping.decrease_factor!r}"
+        )
+    if shaping.max_rate and shaping.min_rate > shaping.max_rate:
+        raise ConfigError(f"{source}: [shaping] min_rate must not exceed max_rate")
+    if shaping.min_concurrency > config.delivery.destination_concurrency:
+        raise ConfigError(
+            f"{source}: [shaping] min_concurrency must not exceed "
+            "[delivery] destination_concurrency"
+        )
 
 
 def _resolve_paths(config: Config) -> Config:

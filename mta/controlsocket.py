@@ -8,6 +8,8 @@ line, answered by one JSON line, then the daemon closes::
     {"op": "flush", "all": true}             -> {"ok": true, "text": "flushed 12 ..."}
     {"op": "flush", "domain": "example.com"}
     {"op": "pickup", "id": "0ABC..."}        a message written into incoming/ by another process
+    {"op": "shaping"}                        -> {"ok": true, "text": "{...JSON...}"} the limits
+    {"op": "shaping", "reset": "DEST"}       end one destination's limits ("reset": true: all)
     {"op": "ping"}                           -> {"ok": true, "text": "pid 1234"}
 
 Errors are C{{"ok": false, "text": "one line"}}.  The queue's operator does
@@ -55,6 +57,8 @@ def handle(queue: Operator, request: object) -> Deferred[str]:
     queue_id = request.get("id")
     if op == "ping":
         return succeed(f"pid {os.getpid()}")
+    if op == "shaping":
+        return _shaping(queue, request.get("reset"))
     if op == "flush" and queue_id is None:
         domain = request.get("domain")
         if domain is None:
@@ -71,6 +75,17 @@ def handle(queue: Operator, request: object) -> Deferred[str]:
     if op not in OPERATIONS:
         return fail(ActionError(f"unknown action {op!r}"))
     return queue.act(op, queue_id)
+
+
+def _shaping(queue: Operator, reset: object) -> Deferred[str]:
+    """C{mtactl queue shaping}: the limits, or with C{reset} ending them."""
+    if reset is None:
+        return maybeDeferred(queue.shaping)
+    if reset is True:
+        return maybeDeferred(queue.reset_shaping, None)
+    if not isinstance(reset, str) or not reset.strip():
+        return fail(ActionError("reset needs a destination or true"))
+    return maybeDeferred(queue.reset_shaping, reset.strip())
 
 
 class ControlProtocol(LineOnlyReceiver):

@@ -265,12 +265,12 @@ class ISharedState(Interface):
     are given by the caller (its injected clock), so that the store needs
     no clock of its own and all instances judge a window alike.
 
-    Room for more: the traffic-shaping limits per destination (SPEC
-    section 6) are the next thing a cluster must share; they get their own
-    methods here (named C{destination_*}), in their own key space of the
-    store (Redis: C{PREFIX:shape:...}, beside C{PREFIX:sent:...} and
-    C{PREFIX:authfail:...}), on the same connection and with the same
-    failure contract.
+    The traffic-shaping limits per destination (SPEC section 6,
+    L{mta.queue.shaping}) are shared too, so that the cluster as a whole
+    keeps one receiver's rate: the C{destination_*} methods, in their own
+    key space of the store (Redis: C{PREFIX:shape:...}), with the same
+    failure contract, except that a failure there never stops delivery
+    (the instance goes on with its own limits).
     """
 
     def sent_today(login: str) -> Deferred[int]:
@@ -294,6 +294,23 @@ class ISharedState(Interface):
     def add_auth_failure(client: str, digest: bytes, when: float, window: float) -> Deferred[Any]:
         """Record one wrong password at C{when}; older than C{when - window}
         is forgotten.  Fires with the L{mta.cluster.FailureCounts} after it."""
+
+    def destination_limits(instance: str, now: float, window: float) -> Deferred[Any]:
+        """Note C{instance} as alive at C{now}; fires with a
+        L{mta.cluster.SharedLimits}: how many instances were alive within
+        C{window} seconds (this one included) and every destination's
+        shaping document (L{mta.queue.shaping.Limits.to_doc}) by name."""
+
+    def destination_change(destination: str, doc: Any, token: str) -> Deferred[Any]:
+        """Compare and set one destination's document.
+
+        When the stored document's C{token} is C{token} ("": none is
+        stored, or one that is not a document), C{doc} replaces it (None
+        removes it: the limits ended) and this fires with C{(True, doc)};
+        otherwise nothing changes and it fires with C{(False, the stored
+        document or None)}, for the caller to take and apply its change to
+        again.
+        """
 
     def close() -> Deferred[None]:
         """At shutdown: flush and close what the store keeps open."""

@@ -89,6 +89,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.shaping_decreases = Counter(
+            "mta_shaping_decreases",
+            "Traffic-shaping decreases of a destination's limits, by the rule that read the reply",
+            ["rule"],
+            registry=r,
+        )
 
     def watch_queue(
         self, counts: Callable[[], dict[str, int]], oldest: Callable[[], float | None],
@@ -96,6 +102,40 @@ class Metrics:
     ) -> None:  # fmt: skip
         """Report queue sizes and the oldest message's age when scraped."""
         self.registry.register(_QueueCollector(counts, oldest, clock))
+
+    def watch_shaping(self, limits: Callable[[], list[tuple[str, int, float | None]]]) -> None:
+        """Report the shaped destinations' (name, concurrency, messages/s) when scraped."""
+        self.registry.register(_ShapingCollector(limits))
+
+
+class _ShapingCollector(Collector):
+    def __init__(self, limits: Callable[[], list[tuple[str, int, float | None]]]) -> None:
+        self.limits = limits
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self.limits()
+        concurrency = GaugeMetricFamily(
+            "mta_shaping_concurrency_limit",
+            "Deliveries allowed at once to a destination whose limits traffic shaping lowered",
+            labels=["destination"],
+        )
+        rate = GaugeMetricFamily(
+            "mta_shaping_rate_limit",
+            "Messages per second allowed to a shaped destination (0: no rate limit)",
+            labels=["destination"],
+        )
+        for destination, connections, per_second in rows:
+            concurrency.add_metric([destination], connections)
+            rate.add_metric([destination], per_second or 0.0)
+        yield concurrency
+        yield rate
+        yield GaugeMetricFamily(
+            "mta_shaping_destinations", "Destinations whose limits traffic shaping lowered",
+            value=len(rows),
+        )  # fmt: skip
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _QueueCollector(Collector):

@@ -56,6 +56,8 @@ from mta.queue.dispatch import QueueLimits
 from mta.queue.manager import QueueManager
 from mta.queue.reports import Reporter
 from mta.queue.retention import Retention
+from mta.queue.shaping import Shaper, ShapingPolicy
+from mta.queue.traffic import TrafficShaping
 from mta.smtp.auth import AuthThrottle, UserFileChecker
 from mta.smtp.client import ClientTimeouts
 from mta.smtp.server import SessionSettings, SubmissionFactory
@@ -266,6 +268,12 @@ class MTAService(MultiService):
             outbound=self.checks.outbound if self.checks.has(IOutboundHook) else None,
             tls=tls,
         )
+        self.traffic = TrafficShaping(
+            Shaper(ShapingPolicy.from_config(config)), reactor, metrics=self.metrics,
+            shared=self.shared if config.cluster.redis else None, instance=self.instance,
+            sync_interval=config.shaping.sync_interval,
+        )  # fmt: skip
+        self.traffic.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.queue = QueueManager(
             self.store,
             self.spool_runner,
@@ -283,6 +291,7 @@ class MTAService(MultiService):
             classifier=Classifier(extra=config.bounce_rules),
             reporter=Reporter(self.store, self.spool, self.spool_runner, reactor, self.hostname),
             metrics=self.metrics,
+            traffic=self.traffic,
         )
         self.retention = Retention(self.store, self.spool_runner, reactor, config.retention)
         self.queue.on_done = self.retention.finished
@@ -472,8 +481,9 @@ class MTAService(MultiService):
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and the certificate.
 
-        The retry schedule, delay notices, blocklist rest, retention and
-        bounce rules take effect at once (they are read at each use);
+        The retry schedule, delay notices, blocklist rest, retention,
+        bounce rules and traffic shaping take effect at once (they are read
+        at each use);
         other changes need a restart, which the log says.  Established
         connections keep their certificate.
         """
@@ -514,6 +524,7 @@ class MTAService(MultiService):
         ]
         self.config = new
         self.queue.configure(new.queue, Classifier(extra=new.bounce_rules))
+        self.traffic.configure(ShapingPolicy.from_config(new))
         self.retention.configure(new.retention)
         log.info("reloaded {source}", source=new.source)
         if restart:

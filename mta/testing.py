@@ -215,6 +215,12 @@ class SwitchableState:
     ) -> Deferred[Any]:
         return self._call("add_auth_failure", client, digest, when, window)
 
+    def destination_limits(self, instance: str, now: float, window: float) -> Deferred[Any]:
+        return self._call("destination_limits", instance, now, window)
+
+    def destination_change(self, destination: str, doc: Any, token: str) -> Deferred[Any]:
+        return self._call("destination_change", destination, doc, token)
+
     def close(self) -> Deferred[None]:
         return self.inner.close()  # type: ignore[no-any-return]
 

@@ -88,6 +88,7 @@ class DefaultTests(SynchronousTestCase):
                 "log",
                 "dkim",
                 "cluster",
+                "shaping",
             },
         )
         self.assertEqual(defaults["limits"]["message_size"], 50 * 1024 * 1024)

@@ -11,7 +11,8 @@ client behind a load balancer, is L{mta.proxyproto}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,3 +24,11 @@ class FailureCounts:
 
 
 NO_FAILURES = FailureCounts(0, 0)
+
+
+@dataclass(frozen=True)
+class SharedLimits:
+    """The cluster's traffic-shaping state (L{mta.interfaces.ISharedState.destination_limits})."""
+
+    instances: int  # alive within the window, the asking one included
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)  # by destination

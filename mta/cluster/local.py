@@ -5,17 +5,21 @@ C{spool/state/}, read back at start-up); wrong passwords are kept in
 memory, at most C{MAX_CLIENTS} client keys (the least recently failing
 ones are forgotten first), and are lost at a restart, as before.  Every
 answer is ready at once (a fired Deferred), so a session on it never waits.
+Traffic-shaping documents are kept in memory with the same compare-and-set
+as in Redis (a single instance does not need them; the contract is one).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from mta.cluster import NO_FAILURES, FailureCounts
+from mta.cluster import NO_FAILURES, FailureCounts, SharedLimits
 from mta.dailycount import DailyCounter
 from mta.interfaces import ISharedState
 
@@ -35,6 +39,8 @@ class LocalState:
     def __init__(self, counter: DailyCounter) -> None:
         self.counter = counter
         self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._limits: dict[str, dict[str, Any]] = {}
+        self._instances: dict[str, float] = {}
 
     def sent_today(self, login: str) -> Deferred[int]:
         return succeed(self.counter.count(login))
@@ -80,6 +86,26 @@ class LocalState:
         while len(self._clients) > self.MAX_CLIENTS:
             self._clients.popitem(last=False)
         return succeed(self._counts(record))
+
+    def destination_limits(
+        self, instance: str, now: float, window: float
+    ) -> Deferred[SharedLimits]:
+        self._instances[instance] = now
+        for name in [n for n, t in self._instances.items() if t <= now - window]:
+            del self._instances[name]
+        return succeed(SharedLimits(len(self._instances), copy.deepcopy(self._limits)))
+
+    def destination_change(
+        self, destination: str, doc: dict[str, Any] | None, token: str
+    ) -> Deferred[tuple[bool, dict[str, Any] | None]]:
+        stored = self._limits.get(destination)
+        if ("" if stored is None else stored.get("token")) != token:
+            return succeed((False, copy.deepcopy(stored)))
+        if doc is None:
+            self._limits.pop(destination, None)
+        else:
+            self._limits[destination] = copy.deepcopy(doc)
+        return succeed((True, copy.deepcopy(doc)))
 
     def close(self) -> Deferred[None]:
         self.counter.close()

@@ -9,7 +9,9 @@ time they are due, served by a single timer.
 
 An active message's due recipients go out as L{DeliveryJob}s, one per
 destination; jobs wait per destination and run within a per-destination
-and a global concurrency limit, taking destinations in turn.  Each job's
+and a global concurrency limit, taking destinations in turn, and within
+the limits traffic shaping learnt from the destination's replies
+(L{mta.queue.traffic}, which every job's results feed).  Each job's
 results are applied by the scheduler, logged in Postfix's shape and
 recorded; when no job of the message runs any more, the reports it owes
 are sent (L{mta.queue.reports}) and it is filed: C{done} or C{deferred}.
@@ -50,6 +52,8 @@ from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
 from mta.queue.reports import Reporter
 from mta.queue.scheduler import Destinations, ReadyQueue, RetryPolicy, Suspension, no_jitter
+from mta.queue.shaping import Shaper, ShapingPolicy
+from mta.queue.traffic import TrafficShaping
 from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.queueid import arrival_of
 
@@ -96,6 +100,7 @@ class QueueManager(Service):
         reporter: Reporter | None = None,
         on_done: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        traffic: TrafficShaping | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -117,7 +122,13 @@ class QueueManager(Service):
         self.requests: dict[str, str] = {}  # actions waiting for a round to end
         self.flushed: set[str] = set()  # every pending recipient due at the next plan
         self.operator = Operator(self)
-        self.dispatcher: Dispatcher[_Job] = Dispatcher(self.limits, self.destinations)
+        concurrency = self.limits.destination_concurrency
+        self.traffic = traffic or TrafficShaping(
+            Shaper(ShapingPolicy(max_concurrency=concurrency)), clock
+        )
+        self.dispatcher: Dispatcher[_Job] = Dispatcher(
+            self.limits, self.destinations, self.traffic.shaper
+        )
         self._timer: IDelayedCall | None = None
         self._files: Batcher[tuple[Envelope, QueueState, float | None], None] = Batcher(
             runner, store.file
@@ -180,6 +191,7 @@ class QueueManager(Service):
             if call is not None and call.active():
                 call.cancel()
         self._retries = []
+        self.traffic.cancel_wake()
         super().stopService()  # type: ignore[no-untyped-call]
 
     def committed(self, notice: Committed) -> None:
@@ -296,7 +308,9 @@ class QueueManager(Service):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        self.dispatcher.dispatch(self.clock.seconds, self._start, self._skip)
+        wake = self.dispatcher.dispatch(self.clock.seconds, self._start, self._skip)
+        if not self._stopped:
+            self.traffic.wake(wake, self._dispatch)  # a destination held by its rate
 
     def _skip(self, item: _Job, suspension: Suspension) -> None:
         """Defer a job's recipients without a connection: the destination rests."""
@@ -340,9 +354,12 @@ class QueueManager(Service):
             self.dispatcher.finished(item.running)
             item.running = None
         env = message.envelope
+        if ran:
+            self.traffic.observe(dest, results, started)
         decision = scheduler.apply(
             env, item.job.recipients, results, now, settings=self.settings,
             classifier=self.classifier, jitter=self.jitter, ran=ran, resume=resume,
+            spread=self.traffic.spread(dest),
         )  # fmt: skip
         for o in decision.outcomes:
             if ran:

@@ -11,6 +11,7 @@ its files change (C{busy}), and put back where the action leaves it.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -173,6 +174,24 @@ class Operator:
                 raise ActionError(f"no message {queue_id} in incoming/")
             m.enqueue(queue_id)
         return f"{queue_id}: queued"
+
+    def shaping(self) -> str:
+        """The traffic-shaping limits per destination, and why, as JSON
+        (L{mta.queue.traffic.TrafficShaping.snapshot}; C{mtactl queue shaping})."""
+        doc = self.m.traffic.snapshot()
+        for row in doc["destinations"]:
+            row["running"] = self.m.dispatcher.running(row["destination"])
+            row["waiting"] = self.m.dispatcher.waiting(row["destination"])
+        return json.dumps(doc)
+
+    def reset_shaping(self, destination: str | None) -> str:
+        """End the traffic-shaping limits of one destination (None: of all)."""
+        ended = self.m.traffic.reset(destination)
+        if destination is None:
+            return f"ended the traffic-shaping limits of {ended} destination(s)"
+        if not ended:
+            raise ActionError(f"{destination}: no traffic-shaping limits to end")
+        return f"{destination}: traffic-shaping limits ended"
 
     # -- called by the manager --------------------------------------------------
 

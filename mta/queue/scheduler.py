@@ -314,6 +314,7 @@ def apply(
     jitter: Callable[[float], float] = no_jitter,
     ran: bool = True,
     resume: float = 0.0,
+    spread: Callable[[float], float] | None = None,
 ) -> Decision:
     """Record a job's results in its recipients (of C{envelope}), and decide.
 
@@ -321,6 +322,7 @@ def apply(
     failed (a permanent failure, or a temporary one past the queue
     lifetime).  C{ran} is False for a job skipped because its destination
     rests: that is no attempt, and C{resume} is the earliest time to retry.
+    C{spread} may move the retry time later (L{Spread}: traffic shaping).
     Notices: "failed" for each failure, "relayed" for a success the sender
     asked to hear of when the next hop did not take the DSN parameters.
     """
@@ -328,6 +330,7 @@ def apply(
     by_address = {r.address: r for r in recipients}
     decision = Decision()
     verdicts: list[Classification | None] = []
+    later = Spread(spread, policy.expires_at(envelope.arrival))
     for result in results:
         rcpt = by_address[result.address]
         verdict = None if result.ok else classify(result, classifier)
@@ -345,10 +348,10 @@ def apply(
                 decision.notices.append(dsn.Notice(rcpt, "relayed"))
         elif verdict.temporary and not policy.expired(envelope.arrival, now):
             rcpt.state, status = RecipientState.DEFERRED, "deferred"
-            rcpt.next_attempt = max(
-                policy.next_attempt(envelope.arrival, now, jitter),
-                min(resume, policy.expires_at(envelope.arrival)),
+            retry = max(
+                policy.next_attempt(envelope.arrival, now, jitter), min(resume, later.expiry)
             )
+            rcpt.next_attempt = later(retry)
         else:
             rcpt.state, rcpt.next_attempt = RecipientState.FAILED, None
             status = "expired" if verdict.temporary else "bounced"
@@ -359,6 +362,27 @@ def apply(
         decision.answered = any(r.kind == ErrorKind.REMOTE for r in results)
         decision.suspend = _rest(results, verdicts, policy, settings)
     return decision
+
+
+class Spread:
+    """A job's retry times, moved later by C{spread} (traffic shaping spaces
+    the retries of a shaped destination, L{mta.queue.shaping.Shaper.retry_at}).
+
+    C{spread} is asked once per job, for its first deferred recipient; the
+    others move as far.  Never past C{expiry}, never earlier.
+    """
+
+    def __init__(self, spread: Callable[[float], float] | None, expiry: float) -> None:
+        self.spread = spread
+        self.expiry = expiry
+        self.offset: float | None = None
+
+    def __call__(self, when: float) -> float:
+        if self.spread is None:
+            return when
+        if self.offset is None:
+            self.offset = max(0.0, self.spread(when) - when)
+        return max(when, min(when + self.offset, self.expiry))
 
 
 def _rest(
