@@ -5,8 +5,9 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.errors import Reply
-from mta.queue.dispatch import Dispatcher, QueueLimits, Running
+from mta.queue.dispatch import SHAPED, Dispatcher, QueueLimits, Running
 from mta.queue.scheduler import Destinations, Suspension
+from mta.queue.shaping import Shaper, ShapingPolicy, Signal
 
 T0 = 1_700_000_000.0
 
@@ -103,3 +104,85 @@ class DispatcherTests(SynchronousTestCase):
         d.dispatch(lambda: T0, start, lambda job, s: None)
         self.assertEqual(depth[0], 2000)
         self.assertEqual(d.running_total, 0)
+
+
+class ShapedDispatchTests(SynchronousTestCase):
+    """With a shaper: a lowered concurrency, starts paced by the rate, a wake-up
+    time, and the jobs beyond what the rate starts within max_wait handed out."""
+
+    def setUp(self) -> None:
+        self.destinations = Destinations()
+        self.destinations.answered("shaped.example", T0)
+        self.started: list[str] = []
+        self.skipped: list[tuple[str, Suspension]] = []
+
+    def dispatcher(self, shaper: Shaper) -> Dispatcher[str]:
+        return Dispatcher(QueueLimits(destination_concurrency=20), self.destinations, shaper)
+
+    def go(self, d: Dispatcher[str], now: float) -> float | None:
+        return d.dispatch(
+            lambda: now,
+            lambda job, running: self.started.append(job),
+            lambda job, suspension: self.skipped.append((job, suspension)),
+        )
+
+    def shaped(self, **policy: float) -> Shaper:
+        shaper = Shaper(ShapingPolicy(**policy))  # type: ignore[arg-type]
+        reply = Reply(421, "4.7.28", "rate limited")
+        [rule] = [r for r in shaper.policy.rules if r.name == "gmail-rate-limited"]
+        for _ in range(10):  # 10 starts in the last second: 10/s measured
+            shaper.take("shaped.example", T0 - 1)
+        shaper.apply("shaped.example", Signal(rule, reply, T0), T0)  # 10 conns, 5/s
+        return shaper
+
+    def test_unshaped_destinations_are_not_held(self) -> None:
+        d = self.dispatcher(Shaper())
+        for i in range(30):
+            d.add("other.example", f"job{i}")
+        self.destinations.answered("other.example", T0)
+        self.assertIsNone(self.go(d, T0))
+        self.assertEqual(len(self.started), 20)
+
+    def test_the_rate_paces_and_says_when_to_come_back(self) -> None:
+        d = self.dispatcher(self.shaped())
+        for i in range(8):
+            d.add("shaped.example", f"job{i}")
+        self.assertEqual(self.go(d, T0), T0 + 0.2)  # the bucket is empty after a decrease
+        self.assertEqual(self.started, [])
+        self.assertEqual(self.go(d, T0 + 0.2), T0 + 0.4)
+        self.assertEqual(self.started, ["job0"])
+        self.assertEqual(self.go(d, T0 + 1.2), T0 + 1.4)  # a second's worth: 5 tokens
+        self.assertEqual(self.started, [f"job{i}" for i in range(6)])
+        self.assertEqual(self.skipped, [])
+        self.assertIsNone(self.go(d, T0 + 10))
+        self.assertEqual(len(self.started), 8)
+
+    def test_the_concurrency_is_lowered(self) -> None:
+        d = self.dispatcher(self.shaped(max_wait=100.0))
+        for i in range(30):
+            d.add("shaped.example", f"job{i}")
+        self.go(d, T0 + 100)  # the bucket holds 5
+        self.go(d, T0 + 200)
+        self.assertEqual(d.running("shaped.example"), 10)
+        self.assertEqual(d.concurrency("shaped.example"), 10)
+
+    def test_jobs_beyond_max_wait_are_handed_out_newest_first(self) -> None:
+        d = self.dispatcher(self.shaped(max_wait=1.0))  # 5/s: 5 may wait
+        for i in range(8):
+            d.add("shaped.example", f"job{i}")
+        self.go(d, T0)
+        self.assertEqual([job for job, _ in self.skipped], ["job7", "job6", "job5"])
+        [why] = {s.why for _, s in self.skipped}
+        self.assertEqual(why, SHAPED)
+        self.assertEqual(str(self.skipped[0][1].reason), "421 4.7.28 rate limited")
+        self.assertEqual(d.waiting("shaped.example"), 5)
+
+    def test_a_resting_destination_is_not_paced(self) -> None:
+        shaper = self.shaped()
+        rest = Suspension(T0 + 60, Reply(451, "4.4.1", "refused"), "unreachable")
+        self.destinations.suspended["shaped.example"] = rest
+        d = self.dispatcher(shaper)
+        for i in range(3):
+            d.add("shaped.example", f"job{i}")
+        self.assertIsNone(self.go(d, T0))
+        self.assertEqual([s.why for _, s in self.skipped], ["unreachable"] * 3)

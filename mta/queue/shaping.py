@@ -14,8 +14,10 @@ dispatcher groups jobs by):
     concurrency and message rate by the rule's factors, down to
     C{min_concurrency} and C{min_rate}, and holds them for the rule's
     duration.  The first signal starts from the ceilings: C{[delivery]
-    destination_concurrency} and C{[shaping] max_rate}, or without one the
-    rate the destination was getting (measured over L{METER_WINDOW}).  A
+    destination_concurrency} and C{[shaping] max_rate}; without a
+    C{max_rate}, a destination has no rate limit until a rule lowers its
+    rate, which then starts from the rate the destination was getting
+    (measured over L{METER_WINDOW}), its ceiling from then on.  A
     signal from a delivery that started before the last decrease is not
     counted again: it was sent under the old limits, and one round of
     replies must lower the limits once, not once per connection.
@@ -121,13 +123,14 @@ class Reason:
 @dataclass(frozen=True)
 class Limits:
     """A shaped destination's state; the numbers are the cluster's (for all
-    instances together), L{Shaper} applies its share.  C{ceiling_rate} is
-    the rate at which the limits end; C{version} counts its changes and
+    instances together), L{Shaper} applies its share.  C{rate} is None while
+    there is no rate limit; C{ceiling_rate} is the rate at which the limits
+    end (None with C{rate}); C{version} counts its changes and
     C{token} names this one (random: the instances compare and set on it)."""
 
     concurrency: float
-    rate: float
-    ceiling_rate: float
+    rate: float | None
+    ceiling_rate: float | None
     since: float
     changed: float
     decreased: float
@@ -170,14 +173,17 @@ class Limits:
             _text(why.get("provider"), "reason.provider"), _number(why.get("at"), "reason.at"),
         )  # fmt: skip
         limits = cls(
-            _number(doc.get("concurrency"), "concurrency"), _number(doc.get("rate"), "rate"),
-            _number(doc.get("ceiling_rate"), "ceiling_rate"), _number(doc.get("since"), "since"),
+            _number(doc.get("concurrency"), "concurrency"), _maybe(doc.get("rate"), "rate"),
+            _maybe(doc.get("ceiling_rate"), "ceiling_rate"), _number(doc.get("since"), "since"),
             _number(doc.get("changed"), "changed"), _number(doc.get("decreased"), "decreased"),
             _number(doc.get("hold_until"), "hold_until"), reason,
             _whole(doc.get("decreases"), "decreases"), _whole(doc.get("version"), "version"),
             _text(doc.get("token"), "token"),
         )  # fmt: skip
-        if limits.concurrency <= 0 or limits.rate <= 0 or not limits.token:
+        rates = (limits.rate, limits.ceiling_rate)
+        if (rates[0] is None) != (rates[1] is None) or any(r is not None and r <= 0 for r in rates):
+            raise ValueError(f"not a shaping document (rates): {doc!r:.80}")
+        if limits.concurrency <= 0 or not limits.token:
             raise ValueError(f"not a shaping document (limits, token): {doc!r:.80}")
         return limits
 
@@ -186,6 +192,10 @@ def _number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number in a shaping document, got {value!r:.40}")
     return float(value)
+
+
+def _maybe(value: object, key: str) -> float | None:
+    return None if value is None else _number(value, key)
 
 
 def _whole(value: object, key: str) -> int:
@@ -309,7 +319,7 @@ class Shaper:
             return None
         state = self.limits.get(dest)
         if state is not None:
-            return state.rate / self.instances
+            return None if state.rate is None else state.rate / self.instances
         return policy.max_rate or None
 
     def take(self, dest: str, now: float) -> bool:
@@ -369,7 +379,7 @@ class Shaper:
         C{spread_window} of C{when}."""
         rate = self.rate(dest)
         if rate is None or dest not in self.limits:
-            return when
+            return when  # a limit of connections only: no rate to spread at
         slot = max(when, self._slots.get(dest, 0.0) + 1.0 / rate)
         if slot - when > self.policy.spread_window:
             slot = when
@@ -418,14 +428,17 @@ class Shaper:
             return None  # sent under the old limits: this round was counted
         before = self.effective(dest)
         if state is None:
-            state = self._first(dest, now)
+            state = self._first(now)
         f_c = policy.decrease_factor if rule.concurrency is None else rule.concurrency
         f_r = policy.decrease_factor if rule.rate is None else rule.rate
         hold = policy.hold_time if rule.duration is None else rule.duration
+        rate, ceiling = state.rate, state.ceiling_rate
+        if rate is None and f_r < 1:
+            rate = ceiling = self._measured(dest, now)  # the rate that drew the signal
         self.limits[dest] = replace(
             state, concurrency=max(float(policy.min_concurrency), state.concurrency * f_c),
-            rate=max(policy.min_rate, state.rate * f_r), changed=now, decreased=now,
-            hold_until=max(state.hold_until, now + hold),
+            rate=None if rate is None else max(policy.min_rate, rate * f_r), ceiling_rate=ceiling,
+            changed=now, decreased=now, hold_until=max(state.hold_until, now + hold),
             reason=Reason(str(signal.reply), rule.name, rule.provider, now),
             decreases=state.decreases + 1, version=state.version + 1, token=self._token(),
         )  # fmt: skip
@@ -438,14 +451,18 @@ class Shaper:
         return Change(dest, "decrease", before, self.effective(dest), self.limits[dest].reason,
                       rule.describe(), state.token, signal, hold)  # fmt: skip
 
-    def _first(self, dest: str, now: float) -> Limits:
+    def _first(self, now: float) -> Limits:
         """The state a destination's first signal decreases: the ceilings."""
         policy, n = self.policy, self.instances
-        meter = self._meters.get(dest)
-        observed = meter.rate(now) * n if meter is not None else 0.0
-        top = policy.max_rate * n if policy.max_rate else max(observed, policy.min_rate)
+        top = policy.max_rate * n if policy.max_rate else None
         nobody = Reason("", "", "", now)
         return Limits(float(policy.max_concurrency * n), top, top, now, now, now, now, nobody)
+
+    def _measured(self, dest: str, now: float) -> float:
+        """The rate C{dest} was getting (the cluster's, estimated), at least C{min_rate}."""
+        meter = self._meters.get(dest)
+        observed = meter.rate(now) * self.instances if meter is not None else 0.0
+        return max(observed, self.policy.min_rate)
 
     def _increase(self, dest: str, event: Success, now: float) -> Change | None:
         policy, state = self.policy, self.limits.get(dest)
@@ -455,8 +472,10 @@ class Shaper:
             return None
         top = float(policy.max_concurrency * self.instances)
         concurrency = min(top, state.concurrency + policy.concurrency_step)
-        rate = min(state.ceiling_rate, state.rate + policy.rate_step)
-        if concurrency >= top and rate >= state.ceiling_rate:
+        rate, ceiling = state.rate, state.ceiling_rate
+        if rate is not None and ceiling is not None:
+            rate = min(ceiling, rate + policy.rate_step)
+        if concurrency >= top and (rate is None or ceiling is None or rate >= ceiling):
             return self._end(dest, "deliveries succeed again", now, event)
         before = self.effective(dest)
         self.limits[dest] = replace(
@@ -537,9 +556,10 @@ class Shaper:
         policy, state = self.policy, self.limits[dest]
         concurrency, rate = self.effective(dest)
         n = self.instances
+        rate_left = (state.ceiling_rate or 0.0) - (state.rate or 0.0)
         steps = max(
             math.ceil((policy.max_concurrency * n - state.concurrency) / policy.concurrency_step),
-            math.ceil((state.ceiling_rate - state.rate) / policy.rate_step),
+            math.ceil(rate_left / policy.rate_step),
             1,
         )
         next_step = max(state.hold_until, state.changed + policy.recovery_interval, now)
@@ -548,7 +568,9 @@ class Shaper:
             "concurrency": concurrency,
             "max_concurrency": policy.max_concurrency,
             "rate_per_minute": _per_minute(rate),
-            "max_rate_per_minute": _per_minute(state.ceiling_rate / n),
+            "max_rate_per_minute": _per_minute(
+                None if state.ceiling_rate is None else state.ceiling_rate / n
+            ),
             "since": state.since,
             "hold_until": state.hold_until,
             "next_increase": next_step,

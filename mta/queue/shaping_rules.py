@@ -146,12 +146,19 @@ _MILD = 0.75  # one mailbox's limit: the destination slows a little
 # Order matters: first match wins.  Provider rules first (their codes and
 # wordings are specific), then the ignored ones, then the generic wordings.
 DEFAULT_RULES: tuple[ShapingRule, ...] = (
+    # Sender authentication failed (RFC 7372: DKIM, SPF, reverse DNS): a
+    # receiver that rate-limits for it wants the cause fixed, not less mail.
+    ShapingRule(
+        "sender-authentication",
+        enhanced=tuple(f"4.7.{n}" for n in range(20, 27)),
+        action=IGNORE,
+    ),
     # Gmail ("Gmail SMTP errors and codes"): rate limits that ask the
-    # sender to slow down, unless authentication or TLS is the reason.
+    # sender to slow down, unless SPF, DKIM, DMARC or TLS is the reason.
     ShapingRule(
         "gmail-authentication",
         "Gmail",
-        enhanced=("4.7.26", "4.7.27", "4.7.29", "4.7.30", "4.7.32", "4.7.40"),
+        enhanced=("4.7.27", "4.7.29", "4.7.30", "4.7.32", "4.7.40"),
         action=IGNORE,
     ),
     ShapingRule("gmail-rate-limited", "Gmail", codes=("4xx",), enhanced=("4.7.28",)),
@@ -258,7 +265,22 @@ DEFAULT_RULES: tuple[ShapingRule, ...] = (
         rate=_MILD,
     ),
     # Any receiver (GMX/WEB.DE and Mail.ru among them, which publish no rate
-    # replies of their own): wordings of connection and rate limits.
+    # replies of their own): a reply that names our authentication or our
+    # host's DNS is about those; then wordings of connection and rate limits.
+    ShapingRule(
+        "authentication-text",
+        codes=("4xx",),
+        pattern=_any(
+            r"\bptr\b",
+            r"reverse dns",
+            r"\bspf\b",
+            r"\bdkim\b",
+            r"\bdmarc\b",
+            r"unauthenticated",
+            r"\btls\b",
+        ),
+        action=IGNORE,
+    ),
     ShapingRule(
         "too-many-connections",
         codes=("4xx",),
