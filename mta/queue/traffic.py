@@ -175,7 +175,7 @@ class TrafficShaping(Service):
             return
         # Another instance changed it first: its state, then this event on it.
         now = self.clock.seconds()
-        self._adopt(dest, stored, now)
+        self._adopt(dest, stored, now, repair=False)
         if event is None or attempt >= MAX_RACES:
             return
         again = self.shaper.apply(dest, event, now)
@@ -189,14 +189,17 @@ class TrafficShaping(Service):
             log.failure("cannot share the traffic-shaping limits of {dest}", failure, dest=dest)
         # Redis away: this instance goes on with its own limits (the client logs it once).
 
-    def _adopt(self, dest: str, doc: object, now: float) -> None:
+    def _adopt(self, dest: str, doc: object, now: float, *, repair: bool = True) -> None:
+        """Take the cluster's state of C{dest}; with C{repair}, replace one
+        that is not a shaping document with this instance's."""
         try:
             change = self.shaper.adopt(dest, doc, now)
         except ValueError as e:
             log.error("ignoring the cluster's traffic-shaping state of {dest}: {e}",
                       dest=dest, e=str(e))  # fmt: skip
-            if dest in self.shaper.limits and not self._pushing[dest]:
-                self._push(dest, "", None, MAX_RACES)  # replace what is not a document
+            if repair and dest in self.shaper.limits and not self._pushing[dest]:
+                token = doc.get("token") if isinstance(doc, dict) else None
+                self._push(dest, token if isinstance(token, str) else "", None, MAX_RACES)
             return
         if change is not None:
             self._report(change, share=False)
