@@ -225,6 +225,14 @@ class PacingTests(SynchronousTestCase):
         self.assertTrue(s.take(DEST, T0 + 6))
         self.assertFalse(s.take(DEST, T0 + 6.5))
 
+    def test_no_burst_when_the_limits_end(self) -> None:
+        s = shaper(max_rate=10.0)
+        start(s, 10, T0)  # the bucket starts full: 10
+        s.observe(DEST, [result(GMAIL)], T0, T0 + 0.5)  # 5/s, the bucket empty
+        s.reset(DEST, T0 + 1)
+        # Back at 10/s, but not with a full second's worth at once.
+        self.assertEqual(sum(s.take(DEST, T0 + 1) for _ in range(10)), 5)
+
     def test_room(self) -> None:
         s = shaper(max_wait=30.0)
         self.assertEqual(s.room(DEST), 2**31)

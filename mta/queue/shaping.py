@@ -488,7 +488,7 @@ class Shaper:
     def _end(self, dest: str, why: str, now: float, event: Event | None) -> Change:
         before = self.effective(dest)
         state = self.limits.pop(dest)
-        self._buckets.pop(dest, None)
+        # The bucket stays: it fills at the new rate, no burst at the end.
         self._slots.pop(dest, None)
         self._active.pop(dest, None)
         return Change(dest, "end", before, self.effective(dest), state.reason, why,
