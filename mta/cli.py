@@ -29,6 +29,8 @@ from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.interfaces import IQueueStore
 from mta.queue import actions
 from mta.queue.actions import ActionError
+from mta.queue.shaping_rules import DEFAULT_RULES as SHAPING_RULES
+from mta.queue.shaping_rules import explain as explain_shaping
 from mta.spool import FileStore, open_store
 from mta.spool.format import FormatError, dumps, format_time
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
@@ -511,7 +513,11 @@ def cmd_classify(config: configmod.Config, args: argparse.Namespace, out: TextIO
         raise UsageError(f"classify: {reply.code} is a success reply, not a failure")
     classifier = Classifier(extra=config.bounce_rules)
     if args.explain:
-        out.write("".join(f"{printable(line)}\n" for line in classifier.explain(reply).lines()))
+        lines = classifier.explain(reply).lines()
+        shaping = config.shaping
+        rules = (*config.shaping_rules, *SHAPING_RULES)
+        lines += explain_shaping(rules, reply, shaping.decrease_factor, shaping.hold_time)
+        out.write("".join(f"{printable(line)}\n" for line in lines))
         return 0
     out.write(json.dumps(classifier.classify(reply).to_json()) + "\n")
     return 0

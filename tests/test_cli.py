@@ -763,7 +763,12 @@ class ClassifyTests(CLITestCase):
         self.assertEqual(lines[1], "verdict: retry, category rate")
         self.assertRegex(lines[2], r"^rule: rate-limited \(built-in rule \d+ of \d+, ")
         self.assertEqual(lines[3], "  pattern /\\brate[ -]limited\\b/ found 'rate limited'")
-        self.assertEqual(lines[-1], "action: retry, as the rule says")
+        self.assertEqual(lines[-2], "action: retry, as the rule says")
+        self.assertEqual(
+            lines[-1],
+            "shaping: rule gmail-rate-limited (Gmail) (built-in, mta.queue.shaping_rules."
+            "DEFAULT_RULES): the destination's concurrency x0.5, its rate x0.5, for at least 300 s",
+        )
 
     def test_explain_names_the_operator_rule_and_its_configuration_entry(self) -> None:
         with open(self.config, "a", encoding="utf-8") as f:
@@ -789,6 +794,7 @@ class ClassifyTests(CLITestCase):
                 "verdict: bounce, category other",
                 f"rule: none of the {len(DEFAULT_RULES)} rules matched",
                 "action: bounce: the reply code decides (a 5xx is permanent)",
+                "shaping: no rule matches: not a traffic-shaping signal",
             ],
         )
 

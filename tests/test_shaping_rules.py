@@ -23,6 +23,7 @@ from mta.queue.shaping_rules import (
     DEFAULT_RULES,
     IGNORE,
     ShapingRule,
+    explain,
     find,
     rules_from_config,
     stage_of,
@@ -292,3 +293,44 @@ class ConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse(doc, "mta.toml", "/etc/mta")
             self.assertIn(words, str(caught.exception))
+
+
+class ExplainTests(SynchronousTestCase):
+    """What C{mtactl classify --explain} says of shaping."""
+
+    def test_one_line_when_the_stages_agree(self) -> None:
+        [line] = explain(DEFAULT_RULES, parse_reply("421 4.7.0 [TSS04] deferred"), 0.5, 300)
+        self.assertEqual(
+            line,
+            "shaping: rule yahoo-tss04 (Yahoo/AOL) (built-in, mta.queue.shaping_rules."
+            "DEFAULT_RULES): the destination's concurrency x0.25, its rate x0.25, "
+            "for at least 300 s",
+        )
+
+    def test_a_line_per_stage_when_they_differ(self) -> None:
+        lines = explain(DEFAULT_RULES, parse_reply("421 mx busy, try again later"), 0.5, 60)
+        self.assertEqual(
+            lines,
+            [
+                "shaping, in reply to MAIL, RCPT or DATA: no rule matches: not a "
+                "traffic-shaping signal",
+                "shaping, at the greeting: rule connect-try-again-later (built-in, "
+                "mta.queue.shaping_rules.DEFAULT_RULES): the destination's concurrency x0.5, "
+                "its rate x0.5, for at least 60 s",
+            ],
+        )
+
+    def test_operator_rules_and_ignore(self) -> None:
+        rules = rules_from_config(
+            [{"name": "acme", "pattern": "acme", "rate": 1, "duration": 5},
+             {"name": "quiet", "pattern": "quiet", "action": "ignore"}],
+            "mta.toml",
+        )  # fmt: skip
+        [line] = explain(rules, Reply(451, None, "acme says wait"), 0.5, 300)
+        self.assertEqual(
+            line,
+            "shaping: rule acme (mta.toml, [[shaping.rules]] #1): the destination's "
+            "concurrency x0.5, its rate x1, for at least 5 s",
+        )
+        [line] = explain(rules, Reply(451, None, "be quiet"), 0.5, 300)
+        self.assertIn("rule quiet (mta.toml, [[shaping.rules]] #2): not a traffic-shaping", line)

@@ -390,10 +390,12 @@ class Shaper:
 
     def event_of(self, results: Sequence[RecipientResult], started: float) -> Event | None:
         """A job's results as one event: the first signal, else a success, else None."""
+        seen: set[tuple[Reply, str]] = set()  # recipients of a job mostly share a reply
         for result in results:
             stage = stage_of(result)
-            if stage is None:
+            if stage is None or (result.reply, stage) in seen:
                 continue
+            seen.add((result.reply, stage))
             rule = find(self.policy.rules, result.reply, stage)
             if rule is not None:
                 return None if rule.action == IGNORE else Signal(rule, result.reply, started)
