@@ -322,6 +322,37 @@ def find(rules: Sequence[ShapingRule], reply: Reply, stage: str) -> ShapingRule 
     return None
 
 
+def explain(rules: Sequence[ShapingRule], reply: Reply, factor: float, hold: float) -> list[str]:
+    """What traffic shaping makes of C{reply}, for C{mtactl classify --explain}.
+
+    One line when the greeting and a transaction get the same answer, else
+    one for each; C{factor} and C{hold} are the C{[shaping]} defaults.
+    """
+    found = {stage: find(rules, reply, stage) for stage in ("transaction", "connect")}
+    if found["transaction"] is found["connect"]:
+        return [f"shaping: {_verdict(found['connect'], factor, hold)}"]
+    return [
+        f"shaping, in reply to MAIL, RCPT or DATA: {_verdict(found['transaction'], factor, hold)}",
+        f"shaping, at the greeting: {_verdict(found['connect'], factor, hold)}",
+    ]
+
+
+def _verdict(rule: ShapingRule | None, factor: float, hold: float) -> str:
+    if rule is None:
+        return "no rule matches: not a traffic-shaping signal"
+    where = rule.origin or "built-in, mta.queue.shaping_rules.DEFAULT_RULES"
+    name = f"rule {rule.describe()} ({where})"
+    if rule.action == IGNORE:
+        return f"{name}: not a traffic-shaping signal (ignore)"
+    concurrency = factor if rule.concurrency is None else rule.concurrency
+    rate = factor if rule.rate is None else rule.rate
+    duration = hold if rule.duration is None else rule.duration
+    return (
+        f"{name}: the destination's concurrency x{concurrency:g}, its rate x{rate:g}, "
+        f"for at least {duration:g} s"
+    )
+
+
 # -- configuration ---------------------------------------------------------
 
 _RULE_KEYS = (
