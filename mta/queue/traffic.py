@@ -251,6 +251,7 @@ class TrafficShaping(Service):
             if not self._pushing[dest]:
                 self._unshared.discard(dest)  # the cluster's state wins
                 self._adopt(dest, doc, now)
+        self._unshared &= set(shaper.limits)  # an end nobody heard of: nothing to write
         for dest in [d for d in shaper.limits if d not in shared.limits]:
             if self._pushing[dest]:
                 continue
