@@ -110,6 +110,7 @@ class MTAService(MultiService):
             journal_runner=self.spool_runner,
             schedule=lambda f: reactor.callLater(0, f),
             settings=config.spool,
+            spares=True,
         )
         self.lock = self.store.lock()
 

@@ -284,6 +284,12 @@ class ErrorTests(ConfigFileTestCase):
             '[limits]\nbare_newline = "strip"\n', "[limits] bare_newline", "normalize, reject"
         )
 
+    def test_spool_barrier_choices(self) -> None:
+        self.assertEqual(config.load(self.write("")).spool.barrier, "syncfs")
+        c = config.load(self.write('[spool]\nbarrier = "fsync"\n'))
+        self.assertEqual(c.spool.barrier, "fsync")
+        self.assertConfigError('[spool]\nbarrier = "none"\n', "[spool] barrier", "syncfs, fsync")
+
     def test_nan(self) -> None:
         self.assertConfigError("[limits]\nidle_timeout = nan\n", "[limits] idle_timeout")
 

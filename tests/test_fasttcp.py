@@ -38,11 +38,13 @@ class Collect(protocol.Protocol):
 
 @implementer(IPushProducer)
 class Producer:
+    paused = False
+
     def pauseProducing(self) -> None:
-        pass
+        self.paused = True
 
     def resumeProducing(self) -> None:
-        pass
+        self.paused = False
 
     def stopProducing(self) -> None:
         pass
@@ -104,10 +106,26 @@ class WriteThroughTests(TestCase):
         self.assertEqual(len(got), BIG + 4)
         self.assertEqual(got, big + b"tail")
 
-    async def test_a_registered_producer_takes_twisteds_path(self) -> None:
+    async def test_a_push_producer_does_not_stop_writing_through(self) -> None:
         await self.pair.open()
         t: Any = self.pair.server.transport
-        t.registerProducer(Producer(), True)
+        producer = Producer()
+        t.registerProducer(producer, True)
+        t.write(b"220 at once")
+        self.assertFalse(self.pair.pending(self.pair.server))
+        # What the socket does not take is buffered, and the producer paused.
+        big = os.urandom(BIG)
+        t.write(big)
+        self.assertTrue(self.pair.pending(self.pair.server))
+        self.assertTrue(producer.paused)
+        t.unregisterProducer()
+        t.loseConnection()
+        self.assertEqual(await self.pair.client.done, b"220 at once" + big)
+
+    async def test_a_pull_producer_takes_twisteds_path(self) -> None:
+        await self.pair.open()
+        t: Any = self.pair.server.transport
+        t.registerProducer(Producer(), False)
         t.write(b"through the buffer")
         self.assertTrue(self.pair.pending(self.pair.server))
         t.unregisterProducer()

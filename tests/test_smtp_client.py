@@ -37,6 +37,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mta.errors import DeliveryError, Reply
 from mta.smtp.client import (
+    WHOLE_WRITE,
     ClientPolicy,
     ClientProtocol,
     ClientTimeouts,
@@ -421,6 +422,18 @@ class SinkConversationTests(SynchronousTestCase):
             self.assertEqual([m.data for m in factory.messages], [data])
             self.quit(wire)
             self.assertEqual(factory.commands[-1], "QUIT")
+
+    def test_dot_lines_where_the_whole_write_ends_in_memory(self) -> None:
+        """A message over WHOLE_WRITE goes out as one write and then a
+        stream: a dot line at, or one octet either side of, the seam (the
+        CRLF before it split there too) is stuffed as anywhere else."""
+        for delta in (-2, -1, 0, 1, 2):
+            data = dotted_message([(WHOLE_WRITE + 1 + delta, b".")])
+            with self.subTest(delta=delta):
+                factory, wire = self.ready()
+                self.assertEqual(self.send(wire, data).replies[0].code, 250)
+                self.assertTrue(factory.messages[0].data == data, "the message changed")
+                self.quit(wire)
 
     def test_big_message_with_dots_at_many_boundaries_in_memory(self) -> None:
         factory, wire = self.ready()
