@@ -49,7 +49,11 @@ class SpareFilesTests(SynchronousTestCase):
         self.assertFalse(self.spares.wanted(), "one is already running")
         self.spares.refill()
         self.spares.take()
-        self.assertTrue(self.spares.wanted(), "done and below target again")
+        self.spares.take()
+        self.assertFalse(self.spares.wanted(), "3 of 5 left: not yet")
+        self.spares.take()
+        self.assertTrue(self.spares.wanted(), "done, and under half the target")
+        self.assertEqual(self.spares.refill(), 3)
 
     def test_take_hands_out_open_files_then_none(self) -> None:
         self.spares.refill()
@@ -69,7 +73,7 @@ class SpareFilesTests(SynchronousTestCase):
         spares.wanted()
         self.assertEqual(spares.refill(), 2)
         self.assertEqual(len(spares), 2)
-        self.assertTrue(spares.wanted(), "tried again later")
+        self.assertTrue(spares.wanted(), "tried again later (2 of 5 is under half)")
 
     def test_close_removes_every_spare(self) -> None:
         self.spares.refill()

@@ -67,9 +67,11 @@ class SpareFiles:
             return None
 
     def wanted(self) -> bool:
-        """Whether a refill should run now (below target, none running)."""
+        """Whether a refill should run now: fewer than half the target left
+        (so that a refill, one hand-off to a thread, makes many), and none
+        running."""
         with self._lock:
-            if self._refilling or len(self._ready) >= self.target:
+            if self._refilling or len(self._ready) * 2 >= self.target:
                 return False
             self._refilling = True
             return True

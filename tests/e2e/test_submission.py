@@ -19,7 +19,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.spool.format import from_json
-from tests.e2e.daemon import REPO, Daemon, mtactl
+from tests.e2e.daemon import REPO, Daemon, mtactl, unfinished
 
 pytestmark = pytest.mark.e2e
 
@@ -283,11 +283,10 @@ class DurabilityTests(SynchronousTestCase):
             body = b"partial body line\r\n" * 20_000
             half.sendall(f"From: {LOGIN}\r\nSubject: half\r\n\r\n".encode() + body)
             [queued] = d.queued()
-            tmp = os.path.join(d.spool, "tmp")
             deadline = time.monotonic() + 10
-            while not os.listdir(tmp) and time.monotonic() < deadline:
+            while not unfinished(d.spool) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self.assertEqual(len(os.listdir(tmp)), 1, "the half-received message is in tmp/")
+            self.assertEqual(len(unfinished(d.spool)), 1, "the half-received message is in tmp/")
         finally:
             d.kill()
         half.close()
@@ -295,7 +294,7 @@ class DurabilityTests(SynchronousTestCase):
         d.start("python -m twisted")
         try:
             self.assertEqual(d.queued(), [queued])
-            self.assertEqual(os.listdir(os.path.join(d.spool, "tmp")), [])
+            self.assertEqual(os.listdir(os.path.join(d.spool, "tmp")), [], "spares too")
             listing = mtactl(["queue", "list", "--json"], d.config)
             self.assertEqual(listing.returncode, 0, listing.stderr)
             [row] = json.loads(listing.stdout)
