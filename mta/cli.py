@@ -29,8 +29,9 @@ from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.interfaces import IQueueStore
 from mta.queue import actions
 from mta.queue.actions import ActionError
-from mta.spool import FileStore, open_store
+from mta.spool import FileStore, SpoolLock, open_store, upgrade
 from mta.spool.format import FormatError, dumps, format_time
+from mta.spool.fs import SPOOL_FORMAT, SPOOL_FORMAT_V1
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
 _CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), 127, *range(128, 160)]}
@@ -156,7 +157,97 @@ def cmd_user_list(config: configmod.Config, args: argparse.Namespace, out: TextI
 
 
 def _store(config: configmod.Config) -> FileStore:
-    return open_store(config.server.spool)
+    root = os.path.abspath(config.server.spool)
+    if _format_if_spool(root) == SPOOL_FORMAT_V1:
+        # Opening upgrades it: only while no daemon (of either version) works on it.
+        lock = _lock_for_upgrade(FileStore(root))
+        try:
+            store = open_store(root)
+        finally:
+            lock.release()
+        sys.stderr.write(f"mtactl: upgraded spool {root} to {SPOOL_FORMAT}\n")
+        return store
+    return open_store(root)
+
+
+def _format_if_spool(root: str) -> object:
+    """The format of the spool at C{root}; None where there is no readable spool
+    (L{open_store} says why)."""
+    try:
+        return upgrade.spool_format(root)
+    except StorageError:
+        return None
+
+
+def _lock_for_upgrade(store: FileStore) -> SpoolLock:
+    """The spool lock, held; a clear refusal when a daemon holds it."""
+    lock = store.lock()
+    try:
+        lock.acquire()
+    except StorageError:
+        pid = _lock_holder(store.root)
+        _fail(
+            f"spool {store.root} is in the old format {SPOOL_FORMAT_V1} and in use by another "
+            f"mta process{pid}; stop the daemon first (mta upgrades the spool when it starts)"
+        )
+    except OSError as e:
+        _fail(f"cannot lock spool {store.root}: {e.strerror}")
+    return lock
+
+
+def _lock_holder(root: str) -> str:
+    """The lock holder's PID as the lock file has it, as " (PID n)"; "" if it does not say."""
+    try:
+        with open(os.path.join(root, "lock")) as f:
+            return f" (PID {int(f.read().split()[0])})"
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def cmd_spool_upgrade(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Convert an C{mta-spool/1} spool to C{mta-spool/2} while no daemon runs."""
+    root = os.path.abspath(args.spool or config.server.spool)
+    found = upgrade.spool_format(root)
+    if found == SPOOL_FORMAT_V1:
+        store = FileStore(root)
+        lock = _lock_for_upgrade(store)
+        try:
+            found = upgrade.spool_format(root)  # another mtactl may have done it meanwhile
+            if found == SPOOL_FORMAT_V1:
+                try:
+                    report = upgrade.upgrade_v1(store)
+                except (OSError, ValueError) as e:
+                    _fail(
+                        f"the upgrade of {root} stopped: {e}; what was converted stays "
+                        f"converted: run 'mtactl spool upgrade' again when the cause is fixed"
+                    )
+                _print_upgrade(root, report, out)
+                return 0
+        finally:
+            lock.release()
+    if found == SPOOL_FORMAT:
+        out.write(f"spool {root} is {SPOOL_FORMAT} already: nothing to do\n")
+        return 0
+    _fail(
+        f"spool {root} has format {found!r}; this version upgrades {SPOOL_FORMAT_V1} to "
+        f"{SPOOL_FORMAT} and reads {SPOOL_FORMAT}"
+    )
+
+
+def _print_upgrade(root: str, report: upgrade.Upgraded, out: TextIO) -> None:
+    out.write(f"spool {root} upgraded from {SPOOL_FORMAT_V1} to {SPOOL_FORMAT}: "
+              f"{report.total} message{'s' if report.total != 1 else ''}\n")  # fmt: skip
+    for state in upgrade.V1_STATES:
+        n = report.converted.get(state, 0)
+        if n:
+            note = " (now incoming: they were being delivered)" if state == "active" else ""
+            out.write(f"  {state + ':':<10} {n}{note}\n")
+    if report.unreadable:
+        out.write(f"unreadable envelopes, kept in corrupt/: {report.unreadable}\n")
+    if report.deliveries:
+        out.write(f"deliveries recorded from the sent journal: {report.deliveries}\n")
+    if report.incomplete:
+        out.write(f"half-received messages removed from tmp/: {report.incomplete}\n")
 
 
 def _recipient_row(r: Any) -> dict[str, Any]:
@@ -454,7 +545,7 @@ def _count(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtactl", description="Manage an mta installation.")
     p.add_argument("-c", "--config", help="TOML configuration file (default: embedded)")
-    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,classify,dkim}")
+    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,spool,classify,dkim}")
 
     user = sub.add_parser("user", help="manage submission users")
     usub = user.add_subparsers(dest="command", required=True)
@@ -517,6 +608,18 @@ def parser() -> argparse.ArgumentParser:
     qs.add_argument("--body", action="store_true", help="show the body too")
     qs.add_argument("--envelope-only", action="store_true")
     qs.set_defaults(func=cmd_queue_show)
+    sp = sub.add_parser("spool", help="maintain the spool directory")
+    spsub = sp.add_subparsers(dest="command", required=True)
+    up = spsub.add_parser(
+        "upgrade",
+        help=f"convert a {SPOOL_FORMAT_V1} spool to {SPOOL_FORMAT} (no daemon may run)",
+        description=f"Converts a spool written by an older mta ({SPOOL_FORMAT_V1}) to "
+        f"{SPOOL_FORMAT} in place and prints what it converted. The daemon does the same when "
+        "it starts; this does it beforehand, while no daemon runs. Safe to run again after an "
+        "interruption, and on a spool that is up to date (it says so).",
+    )
+    up.add_argument("--spool", metavar="DIR", help="the spool (default: [server] spool)")
+    up.set_defaults(func=cmd_spool_upgrade)
     cl = sub.add_parser(
         "classify",
         help="show whether a reply would be retried or bounced",
