@@ -7,6 +7,7 @@ spool ...), 2 the command line was wrong.  Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import getpass
 import json
 import os
@@ -24,13 +25,13 @@ from mta.cluster.blocking import BlockingRedis
 from mta.cluster.users import RedisUserStore
 from mta.controlsocket import ControlSocketError, DaemonNotRunningError
 from mta.controlsocket import request as control_request
-from mta.envelope import QueueState
+from mta.envelope import Envelope, ProgressRecord, QueueState
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.interfaces import IQueueStore
 from mta.queue import actions
 from mta.queue.actions import ActionError
-from mta.spool import FileStore, SpoolLock, open_store, upgrade
-from mta.spool.format import FormatError, dumps, format_time
+from mta.spool import FileStore, SpoolLock, journal, open_store, upgrade
+from mta.spool.format import FormatError, dumps, format_time, recipient_text
 from mta.spool.fs import SPOOL_FORMAT, SPOOL_FORMAT_V1
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
@@ -375,15 +376,15 @@ def _act(
 
 
 def _recover_journal(store: IQueueStore) -> None:
-    """Record the deliveries a killed daemon left in the sent journal before acting
+    """Record the results a killed daemon left in the progress journal before acting
     on the spool, so that no delivered recipient is bounced or sent again."""
     try:
         found = store.recover(incomplete=False)
     except OSError as e:
-        _fail(f"cannot apply the sent journal: {e}")
+        _fail(f"cannot apply the progress journal: {e}")
     if found.kept:
         _fail(
-            "cannot apply the sent journal (see the errors above); only delete works until it can"
+            "cannot apply the progress journal (see the errors above); only delete works until then"
         )
 
 
@@ -463,12 +464,30 @@ def _read_message(store: IQueueStore, queue_id: str) -> tuple[QueueState, Any, b
     _fail(f"message {queue_id} kept moving or lost its files while being read")
 
 
+def _unfiled(envelope: Envelope, records: list[ProgressRecord]) -> list[ProgressRecord]:
+    """The journal's records that the message file does not have yet.
+
+    A running daemon keeps the lines of messages it has filed until their
+    segment is removed, so most lines say what the file says already.
+    """
+    current = copy.deepcopy(envelope)
+    news = []
+    for record in records:
+        if record.index >= len(current.recipients):
+            continue
+        before = recipient_text(current.recipients[record.index])
+        journal.apply(current, [record])
+        if recipient_text(current.recipients[record.index]) != before:
+            news.append(record)
+    return news
+
+
 def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     store = _store(config)
     state, envelope, message = _read_message(store, args.id)
     out.write(f"# state: {state}\n# envelope: {store.location(args.id, state)}\n")
     if state.waiting:
-        for record in store.journaled(args.id):
+        for record in _unfiled(envelope, store.journaled(args.id)):
             r = record.recipient
             out.write(
                 printable(
