@@ -32,7 +32,6 @@ from mta.queue import actions
 from mta.queue.actions import ActionError
 from mta.spool import FileStore, SpoolLock, journal, open_store, upgrade
 from mta.spool.format import FormatError, dumps, format_time, recipient_text
-from mta.spool.fs import SPOOL_FORMAT, SPOOL_FORMAT_V1
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
 _CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), 127, *range(128, 160)]}
@@ -159,14 +158,14 @@ def cmd_user_list(config: configmod.Config, args: argparse.Namespace, out: TextI
 
 def _store(config: configmod.Config) -> FileStore:
     root = os.path.abspath(config.server.spool)
-    if _format_if_spool(root) == SPOOL_FORMAT_V1:
+    if _format_if_spool(root) == upgrade.FORMAT_V1:
         # Opening upgrades it: only while no daemon (of either version) works on it.
         lock = _lock_for_upgrade(FileStore(root))
         try:
             store = open_store(root)
         finally:
             lock.release()
-        sys.stderr.write(f"mtactl: upgraded spool {root} to {SPOOL_FORMAT}\n")
+        sys.stderr.write(f"mtactl: upgraded spool {root} to {upgrade.FORMAT}\n")
         return store
     return open_store(root)
 
@@ -188,7 +187,7 @@ def _lock_for_upgrade(store: FileStore) -> SpoolLock:
     except StorageError:
         pid = _lock_holder(store.root)
         _fail(
-            f"spool {store.root} is in the old format {SPOOL_FORMAT_V1} and in use by another "
+            f"spool {store.root} is in the old format {upgrade.FORMAT_V1} and in use by another "
             f"mta process{pid}; stop the daemon first (mta upgrades the spool when it starts)"
         )
     except OSError as e:
@@ -209,12 +208,12 @@ def cmd_spool_upgrade(config: configmod.Config, args: argparse.Namespace, out: T
     """Convert an C{mta-spool/1} spool to C{mta-spool/2} while no daemon runs."""
     root = os.path.abspath(args.spool or config.server.spool)
     found = upgrade.spool_format(root)
-    if found == SPOOL_FORMAT_V1:
+    if found == upgrade.FORMAT_V1:
         store = FileStore(root)
         lock = _lock_for_upgrade(store)
         try:
             found = upgrade.spool_format(root)  # another mtactl may have done it meanwhile
-            if found == SPOOL_FORMAT_V1:
+            if found == upgrade.FORMAT_V1:
                 try:
                     report = upgrade.upgrade_v1(store)
                 except (OSError, ValueError) as e:
@@ -226,17 +225,17 @@ def cmd_spool_upgrade(config: configmod.Config, args: argparse.Namespace, out: T
                 return 0
         finally:
             lock.release()
-    if found == SPOOL_FORMAT:
-        out.write(f"spool {root} is {SPOOL_FORMAT} already: nothing to do\n")
+    if found == upgrade.FORMAT:
+        out.write(f"spool {root} is {upgrade.FORMAT} already: nothing to do\n")
         return 0
     _fail(
-        f"spool {root} has format {found!r}; this version upgrades {SPOOL_FORMAT_V1} to "
-        f"{SPOOL_FORMAT} and reads {SPOOL_FORMAT}"
+        f"spool {root} has format {found!r}; this version upgrades {upgrade.FORMAT_V1} to "
+        f"{upgrade.FORMAT} and reads {upgrade.FORMAT}"
     )
 
 
 def _print_upgrade(root: str, report: upgrade.Upgraded, out: TextIO) -> None:
-    out.write(f"spool {root} upgraded from {SPOOL_FORMAT_V1} to {SPOOL_FORMAT}: "
+    out.write(f"spool {root} upgraded from {upgrade.FORMAT_V1} to {upgrade.FORMAT}: "
               f"{report.total} message{'s' if report.total != 1 else ''}\n")  # fmt: skip
     for state in upgrade.V1_STATES:
         n = report.converted.get(state, 0)
@@ -631,9 +630,9 @@ def parser() -> argparse.ArgumentParser:
     spsub = sp.add_subparsers(dest="command", required=True)
     up = spsub.add_parser(
         "upgrade",
-        help=f"convert a {SPOOL_FORMAT_V1} spool to {SPOOL_FORMAT} (no daemon may run)",
-        description=f"Converts a spool written by an older mta ({SPOOL_FORMAT_V1}) to "
-        f"{SPOOL_FORMAT} in place and prints what it converted. The daemon does the same when "
+        help=f"convert a {upgrade.FORMAT_V1} spool to {upgrade.FORMAT} (no daemon may run)",
+        description=f"Converts a spool written by an older mta ({upgrade.FORMAT_V1}) to "
+        f"{upgrade.FORMAT} in place and prints what it converted. The daemon does the same when "
         "it starts; this does it beforehand, while no daemon runs. Safe to run again after an "
         "interruption, and on a spool that is up to date (it says so).",
     )

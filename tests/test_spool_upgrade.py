@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.envelope import QueueState, RecipientState
 from mta.errors import StorageError
-from mta.spool import FileStore, open_store, upgrade
+from mta.spool import FileStore, fs, open_store, upgrade
 from mta.spool.format import FormatError
 from mta.testing import FailingOps
 
@@ -215,6 +215,10 @@ class ReportTests(SynchronousTestCase):
 
 
 class FormatTests(SynchronousTestCase):
+    def test_the_names_agree_with_the_store(self) -> None:
+        self.assertEqual((upgrade.FORMAT, upgrade.FORMAT_V1),
+                         (fs.SPOOL_FORMAT, fs.SPOOL_FORMAT_V1))  # fmt: skip
+
     def test_spool_format(self) -> None:
         root = old_spool(self)
         self.assertEqual(upgrade.spool_format(root), "mta-spool/1")

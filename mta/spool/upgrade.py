@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="mta.spool")
 
+FORMAT_V1 = "mta-spool/1"  # what this module upgrades from
+FORMAT = "mta-spool/2"  # and to: L{mta.spool.fs.SPOOL_FORMAT} (fs imports this module)
 V1_STATES = ("incoming", "active", "deferred", "hold", "corrupt", "done", "redacted")
 _ASIDE = ".v1"
 
@@ -112,7 +114,7 @@ def upgrade_v1(store: FileStore) -> Upgraded:
             if _convert(store, state, queue_id, sent.get(queue_id, []), report):
                 report.converted[state] += 1
     report.incomplete = _clean(root)
-    store.write_marker("mta-spool/2")
+    store.write_marker(FORMAT)
     log.info("spool {root} upgraded to mta-spool/2 ({n} messages)", root=root, n=report.total)
     return report
 
