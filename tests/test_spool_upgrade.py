@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta.envelope import QueueState, RecipientState
 from mta.errors import StorageError
-from mta.spool import FileStore, open_store, upgrade
+from mta.spool import FileStore, fs, open_store, upgrade
 from mta.spool.format import FormatError
 from mta.testing import FailingOps
 
@@ -162,3 +162,75 @@ class UpgradeTests(SynchronousTestCase):
         doc = self.record("0S3MA0000000003", "deferred")
         self.assertEqual((doc["format"], doc["id"]), ("mta-envelope/2", "0S3MA0000000003"))
         self.assertEqual(doc["recipients"][1]["state"], "deferred")
+
+
+class ReportTests(SynchronousTestCase):
+    """L{upgrade.upgrade_v1} says what it converted (for C{mtactl spool upgrade})."""
+
+    def setUp(self) -> None:
+        self.root = old_spool(self)
+
+    def test_counts_by_state(self) -> None:
+        report = upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual(
+            dict(report.converted),
+            {"incoming": 3, "active": 1, "deferred": 1, "hold": 1, "corrupt": 1, "done": 1,
+             "redacted": 1},
+        )  # fmt: skip
+        self.assertEqual(report.total, 9)
+        self.assertEqual((report.unreadable, report.deliveries, report.incomplete), (1, 1, 1))
+        again = upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual((again.total, again.deliveries, again.incomplete), (0, 0, 0))
+
+    def test_an_unreadable_envelope_in_another_state_goes_to_corrupt(self) -> None:
+        path = os.path.join(self.root, "deferred", "0S3MA0000000003", "envelope.json")
+        with open(path, "wb") as f:
+            f.write(b'{"format": "mta-envelope/1", "id": "0S3MA0000000003", cut')
+        report = upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual(report.unreadable, 2)
+        store = open_store(self.root)
+        self.assertEqual(store.locate("0S3MA0000000003"), QueueState.CORRUPT)
+        with open(os.path.join(self.root, "corrupt", "0S3MA0000000003"), "rb") as f:
+            data = f.read()
+        self.assertEqual(data, v1_message("deferred/0S3MA0000000003") + b'{"format": '
+                         b'"mta-envelope/1", "id": "0S3MA0000000003", cut\n')  # fmt: skip
+        self.assertEqual(os.listdir(os.path.join(self.root, "deferred")), [])
+
+    def test_a_message_without_its_message_file_goes_to_corrupt(self) -> None:
+        os.unlink(os.path.join(self.root, "hold", "0S3MA0000000004", "message"))
+        upgrade.upgrade_v1(FileStore(self.root))
+        store = open_store(self.root)
+        self.assertEqual(store.locate("0S3MA0000000004"), QueueState.CORRUPT)
+        _, env = store.load("0S3MA0000000004")
+        self.assertEqual((env.size, env.recipients[0].address), (0, "frank@example.net"))
+
+    def test_an_unreadable_message_set_aside_goes_to_corrupt_when_resumed(self) -> None:
+        base = os.path.join(self.root, "incoming")
+        with open(os.path.join(base, "0S3MA0000000001", "envelope.json"), "wb") as f:
+            f.write(b"not json\n")
+        os.rename(os.path.join(base, "0S3MA0000000001"), os.path.join(base, ".0S3MA0000000001.v1"))
+        upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual(open_store(self.root).locate("0S3MA0000000001"), QueueState.CORRUPT)
+        self.assertNotIn("0S3MA0000000001", os.listdir(base))
+
+
+class FormatTests(SynchronousTestCase):
+    def test_the_names_agree_with_the_store(self) -> None:
+        self.assertEqual((upgrade.FORMAT, upgrade.FORMAT_V1),
+                         (fs.SPOOL_FORMAT, fs.SPOOL_FORMAT_V1))  # fmt: skip
+
+    def test_spool_format(self) -> None:
+        root = old_spool(self)
+        self.assertEqual(upgrade.spool_format(root), "mta-spool/1")
+        with open(os.path.join(root, "spool.json"), "w") as f:
+            f.write('"mta-spool/9"\n')
+        self.assertEqual(upgrade.spool_format(root), "mta-spool/9")
+        with open(os.path.join(root, "spool.json"), "w") as f:
+            f.write("{not json")
+        e = self.assertRaises(StorageError, upgrade.spool_format, root)
+        self.assertIn("spool.json", str(e))
+        os.unlink(os.path.join(root, "spool.json"))
+        e = self.assertRaises(StorageError, upgrade.spool_format, root)
+        self.assertIn("not an mta spool", str(e))
+        e = self.assertRaises(StorageError, upgrade.spool_format, root + "-missing")
+        self.assertIn("no spool at", str(e))
