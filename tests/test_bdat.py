@@ -441,9 +441,7 @@ class BdatCommitTests(ChunkingTestCase):
                 Look.seen.append(data)
                 return reject("No chunks today", 554, "5.7.1") if b"refuse" in data else CONTINUE
 
-        self.h.settings.checks = checkhost.Checks(
-            [checkhost.Loaded("look", Look(), 5.0)], self.h.clock
-        )
+        self.h.use(checks=checkhost.Checks([checkhost.Loaded("look", Look(), 5.0)], self.h.clock))
         c = self.begin()
         c.send(bdat(MESSAGE + b"please refuse\r\n", last=True))
         self.assertEqual(c.replies(), [(554, "5.7.1 No chunks today")])

@@ -93,7 +93,7 @@ class SessionVerdictTests(SynchronousTestCase):
         self.h = Harness(self.mktemp())
 
     def use(self, *plugins: Any, timeout: float = 5.0) -> None:
-        self.h.settings.checks = checks_of(self.h, *plugins, timeout=timeout)
+        self.h.use(checks=checks_of(self.h, *plugins, timeout=timeout))
 
     def test_continue_and_accept_go_on(self) -> None:
         for verdict in (CONTINUE, ACCEPT):
@@ -280,7 +280,7 @@ class QueuedHookTests(SynchronousTestCase):
         h = Harness(self.mktemp())
         store = FileStore(os.path.abspath(self.mktemp()))
         store.open()
-        h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
+        h.use(spool=Spool(store, run_inline, QueueIdGenerator(h.clock.seconds)))
 
         @implementer(IQueuedHook)
         class Reader:
@@ -291,7 +291,7 @@ class QueuedHookTests(SynchronousTestCase):
                 with message.open() as f:
                     Reader.seen.append((message.queue_id, f.read()))
 
-        h.settings.checks = checks_of(h, Reader())
+        h.use(checks=checks_of(h, Reader()))
         c = h.connect()
         c.login()
         c.command(f"MAIL FROM:<{LOGIN}>")
@@ -313,7 +313,7 @@ class LoadingTests(SynchronousTestCase):
 
     def load(self, *tables: dict[str, Any]) -> checkhost.Checks:
         config = configmod.parse({"plugins": list(tables)}, "/etc/mta.toml", REPO)
-        return checkhost.load(config, replace(self.h.context, source="/etc/mta.toml"))
+        return checkhost.load(config.plugins, replace(self.h.context, source="/etc/mta.toml"))
 
     def error(self, *tables: dict[str, Any]) -> str:
         return str(self.assertRaises(ConfigError, self.load, *tables))
@@ -327,7 +327,7 @@ class LoadingTests(SynchronousTestCase):
             {"name": "blocked", "path": "plugins/example_domains.py",
              "options": {"domains": ["Blocked.Example"]}}
         )  # fmt: skip
-        self.h.settings.checks = checks
+        self.h.use(checks=checks)
         c = self.h.connect()
         c.login()
         c.command(f"MAIL FROM:<{LOGIN}>")
@@ -511,7 +511,7 @@ class DocumentationTests(SynchronousTestCase):
         """The plugins of docs/mta.example.toml load and pass verifyObject."""
         h = Harness(self.mktemp())
         config = configmod.load(os.path.join(REPO, "docs", "mta.example.toml"))
-        checks = checkhost.load(config, replace(h.context, config=config, source=config.source))
+        checks = checkhost.load(config.plugins, h.plugin_context(config))
         self.assertEqual([p.name for p in checks.plugins], ["ratelimit", "clamd", "spamd", "dkim"])
 
     def test_every_builtin_option_is_documented(self) -> None:

@@ -27,7 +27,7 @@ from mta.cluster.redisstate import RedisState
 from mta.dailycount import DailyCounter, utc_day
 from mta.errors import SharedStateError
 from mta.interfaces import ISharedState
-from mta.smtp.auth import AuthThrottle, LoginUnavailable
+from mta.smtp.auth import AuthThrottle, LoginUnavailable, ThrottleSettings
 from tests.redisserver import RedisServer
 
 Gen = Generator[Deferred[Any], Any, None]
@@ -51,7 +51,9 @@ class StateContract:
 
     def throttle_on(self, state: Any) -> AuthThrottle:
         return AuthThrottle(
-            self.clock, max_failures=3, window=900, delay=1.0, delay_max=4.0, state=state
+            self.clock,
+            ThrottleSettings(max_failures=3, window=900, delay=1.0, delay_max=4.0),
+            state=state,
         )
 
     @inlineCallbacks
@@ -177,7 +179,9 @@ class StateContract:
     @inlineCallbacks
     def test_zero_delay(self) -> Gen:
         throttle = AuthThrottle(
-            self.clock, max_failures=3, window=900, delay=0, delay_max=0, state=self.state
+            self.clock,
+            ThrottleSettings(max_failures=3, window=900, delay=0, delay_max=0),
+            state=self.state,
         )
         self.assertEqual((yield throttle.failure(self.IP, "a@example.com", "x")), 0)
 
@@ -334,7 +338,7 @@ class RedisDownTests(RedisFixture, TestCase):
         clock = Clock()
         state = RedisState(self.client(retry=0.05), clock, "t" + uuid.uuid4().hex[:12])
         throttle = AuthThrottle(
-            clock, max_failures=3, window=900, delay=1, delay_max=4, state=state
+            clock, ThrottleSettings(max_failures=3, window=900, delay=1, delay_max=4), state=state
         )
         self.assertFalse((yield throttle.blocked("192.0.2.1")))
         self.server.stop()
