@@ -372,6 +372,46 @@ class LoadingTests(SynchronousTestCase):
         text = self.error({"name": "broken", "path": path})
         self.assertIn("[plugins.broken] does not implement IMailHook", text)
 
+    def test_each_plugin_gets_its_own_entry(self) -> None:
+        """The context names the plugin's own [[plugins]] table, not the
+        whole configuration, and carries the options built-ins apply."""
+        path = os.path.abspath(self.mktemp() + ".py")
+        with open(path, "w") as f:
+            f.write(
+                "from zope.interface import implementer\n"
+                "from mta.checks import CONTINUE\n"
+                "from mta.interfaces import IMailHook\n"
+                "@implementer(IMailHook)\n"
+                "class Keeps:\n"
+                "    def __init__(self, context):\n"
+                "        self.name, self.context = context.plugin.name, context\n"
+                "    def on_mail(self, session, sender):\n"
+                "        return CONTINUE\n"
+                "def make(options, context):\n"
+                "    return Keeps(context)\n"
+            )
+        doc = {
+            "limits": {"daily_messages": 7},
+            "dkim": {"keys_dir": "/var/lib/mta/dkim"},
+            "plugins": [
+                {"name": "first", "path": path, "timeout": 3},
+                {"name": "second", "path": path},
+                {"name": "dkim"},
+            ],
+        }
+        config = configmod.parse(doc, "/etc/mta.toml", REPO)
+        checks = checkhost.load(config.plugins, self.h.plugin_context(config))
+        first, second = checks.plugins[1].plugin, checks.plugins[2].plugin
+        self.assertEqual(first.context.plugin, config.plugins[0])
+        self.assertEqual(second.context.plugin, config.plugins[1])
+        self.assertEqual((first.name, second.name), ("first", "second"))
+        self.assertEqual(first.context.plugin.timeout, 3.0)
+        self.assertEqual((first.context.daily_messages, first.context.source), (7, "/etc/mta.toml"))
+        self.assertEqual(checks.plugins[3].plugin.keys_dir, "/var/lib/mta/dkim")
+        ratelimit = checks.plugins[0]
+        self.assertEqual(ratelimit.name, "ratelimit")  # always on, with the default entry
+        self.assertEqual(ratelimit.plugin.default, 7)
+
     def test_a_plugin_without_hooks(self) -> None:
         path = os.path.abspath(self.mktemp() + ".py")
         with open(path, "w") as f:
