@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mta.envelope import QueueState
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mta")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 MAX_FUNCTION_LINES = 60
 
 
@@ -336,3 +337,63 @@ class Holder:
                 ]
             ),
         )
+
+
+def _test_classes() -> Iterator[tuple[str, ast.ClassDef]]:
+    """Every class under tests/ that holds tests, or that test classes build on."""
+    classes: dict[str, list[tuple[str, ast.ClassDef]]] = {}
+    for dirpath, _, files in os.walk(TESTS):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ClassDef):
+                        classes.setdefault(node.name, []).append((path, node))
+
+    def bases(node: ast.ClassDef) -> set[str]:
+        return {ast.unparse(b).rpartition(".")[2] for b in node.bases}
+
+    testy = {"TestCase", "SynchronousTestCase"}
+    for found in classes.values():
+        for _, node in found:
+            if any(
+                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                and item.name.startswith("test")
+                for item in node.body
+            ):
+                testy.add(node.name)
+    grown = True
+    while grown:  # subclasses of test classes, and the classes those build on
+        grown = False
+        for name, found in classes.items():
+            for _, node in found:
+                more = ({name} if bases(node) & testy else set()) | (
+                    bases(node) & set(classes) if name in testy else set()
+                )
+                if more - testy:
+                    testy |= more
+                    grown = True
+    for name, found in sorted(classes.items()):
+        if name in testy:
+            yield from found
+
+
+class TestDocstringTests(SynchronousTestCase):
+    """Each test class says what it covers (issue 13), checked with C{ast}."""
+
+    def test_every_test_class_has_a_docstring(self) -> None:
+        missing = [
+            f"{os.path.relpath(path, TESTS)}:{node.lineno} {node.name}"
+            for path, node in _test_classes()
+            if not ast.get_docstring(node)
+        ]
+        self.assertEqual(missing, [])
+
+    def test_the_rule_sees_the_test_classes(self) -> None:
+        names = {node.name for _, node in _test_classes()}
+        # Direct TestCases, subclasses of test bases, contract mixins.
+        for name in ("ArchitectureTests", "AuthTests", "SessionTestCase", "StateContract"):
+            self.assertIn(name, names)
+        self.assertNotIn("Harness", names)

@@ -44,6 +44,9 @@ def b64(data: bytes) -> str:
 
 
 class DecodeTestCase(SynchronousTestCase):
+    """Shared by the decoding tests: assertReply, that a call raises SMTPReplyError with a given
+    code and enhanced status."""
+
     def assertReply(self, call: Callable[[], object], code: int, enhanced: str) -> str:
         error = self.assertRaises(SMTPReplyError, call)
         self.assertEqual((error.reply.code, error.reply.enhanced), (code, enhanced))
@@ -103,6 +106,9 @@ class DecodePlainTests(DecodeTestCase):
 
 
 class DecodeLoginFieldTests(DecodeTestCase):
+    """decode_login_field, one step of LOGIN: the base64 challenges themselves, a UTF-8 field, = as
+    the empty response, bad base64 and bytes that are not UTF-8 (501 5.5.2)."""
+
     def test_challenges(self) -> None:
         self.assertEqual(decode_login_field(USERNAME_CHALLENGE), "Username:")
         self.assertEqual(decode_login_field(PASSWORD_CHALLENGE), "Password:")

@@ -66,6 +66,10 @@ def mail(h: Harness) -> tuple[int, str]:
 
 
 class VerdictTests(SynchronousTestCase):
+    """Verdict as a closed set: a refusal's reply must fit its action (5xx for reject, 4xx for
+    tempfail and disconnect, none for continue and accept), unknown actions raise, and the
+    default replies."""
+
     def test_reply_must_match_the_action(self) -> None:
         self.assertRaises(ValueError, Verdict, Action.REJECT, Reply(451, "4.7.1", "x"))
         self.assertRaises(ValueError, Verdict, Action.TEMPFAIL, Reply(550, "5.7.1", "x"))
@@ -89,6 +93,13 @@ class VerdictTests(SynchronousTestCase):
 
 
 class SessionVerdictTests(SynchronousTestCase):
+    """Plugin verdicts in a session: continue and accept go on (accept skips the later plugins),
+    reject and tempfail send their reply, a string continue still means continue, disconnect
+    closes; an exception, a failed Deferred, something not a Verdict, a refusal with a success
+    reply or a timeout (which cancels the hook) is a 451; the connect hook refuses the greeting;
+    a message refusal queues nothing; a check's own header fields are removed from the client's
+    message and its notes kept in the envelope."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp())
 
@@ -274,6 +285,9 @@ class SessionVerdictTests(SynchronousTestCase):
 
 
 class QueuedHookTests(SynchronousTestCase):
+    """The queued hook on the real file-system spool: after the commit, open() reads the message as
+    queued: our Received: field, then the client's message."""
+
     def test_on_queued_reads_the_committed_message(self) -> None:
         # With the real spool: after the commit the transaction's file is
         # closed and the message has moved out of tmp/.
@@ -308,6 +322,10 @@ class QueuedHookTests(SynchronousTestCase):
 
 
 class LoadingTests(SynchronousTestCase):
+    """Loading plugins from [[plugins]]: the sending limit always on and first, the example site
+    plugin by path, errors that name the file and key (options, entries, a missing interface
+    method, no hook at all), and each plugin's context with its own entry."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp())
 
@@ -420,6 +438,10 @@ class LoadingTests(SynchronousTestCase):
 
 
 class SendingLimitTests(SynchronousTestCase):
+    """The ratelimit plugin in sessions: the UTC day boundary, the count kept across a restart,
+    counting recipients instead of messages (also across a restart), trusted clients not counted,
+    and concurrent sessions of one login checked again at the end of data."""
+
     def submit(self, c: Any, *recipients: str) -> int:
         c.command(f"MAIL FROM:<{LOGIN}>")
         for r in recipients or ("bob@example.net",):
@@ -509,6 +531,9 @@ class SendingLimitTests(SynchronousTestCase):
 
 
 class StartupTests(SynchronousTestCase):
+    """Start-up hooks: a failing one is logged, not raised, and one that never finishes is cancelled
+    after the plugin's timeout and logged."""
+
     def test_a_failing_startup_is_logged_not_raised(self) -> None:
         @implementer(IStartupHook)
         class Failing:
@@ -547,6 +572,9 @@ class StartupTests(SynchronousTestCase):
 
 
 class DocumentationTests(SynchronousTestCase):
+    """The plugin documentation matches the code: the plugins of docs/mta.example.toml load and pass
+    verifyObject, and every option of each built-in is in docs/configuration.md."""
+
     def test_example_configuration_loads_every_plugin(self) -> None:
         """The plugins of docs/mta.example.toml load and pass verifyObject."""
         h = Harness(self.mktemp())

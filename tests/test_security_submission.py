@@ -216,6 +216,9 @@ def test_ipv6_connection_limit_is_per_prefix(tmp_path: Any) -> None:
 
 
 class OutputBuffer(TestCase):
+    """A client that floods commands and never reads its replies, on a real socket: the server's
+    output buffer stays bounded by flow control alone (the junk-command limit set out of reach)."""
+
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())  # type: ignore[no-untyped-call]
         os.makedirs(self.dir)

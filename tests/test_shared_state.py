@@ -222,6 +222,9 @@ class StateContract:
 
 
 class LocalStateTests(StateContract, TestCase):
+    """The StateContract on LocalState (the one-process state), and its cap on the number of clients
+    it remembers failures for."""
+
     def make_state(self) -> LocalState:
         return LocalState(DailyCounter(self.mktemp(), self.clock))
 
@@ -269,6 +272,10 @@ class RedisFixture:
 
 
 class RedisStateTests(RedisFixture, StateContract, TestCase):
+    """The StateContract on RedisState against a real redis-server, and what only Redis does: day
+    keys and failure keys that expire by themselves, two instances counting together, and many
+    concurrent increments none of which is lost."""
+
     def make_state(self) -> RedisState:
         self.prefix = "t" + uuid.uuid4().hex[:12]
         return RedisState(self.client(), self.clock, self.prefix)
