@@ -14,6 +14,10 @@ from mta.errors import ConfigError
 
 
 class ConfigFileTestCase(SynchronousTestCase):
+    """Shared by the tests that load files: a fresh directory outside the checkout, writing a
+    configuration file into it, and assertConfigError (a one-line error naming the file and the
+    key)."""
+
     def directory(self) -> str:
         """A fresh directory outside the checkout, removed after the test."""
         path = tempfile.mkdtemp(prefix="mta-test-config-")
@@ -104,6 +108,10 @@ class DefaultTests(SynchronousTestCase):
 
 
 class LoadTests(ConfigFileTestCase):
+    """load() on real files: values read, an integer for a float, a string or an empty list for a
+    list of endpoints, relative paths resolved against the file's directory (also when the file
+    is named by a relative path), absolute paths kept, ~ expanded, and Config.resolve."""
+
     def test_values_read(self) -> None:
         path = self.write(
             "[server]\n"

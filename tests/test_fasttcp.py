@@ -79,6 +79,11 @@ class Pair:
 
 
 class WriteThroughTests(TestCase):
+    """Write-through TCP transports on real loopback sockets: a small write leaves at once, what the
+    socket does not take is buffered and sent in order, a registered producer, a write while
+    closing and a reset peer take Twisted's usual path, and TLS still goes through Twisted's TLS
+    layer."""
+
     def setUp(self) -> None:
         self.pair = Pair(self)
 

@@ -39,6 +39,9 @@ def record(
 
 
 class StoreTestCase(SynchronousTestCase):
+    """Shared by the journal tests on a real spool directory (no fsync): a message waiting in
+    incoming/, writing a journal segment by hand, and a message's recipients as recorded."""
+
     def setUp(self) -> None:
         self.root = os.path.abspath(self.mktemp())
         self.store = FileStore(self.root, NoSyncOps())

@@ -50,6 +50,10 @@ BODY = (
 
 
 class EximRelayEndToEnd(SynchronousTestCase):
+    """Exim as the submitting client: it relays with BDAT over STARTTLS and over implicit TLS, also
+    a large message in several chunks, and mta delivers each whole (lines starting with a dot,
+    8-bit text) to a strict sink; both logs show the chunks."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-exim-e2e-")

@@ -455,6 +455,10 @@ class BadHopsBase(SynchronousTestCase):
 
 
 class BadNextHops(BadHopsBase):
+    """Next hops that hang, reset, answer garbage, give bad replies or reset inside DATA, 25
+    messages each: good mail keeps flowing beside them, every bad attempt ends deferred with its
+    reason (or skipped while its destination rests), and the queue still moves afterwards."""
+
     def test_bad_next_hops_never_wedge_the_queue(self) -> None:
         port = self.daemon.plain_port
         bad: dict[str, str] = {}

@@ -41,6 +41,9 @@ def seed_message(sender: str = LOGIN, to: str = "recipient@example.com") -> MIME
 
 
 class DaemonTestCase(SynchronousTestCase):
+    """One daemon (message_size 200000, a user with an alias) for every test of the class, and an
+    implicit-TLS smtplib client for it."""
+
     daemon: Daemon
 
     @classmethod
@@ -65,6 +68,10 @@ class DaemonTestCase(SynchronousTestCase):
 
 
 class SeedClientTests(DaemonTestCase):
+    """The seed's clients unchanged but for host, port and CA: smtplib SMTP_SSL on 465 and STARTTLS
+    on 587, swaks, Nodemailer with secure true and with STARTTLS, and what Nodemailer reports for
+    a wrong password and a From mismatch."""
+
     def test_smtplib_ssl_as_in_the_seed(self) -> None:
         before = set(self.daemon.queued())
         server = self.smtps()
@@ -153,6 +160,10 @@ class SeedClientTests(DaemonTestCase):
 
 
 class NegativeTests(DaemonTestCase):
+    """What a real client is told when it gets things wrong: wrong password, AUTH before TLS, From
+    header or envelope sender not the login's, oversize, over 1,000 recipients, bare LF (stored
+    with CRLF), an over-long line, relay without AUTH, HTTP on the submission port."""
+
     def test_wrong_password(self) -> None:
         with self.smtps() as s, self.assertRaises(smtplib.SMTPAuthenticationError) as e:
             s.login(LOGIN, "not-the-password")
@@ -255,6 +266,9 @@ class NegativeTests(DaemonTestCase):
 
 
 class DurabilityTests(SynchronousTestCase):
+    """kill -9 during a session: the message that got 250 is still queued after a restart (through
+    python -m twisted), and the half-received one is removed from tmp/."""
+
     def test_kill_9_and_restart_keeps_the_message(self) -> None:
         """A message that got 250 survives SIGKILL; stale temp files are cleaned."""
         d = Daemon(self.mktemp())
@@ -308,6 +322,10 @@ class DurabilityTests(SynchronousTestCase):
 
 
 class StartupErrorTests(SynchronousTestCase):
+    """Start-up that cannot work stops with exit status 1 and one 'mta: error:' line naming the file
+    and key, no traceback: a bad value, too few recipients allowed, an unknown key, a port in
+    use, a missing certificate, a spool another daemon holds."""
+
     def run_daemon(self, d: Daemon, runner: str = "twistd") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             d.command(runner), cwd=d.dir, capture_output=True, text=True, timeout=60, check=False
