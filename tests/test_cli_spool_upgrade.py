@@ -34,6 +34,8 @@ half-received messages removed from tmp/: 1
 
 
 class UpgradeTestCase(CLITestCase):
+    """A copy of the golden mta-spool/1 spool and a configuration naming it."""
+
     def setUp(self) -> None:
         super().setUp()
         self.spool_path = old_spool(self)
@@ -49,6 +51,9 @@ class UpgradeTestCase(CLITestCase):
 
 
 class UpgradeTests(UpgradeTestCase):
+    """mtactl spool upgrade converts the v1 spool, says what it converted, and
+    leaves a spool the other commands and a daemon can use."""
+
     def test_upgrade_says_what_it_converted(self) -> None:
         code, out = self.mtactl("spool", "upgrade")
         self.assertEqual((code, out, self.err.getvalue()), (0, REPORT.format(root=self.spool_path),
@@ -132,6 +137,9 @@ class UpgradeTests(UpgradeTestCase):
 
 
 class RefusalTests(UpgradeTestCase):
+    """mtactl spool upgrade refuses, in one line and leaving the spool as it was,
+    when a process holds the lock or the format is unknown or missing."""
+
     def test_refused_while_another_process_holds_the_lock(self) -> None:
         lock = SpoolLock(self.spool_path)
         lock.acquire()

@@ -45,6 +45,8 @@ class ShortWriteOps(NoSyncOps):
 
 
 class TornRecordTests(SynchronousTestCase):
+    """A record appended after a torn one."""
+
     @pytest.mark.xfail(strict=True, reason="fs.py: a record is appended after a torn one")
     def test_a_filing_tried_again_after_a_full_disk_is_read(self) -> None:
         """A filing that failed half-way (ENOSPC after a short write) is tried
@@ -128,6 +130,8 @@ class ReplayTests(SynchronousTestCase):
 
 
 class UpgradeLockTests(SynchronousTestCase):
+    """The daemon and a spool another process holds."""
+
     @pytest.mark.xfail(strict=True, reason="service.py: the spool is opened before it is locked")
     def test_the_daemon_does_not_upgrade_a_spool_in_use(self) -> None:
         """Starting the daemon by mistake beside a running one of the old

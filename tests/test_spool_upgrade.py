@@ -215,6 +215,9 @@ class ReportTests(SynchronousTestCase):
 
 
 class FormatTests(SynchronousTestCase):
+    """The format names the upgrade knows agree with the store's, and
+    spool.json is read as the store reads it."""
+
     def test_the_names_agree_with_the_store(self) -> None:
         self.assertEqual((upgrade.FORMAT, upgrade.FORMAT_V1),
                          (fs.SPOOL_FORMAT, fs.SPOOL_FORMAT_V1))  # fmt: skip

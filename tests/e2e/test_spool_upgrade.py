@@ -20,6 +20,9 @@ FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden", "sp
 
 
 class SpoolUpgradeEndToEnd(SynchronousTestCase):
+    """The golden v1 spool upgraded by the real mtactl and served by a real
+    daemon: what waited is delivered, nothing delivered or finished is sent again."""
+
     def setUp(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="mta-upgrade-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
