@@ -159,12 +159,9 @@ def cmd_user_list(config: configmod.Config, args: argparse.Namespace, out: TextI
 def _store(config: configmod.Config) -> FileStore:
     root = os.path.abspath(config.server.spool)
     if _format_if_spool(root) == upgrade.FORMAT_V1:
-        # Opening upgrades it: only while no daemon (of either version) works on it.
-        lock = _lock_for_upgrade(FileStore(root))
-        try:
-            store = open_store(root)
-        finally:
-            lock.release()
+        # Opening upgrades it, under the spool's lock (refused while a daemon
+        # of either version holds it).
+        store = open_store(root)
         sys.stderr.write(f"mtactl: upgraded spool {root} to {upgrade.FORMAT}\n")
         return store
     return open_store(root)
@@ -184,24 +181,14 @@ def _lock_for_upgrade(store: FileStore) -> SpoolLock:
     lock = store.lock()
     try:
         lock.acquire()
-    except StorageError:
-        pid = _lock_holder(store.root)
+    except StorageError as e:
         _fail(
-            f"spool {store.root} is in the old format {upgrade.FORMAT_V1} and in use by another "
-            f"mta process{pid}; stop the daemon first (mta upgrades the spool when it starts)"
+            f"{e}, and it is in the old format {upgrade.FORMAT_V1}: stop the daemon first "
+            f"(mta upgrades the spool when it starts)"
         )
     except OSError as e:
         _fail(f"cannot lock spool {store.root}: {e.strerror}")
     return lock
-
-
-def _lock_holder(root: str) -> str:
-    """The lock holder's PID as the lock file has it, as " (PID n)"; "" if it does not say."""
-    try:
-        with open(os.path.join(root, "lock")) as f:
-            return f" (PID {int(f.read().split()[0])})"
-    except (OSError, ValueError, IndexError):
-        return ""
 
 
 def cmd_spool_upgrade(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:

@@ -508,12 +508,12 @@ class MTAService(MultiService):
         return DeferredList(stopping)
 
     def _recover(self) -> None:
-        """Half-received messages and deliveries a crash kept out of their envelopes."""
+        """Half-received messages, and results a crash kept out of their files."""
         try:
             found = self.store.recover()
         except OSError as e:
             # Not fatal: without it those messages are only sent again.
-            log.error("cannot read the sent journal: {e}", e=e)
+            log.error("cannot read the progress journal: {e}", e=e)
             return
         if found.incomplete:
             log.info(
@@ -523,12 +523,12 @@ class MTAService(MultiService):
             )
         if found.recipients:
             log.info(
-                "recorded {n} deliveries of {m} messages from the sent journal",
+                "recorded {n} recipients' results of {m} messages from the progress journal",
                 n=found.recipients,
                 m=found.messages,
             )
         if found.kept:
-            log.error("the sent journal is kept for the next start (see the errors above)")
+            log.error("the progress journal is kept for the next start (see the errors above)")
 
     def stopService(self) -> Deferred[Any]:
         children = super().stopService()  # type: ignore[no-untyped-call]

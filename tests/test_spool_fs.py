@@ -41,7 +41,7 @@ from mta.spool.fs import (
 )
 from mta.spool.memory import MemorySpool
 from mta.spool.queueid import QueueIdGenerator
-from mta.testing import FailingOps, NoSyncOps, QueuedRunner, run_inline
+from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message, run_inline
 
 MESSAGE_BYTES = b"From: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 T0 = 1_700_000_000.0
@@ -843,3 +843,50 @@ class InterfaceTests(SynchronousTestCase):
         spool = MemorySpool()
         self.assertTrue(verifyObject(ISpool, spool))
         self.assertTrue(verifyObject(ISpoolTransaction, spool.begin()))
+
+
+class ShortWriteOps(NoSyncOps):
+    """The disk fills in the middle of the next write: half of it is written
+    (write(2) returns a short count), then ENOSPC."""
+
+    armed = False
+
+    def write(self, fd: int, data: bytes) -> None:
+        if self.armed:
+            self.armed = False
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write(fd, data)
+
+
+class TornRecordTests(SynchronousTestCase):
+    """A filing that failed half-way leaves no torn bytes for the next record
+    (found while documenting mta-spool/2)."""
+
+    def test_a_filing_tried_again_after_a_full_disk_is_read(self) -> None:
+        """A filing that failed half-way (ENOSPC after a short write) is tried
+        again by the queue manager a minute later.  Appended right after
+        the torn bytes of the first, on the same line, the second record
+        so it would not parse either: the file would go on saying the state
+        of its last good record (both recipients pending), and the recipient
+        that was delivered would be delivered again.  The failed append is
+        cut off, so the second record is a line of its own.
+        """
+        ops = ShortWriteOps()
+        store = FileStore(os.path.abspath(self.mktemp()), ops)
+        store.open()
+        qid = queue_message(store, "alice@example.com", ["bob@example.net", "carol@example.org"])
+        env = store.activate(qid)
+        assert env is not None
+        bob, carol = env.recipients
+        bob.state, bob.attempts, bob.reply = RecipientState.SENT, 1, "250 2.0.0 Ok"
+        carol.state, carol.attempts, carol.next_attempt = RecipientState.DEFERRED, 1, T0 + 300
+        ops.armed = True
+        [error] = store.file([(env, QueueState.DEFERRED, T0 + 300)])
+        self.assertIsInstance(error, StorageError)
+        self.assertEqual(store.file([(env, QueueState.DEFERRED, T0 + 300)]), [None])
+        state, again = FileStore(store.root).load(qid)
+        self.assertEqual(state, QueueState.DEFERRED)
+        self.assertEqual(
+            [r.state for r in again.recipients], [RecipientState.SENT, RecipientState.DEFERRED]
+        )

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import reactor
@@ -337,3 +338,46 @@ class DaemonStartTests(TestCase):
             return None
 
         return filed()
+
+
+class ReplayTests(SynchronousTestCase):
+    """The journal of a running daemon keeps the lines of messages it has
+    filed until the segment is superseded (1 MB) and all of them are filed;
+    a SIGKILL in that time replays them at the next start."""
+
+    def setUp(self) -> None:
+        self.store = FileStore(os.path.abspath(self.mktemp()), NoSyncOps())
+        self.store.open()
+        self.qid = queue_message(self.store, "alice@example.com", ["bob@example.net"])
+        env = self.store.activate(self.qid)
+        assert env is not None
+        self.env = env
+        rcpt = env.recipients[0]
+        rcpt.state, rcpt.attempts, rcpt.last_attempt = (
+            RecipientState.DEFERRED,
+            3,
+            T0 + 14_500,
+        )
+        rcpt.next_attempt, rcpt.reply = T0 + 16_000, "451 4.7.1 Greylisted"
+        self.store.journal([ProgressRecord(self.qid, 0, replace(rcpt))])
+
+    def test_a_replayed_line_does_not_undo_the_delay_notice(self) -> None:
+        """The round's result is journaled before its notices are sent; the
+        delay notice then marks the recipient C{delay_notified} and the
+        message is filed.  After a SIGKILL, recovery reads the journal line
+        again: it has no more attempts than the file, so it is not applied,
+        and the flag (or an operator's flush or release after the filing)
+        stays.
+        """
+        self.env.recipients[0].delay_notified = True
+        self.assertEqual(self.store.file([(self.env, QueueState.DEFERRED, T0 + 16_000)]), [None])
+        FileStore(self.store.root).recover()  # the next start after a SIGKILL
+        _, env = FileStore(self.store.root).load(self.qid)
+        self.assertTrue(env.recipients[0].delay_notified)
+
+    def test_lines_already_in_the_files_are_not_counted(self) -> None:
+        """The daemon logs what L{journal.Recovery} counts; after a SIGKILL
+        with everything filed there is nothing to count."""
+        self.assertEqual(self.store.file([(self.env, QueueState.DEFERRED, T0 + 16_000)]), [None])
+        found = FileStore(self.store.root).recover()
+        self.assertEqual((found.recipients, found.messages), (0, 0))

@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
+from mta.config import parse
 from mta.envelope import QueueState, RecipientState
 from mta.errors import StorageError
-from mta.spool import FileStore, fs, open_store, upgrade
+from mta.service import MTAService
+from mta.spool import FileStore, SpoolLock, fs, open_store, upgrade
 from mta.spool.format import FormatError
-from mta.testing import FailingOps
+from mta.testing import FailingOps, write_users
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "golden", "spool-v1")
 T0 = 1_700_000_000.0
@@ -237,3 +241,40 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("not an mta spool", str(e))
         e = self.assertRaises(StorageError, upgrade.spool_format, root + "-missing")
         self.assertIn("no spool at", str(e))
+
+
+class UpgradeLockTests(SynchronousTestCase):
+    """An old spool is upgraded only under its lock (found while documenting
+    mta-spool/2)."""
+
+    def test_the_daemon_does_not_upgrade_a_spool_in_use(self) -> None:
+        """Starting the daemon by mistake beside a running one of the old
+        version: the spool is opened (and would be upgraded) before
+        C{startService} takes the lock, so the upgrade itself takes the lock,
+        and the old daemon keeps a spool it can read.
+        """
+        root = old_spool(self)
+        base = os.path.dirname(root)
+        write_users(os.path.join(base, "users.json"), {})
+        lock = SpoolLock(root)
+        lock.acquire()  # the old daemon
+        self.addCleanup(lock.release)
+        doc = {
+            "server": {"hostname": "localhost", "spool": "spool", "users_file": "users.json"},
+            "tls": {"selfsigned_dir": os.path.join(base, "selfsigned")},
+            "listen": {"submissions": [], "submission": []},
+            "routes": {"*": "[127.0.0.1]:9"},
+        }
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        try:
+            service = MTAService(parse(doc, "test.toml", base), reactor)
+            try:
+                service.startService()
+            except SystemExit:
+                pass
+            else:
+                self.addCleanup(service.stopService)
+        except StorageError:
+            pass
+        self.assertEqual(upgrade.spool_format(root), "mta-spool/1")

@@ -321,7 +321,7 @@ class FileStore:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
             found = self._format(marker, create)
             if found == SPOOL_FORMAT_V1:
-                upgrade.from_v1(self)
+                self._upgrade()
                 found = SPOOL_FORMAT
             if create:
                 for name in (TMP, *DIRECTORIES, journal.JOURNAL, STATE):
@@ -332,6 +332,22 @@ class FileStore:
             raise StorageError(
                 f"spool {self.root} has format {found!r}; this version reads {SPOOL_FORMAT}"
             )
+
+    def _upgrade(self) -> None:
+        """Upgrade an C{mta-spool/1} spool, holding its lock meanwhile: a
+        daemon of the old version that works on it must not lose it."""
+        lock = self.lock()
+        try:
+            lock.acquire()
+        except StorageError as e:
+            raise StorageError(
+                f"{e}, and it is in the old format {SPOOL_FORMAT_V1}: stop the daemon first "
+                f"(this version upgrades the spool when it opens it)"
+            ) from None
+        try:
+            upgrade.from_v1(self)
+        finally:
+            lock.release()
 
     def _format(self, marker: str, create: bool) -> object:
         if not os.path.exists(marker):
@@ -670,9 +686,18 @@ class FileStore:
         return update, after
 
     def _append(self, path: str, record: bytes, *, sync: bool) -> None:
+        """Append a record.  One that fails half-way (a disk full after a
+        short write) is cut off again, so that the next record, when the
+        filing is tried again, starts on a line of its own."""
         fd = self.ops.append(path)
         try:
-            self.ops.write(fd, record)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                self.ops.write(fd, record)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
             if sync:
                 self.ops.fsync(fd)
         finally:
@@ -918,10 +943,19 @@ class SpoolLock:
             os.close(fd)
             raise StorageError(
                 f"spool {os.path.dirname(self._path)} is in use by another mta process"
+                f"{self.holder()}"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def holder(self) -> str:
+        """The holder's PID as the lock file has it, as " (PID n)"; "" if it does not say."""
+        try:
+            with open(self._path) as f:
+                return f" (PID {int(f.read().split()[0])})"
+        except (OSError, ValueError, IndexError):
+            return ""
 
     def release(self) -> None:
         if self._fd is not None:

@@ -145,9 +145,13 @@ def apply(envelope: Envelope, records: Iterable[ProgressRecord], *, sent_only: b
 
     A record counts only for the recipient at its position with its
     address, only while that recipient is not final (once filed as sent or
-    failed a recipient never changes again), and only when it is not older
-    than what the envelope has (fewer attempts).  So applying a record
-    twice, or after the message was filed, changes nothing.  C{sent_only}
+    failed a recipient never changes again), and only when it is newer
+    than what the envelope has (more attempts: each record is the result
+    of one attempt, and the message is filed after it is journaled, so a
+    file with as many attempts already says that result, and what was done
+    after it: a delay notice sent, an operator's flush or release).  So
+    applying a record twice, or after the message was filed, changes
+    nothing.  C{sent_only}
     (the sent journal of an C{mta-spool/1} spool) marks the recipient sent
     and keeps the rest of what the envelope says.
     """
@@ -165,7 +169,7 @@ def apply(envelope: Envelope, records: Iterable[ProgressRecord], *, sent_only: b
                                "dsn_status": new.dsn_status, "relay": new.relay,
                                "attempts": rcpt.attempts + 1,
                                "last_attempt": new.last_attempt})  # fmt: skip
-        elif new.attempts < rcpt.attempts:
+        elif new.attempts <= rcpt.attempts:
             continue
         envelope.recipients[record.index] = Recipient(**vars(new))
         changed += 1
