@@ -195,6 +195,7 @@ class MTAService(MultiService):
             workers=SPOOL_SYNC_WORKERS,
             journal_runner=self.spool_runner,
             schedule=lambda f: reactor.callLater(0, f),
+            call_later=reactor.callLater,
             settings=config.spool,
             spares=True,
         )

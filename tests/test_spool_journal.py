@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -277,6 +277,46 @@ class WriterTests(StoreTestCase):
         again.release(again.record([record("0RKM3JDN5AC4ZQ8")]))
         again.close()
         self.assertEqual(os.listdir(self.dir), ["progress-1.log"], "only the owed one")
+
+    def test_lines_between_syncs_are_synced_within_the_interval(self) -> None:
+        """A batch that comes too soon after a sync is not synced then, but at
+        most C{sync_interval} later, even when no batch follows."""
+        synced: list[int] = []
+        self.patch(os, "fdatasync", synced.append)
+        clock = Clock()
+        writer = ProgressJournal(
+            self.dir, runner=self.runner, schedule=self.turns.append,
+            call_later=clock.callLater, sync_interval=0.1,
+        )  # fmt: skip
+        writer.record([record("0RKM3JDN5AC4ZQ7")])
+        self.turn()
+        self.assertEqual(len(synced), 1, "the first batch: due")
+        writer.record([record("0RKM3JDN5AC4ZQ8")])
+        self.turn()
+        self.assertEqual(len(synced), 1, "too soon after the last sync")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0.1)
+        self.turn()
+        self.assertEqual(len(synced), 2, "synced by the timer")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        writer.close()
+        self.assertEqual(len(synced), 2, "nothing left to sync at close")
+
+    def test_close_syncs_and_stops_the_timer(self) -> None:
+        synced: list[int] = []
+        self.patch(os, "fdatasync", synced.append)
+        clock = Clock()
+        writer = ProgressJournal(
+            self.dir, runner=self.runner, schedule=self.turns.append,
+            call_later=clock.callLater, sync_interval=10,
+        )  # fmt: skip
+        for qid in ("0RKM3JDN5AC4ZQ7", "0RKM3JDN5AC4ZQ8"):
+            writer.record([record(qid)])
+            self.turn()
+        self.assertEqual(len(synced), 1)
+        writer.close()
+        self.assertEqual(len(synced), 2)
+        self.assertEqual([c.active() for c in clock.getDelayedCalls()], [])
 
     def test_segments_left_by_an_earlier_run_are_not_reused(self) -> None:
         kept = self.write_segment("progress-1.log", journal.line(record("0RKM3JDN5AC4ZQ7")))

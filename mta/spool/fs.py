@@ -264,6 +264,7 @@ class FileStore:
         workers: int = 1,
         journal_runner: Runner[Any] = run_now,
         schedule: Callable[[Callable[[], None]], object] | None = None,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
         sync: str = "standard",
         journal_sync_interval: float = journal.SYNC_INTERVAL,
         barrier: str = DEFAULT_BARRIER,
@@ -285,6 +286,7 @@ class FileStore:
         self._executor: ThreadPoolExecutor | None = None
         self._journal_runner = journal_runner
         self._schedule = schedule
+        self._call_later = call_later
         self._journal_sync = 0.0 if sync == "strict" else journal_sync_interval
         self._writer: journal.ProgressJournal | None = None
         self._active: dict[str, Placement] = {}
@@ -879,6 +881,7 @@ class FileStore:
                 journal.directory(self.root),
                 runner=self._journal_runner,
                 schedule=self._schedule,
+                call_later=self._call_later,
                 sync_interval=self._journal_sync,
             )
         return self._writer.record(records)
