@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -421,6 +422,9 @@ def load(port: int, sc: Scenario, messages: int) -> None:
         raise errors[0]
 
 
+STEP_NAMES = ("greeting", "ehlo", "mail", "rcpt", "data", "message")
+
+
 class Probe(threading.Thread):
     """One session at a time: connect, EHLO, MAIL, RCPT, DATA, body, '.' and
     the time until the 250; then QUIT and the next one after 100 ms."""
@@ -432,6 +436,9 @@ class Probe(threading.Thread):
         head = b"From: probe@bench.example\r\nTo: sink@bench.example\r\nSubject: probe\r\n\r\n"
         self.body = head + line * max(1, (size - len(head)) // len(line)) + b".\r\n"
         self.latencies: list[float] = []
+        # Per step (greeting, EHLO, MAIL, RCPT, DATA, the message up to its
+        # 250): where a session's time goes.
+        self.steps: list[list[float]] = [[] for _ in STEP_NAMES]
         self.failures = 0
         self.stopping = threading.Event()
 
@@ -456,13 +463,17 @@ class Probe(threading.Thread):
                 (b"DATA\r\n", b"3"),
                 (self.body, b"2"),
             ]
+            times = []
             for send, want in steps:
                 if send:
                     s.sendall(send)
                 reply = self._reply(f)
                 if not reply.startswith(want):
                     raise OSError(f"unexpected reply {reply!r}")
+                times.append(time.monotonic())
             took = time.monotonic() - start
+            for i, (a, b) in enumerate(itertools.pairwise([start, *times])):
+                self.steps[i].append(b - a)
             with contextlib.suppress(OSError):
                 s.sendall(b"QUIT\r\n")
                 self._reply(f)
@@ -514,7 +525,7 @@ def py_spy(pid: int, out: str, gil: bool = False) -> subprocess.Popen[bytes]:
 
 
 SYSCALLS = (
-    "fsync", "fdatasync", "openat", "rename", "renameat", "renameat2", "mkdir", "mkdirat",
+    "fsync", "fdatasync", "syncfs", "openat", "rename", "renameat", "renameat2", "mkdir", "mkdirat",
     "write", "writev", "sendto", "recvfrom", "read", "futex", "epoll_wait",
 )  # fmt: skip
 
@@ -604,6 +615,10 @@ def one_run(
                 "p50": round(percentile(probe.latencies, 50) * 1000, 1),
                 "p99": round(percentile(probe.latencies, 99) * 1000, 1),
                 "max": round(max(probe.latencies, default=float("nan")) * 1000, 1),
+                "p50_by_step": {
+                    name: round(percentile(times, 50) * 1000, 1)
+                    for name, times in zip(STEP_NAMES, probe.steps, strict=True)
+                },
             },
             "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
             "peak_pss_mib": round(sampler.peak_pss / 2**20, 1),
@@ -717,7 +732,8 @@ def main() -> None:
 
 def syscall_table(results: list[dict[str, Any]]) -> str:
     """System calls per delivered message, mta beside Postfix (from --strace)."""
-    names = ("fsync", "fdatasync", "openat", "rename", "mkdir", "write", "futex")
+    # syncfs: mta's group barrier (one per group commit, [spool] barrier).
+    names = ("fsync", "fdatasync", "syncfs", "openat", "rename", "mkdir", "write", "futex")
     head = "| scenario | server | " + " | ".join(names) + " |"
     rows = [head, "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
     for row in results:

@@ -7,6 +7,7 @@ spool ...), 2 the command line was wrong.  Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import getpass
 import json
 import os
@@ -24,15 +25,15 @@ from mta.cluster.blocking import BlockingRedis
 from mta.cluster.users import RedisUserStore
 from mta.controlsocket import ControlSocketError, DaemonNotRunningError
 from mta.controlsocket import request as control_request
-from mta.envelope import QueueState
+from mta.envelope import Envelope, ProgressRecord, QueueState
 from mta.errors import ConfigError, SMTPReplyError, StorageError
 from mta.interfaces import IQueueStore
 from mta.queue import actions
 from mta.queue.actions import ActionError
 from mta.queue.shaping_rules import DEFAULT_RULES as SHAPING_RULES
 from mta.queue.shaping_rules import explain as explain_shaping
-from mta.spool import FileStore, open_store
-from mta.spool.format import FormatError, dumps, format_time
+from mta.spool import FileStore, SpoolLock, journal, open_store, upgrade
+from mta.spool.format import FormatError, dumps, format_time, recipient_text
 from mta.users import MIN_PASSWORD, User, UserFile, hash_password, normalize_login
 
 _CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), 127, *range(128, 160)]}
@@ -158,7 +159,84 @@ def cmd_user_list(config: configmod.Config, args: argparse.Namespace, out: TextI
 
 
 def _store(config: configmod.Config) -> FileStore:
-    return open_store(config.server.spool)
+    root = os.path.abspath(config.server.spool)
+    if _format_if_spool(root) == upgrade.FORMAT_V1:
+        # Opening upgrades it, under the spool's lock (refused while a daemon
+        # of either version holds it).
+        store = open_store(root)
+        sys.stderr.write(f"mtactl: upgraded spool {root} to {upgrade.FORMAT}\n")
+        return store
+    return open_store(root)
+
+
+def _format_if_spool(root: str) -> object:
+    """The format of the spool at C{root}; None where there is no readable spool
+    (L{open_store} says why)."""
+    try:
+        return upgrade.spool_format(root)
+    except StorageError:
+        return None
+
+
+def _lock_for_upgrade(store: FileStore) -> SpoolLock:
+    """The spool lock, held; a clear refusal when a daemon holds it."""
+    lock = store.lock()
+    try:
+        lock.acquire()
+    except StorageError as e:
+        _fail(
+            f"{e}, and it is in the old format {upgrade.FORMAT_V1}: stop the daemon first "
+            f"(mta upgrades the spool when it starts)"
+        )
+    except OSError as e:
+        _fail(f"cannot lock spool {store.root}: {e.strerror}")
+    return lock
+
+
+def cmd_spool_upgrade(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
+    """Convert an C{mta-spool/1} spool to C{mta-spool/2} while no daemon runs."""
+    root = os.path.abspath(args.spool or config.server.spool)
+    found = upgrade.spool_format(root)
+    if found == upgrade.FORMAT_V1:
+        store = FileStore(root)
+        lock = _lock_for_upgrade(store)
+        try:
+            found = upgrade.spool_format(root)  # another mtactl may have done it meanwhile
+            if found == upgrade.FORMAT_V1:
+                try:
+                    report = upgrade.upgrade_v1(store)
+                except (OSError, ValueError) as e:
+                    _fail(
+                        f"the upgrade of {root} stopped: {e}; what was converted stays "
+                        f"converted: run 'mtactl spool upgrade' again when the cause is fixed"
+                    )
+                _print_upgrade(root, report, out)
+                return 0
+        finally:
+            lock.release()
+    if found == upgrade.FORMAT:
+        out.write(f"spool {root} is {upgrade.FORMAT} already: nothing to do\n")
+        return 0
+    _fail(
+        f"spool {root} has format {found!r}; this version upgrades {upgrade.FORMAT_V1} to "
+        f"{upgrade.FORMAT} and reads {upgrade.FORMAT}"
+    )
+
+
+def _print_upgrade(root: str, report: upgrade.Upgraded, out: TextIO) -> None:
+    out.write(f"spool {root} upgraded from {upgrade.FORMAT_V1} to {upgrade.FORMAT}: "
+              f"{report.total} message{'s' if report.total != 1 else ''}\n")  # fmt: skip
+    for state in upgrade.V1_STATES:
+        n = report.converted.get(state, 0)
+        if n:
+            note = " (now incoming: they were being delivered)" if state == "active" else ""
+            out.write(f"  {state + ':':<10} {n}{note}\n")
+    if report.unreadable:
+        out.write(f"unreadable envelopes, kept in corrupt/: {report.unreadable}\n")
+    if report.deliveries:
+        out.write(f"deliveries recorded from the sent journal: {report.deliveries}\n")
+    if report.incomplete:
+        out.write(f"half-received messages removed from tmp/: {report.incomplete}\n")
 
 
 def _recipient_row(r: Any) -> dict[str, Any]:
@@ -286,15 +364,15 @@ def _act(
 
 
 def _recover_journal(store: IQueueStore) -> None:
-    """Record the deliveries a killed daemon left in the sent journal before acting
+    """Record the results a killed daemon left in the progress journal before acting
     on the spool, so that no delivered recipient is bounced or sent again."""
     try:
         found = store.recover(incomplete=False)
     except OSError as e:
-        _fail(f"cannot apply the sent journal: {e}")
+        _fail(f"cannot apply the progress journal: {e}")
     if found.kept:
         _fail(
-            "cannot apply the sent journal (see the errors above); only delete works until it can"
+            "cannot apply the progress journal (see the errors above); only delete works until then"
         )
 
 
@@ -374,12 +452,30 @@ def _read_message(store: IQueueStore, queue_id: str) -> tuple[QueueState, Any, b
     _fail(f"message {queue_id} kept moving or lost its files while being read")
 
 
+def _unfiled(envelope: Envelope, records: list[ProgressRecord]) -> list[ProgressRecord]:
+    """The journal's records that the message file does not have yet.
+
+    A running daemon keeps the lines of messages it has filed until their
+    segment is removed, so most lines say what the file says already.
+    """
+    current = copy.deepcopy(envelope)
+    news = []
+    for record in records:
+        if record.index >= len(current.recipients):
+            continue
+        before = recipient_text(current.recipients[record.index])
+        journal.apply(current, [record])
+        if recipient_text(current.recipients[record.index]) != before:
+            news.append(record)
+    return news
+
+
 def cmd_queue_show(config: configmod.Config, args: argparse.Namespace, out: TextIO) -> int:
     store = _store(config)
     state, envelope, message = _read_message(store, args.id)
     out.write(f"# state: {state}\n# envelope: {store.location(args.id, state)}\n")
     if state.waiting:
-        for record in store.journaled(args.id):
+        for record in _unfiled(envelope, store.journaled(args.id)):
             r = record.recipient
             out.write(
                 printable(
@@ -557,7 +653,7 @@ def _count(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtactl", description="Manage an mta installation.")
     p.add_argument("-c", "--config", help="TOML configuration file (default: embedded)")
-    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,classify,dkim}")
+    sub = p.add_subparsers(dest="group", required=True, metavar="{user,queue,spool,classify,dkim}")
 
     user = sub.add_parser("user", help="manage submission users")
     usub = user.add_subparsers(dest="command", required=True)
@@ -631,6 +727,18 @@ def parser() -> argparse.ArgumentParser:
     qs.add_argument("--body", action="store_true", help="show the body too")
     qs.add_argument("--envelope-only", action="store_true")
     qs.set_defaults(func=cmd_queue_show)
+    sp = sub.add_parser("spool", help="maintain the spool directory")
+    spsub = sp.add_subparsers(dest="command", required=True)
+    up = spsub.add_parser(
+        "upgrade",
+        help=f"convert a {upgrade.FORMAT_V1} spool to {upgrade.FORMAT} (no daemon may run)",
+        description=f"Converts a spool written by an older mta ({upgrade.FORMAT_V1}) to "
+        f"{upgrade.FORMAT} in place and prints what it converted. The daemon does the same when "
+        "it starts; this does it beforehand, while no daemon runs. Safe to run again after an "
+        "interruption, and on a spool that is up to date (it says so).",
+    )
+    up.add_argument("--spool", metavar="DIR", help="the spool (default: [server] spool)")
+    up.set_defaults(func=cmd_spool_upgrade)
     cl = sub.add_parser(
         "classify",
         help="show whether a reply would be retried or bounced",

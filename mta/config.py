@@ -141,6 +141,10 @@ class SpoolConfig:
     # filing and every journal batch (docs/decisions.md).
     sync: str = _opt("standard", choices=("standard", "strict"))
     journal_sync_interval: float = _opt(0.1, minimum=0)  # seconds between journal fdatasyncs
+    # How a group commit makes its message files durable before the 250:
+    # "syncfs", one syncfs(2) of the spool's file system per group (Linux);
+    # "fsync", an fsync of each file (docs/decisions.md).
+    barrier: str = _opt("syncfs", choices=("syncfs", "fsync"))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cached_property
+from functools import lru_cache
 from typing import Any
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -59,10 +59,10 @@ class Reply:
             return texts
         return [f"{self.enhanced} {t}" if t else self.enhanced for t in texts]
 
-    @cached_property
+    @property
     def wire(self) -> bytes:
-        """L{encode}, computed once per reply (most replies are constants)."""
-        return self.encode()
+        """L{encode}, remembered for the replies sent again and again."""
+        return _wire(self)
 
     def encode(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated.
@@ -181,3 +181,8 @@ class PermanentError(DeliveryError):
     """A failure that will not go away by trying again (a 5xx reply)."""
 
     temporary = False
+
+
+@lru_cache(maxsize=1024)
+def _wire(reply: Reply) -> bytes:
+    return reply.encode()

@@ -10,9 +10,12 @@ about a fifth of the daemon's reactor thread under load (C{bench/RESULTS.md}).
 
 L{WriteThrough} sends a write at once when nothing is queued before it and
 the socket takes it whole; anything else (a partial send, a full socket
-buffer, an error, a connection in TLS mode or closing, a registered
+buffer, an error, a connection in TLS mode or closing, a registered pull
 producer, which Twisted drives from its buffered writes) takes Twisted's
-usual path, which keeps its ordering, back-pressure and error handling.
+usual path, which keeps its ordering, back-pressure and error handling.  A
+push producer (the SMTP session registers itself, to be paused when a
+client does not read its replies) is paused by Twisted only when the
+buffer fills, and a write sent at once never fills it.
 L{WriteThroughReactor} hands these transports to Twisted's endpoints: it
 is the reactor with C{listenTCP} and C{connectTCP} that make them.
 """
@@ -36,6 +39,7 @@ class WriteThrough:
     _tempDataBuffer: list[bytes]
     _writeDisconnected: bool
     producer: Any
+    streamingProducer: bool
     socket: Any
 
     def write(self, data: bytes) -> None:
@@ -47,7 +51,7 @@ class WriteThrough:
             or not self.connected
             or self.disconnecting
             or self._writeDisconnected
-            or self.producer is not None  # a pull producer is driven by doWrite
+            or (self.producer is not None and not self.streamingProducer)
             or not isinstance(data, bytes)
         ):
             super().write(data)  # type: ignore[misc]

@@ -13,6 +13,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import fields, replace
 from functools import partial
 from types import FrameType
 from typing import Any, NoReturn
@@ -56,11 +57,12 @@ from mta.queue.dispatch import QueueLimits
 from mta.queue.manager import QueueManager
 from mta.queue.reports import Reporter
 from mta.queue.retention import Retention
-from mta.queue.shaping import Shaper, ShapingPolicy
+from mta.queue.shaping import PER_MINUTE, Shaper, ShapingPolicy
+from mta.queue.shaping_rules import DEFAULT_RULES as SHAPING_RULES
 from mta.queue.traffic import TrafficShaping
-from mta.smtp.auth import AuthThrottle, UserFileChecker
+from mta.smtp.auth import Authenticator, AuthThrottle, ThrottleSettings, UserFileChecker
 from mta.smtp.client import ClientTimeouts
-from mta.smtp.server import SessionSettings, SubmissionFactory
+from mta.smtp.server import SessionLimits, SessionSettings, SubmissionFactory
 from mta.spool import open_store, receiver
 from mta.spool.queueid import QueueIdGenerator
 from mta.tls import ServerTLS, ensure_selfsigned
@@ -72,6 +74,125 @@ log = Logger(namespace="mta")
 LISTEN_BACKLOG = 1024
 # Threads that fsync the messages of one group commit concurrently.
 SPOOL_SYNC_WORKERS = 8
+# What a reload (SIGHUP) applies: these parts of the configuration...
+RELOADED = frozenset(
+    {"limits", "auth", "queue", "retention", "bounce_rules", "shaping", "shaping_rules"}
+)
+# ...except these options, which the parts that use them read only at start
+# ([limits] daily_messages: the sending limit plugin's default; active_limit:
+# the queue's concurrency limits; sweep_interval: the retention timer's;
+# [shaping] sync_interval: the cluster poll's).
+RESTART_ONLY = frozenset(
+    {
+        ("limits", "daily_messages"),
+        ("queue", "active_limit"),
+        ("retention", "sweep_interval"),
+        ("shaping", "sync_interval"),
+    }
+)
+
+
+def session_limits(config: Config) -> SessionLimits:
+    """C{[limits]} as the listeners and their sessions apply them."""
+    limits = config.limits
+    return SessionLimits(
+        message_size=limits.message_size,
+        recipients=limits.recipients,
+        received_headers=limits.received_headers,
+        connections_per_ip=limits.connections_per_ip,
+        connections=limits.connections,
+        idle_timeout=limits.idle_timeout,
+        errors=limits.errors,
+        junk_commands=limits.junk_commands,
+        header_size=limits.header_size,
+        data_min_rate=limits.data_min_rate,
+        bare_newline=limits.bare_newline,
+    )
+
+
+def throttle_settings(config: Config) -> ThrottleSettings:
+    """C{[auth]} as the AUTH throttle applies it."""
+    auth = config.auth
+    return ThrottleSettings(
+        max_failures=auth.max_failures,
+        window=auth.failure_window,
+        delay=auth.failure_delay,
+        delay_max=auth.failure_delay_max,
+    )
+
+
+def plugin_context(
+    config: Config,
+    *,
+    reactor: Any,
+    runner: Callable[[Callable[[], Any]], Deferred[Any]],
+    users: IUserDirectory,
+    state_dir: str,
+    hostname: str,
+    shared: ISharedState,
+) -> PluginContext:
+    """What the plugins are given: the services, and the few options of
+    other sections that built-in plugins apply (L{mta.checks.host.load}
+    adds each plugin's own C{[[plugins]]} entry)."""
+    return PluginContext(
+        source=config.source,
+        reactor=reactor,
+        runner=runner,
+        users=users,
+        state_dir=state_dir,
+        hostname=hostname,
+        shared=shared,
+        daily_messages=config.limits.daily_messages,
+        dkim_keys_dir=config.dkim.keys_dir,
+    )
+
+
+def shaping_policy(config: Config) -> ShapingPolicy:
+    """C{[shaping]} as the traffic shaper applies it: rates per second (the
+    file has them per minute), C{[delivery] destination_concurrency} as the
+    ceiling, C{[queue] maximal_backoff_time} as the window retries are spread
+    over, and the operator's C{[[shaping.rules]]} before the built-in ones."""
+    shaping, delivery, queue = config.shaping, config.delivery, config.queue
+    return ShapingPolicy(
+        enabled=shaping.enabled,
+        max_concurrency=delivery.destination_concurrency,
+        max_rate=shaping.max_rate / PER_MINUTE,
+        min_concurrency=shaping.min_concurrency,
+        min_rate=shaping.min_rate / PER_MINUTE,
+        decrease_factor=shaping.decrease_factor,
+        hold_time=shaping.hold_time,
+        concurrency_step=shaping.concurrency_step,
+        rate_step=shaping.rate_step / PER_MINUTE,
+        recovery_interval=shaping.recovery_interval,
+        max_wait=shaping.max_wait,
+        forget_after=shaping.forget_after,
+        spread_window=queue.maximal_backoff_time,
+        rules=(*config.shaping_rules, *SHAPING_RULES),
+    )
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The changes from C{old} to C{new} that a reload does not apply, by name."""
+    found = []
+    for part in fields(Config):
+        name = part.name
+        before, after = getattr(old, name), getattr(new, name)
+        if name in ("source", "base_dir") or before == after:
+            continue
+        label = {
+            "plugins": "[[plugins]]",
+            "bounce_rules": "[[bounce.rules]]",
+            "shaping_rules": "[[shaping.rules]]",
+        }.get(name, f"[{name}]")
+        if name not in RELOADED:
+            found.append(label)
+            continue
+        found += [
+            f"{label} {key}"
+            for section, key in sorted(RESTART_ONLY)
+            if section == name and getattr(before, key) != getattr(after, key)
+        ]
+    return found
 
 
 def with_backlog(description: str) -> str:
@@ -111,7 +232,9 @@ class MTAService(MultiService):
             workers=SPOOL_SYNC_WORKERS,
             journal_runner=self.spool_runner,
             schedule=lambda f: reactor.callLater(0, f),
+            call_later=reactor.callLater,
             settings=config.spool,
+            spares=True,
         )
         self.lock = self.store.lock()
 
@@ -127,31 +250,12 @@ class MTAService(MultiService):
         self.metrics = Metrics(instance=self.instance if labelled else "")
         self.spool = receiver(self.store, self.spool_runner, QueueIdGenerator(reactor.seconds))
         self._build_shared(config, reactor)
-        auth = config.auth
-        self.settings = SessionSettings(
-            config=config,
-            hostname=self.hostname,
-            tls=self.tls,
-            spool=self.spool,
-            users=self.users,
-            checker=UserFileChecker(self.users, self._pool("auth", 2)),
-            throttle=AuthThrottle(
-                reactor,
-                max_failures=auth.max_failures,
-                window=auth.failure_window,
-                delay=auth.failure_delay,
-                delay_max=auth.failure_delay_max,
-                state=self.shared,
-            ),
-            clock=reactor,
-            trusted_networks=parse_networks(auth.trusted_networks),
-            metrics=self.metrics,
-        )
+        self.throttle = AuthThrottle(reactor, throttle_settings(config), state=self.shared)
+        checker = UserFileChecker(self.users, self._pool("auth", 2))
         self.checks = checkhost.load(
-            config,
-            PluginContext(
-                config=config,
-                source=config.source,
+            config.plugins,
+            plugin_context(
+                config,
                 reactor=reactor,
                 runner=self._pool("checks", 2),
                 users=self.users,
@@ -160,19 +264,36 @@ class MTAService(MultiService):
                 shared=self.shared,
             ),
         )
-        self.settings.checks = self.checks
+        self.settings = SessionSettings(
+            hostname=self.hostname,
+            limits=session_limits(config),
+            tls=self.tls,
+            spool=self.spool,
+            users=self.users,
+            auth=Authenticator(checker, self.throttle, self.users, reactor, self.metrics),
+            clock=reactor,
+            trusted_networks=parse_networks(config.auth.trusted_networks),
+            metrics=self.metrics,
+            checks=self.checks,
+        )
         self._build_delivery(config, reactor)
         self.listeners: list[tuple[str, IProtocolFactory]] = []
+        self.factories: list[SubmissionFactory] = []  # each gets new settings on a reload
         for description in config.listen.submissions:
-            inner = SubmissionFactory(self.settings, implicit_tls=True)
+            inner = self._submission_factory(implicit_tls=True)
             self.listeners.append((description, TLSMemoryBIOFactory(self.tls, False, inner)))
         for description in config.listen.submission:
-            plain = SubmissionFactory(self.settings, implicit_tls=False)
+            plain = self._submission_factory(implicit_tls=False)
             self.listeners.append((description, plain))
         self._proxy_listeners(config, reactor)
         self.metrics.watch_queue(self.queue_counts, self.queue.oldest_arrival, reactor.seconds)
         for description in config.metrics.listen:
             self.listeners.append((description, metrics_site(self.metrics, self.health)))
+
+    def _submission_factory(self, *, implicit_tls: bool) -> SubmissionFactory:
+        factory = SubmissionFactory(self.settings, implicit_tls=implicit_tls)
+        self.factories.append(factory)
+        return factory
 
     def _build_shared(self, config: Config, reactor: Any) -> None:
         """The state the instances share (and the users): Redis with
@@ -210,11 +331,11 @@ class MTAService(MultiService):
         listen = config.listen
         proxy = ProxySettings(parse_networks(listen.proxy_from), listen.proxy_timeout)
         for description in listen.proxy_submissions:
-            inner = SubmissionFactory(self.settings, implicit_tls=True)
+            inner = self._submission_factory(implicit_tls=True)
             tls = TLSMemoryBIOFactory(self.tls, False, inner)
             self.listeners.append((description, ProxyHeaderFactory(tls, proxy, reactor)))
         for description in listen.proxy_submission:
-            plain = SubmissionFactory(self.settings, implicit_tls=False)
+            plain = self._submission_factory(implicit_tls=False)
             self.listeners.append((description, ProxyHeaderFactory(plain, proxy, reactor)))
 
     def _build_delivery(self, config: Config, reactor: Any) -> None:
@@ -269,7 +390,7 @@ class MTAService(MultiService):
             tls=tls,
         )
         self.traffic = TrafficShaping(
-            Shaper(ShapingPolicy.from_config(config)), reactor, metrics=self.metrics,
+            Shaper(shaping_policy(config)), reactor, metrics=self.metrics,
             shared=self.shared if config.cluster.redis else None, instance=self.instance,
             sync_interval=config.shaping.sync_interval,
         )  # fmt: skip
@@ -432,12 +553,12 @@ class MTAService(MultiService):
         return DeferredList(stopping)
 
     def _recover(self) -> None:
-        """Half-received messages and deliveries a crash kept out of their envelopes."""
+        """Half-received messages, and results a crash kept out of their files."""
         try:
             found = self.store.recover()
         except OSError as e:
             # Not fatal: without it those messages are only sent again.
-            log.error("cannot read the sent journal: {e}", e=e)
+            log.error("cannot read the progress journal: {e}", e=e)
             return
         if found.incomplete:
             log.info(
@@ -447,12 +568,12 @@ class MTAService(MultiService):
             )
         if found.recipients:
             log.info(
-                "recorded {n} deliveries of {m} messages from the sent journal",
+                "recorded {n} recipients' results of {m} messages from the progress journal",
                 n=found.recipients,
                 m=found.messages,
             )
         if found.kept:
-            log.error("the sent journal is kept for the next start (see the errors above)")
+            log.error("the progress journal is kept for the next start (see the errors above)")
 
     def stopService(self) -> Deferred[Any]:
         children = super().stopService()  # type: ignore[no-untyped-call]
@@ -481,11 +602,13 @@ class MTAService(MultiService):
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and the certificate.
 
-        The retry schedule, delay notices, blocklist rest, retention,
-        bounce rules and traffic shaping take effect at once (they are read
-        at each use);
-        other changes need a restart, which the log says.  Established
-        connections keep their certificate.
+        New settings objects go to the parts that take them: the listeners
+        ([limits] and [auth] trusted_networks, for new connections and
+        sessions), the AUTH throttle (the rest of [auth]), the queue (the
+        retry schedule, delay notices, blocklist rest, bounce rules),
+        traffic shaping and retention; the log names the changes that need a restart
+        (L{needs_restart}).  Established connections keep their settings
+        and their certificate.
         """
         self._reload_config()
         try:
@@ -503,35 +626,22 @@ class MTAService(MultiService):
         except ConfigError as e:
             log.error("reload failed, keeping the old configuration: {e}", e=str(e))
             return
-        restart = [
-            name
-            for name in (
-                "server",
-                "listen",
-                "tls",
-                "limits",
-                "auth",
-                "delivery",
-                "spool",
-                "routes",
-                "metrics",
-                "log",
-                "dkim",
-                "cluster",
-                "plugins",
-            )
-            if getattr(new, name) != getattr(self.config, name)
-        ]
+        restart = needs_restart(self.config, new)
         self.config = new
         self.queue.configure(new.queue, Classifier(extra=new.bounce_rules))
-        self.traffic.configure(ShapingPolicy.from_config(new))
+        self.traffic.configure(shaping_policy(new))
         self.retention.configure(new.retention)
+        self.throttle.configure(throttle_settings(new))
+        self.settings = replace(
+            self.settings,
+            limits=session_limits(new),
+            trusted_networks=parse_networks(new.auth.trusted_networks),
+        )
+        for factory in self.factories:
+            factory.configure(self.settings)
         log.info("reloaded {source}", source=new.source)
         if restart:
-            log.warn(
-                "changes to [{sections}] take effect after a restart",
-                sections="], [".join(restart),
-            )
+            log.warn("changes to {changes} take effect after a restart", changes=", ".join(restart))
 
 
 def redis_endpoint(reactor: Any, config: Config) -> IStreamClientEndpoint:

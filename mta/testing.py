@@ -117,6 +117,9 @@ class NoSyncOps(FileOps):
     def fsync_dir(self, path: str) -> None:
         pass
 
+    def syncfs(self, path: str) -> None:
+        pass
+
 
 class FailingOps(FileOps):
     """File operations that fail on the Nth call of one kind with an errno.
@@ -124,7 +127,7 @@ class FailingOps(FileOps):
     C{FailingOps("fsync_dir", errno.EIO, after=1)} lets one directory fsync
     succeed and fails the next one; C{times} bounds how often it fails.
     The kinds are the methods of L{FileOps}: create, append, write, fsync,
-    fsync_dir, rename, unlink.
+    fsync_dir, syncfs, rename, unlink.
     """
 
     def __init__(self, operation: str, code: int = errno.EIO, after: int = 0, times: int = 1):
@@ -159,6 +162,10 @@ class FailingOps(FileOps):
     def fsync_dir(self, path: str) -> None:
         self._maybe_fail("fsync_dir")
         super().fsync_dir(path)
+
+    def syncfs(self, path: str) -> None:
+        self._maybe_fail("syncfs")
+        super().syncfs(path)
 
     def rename(self, src: str, dst: str) -> None:
         self._maybe_fail("rename")

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v swaks >/dev/null || need+=(swaks)
+command -v jq >/dev/null || need+=(jq)  # the spool recipes of docs/spool-format.md
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)

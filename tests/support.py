@@ -19,7 +19,8 @@ from mta.checks import host as checkhost
 from mta.cluster.local import LocalState
 from mta.config import Config
 from mta.dailycount import DailyCounter
-from mta.smtp.auth import AuthThrottle, UserFileChecker
+from mta.service import plugin_context, session_limits, throttle_settings
+from mta.smtp.auth import Authenticator, AuthThrottle, UserFileChecker
 from mta.smtp.server import SessionSettings, SubmissionFactory, SubmissionSession
 from mta.spool.memory import MemorySpool
 from mta.testing import SwitchableState, TLSStringTransport, run_inline, write_users
@@ -68,48 +69,63 @@ class Harness:
             aliases={LOGIN: ["sales@example.com"]},
             domains={LOGIN: ["alice.example"]},
         )
-        auth = self.config.auth
         # Switchable: a test can take the shared state "down" (Redis gone).
         self.shared = SwitchableState(
             LocalState(DailyCounter(os.path.join(directory, "state"), self.clock))
         )
-        self.throttle = AuthThrottle(
-            self.clock,
-            max_failures=auth.max_failures,
-            window=auth.failure_window,
-            delay=auth.failure_delay,
-            delay_max=auth.failure_delay_max,
-            state=self.shared,
-        )
+        # Built from the configuration as the service builds them.
+        self.throttle = AuthThrottle(self.clock, throttle_settings(self.config), state=self.shared)
+        self.state_dir = os.path.join(directory, "state")
+        self.context = self.plugin_context(self.config)
+        self.checks = checkhost.load(self.config.plugins, self.context)
         self.settings = SessionSettings(
-            config=self.config,
             hostname="mx.test",
+            limits=session_limits(self.config),
             tls=ServerTLS(CERT, KEY),
             spool=self.spool,
             users=self.users,
-            checker=UserFileChecker(self.users, run_inline),
-            throttle=self.throttle,
+            auth=Authenticator(
+                UserFileChecker(self.users, run_inline), self.throttle, self.users, self.clock
+            ),
             clock=self.clock,
             trusted_networks=parse_networks(self.config.auth.trusted_networks),
+            checks=self.checks,
         )
-        self.context = PluginContext(
-            config=self.config,
-            source=self.config.source,
+
+    def plugin_context(self, config: Config) -> PluginContext:
+        """What the plugins of C{config} are given, with this harness's services."""
+        return plugin_context(
+            config,
             reactor=self.clock,
             runner=run_inline,
             users=self.users,
-            state_dir=os.path.join(directory, "state"),
+            state_dir=self.state_dir,
             hostname="mx.test",
             shared=self.shared,
         )
-        self.settings.checks = self.checks = checkhost.load(self.config, self.context)
+
+    def use(self, **changes: Any) -> None:
+        """Sessions connected from now on get these settings changed
+        (C{spool=...}, C{checks=...}): the settings are frozen, as in the service."""
+        self.settings = replace(self.settings, **changes)
+        if "checks" in changes:
+            self.checks = changes["checks"]
+
+    def use_checker(self, checker: Any) -> None:
+        """Sessions connected from now on check passwords with C{checker}."""
+        self.use(auth=replace(self.settings.auth, checker=checker))
 
     def use_users(self, users: UserFile) -> None:
         """Replace the users file everywhere it is used (sessions, plugins)."""
-        self.users = self.settings.users = users
-        self.settings.checker = UserFileChecker(users, run_inline)
+        self.users = users
         self.context = replace(self.context, users=users)
-        self.settings.checks = self.checks = checkhost.load(self.config, self.context)
+        self.use(
+            users=users,
+            auth=replace(
+                self.settings.auth, users=users, checker=UserFileChecker(users, run_inline)
+            ),
+            checks=checkhost.load(self.config.plugins, self.context),
+        )
 
     def connect(self, *, implicit_tls: bool = True, peer: str = "192.0.2.10") -> Client:
         factory = SubmissionFactory(self.settings, implicit_tls=implicit_tls)

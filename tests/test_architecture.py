@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mta.envelope import QueueState
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mta")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 MAX_FUNCTION_LINES = 60
 
 
@@ -122,6 +123,63 @@ def _state_paths(tree: ast.Module) -> Iterator[tuple[int, str]]:
             and _PATH.search(node.value)
         ):
             yield node.lineno, node.value
+
+
+# The modules that read the whole configuration: its parser, the composition
+# root that builds every part's own settings from it, and the command lines.
+CONFIG_READERS = {"mta.config", "mta.service", "mta.tap", "mta.cli", "mta.sendmail"}
+
+
+def _names_config(annotation: ast.expr | None) -> bool:
+    """Whether a type annotation names L{mta.config.Config}."""
+    if annotation is None:
+        return False
+    for node in ast.walk(annotation):
+        if isinstance(node, ast.Name) and node.id == "Config":
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "Config":
+            return True
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.search(r"\bConfig\b", node.value)
+        ):
+            return True
+    return False
+
+
+def _whole_config(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """Where a module could reach the whole configuration (see the test that uses it)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.module == "mta.config":
+                for alias in node.names:
+                    if alias.name == "Config":
+                        yield node.lineno, "imports Config"
+            if node.module == "mta" and any(a.name == "config" for a in node.names):
+                yield node.lineno, "imports the module mta.config"
+        elif isinstance(node, ast.Import):
+            if any(a.name == "mta.config" for a in node.names):
+                yield node.lineno, "imports the module mta.config"
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            args = node.args
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+            for arg in every:
+                if arg is None:
+                    continue
+                if arg.arg == "config" or _names_config(arg.annotation):
+                    name = getattr(node, "name", "lambda")
+                    yield arg.lineno, f"{name}() takes the configuration as {arg.arg!r}"
+        elif isinstance(node, ast.ClassDef):
+            fields = [
+                item
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            ]
+            for item in fields:
+                assert isinstance(item.target, ast.Name)
+                if item.target.id == "config" or _names_config(item.annotation):
+                    yield item.lineno, f"{node.name}.{item.target.id} holds the configuration"
 
 
 class ArchitectureTests(SynchronousTestCase):
@@ -231,3 +289,114 @@ class ArchitectureTests(SynchronousTestCase):
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{m.name}.{node.name}: {lines} lines")
         self.assertEqual(long, [])
+
+    def test_only_the_composition_root_passes_the_whole_config_around(self) -> None:
+        """Each part gets its own frozen settings (C{SessionSettings} and
+        C{SessionLimits}, C{ThrottleSettings}, C{PluginContext}, the sections
+        of the queue, retention and spool), built from L{mta.config.Config} in
+        L{mta.service}: no other module imports C{Config} or the module that
+        loads it, takes it as a parameter (typed, or named C{config}) or keeps
+        it in a field.  So a session, a plugin or the queue cannot come to
+        depend on an option that a reload does not hand it."""
+        offenders = [
+            f"{m.name}:{line} {what}"
+            for m in self.modules.values()
+            if m.name not in CONFIG_READERS
+            for line, what in _whole_config(m.tree)
+        ]
+        self.assertEqual(offenders, [])
+
+    def test_the_config_rule_sees_each_way_in(self) -> None:
+        """The rule above finds each way the whole configuration could come in."""
+        source = """
+from mta.config import Config, LimitsConfig
+from mta import config as configmod
+import mta.config
+
+def typed(c: Config) -> None: ...
+def named(config) -> None: ...
+def quoted(*, c: "Config | None") -> None: ...
+def through_the_module(c: configmod.Config) -> None: ...
+
+class Holder:
+    config: object
+    whole: Config
+    limits: LimitsConfig
+"""
+        found = [what for _, what in _whole_config(ast.parse(source))]
+        self.assertEqual(
+            sorted(found),
+            sorted(
+                [
+                    "imports Config",
+                    "imports the module mta.config",
+                    "imports the module mta.config",
+                    "typed() takes the configuration as 'c'",
+                    "named() takes the configuration as 'config'",
+                    "quoted() takes the configuration as 'c'",
+                    "through_the_module() takes the configuration as 'c'",
+                    "Holder.config holds the configuration",
+                    "Holder.whole holds the configuration",
+                ]
+            ),
+        )
+
+
+def _test_classes() -> Iterator[tuple[str, ast.ClassDef]]:
+    """Every class under tests/ that holds tests, or that test classes build on."""
+    classes: dict[str, list[tuple[str, ast.ClassDef]]] = {}
+    for dirpath, _, files in os.walk(TESTS):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ClassDef):
+                        classes.setdefault(node.name, []).append((path, node))
+
+    def bases(node: ast.ClassDef) -> set[str]:
+        return {ast.unparse(b).rpartition(".")[2] for b in node.bases}
+
+    testy = {"TestCase", "SynchronousTestCase"}
+    for found in classes.values():
+        for _, node in found:
+            if any(
+                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                and item.name.startswith("test")
+                for item in node.body
+            ):
+                testy.add(node.name)
+    grown = True
+    while grown:  # subclasses of test classes, and the classes those build on
+        grown = False
+        for name, found in classes.items():
+            for _, node in found:
+                more = ({name} if bases(node) & testy else set()) | (
+                    bases(node) & set(classes) if name in testy else set()
+                )
+                if more - testy:
+                    testy |= more
+                    grown = True
+    for name, found in sorted(classes.items()):
+        if name in testy:
+            yield from found
+
+
+class TestDocstringTests(SynchronousTestCase):
+    """Each test class says what it covers (issue 13), checked with C{ast}."""
+
+    def test_every_test_class_has_a_docstring(self) -> None:
+        missing = [
+            f"{os.path.relpath(path, TESTS)}:{node.lineno} {node.name}"
+            for path, node in _test_classes()
+            if not ast.get_docstring(node)
+        ]
+        self.assertEqual(missing, [])
+
+    def test_the_rule_sees_the_test_classes(self) -> None:
+        names = {node.name for _, node in _test_classes()}
+        # Direct TestCases, subclasses of test bases, contract mixins.
+        for name in ("ArchitectureTests", "AuthTests", "SessionTestCase", "StateContract"):
+            self.assertIn(name, names)
+        self.assertNotIn("Harness", names)

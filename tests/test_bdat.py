@@ -42,6 +42,9 @@ def bdat(chunk: bytes, last: bool = False) -> bytes:
 
 
 class ChunkingTestCase(SynchronousTestCase):
+    """Shared by the BDAT tests: a Harness, a logged-in client with MAIL and RCPT sent (begin), the
+    stored message of a 250 (stored) and its body after our Received: field."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp())
 
@@ -67,6 +70,11 @@ class ChunkingTestCase(SynchronousTestCase):
 
 
 class BdatTests(ChunkingTestCase):
+    """BDAT (RFC 3030) taking a message: chunks stored verbatim with no dot-unstuffing, boundaries
+    anywhere (inside a line, between CR and LF, octet by octet), pipelined with commands, chunk
+    bytes never run as commands, BDAT 0 LAST alone and after chunks, empty and lower-case LAST
+    chunks, a final line without CRLF, 8-bit content recorded, and on the STARTTLS listener too."""
+
     def test_one_chunk_taken_verbatim(self) -> None:
         """No dot is removed (RFC 3030 section 2): a line of one dot is content."""
         c = self.begin()
@@ -200,6 +208,11 @@ class BdatTests(ChunkingTestCase):
 
 
 class BdatSequenceTests(ChunkingTestCase):
+    """BDAT in the command sequence: DATA, RCPT or MAIL after BDAT refused, RSET and a disconnect in
+    the middle drop the partial message, BDAT needs MAIL, a recipient, EHLO and a login, a size
+    that cannot be read gives 501 and the rest is read as commands, BDAT after LAST needs a new
+    MAIL, and the idle timeout inside a chunk."""
+
     def test_data_after_bdat_refused(self) -> None:
         c = self.begin()
         c.send(bdat(MESSAGE[:30]) + b"DATA\r\n" + bdat(MESSAGE[30:], last=True))
@@ -296,6 +309,11 @@ class BdatSequenceTests(ChunkingTestCase):
 
 
 class BdatLimitTests(ChunkingTestCase):
+    """The DATA rules on chunked messages: the size limit across chunks (552 for the chunk that
+    passes it, the rest read and discarded), exactly at the limit, a declared SIZE over it, bare
+    LF normalized or refused, bare CR (also as the very last octet), NUL and over-long lines, a
+    998-character line, the From: alignment, the Received: loop limit."""
+
     def test_size_across_chunks(self) -> None:
         """552 for the chunk that passes the limit; the rest read and discarded
         (each answered so), the session in step; nothing queued."""
@@ -391,6 +409,10 @@ class BdatLimitTests(ChunkingTestCase):
 
 
 class BdatCommitTests(ChunkingTestCase):
+    """The end of a chunked message: 250 only after the spool commit, 451 when the commit fails, an
+    account deleted while MAIL is open (the chunk still read), a write failure at a middle chunk,
+    and the message hooks seeing the BDAT message as they see a DATA one."""
+
     def test_250_only_after_the_commit(self) -> None:
         self.h.spool.hold_commits = True
         c = self.begin()
@@ -441,9 +463,7 @@ class BdatCommitTests(ChunkingTestCase):
                 Look.seen.append(data)
                 return reject("No chunks today", 554, "5.7.1") if b"refuse" in data else CONTINUE
 
-        self.h.settings.checks = checkhost.Checks(
-            [checkhost.Loaded("look", Look(), 5.0)], self.h.clock
-        )
+        self.h.use(checks=checkhost.Checks([checkhost.Loaded("look", Look(), 5.0)], self.h.clock))
         c = self.begin()
         c.send(bdat(MESSAGE + b"please refuse\r\n", last=True))
         self.assertEqual(c.replies(), [(554, "5.7.1 No chunks today")])
@@ -457,6 +477,9 @@ class BdatCommitTests(ChunkingTestCase):
 
 
 class ChunkReaderTests(SynchronousTestCase):
+    """ChunkReader by itself: octets taken verbatim, the same result for every split of the input,
+    and the error a chunk's octets show the same however they arrive in packets."""
+
     def read(self, *chunks: bytes, max_size: int = 10_000, mode: str = "normalize") -> ChunkReader:
         self.out: list[bytes] = []
         r = ChunkReader(self.out.append, max_size, bare_newline=mode)

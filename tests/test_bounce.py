@@ -1013,6 +1013,9 @@ class ClassifyErrorTests(SynchronousTestCase):
 
 
 class ClassificationTests(SynchronousTestCase):
+    """The Classification value: its JSON form (with and without an enhanced code), temporary for
+    retry, and refusing an action or category outside the closed sets."""
+
     def test_to_json(self) -> None:
         verdict = Classification("bounce", "recipient", 550, "5.1.1", "recipient-text")
         self.assertEqual(

@@ -66,6 +66,10 @@ def mail(h: Harness) -> tuple[int, str]:
 
 
 class VerdictTests(SynchronousTestCase):
+    """Verdict as a closed set: a refusal's reply must fit its action (5xx for reject, 4xx for
+    tempfail and disconnect, none for continue and accept), unknown actions raise, and the
+    default replies."""
+
     def test_reply_must_match_the_action(self) -> None:
         self.assertRaises(ValueError, Verdict, Action.REJECT, Reply(451, "4.7.1", "x"))
         self.assertRaises(ValueError, Verdict, Action.TEMPFAIL, Reply(550, "5.7.1", "x"))
@@ -89,11 +93,18 @@ class VerdictTests(SynchronousTestCase):
 
 
 class SessionVerdictTests(SynchronousTestCase):
+    """Plugin verdicts in a session: continue and accept go on (accept skips the later plugins),
+    reject and tempfail send their reply, a string continue still means continue, disconnect
+    closes; an exception, a failed Deferred, something not a Verdict, a refusal with a success
+    reply or a timeout (which cancels the hook) is a 451; the connect hook refuses the greeting;
+    a message refusal queues nothing; a check's own header fields are removed from the client's
+    message and its notes kept in the envelope."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp())
 
     def use(self, *plugins: Any, timeout: float = 5.0) -> None:
-        self.h.settings.checks = checks_of(self.h, *plugins, timeout=timeout)
+        self.h.use(checks=checks_of(self.h, *plugins, timeout=timeout))
 
     def test_continue_and_accept_go_on(self) -> None:
         for verdict in (CONTINUE, ACCEPT):
@@ -274,13 +285,16 @@ class SessionVerdictTests(SynchronousTestCase):
 
 
 class QueuedHookTests(SynchronousTestCase):
+    """The queued hook on the real file-system spool: after the commit, open() reads the message as
+    queued: our Received: field, then the client's message."""
+
     def test_on_queued_reads_the_committed_message(self) -> None:
         # With the real spool: after the commit the transaction's file is
         # closed and the message has moved out of tmp/.
         h = Harness(self.mktemp())
         store = FileStore(os.path.abspath(self.mktemp()))
         store.open()
-        h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
+        h.use(spool=Spool(store, run_inline, QueueIdGenerator(h.clock.seconds)))
 
         @implementer(IQueuedHook)
         class Reader:
@@ -291,7 +305,7 @@ class QueuedHookTests(SynchronousTestCase):
                 with message.open() as f:
                     Reader.seen.append((message.queue_id, f.read()))
 
-        h.settings.checks = checks_of(h, Reader())
+        h.use(checks=checks_of(h, Reader()))
         c = h.connect()
         c.login()
         c.command(f"MAIL FROM:<{LOGIN}>")
@@ -308,12 +322,16 @@ class QueuedHookTests(SynchronousTestCase):
 
 
 class LoadingTests(SynchronousTestCase):
+    """Loading plugins from [[plugins]]: the sending limit always on and first, the example site
+    plugin by path, errors that name the file and key (options, entries, a missing interface
+    method, no hook at all), and each plugin's context with its own entry."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp())
 
     def load(self, *tables: dict[str, Any]) -> checkhost.Checks:
         config = configmod.parse({"plugins": list(tables)}, "/etc/mta.toml", REPO)
-        return checkhost.load(config, replace(self.h.context, source="/etc/mta.toml"))
+        return checkhost.load(config.plugins, replace(self.h.context, source="/etc/mta.toml"))
 
     def error(self, *tables: dict[str, Any]) -> str:
         return str(self.assertRaises(ConfigError, self.load, *tables))
@@ -327,7 +345,7 @@ class LoadingTests(SynchronousTestCase):
             {"name": "blocked", "path": "plugins/example_domains.py",
              "options": {"domains": ["Blocked.Example"]}}
         )  # fmt: skip
-        self.h.settings.checks = checks
+        self.h.use(checks=checks)
         c = self.h.connect()
         c.login()
         c.command(f"MAIL FROM:<{LOGIN}>")
@@ -372,6 +390,46 @@ class LoadingTests(SynchronousTestCase):
         text = self.error({"name": "broken", "path": path})
         self.assertIn("[plugins.broken] does not implement IMailHook", text)
 
+    def test_each_plugin_gets_its_own_entry(self) -> None:
+        """The context names the plugin's own [[plugins]] table, not the
+        whole configuration, and carries the options built-ins apply."""
+        path = os.path.abspath(self.mktemp() + ".py")
+        with open(path, "w") as f:
+            f.write(
+                "from zope.interface import implementer\n"
+                "from mta.checks import CONTINUE\n"
+                "from mta.interfaces import IMailHook\n"
+                "@implementer(IMailHook)\n"
+                "class Keeps:\n"
+                "    def __init__(self, context):\n"
+                "        self.name, self.context = context.plugin.name, context\n"
+                "    def on_mail(self, session, sender):\n"
+                "        return CONTINUE\n"
+                "def make(options, context):\n"
+                "    return Keeps(context)\n"
+            )
+        doc = {
+            "limits": {"daily_messages": 7},
+            "dkim": {"keys_dir": "/var/lib/mta/dkim"},
+            "plugins": [
+                {"name": "first", "path": path, "timeout": 3},
+                {"name": "second", "path": path},
+                {"name": "dkim"},
+            ],
+        }
+        config = configmod.parse(doc, "/etc/mta.toml", REPO)
+        checks = checkhost.load(config.plugins, self.h.plugin_context(config))
+        first, second = checks.plugins[1].plugin, checks.plugins[2].plugin
+        self.assertEqual(first.context.plugin, config.plugins[0])
+        self.assertEqual(second.context.plugin, config.plugins[1])
+        self.assertEqual((first.name, second.name), ("first", "second"))
+        self.assertEqual(first.context.plugin.timeout, 3.0)
+        self.assertEqual((first.context.daily_messages, first.context.source), (7, "/etc/mta.toml"))
+        self.assertEqual(checks.plugins[3].plugin.keys_dir, "/var/lib/mta/dkim")
+        ratelimit = checks.plugins[0]
+        self.assertEqual(ratelimit.name, "ratelimit")  # always on, with the default entry
+        self.assertEqual(ratelimit.plugin.default, 7)
+
     def test_a_plugin_without_hooks(self) -> None:
         path = os.path.abspath(self.mktemp() + ".py")
         with open(path, "w") as f:
@@ -380,6 +438,10 @@ class LoadingTests(SynchronousTestCase):
 
 
 class SendingLimitTests(SynchronousTestCase):
+    """The ratelimit plugin in sessions: the UTC day boundary, the count kept across a restart,
+    counting recipients instead of messages (also across a restart), trusted clients not counted,
+    and concurrent sessions of one login checked again at the end of data."""
+
     def submit(self, c: Any, *recipients: str) -> int:
         c.command(f"MAIL FROM:<{LOGIN}>")
         for r in recipients or ("bob@example.net",):
@@ -469,6 +531,9 @@ class SendingLimitTests(SynchronousTestCase):
 
 
 class StartupTests(SynchronousTestCase):
+    """Start-up hooks: a failing one is logged, not raised, and one that never finishes is cancelled
+    after the plugin's timeout and logged."""
+
     def test_a_failing_startup_is_logged_not_raised(self) -> None:
         @implementer(IStartupHook)
         class Failing:
@@ -507,11 +572,14 @@ class StartupTests(SynchronousTestCase):
 
 
 class DocumentationTests(SynchronousTestCase):
+    """The plugin documentation matches the code: the plugins of docs/mta.example.toml load and pass
+    verifyObject, and every option of each built-in is in docs/configuration.md."""
+
     def test_example_configuration_loads_every_plugin(self) -> None:
         """The plugins of docs/mta.example.toml load and pass verifyObject."""
         h = Harness(self.mktemp())
         config = configmod.load(os.path.join(REPO, "docs", "mta.example.toml"))
-        checks = checkhost.load(config, replace(h.context, config=config, source=config.source))
+        checks = checkhost.load(config.plugins, h.plugin_context(config))
         self.assertEqual([p.name for p in checks.plugins], ["ratelimit", "clamd", "spamd", "dkim"])
 
     def test_every_builtin_option_is_documented(self) -> None:

@@ -66,6 +66,8 @@ class CLITestCase(SynchronousTestCase):
 
 
 class UserLimitTests(CLITestCase):
+    """mtactl user limit: setting and clearing a user's daily limit, and its errors."""
+
     def test_set_and_clear(self) -> None:
         self.mtactl("user", "add", "alice@example.com", "--password-stdin", stdin=PASSWORD + "\n")
         self.assertEqual(
@@ -93,6 +95,10 @@ class UserLimitTests(CLITestCase):
 
 
 class UserAddTests(CLITestCase):
+    """mtactl user add: a new user with a slow hash, the login normalized with aliases and domains
+    kept, and the refusals (a duplicate, a short or empty password, an invalid address or alias,
+    a negative daily limit, a users file in a missing directory)."""
+
     def test_add(self) -> None:
         code, out = self.mtactl(
             "user", "add", "alice@example.com", "--password-stdin", stdin=PASSWORD + "\n"
@@ -188,6 +194,9 @@ class UserAddTests(CLITestCase):
 
 
 class UserEditTests(CLITestCase):
+    """mtactl user passwd, del and list (text and JSON): changes to existing users, unknown users,
+    short passwords, no users, and a broken users file."""
+
     def setUp(self) -> None:
         super().setUp()
         write_users(
@@ -319,6 +328,10 @@ class SpoolTestCase(CLITestCase):
 
 
 class QueueTests(SpoolTestCase):
+    """mtactl queue list and show on a spool with no daemon: empty and full listings in text and
+    JSON, the last reply, finished messages only with --all, and unreadable envelopes or missing
+    message files reported in one line."""
+
     def test_list_empty(self) -> None:
         self.assertEqual(self.mtactl("queue", "list"), (0, "Mail queue is empty\n"))
         self.assertEqual(self.mtactl("queue", "list", "--json"), (0, "[]\n"))
@@ -467,6 +480,9 @@ class QueueTests(SpoolTestCase):
 
 
 class QueueFilterTests(QueueTests):
+    """mtactl queue list filters: --state (repeatable), --domain, --sender, and an unknown state as
+    a usage error. As a subclass of QueueTests it runs those tests again."""
+
     def test_filters(self) -> None:
         net = self.commit("bob@example.net")
         org = self.commit("carol@EXAMPLE.org")
@@ -577,6 +593,9 @@ class OfflineActionTests(QueueTests):
 
 
 class NotASpoolTests(CLITestCase):
+    """mtactl on a directory that is not a spool, a missing one, or a spool of another format: one
+    line naming the problem, and no spool created."""
+
     def test_plain_directory(self) -> None:
         os.makedirs(self.spool_path)
         for argv in (("queue", "list"), ("queue", "list", "--json"), ("queue", "show", "0" * 15)):
@@ -603,6 +622,9 @@ class NotASpoolTests(CLITestCase):
 
 
 class CommandLineTests(CLITestCase):
+    """mtactl's own command line: a missing or broken configuration file, MTA_CONFIG from the
+    environment, and usage errors exiting with status 2."""
+
     def test_missing_config_file(self) -> None:
         os.remove(self.config)
         code, out = self.mtactl("user", "list")
@@ -713,6 +735,11 @@ class ExecutableTests(SynchronousTestCase):
 
 
 class ClassifyTests(CLITestCase):
+    """mtactl classify: how replies are classified (an unknown user bounces, a blocklist 5xx
+    retries, a multi-line reply from stdin, an operator rule from the configuration), --explain
+    naming the rule and what it matched (with no control characters), and bad or success replies
+    refused."""
+
     def classify(self, *argv: str, stdin: str | None = None) -> dict[str, object]:
         code, out = self.mtactl("classify", *argv, stdin=stdin)
         self.assertEqual(code, 0)

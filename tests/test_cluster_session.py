@@ -13,6 +13,12 @@ from tests.support import LOGIN, PASSWORD, Harness, make_config, plain
 
 
 class SharedStateDownTests(SynchronousTestCase):
+    """Sessions with the shared state (Redis) down: AUTH fails closed with a temporary reply, also
+    when it goes down between the block check and the known-failure check; a wrong password that
+    cannot be counted is still 535, after the longest delay; the daily limit fails closed at
+    MAIL; down at the end of data nothing is queued; down after the commit the message stays
+    queued and only its count is lost (logged)."""
+
     def setUp(self) -> None:
         config = make_config(limits={"daily_messages": 5}, auth={"failure_delay": 0})
         self.h = Harness(self.mktemp(), config)

@@ -32,6 +32,11 @@ Gen = Generator[Deferred[Any], Any, None]
 
 
 class RedisUsersTests(TestCase):
+    """Users kept in a real redis-server: mtactl writes where the daemon's RedisUsers reads, the
+    refresh loop sees changes without a restart, Redis down keeps the users already known, a bad
+    entry is skipped, and concurrent edits do not undo each other (compare-and-set on the
+    version)."""
+
     server: RedisServer
 
     @classmethod

@@ -14,6 +14,10 @@ from mta.errors import ConfigError
 
 
 class ConfigFileTestCase(SynchronousTestCase):
+    """Shared by the tests that load files: a fresh directory outside the checkout, writing a
+    configuration file into it, and assertConfigError (a one-line error naming the file and the
+    key)."""
+
     def directory(self) -> str:
         """A fresh directory outside the checkout, removed after the test."""
         path = tempfile.mkdtemp(prefix="mta-test-config-")
@@ -105,6 +109,10 @@ class DefaultTests(SynchronousTestCase):
 
 
 class LoadTests(ConfigFileTestCase):
+    """load() on real files: values read, an integer for a float, a string or an empty list for a
+    list of endpoints, relative paths resolved against the file's directory (also when the file
+    is named by a relative path), absolute paths kept, ~ expanded, and Config.resolve."""
+
     def test_values_read(self) -> None:
         path = self.write(
             "[server]\n"
@@ -284,6 +292,12 @@ class ErrorTests(ConfigFileTestCase):
         self.assertConfigError(
             '[limits]\nbare_newline = "strip"\n', "[limits] bare_newline", "normalize, reject"
         )
+
+    def test_spool_barrier_choices(self) -> None:
+        self.assertEqual(config.load(self.write("")).spool.barrier, "syncfs")
+        c = config.load(self.write('[spool]\nbarrier = "fsync"\n'))
+        self.assertEqual(c.spool.barrier, "fsync")
+        self.assertConfigError('[spool]\nbarrier = "none"\n', "[spool] barrier", "syncfs, fsync")
 
     def test_nan(self) -> None:
         self.assertConfigError("[limits]\nidle_timeout = nan\n", "[limits] idle_timeout")

@@ -80,6 +80,10 @@ def closed_port_address() -> str:
 
 
 class ClamdTests(TestCase):
+    """The clamd plugin against a real clamd (over UNIX and TCP sockets): PING, a clean message,
+    EICAR as an attachment and near the end of many INSTREAM chunks, a message over max_size, one
+    over clamd's own StreamMaxLength, and clamd down as a temporary refusal."""
+
     clamd: Clamd
 
     @classmethod
@@ -141,6 +145,11 @@ class ClamdTests(TestCase):
 
 
 class SpamdTests(TestCase):
+    """The spamd plugin against a real spamd: PING, GTUBE refused, a clean message passing, a score
+    above 0 and below the limit kept for delivery, mark_score flagging instead of refusing, the
+    outbound hook sending the kept fields, the operator's reject_score, only the first max_size
+    bytes scored, and spamd down as a temporary refusal."""
+
     spamd: Spamd
 
     @classmethod
@@ -261,6 +270,9 @@ class Silent(Protocol):
 
 
 class SilentDaemonTests(TestCase):
+    """A daemon that accepts the connection and never answers: the start-up PING gives up after the
+    plugin's timeout and logs it."""
+
     timeout = 20  # without a start-up timeout the PING would wait forever
 
     def setUp(self) -> None:
@@ -300,6 +312,10 @@ def _later(seconds: float) -> Deferred[None]:
 
 
 class SpamdAnswerTests(TestCase):
+    """Parsing spamd's answers (SPAMC protocol, HEADERS): the Spam: line, the report fields (control
+    characters dropped), an answer without X-Spam-Status, the fields the plugin owns, malformed
+    answers and a score that is not a number."""
+
     def test_parse(self) -> None:
         answer = (
             b"SPAMD/1.1 0 EX_OK\r\nContent-length: 9\r\nSpam: True ; 1002.3 / 5.0\r\n\r\nGTUBE,X_Y"

@@ -45,6 +45,11 @@ def chain(issued: Issued) -> list[x509.Certificate]:
 
 
 class UsableTests(SynchronousTestCase):
+    """Which TLSA records can be used (RFC 7671, 7672): DANE-TA and DANE-EE with every selector and
+    matching type, digest agility keeping SHA-512 over SHA-256, PKIX usages and unknown values
+    unusable, a digest of the wrong length unusable, the TLSA owner name, and a short text of a
+    record for the logs."""
+
     def setUp(self) -> None:
         self.cert = self_signed(["mx.example.test"]).cert
 
@@ -222,6 +227,11 @@ class DANETATests(SynchronousTestCase):
 
 
 class PKIXTests(SynchronousTestCase):
+    """pkix.check against a test CA: a good chain, a missing intermediate, an expired certificate or
+    intermediate, self-signed, another CA, the wrong name, no certificate, the system store not
+    trusting the test CA, a CA file of several CAs, and an unreadable CA file or one without
+    certificates."""
+
     def setUp(self) -> None:
         self.root = CA("root")
         self.inter = self.root.intermediate()

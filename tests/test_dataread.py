@@ -59,6 +59,11 @@ def every_split(data: bytes) -> list[tuple[bytes, bytes]]:
 
 
 class EndOfDataTests(SynchronousTestCase):
+    """DataReader finding the end of data: only at CRLF.CRLF, an empty message and one of a blank
+    line, nothing done without the terminator, the terminator split at every point and fed a byte
+    at a time, pipelined commands after it returned to the session, a second terminator left
+    over, and feeding after the end."""
+
     def test_simple(self) -> None:
         r = Reading()
         self.assertEqual(r.feed(b"Subject: hi\r\n\r\nbody\r\n.\r\n"), b"")
@@ -362,6 +367,10 @@ class NulTests(SynchronousTestCase):
 
 
 class SizeLimitTests(SynchronousTestCase):
+    """The message size limit in DataReader: the 552 reply, a message exactly at the limit, an
+    oversize message read to its end so the session stays in step, the limit applied to the
+    unstuffed size, and the graver error winning whatever the chunking."""
+
     def test_reply(self) -> None:
         reply = too_big(1000)
         self.assertEqual((reply.code, reply.enhanced), (552, "5.3.4"))
@@ -527,6 +536,10 @@ def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
 
 
 class ChunkingPropertyTests(SynchronousTestCase):
+    """Hypothesis over the packet boundaries: whatever the chunking, the sink gets the original
+    message back from its dot-stuffed CRLF form, and from LF or CRLF line ends as clients stuff
+    them (stored with CRLF)."""
+
     @given(lines=lines, leftover=st.binary(max_size=30), data=st.data())
     def test_any_chunking(self, lines: list[bytes], leftover: bytes, data: st.DataObject) -> None:
         """Whatever the chunking, the sink gets the original message and the

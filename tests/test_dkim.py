@@ -69,6 +69,10 @@ def keygen(config: str, *args: str) -> tuple[int, str, str]:
 
 
 class KeygenTests(SynchronousTestCase):
+    """mtactl dkim keygen: the private key written (mode 0600) and the TXT record printed, the
+    default selector from the key type and month, never overwriting a key, no temporary file or
+    key left after a failed write, and bad input refused."""
+
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
@@ -136,6 +140,11 @@ class KeygenTests(SynchronousTestCase):
 
 
 class SigningTests(SynchronousTestCase):
+    """DKIM signing at delivery: RSA and Ed25519 signatures that dkimpy verifies, a changed body or
+    an added From: that no longer verifies, the signed header list with oversigning, no key for
+    the From: domain, a From: domain that is not a domain name, an internationalized domain
+    signed with its A-labels, and finding the From: domain."""
+
     def setUp(self) -> None:
         self.keys = os.path.abspath(self.mktemp())
         self.records: dict[str, list[str]] = {}

@@ -293,6 +293,9 @@ class DNSServerProgram(TestCase):
 
 
 class DNSPythonResolverArguments(SynchronousTestCase):
+    """DNSPythonResolver's arguments: nameservers must be addresses and not an empty list, a
+    positive timeout, the configured servers used, address lookups only for A or AAAA."""
+
     def test_nameservers_must_be_addresses(self) -> None:
         with self.assertRaises(ValueError) as caught:
             DNSPythonResolver(run_inline, nameservers=["dns.example"])
@@ -316,6 +319,9 @@ class DNSPythonResolverArguments(SynchronousTestCase):
 
 
 class DNSErrorTests(SynchronousTestCase):
+    """DNSError: its kind is checked against the closed set, and its messages name the host and
+    record type."""
+
     def test_kind_is_checked(self) -> None:
         self.assertRaises(ValueError, DNSError, "bogus", "example.test", "A")
 
@@ -350,6 +356,13 @@ class BrokenResolver:
 
 
 class CachingResolverTests(SynchronousTestCase):
+    """CachingResolver: answers kept for their TTL (capped, zero not kept), TLSA kept with its
+    DNSSEC status, TXT and every type apart, names matched without case or final dot, NXDOMAIN
+    and NODATA kept for the negative TTL (the smaller one wins, the larger is capped), temporary
+    failures and unexpected errors not kept, concurrent lookups sharing one query or failure,
+    cancelling one waiter leaving the others, the size bounded by dropping the oldest, and
+    clear()."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.inner = FakeResolver(

@@ -784,6 +784,9 @@ _recipient = st.builds(
 
 
 class PropertyTests(SynchronousTestCase):
+    """Hypothesis over senders, recipients, replies, ENVID and RET, with header injection attempts:
+    every report parses back with one status block per notice and no injected field."""
+
     @given(
         recipients=st.lists(st.tuples(_recipient, st.sampled_from(NeedsNoticeTests.ACTIONS)),
                             min_size=1, max_size=4),

@@ -38,11 +38,13 @@ class Collect(protocol.Protocol):
 
 @implementer(IPushProducer)
 class Producer:
+    paused = False
+
     def pauseProducing(self) -> None:
-        pass
+        self.paused = True
 
     def resumeProducing(self) -> None:
-        pass
+        self.paused = False
 
     def stopProducing(self) -> None:
         pass
@@ -77,6 +79,11 @@ class Pair:
 
 
 class WriteThroughTests(TestCase):
+    """Write-through TCP transports on real loopback sockets: a small write leaves at once, what the
+    socket does not take is buffered and sent in order, a registered producer, a write while
+    closing and a reset peer take Twisted's usual path, and TLS still goes through Twisted's TLS
+    layer."""
+
     def setUp(self) -> None:
         self.pair = Pair(self)
 
@@ -104,10 +111,26 @@ class WriteThroughTests(TestCase):
         self.assertEqual(len(got), BIG + 4)
         self.assertEqual(got, big + b"tail")
 
-    async def test_a_registered_producer_takes_twisteds_path(self) -> None:
+    async def test_a_push_producer_does_not_stop_writing_through(self) -> None:
         await self.pair.open()
         t: Any = self.pair.server.transport
-        t.registerProducer(Producer(), True)
+        producer = Producer()
+        t.registerProducer(producer, True)
+        t.write(b"220 at once")
+        self.assertFalse(self.pair.pending(self.pair.server))
+        # What the socket does not take is buffered, and the producer paused.
+        big = os.urandom(BIG)
+        t.write(big)
+        self.assertTrue(self.pair.pending(self.pair.server))
+        self.assertTrue(producer.paused)
+        t.unregisterProducer()
+        t.loseConnection()
+        self.assertEqual(await self.pair.client.done, b"220 at once" + big)
+
+    async def test_a_pull_producer_takes_twisteds_path(self) -> None:
+        await self.pair.open()
+        t: Any = self.pair.server.transport
+        t.registerProducer(Producer(), False)
         t.write(b"through the buffer")
         self.assertTrue(self.pair.pending(self.pair.server))
         t.unregisterProducer()

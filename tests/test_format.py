@@ -108,6 +108,11 @@ envelopes = st.builds(
 
 
 class RoundTripTests(SynchronousTestCase):
+    """Envelope files written and read back: a full envelope and any envelope Hypothesis makes, text
+    exactly as json.dumps with indent=2 would write it, floats and nesting in extra keys, values
+    JSON cannot hold refused, readable UTF-8 for cat and jq, the documented layout, and
+    format_time."""
+
     def test_full_envelope(self) -> None:
         env = full_envelope()
         self.assertEqual(loads(dumps(env)), env)
@@ -197,6 +202,11 @@ class ExtraKeysTests(SynchronousTestCase):
 
 
 class FormatErrorTests(SynchronousTestCase):
+    """Envelope files that are not valid: a wrong or missing format tag, missing required fields (of
+    the envelope or a recipient; optional ones may be absent), wrong types at every level,
+    delay_notified and NOTIFY items of the wrong type, no recipients, not an object, bad JSON;
+    FormatError is a ValueError."""
+
     def assertInvalid(self, doc: object) -> FormatError:
         return self.assertRaises(FormatError, loads, json.dumps(doc).encode())
 

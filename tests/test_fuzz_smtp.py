@@ -409,6 +409,10 @@ class SMTPMachine(RuleBasedStateMachine):
 
 
 class FuzzTests(SynchronousTestCase):
+    """Runs the Hypothesis state machine described in the module docstring against the submission
+    session, and checks its two oracles: the reference DATA reader (a smuggled end is no end,
+    stuffing undone) and check_replies (malformed output refused)."""
+
     def test_submission_session_state_machine(self) -> None:
         run_state_machine_as_test(
             SMTPMachine,

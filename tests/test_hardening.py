@@ -207,6 +207,9 @@ class UnprovenShareTests(QueueTestCase):
 
 
 class ReplyTextTests(SynchronousTestCase):
+    """Reply texts never echo control characters a client sent in a command (found by the fuzz
+    target)."""
+
     def test_control_characters_from_a_command_are_not_echoed(self) -> None:
         """Found by the fuzz target: "501 ... Bad parameter syntax: <NUL>"."""
         h = Harness(self.mktemp())

@@ -8,6 +8,9 @@ from mta.service import LISTEN_BACKLOG, with_backlog
 
 
 class BacklogTests(SynchronousTestCase):
+    """with_backlog: tcp and tcp6 listener descriptions get a backlog of 1024 unless they set one,
+    other endpoints are left alone, and the result still parses."""
+
     def test_tcp_gets_the_backlog(self) -> None:
         self.assertEqual(
             with_backlog("tcp:465:interface=127.0.0.1"),

@@ -11,6 +11,9 @@ TIMES = {"arrival": 100.0, "activated": 100.5, "started": 101.0, "setup": 0.25, 
 
 
 class DeliveryLineTests(SynchronousTestCase):
+    """The Postfix-shaped delivery log line: the fields in Postfix's order, and tls= after the reply
+    and before a note."""
+
     def line(self, **kw: str) -> str:
         return maillog.delivery_line(
             "0000000000000ABC",

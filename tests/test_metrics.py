@@ -18,6 +18,10 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 
 class ExpositionTests(QueueTestCase):
+    """The /metrics and /health resources: queue gauges read from the manager when scraped, metrics
+    rendered in the reactor thread, every sample labelled with the instance when asked, and the
+    health document."""
+
     def test_queue_gauges_are_read_when_scraped(self) -> None:
         metrics = Metrics()
         counts = {"incoming": 2, "deferred": 5}
@@ -64,6 +68,8 @@ class ExpositionTests(QueueTestCase):
 
 
 class QueueCountingTests(QueueTestCase):
+    """Delivery results counted by status and category as the queue manager records them."""
+
     def test_results_by_status_and_category(self) -> None:
         self.queue("a@example.net", "b@example.net")
         qm = self.manager()
@@ -88,6 +94,8 @@ class QueueCountingTests(QueueTestCase):
 
 
 class JSONLogTests(QueueTestCase):
+    """mta.logs.json_stdout writes one JSON object per log event, one per line."""
+
     def test_json_stdout_writes_one_object_per_line(self) -> None:
         import io  # noqa: PLC0415
         import sys  # noqa: PLC0415

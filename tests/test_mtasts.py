@@ -44,6 +44,9 @@ GOOD = (
 
 
 class TXTTests(SynchronousTestCase):
+    """The _mta-sts TXT record (RFC 8461 section 3.1): valid and invalid records, only v=STSv1
+    records counting, two records meaning no policy, and no record."""
+
     def test_valid_records(self) -> None:
         for record, expected in [
             ("v=STSv1; id=20160831085700Z;", "20160831085700Z"),
@@ -89,6 +92,10 @@ class TXTTests(SynchronousTestCase):
 
 
 class PolicyParserTests(SynchronousTestCase):
+    """Parsing an MTA-STS policy file (RFC 8461 section 3.2): the RFC's example, LF line ends, keys
+    in any order, extensions and spaces, mode none without mx, max_age capped, trailing empty
+    lines, invalid policies and an error that says what is wrong."""
+
     def test_example(self) -> None:
         policy = parse_policy(GOOD.encode())
         self.assertEqual(
@@ -161,6 +168,9 @@ class PolicyParserTests(SynchronousTestCase):
 
 
 class MatchTests(SynchronousTestCase):
+    """MX host names against a policy's mx patterns, wildcards covering exactly one label (RFC 8461
+    section 4.1)."""
+
     def test_patterns(self) -> None:
         policy = Policy("enforce", 1, ("mail.example.test", "*.mx.example.test"))
         for host, expected in [
@@ -178,6 +188,10 @@ class MatchTests(SynchronousTestCase):
 
 
 class CacheTests(SynchronousTestCase):
+    """The policy cache in the spool: kept in a file a new cache reads, expired after max_age,
+    unknown domains, a corrupt file or one of another domain taken as no policy, unsafe names
+    never written, a write failure keeping the copy in memory, and the memory bounded."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)

@@ -51,6 +51,10 @@ def addresses(hops: list[NextHop]) -> list[str]:
 
 
 class NextHopsTestCase(SynchronousTestCase):
+    """Shared by the next_hops tests: the hops for a domain on a FakeResolver in a fixed order, the
+    DeliveryError of a failing lookup, and assertReply on its code and enhanced status (always of
+    kind dns)."""
+
     def hops(self, resolver: FakeResolver, domain: str, **kwargs: Any) -> list[NextHop]:
         kwargs.setdefault("shuffle", keep_order)
         d = Deferred.fromCoroutine(next_hops(resolver, domain, **kwargs))
@@ -70,6 +74,11 @@ class NextHopsTestCase(SynchronousTestCase):
 
 
 class MXOrderTests(NextHopsTestCase):
+    """MX hosts in order: by preference with equal preferences shuffled (at random by default), the
+    port, a host listed twice keeping its best preference, exchanges normalized, MX records
+    naming an IP address skipped (only such records is permanent), the number of host lookups
+    capped and the lookups concurrent."""
+
     def test_sorted_by_preference(self) -> None:
         resolver = FakeResolver(
             {
@@ -181,6 +190,10 @@ class MXOrderTests(NextHopsTestCase):
 
 
 class ImplicitAndNullMXTests(NextHopsTestCase):
+    """No MX record (RFC 5321 section 5.1): the domain itself is the host, permanent when it has no
+    address and temporary when its address lookup fails; a null MX (RFC 7505) is a permanent 556,
+    and a null exchange among real ones is skipped."""
+
     def test_no_mx_means_the_domain_itself(self) -> None:
         resolver = FakeResolver({"example.com": {"A": ["192.0.2.1"], "AAAA": ["2001:db8::1"]}})
         self.assertEqual(
@@ -220,6 +233,10 @@ class ImplicitAndNullMXTests(NextHopsTestCase):
 
 
 class DNSFailureTests(NextHopsTestCase):
+    """DNS failures: NXDOMAIN is permanent, a temporary MX failure is temporary without falling back
+    to the domain's address, a failing MX host is skipped, one failing address family keeps the
+    other, all hosts failing is temporary if any failure was and permanent if none was found."""
+
     def test_nxdomain_is_permanent(self) -> None:
         error = self.error(FakeResolver({}), "nowhere.example")
         self.assertReply(error, 550, "5.1.2")
@@ -275,6 +292,11 @@ class DNSFailureTests(NextHopsTestCase):
 
 
 class AddressTests(NextHopsTestCase):
+    """Addresses of the hosts: address_limit counted across hosts in MX order, the families' order
+    per host, one family only, unknown families refused, a minority family keeping its addresses
+    when both are large, addresses of a host shuffled, an address of a better host not repeated,
+    malformed addresses from the resolver ignored."""
+
     def test_address_limit_counts_across_hosts_in_mx_order(self) -> None:
         resolver = FakeResolver(
             {
@@ -412,6 +434,10 @@ class AddressTests(NextHopsTestCase):
 
 
 class DomainFormTests(NextHopsTestCase):
+    """Domain forms: IPv4 and IPv6 address literals need no DNS, a bad literal or one of a disabled
+    family is permanent, a UTF-8 domain is looked up by its A-labels, domains are lower-cased,
+    and a domain IDNA cannot encode is permanent without a query."""
+
     def test_ipv4_literal_needs_no_dns(self) -> None:
         resolver = FakeResolver({})
         self.assertEqual(
@@ -457,6 +483,10 @@ class DomainFormTests(NextHopsTestCase):
 
 
 class ToAsciiTests(SynchronousTestCase):
+    """to_ascii and parse_address_literal: names converted to A-labels or refused (empty labels, a
+    snowman, spaces, a label over 63 octets), and address literals parsed (IPv4, IPv6: with its
+    tag) or refused."""
+
     def test_conversions(self) -> None:
         self.assertEqual(to_ascii("Bücher.Example."), "xn--bcher-kva.example")
         self.assertEqual(to_ascii("ß.de"), "xn--zca.de")
@@ -477,6 +507,9 @@ class ToAsciiTests(SynchronousTestCase):
 
 
 class FakeResolverTests(SynchronousTestCase):
+    """The FakeResolver of mta.testing provides IResolver and gives the errors and TTLs it is told
+    to."""
+
     def test_provides_interface(self) -> None:
         self.assertTrue(verifyObject(IResolver, FakeResolver()))
 
@@ -492,6 +525,9 @@ class FakeResolverTests(SynchronousTestCase):
 
 
 class ParseRelayTests(SynchronousTestCase):
+    """Relay strings of [routes]: valid forms (bracketed host or address, a host for its MX, a port)
+    and invalid ones."""
+
     def test_valid(self) -> None:
         cases = {
             "[mail.example.com]:2525": ("mail.example.com", 2525, False),
@@ -534,6 +570,11 @@ class ParseRelayTests(SynchronousTestCase):
 
 
 class RouteHopsTests(SynchronousTestCase):
+    """Next hops for a route: a bracketed host by its addresses, a bare host by its MX, an address
+    without DNS, families and address_limit applied, an unknown relay host as a temporary
+    configuration problem, other temporary failures kept as they are, and a bad spec as a
+    configuration error."""
+
     def setUp(self) -> None:
         self.resolver = FakeResolver(
             {

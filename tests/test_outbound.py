@@ -36,6 +36,10 @@ class Recorder:
 
 
 class OutboundTests(RelayTestCase):
+    """Outbound hooks in the delivery agent: their header bytes go in front of what is sent, a hook
+    sees the 7-bit form for a server without 8BITMIME and the 8-bit one for a server with it, and
+    a failing hook defers the recipients and sends nothing."""
+
     def agent_with(self, outbound: Any, **settings: Any) -> DeliveryAgent:
         agent = self.agent(**settings)
         agent.outbound = outbound
@@ -120,6 +124,9 @@ class Prefix:
 
 
 class HostOutboundTests(SynchronousTestCase):
+    """Checks.outbound by itself: hooks run in order, each seeing the bytes with the previous hook's
+    fields in front, and one that times out fails the delivery and is cancelled."""
+
     envelope = Envelope(queue_id="Q", sender="a@example.com", recipients=[], arrival=0.0)
 
     def test_hooks_in_order_each_sees_the_previous(self) -> None:

@@ -15,6 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class WheelTests(SynchronousTestCase):
+    """The built wheel: the mtactl entry point, the twistd plugin without Twisted's own __init__
+    files, py.typed and no tests; installed elsewhere, away from the checkout, mta is a twistd
+    command."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.out = tempfile.mkdtemp(prefix="mta-wheel-")

@@ -73,6 +73,10 @@ def v2_ipv6() -> bytes:
 
 
 class HeaderTests(SynchronousTestCase):
+    """Parsing PROXY headers by themselves: v1 for TCP4, TCP6 and UNKNOWN (the connection's own
+    addresses kept), v2 PROXY for IPv4 and IPv6 and LOCAL, a partial header waiting for more,
+    what is not a header, a v1 line too long, v2 of another version, and garbled headers."""
+
     def test_v1_tcp4(self) -> None:
         self.assertEqual(header_length(V1 + b"EHLO x\r\n"), len(V1))
         source, dest = parse_header(V1)

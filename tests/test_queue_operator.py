@@ -23,6 +23,9 @@ from tests.queue_support import LATER, NO_USER, OK, T0, QueueTestCase
 
 
 class ControlTestCase(QueueTestCase):
+    """Shared by the operator action tests: a queue with reports, act() and refused() on the
+    operator, a message that failed once and waits 300 s, and the reports it sent."""
+
     with_reports = True
 
     def act(self, qm: QueueManager, op: str, queue_id: str) -> str:

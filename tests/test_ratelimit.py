@@ -15,6 +15,9 @@ T0 = 1_700_000_000.0
 
 
 class DailyCounterTests(SynchronousTestCase):
+    """DailyCounter, the per-login counts of one UTC day in spool/state/: counted per login, kept
+    across a restart, a new day starting at zero with old files removed."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(T0)
@@ -44,6 +47,9 @@ class DailyCounterTests(SynchronousTestCase):
 
 
 class SessionLimitTests(SynchronousTestCase):
+    """The daily sending limit in a session: the configured limit, a user's own limit overriding it,
+    zero as no limit, and refused messages not counted."""
+
     def submit(self, c: object) -> int:
         c.command(f"MAIL FROM:<{LOGIN}>")  # type: ignore[attr-defined]
         c.command("RCPT TO:<bob@example.net>")  # type: ignore[attr-defined]

@@ -40,6 +40,10 @@ PARSED = ["OK", ErrorReply("ERR wrong number of arguments"), 42, -1, b"he\r\no",
 
 
 class RESPTests(SynchronousTestCase):
+    """The RESP2 codec: commands as arrays of bulk strings (None and booleans refused), every kind
+    of reply parsed, replies split anywhere, input that is not RESP, a line without an end
+    bounded, and descriptions for the logs."""
+
     def test_command_is_an_array_of_bulk_strings(self) -> None:
         self.assertEqual(
             encode_command("SET", b"k\r\n", 5, 1.5),
@@ -115,6 +119,11 @@ class _Garbage(Protocol):
 
 
 class ClientTests(TestCase):
+    """RedisClient against a real redis-server and made-up servers: commands pipelined and answered
+    in order, a refused connection failing fast then retried, a server that never answers timing
+    out, garbage closing the connection, Redis restarting, AUTH with a password, and the blocking
+    client mtactl uses."""
+
     def setUp(self) -> None:
         self.server = RedisServer()
         self.addCleanup(self.server.stop)

@@ -46,6 +46,9 @@ def free_port() -> int:
 
 
 class RelayTestCase(TestCase):
+    """Shared by the delivery agent tests: sinks on loopback addresses of one port, a FakeResolver
+    to publish MX records in, the agent and a job to deliver."""
+
     def setUp(self) -> None:
         self.port = free_port()
         self.dir = os.path.abspath(self.mktemp())
@@ -113,6 +116,11 @@ class RelayTestCase(TestCase):
 
 
 class MXWalkTests(RelayTestCase):
+    """The agent walking next hops against real sinks: the next MX when the first refuses the
+    connection, session_limit and address_limit, one result per recipient, many recipients in
+    several transactions on one connection, the connection cache, and a temporary MAIL failure
+    trying the next MX."""
+
     async def run_job(self, agent: DeliveryAgent, job: DeliveryJob) -> Any:
         return await agent.deliver(job)
 
@@ -237,6 +245,9 @@ class MXWalkTests(RelayTestCase):
 
 
 class DNSOutcomeTests(RelayTestCase):
+    """What DNS outcomes mean for each recipient: a null MX and NXDOMAIN fail permanently, SERVFAIL
+    defers, no MX delivers to the domain itself."""
+
     async def one(self, domain: str) -> Any:
         [result] = await self.agent().deliver(self.job(f"bob@{domain}"))
         return result
@@ -281,6 +292,8 @@ class DNSOutcomeTests(RelayTestCase):
 
 
 class RouteTests(RelayTestCase):
+    """Routes of [routes]: a route skips the MX lookup, and a smarthost gets AUTH over TLS."""
+
     def test_route_skips_mx_lookup(self) -> Any:
         async def go() -> None:
             sink = await self.sink("127.0.0.5")
@@ -312,6 +325,9 @@ class RouteTests(RelayTestCase):
 
 
 class TLSPolicyTests(RelayTestCase):
+    """TLS levels on delivery: required TLS that the server does not offer defers, a failed
+    opportunistic handshake falls back to plaintext."""
+
     def test_required_tls_not_offered_defers(self) -> Any:
         self.mx("secure.example", (10, "mx.secure.example", "127.0.0.2"))
 
@@ -345,6 +361,10 @@ class TLSPolicyTests(RelayTestCase):
 
 
 class ContentTests(RelayTestCase):
+    """The message on the way out: 8-bit content unchanged to an 8BITMIME server and converted for
+    one without, SMTPUTF8 required but not offered bounces, and DSN parameters passed on when the
+    server offers DSN."""
+
     def test_8bit_to_8bitmime_server_unchanged(self) -> Any:
         self.mx("example.net", (10, "mx.example.net", "127.0.0.2"))
         data = "From: a@example.com\r\nSubject: x\r\n\r\nBlåbærsyltetøy\r\n".encode()
@@ -414,6 +434,10 @@ class ContentTests(RelayTestCase):
 
 
 class RefusedNetworkTests(RelayTestCase):
+    """refuse_networks: an MX on loopback and an address literal of a refused network are not
+    connected to (so no domain can reach this host's local services); routes are the operator's
+    and not checked."""
+
     def test_loopback_mx_is_refused(self) -> Any:
         """A domain whose MX points at this host must not reach its local services."""
         self.mx("evil.example", (10, "mx.evil.example", "127.0.0.2"))

@@ -23,6 +23,9 @@ BUSY = "421 mx.example.net Service temporarily unavailable, try again later"
 
 
 class AgentResultsTests(RelayTestCase):
+    """The real delivery agent's results carry what shaping reads: the stage a
+    reply came at (a refused greeting is the connect stage)."""
+
     def test_a_refused_greeting_is_the_connect_stage(self) -> Any:
         self.mx("example.net", (10, "mx.example.net", "127.0.0.2"))
 

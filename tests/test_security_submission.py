@@ -43,7 +43,7 @@ def _fs_harness(directory: str) -> tuple[Harness, FileStore]:
     h = Harness(directory)
     store = FileStore(os.path.join(directory, "spool"))
     store.open()
-    h.settings.spool = Spool(store, run_inline, QueueIdGenerator(h.clock.seconds))
+    h.use(spool=Spool(store, run_inline, QueueIdGenerator(h.clock.seconds)))
     return h, store
 
 
@@ -175,7 +175,7 @@ def test_from_header_tricks_are_refused(tmp_path: Any) -> None:
 
 def test_repeated_wrong_password_does_not_cost_a_hash_each_time(tmp_path: Any) -> None:
     h = Harness(str(tmp_path))
-    inner = h.settings.checker
+    inner = h.settings.auth.checker
     calls = []
 
     class Counting:
@@ -185,7 +185,7 @@ def test_repeated_wrong_password_does_not_cost_a_hash_each_time(tmp_path: Any) -
             calls.append(credentials.username)
             return inner.requestAvatarId(credentials)
 
-    h.settings.checker = Counting()  # type: ignore[assignment]
+    h.use_checker(Counting())
     attempts = 50
     for _ in range(attempts // 10):
         c = h.connect()
@@ -216,6 +216,9 @@ def test_ipv6_connection_limit_is_per_prefix(tmp_path: Any) -> None:
 
 
 class OutputBuffer(TestCase):
+    """A client that floods commands and never reads its replies, on a real socket: the server's
+    output buffer stays bounded by flow control alone (the junk-command limit set out of reach)."""
+
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())  # type: ignore[no-untyped-call]
         os.makedirs(self.dir)

@@ -15,6 +15,9 @@ from tests.test_cli import write_config
 
 
 class ReadMessageTests(SynchronousTestCase):
+    """read_message: line ends become CRLF, a line of one dot ends the input unless -i, and the size
+    limit."""
+
     def read(self, data: bytes, dot_ends: bool = True, limit: int = 10_000) -> bytes:
         return read_message(io.BytesIO(data), dot_ends=dot_ends, limit=limit)
 
@@ -36,6 +39,11 @@ class ReadMessageTests(SynchronousTestCase):
 
 
 class SendmailTests(SynchronousTestCase):
+    """mta-sendmail into a real spool: recipients from the header with -t, a From: field added with
+    the full name (which cannot inject fields, and is encoded when not ASCII), input without a
+    header section sent as the body, the null sender, and its errors: usage errors (EX_USAGE) for
+    no or bad recipients, a bad -f or an unknown option, and a missing spool."""
+
     def setUp(self) -> None:
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)

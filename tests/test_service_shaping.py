@@ -44,6 +44,9 @@ pattern = "acme is busy"
 
 
 class ServiceShapingTests(TestCase):
+    """The daemon builds traffic shaping from its configuration, and a reload
+    changes the settings while the limits already learnt stay."""
+
     def setUp(self) -> None:
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)

@@ -23,6 +23,7 @@ from mta.queue.shaping import (
     Success,
 )
 from mta.queue.shaping_rules import DEFAULT_RULES, ShapingRule
+from mta.service import shaping_policy
 
 T0 = 1_700_000_000.0
 GMAIL = Reply(421, "4.7.28", "Gmail has detected an unusual rate of email. rate limited")
@@ -372,6 +373,9 @@ class DocumentTests(SynchronousTestCase):
 
 
 class PolicyTests(SynchronousTestCase):
+    """The shaper's settings as the daemon builds them from C{[shaping]}, and
+    how a destination's limits are described."""
+
     def test_from_config(self) -> None:
         config = parse(
             {
@@ -383,7 +387,7 @@ class PolicyTests(SynchronousTestCase):
             "mta.toml",
             "/etc/mta",
         )  # fmt: skip
-        p = ShapingPolicy.from_config(config)
+        p = shaping_policy(config)
         self.assertEqual(
             (p.max_concurrency, p.max_rate, p.min_rate, p.rate_step), (8, 2.0, 0.05, 0.5)
         )

@@ -82,11 +82,15 @@ class ShapingContract:
 
 
 class LocalShapingTests(ShapingContract, TestCase):
+    """The destination-limit methods of L{ISharedState} on one instance's own state."""
+
     def setUp(self) -> None:
         self.state = LocalState(DailyCounter(self.mktemp(), Clock()))
 
 
 class RedisShapingTests(RedisFixture, ShapingContract, TestCase):
+    """The destination-limit methods of L{ISharedState} on a real Redis."""
+
     def setUp(self) -> None:
         self.prefix = "t" + uuid.uuid4().hex[:12]
         self.state = RedisState(self.client(), Clock(), self.prefix)
@@ -155,6 +159,11 @@ class ClusterTestCase(SynchronousTestCase):
 
 
 class ClusterTests(ClusterTestCase):
+    """Two instances sharing one store: a decrease, a recovery step and an
+    end are every instance's, each applying its share; one round of replies
+    lowers once; limits learnt while the store is away stay local, and a
+    broken or unreachable store is survived."""
+
     def test_a_decrease_is_every_instances(self) -> None:
         self.meet()  # two instances: each applies half
         self.a.traffic.observe(DEST, results(GMAIL), self.clock.seconds())

@@ -27,7 +27,7 @@ from mta.cluster.redisstate import RedisState
 from mta.dailycount import DailyCounter, utc_day
 from mta.errors import SharedStateError
 from mta.interfaces import ISharedState
-from mta.smtp.auth import AuthThrottle, LoginUnavailable
+from mta.smtp.auth import AuthThrottle, LoginUnavailable, ThrottleSettings
 from tests.redisserver import RedisServer
 
 Gen = Generator[Deferred[Any], Any, None]
@@ -51,7 +51,9 @@ class StateContract:
 
     def throttle_on(self, state: Any) -> AuthThrottle:
         return AuthThrottle(
-            self.clock, max_failures=3, window=900, delay=1.0, delay_max=4.0, state=state
+            self.clock,
+            ThrottleSettings(max_failures=3, window=900, delay=1.0, delay_max=4.0),
+            state=state,
         )
 
     @inlineCallbacks
@@ -177,7 +179,9 @@ class StateContract:
     @inlineCallbacks
     def test_zero_delay(self) -> Gen:
         throttle = AuthThrottle(
-            self.clock, max_failures=3, window=900, delay=0, delay_max=0, state=self.state
+            self.clock,
+            ThrottleSettings(max_failures=3, window=900, delay=0, delay_max=0),
+            state=self.state,
         )
         self.assertEqual((yield throttle.failure(self.IP, "a@example.com", "x")), 0)
 
@@ -218,6 +222,9 @@ class StateContract:
 
 
 class LocalStateTests(StateContract, TestCase):
+    """The StateContract on LocalState (the one-process state), and its cap on the number of clients
+    it remembers failures for."""
+
     def make_state(self) -> LocalState:
         return LocalState(DailyCounter(self.mktemp(), self.clock))
 
@@ -265,6 +272,10 @@ class RedisFixture:
 
 
 class RedisStateTests(RedisFixture, StateContract, TestCase):
+    """The StateContract on RedisState against a real redis-server, and what only Redis does: day
+    keys and failure keys that expire by themselves, two instances counting together, and many
+    concurrent increments none of which is lost."""
+
     def make_state(self) -> RedisState:
         self.prefix = "t" + uuid.uuid4().hex[:12]
         return RedisState(self.client(), self.clock, self.prefix)
@@ -334,7 +345,7 @@ class RedisDownTests(RedisFixture, TestCase):
         clock = Clock()
         state = RedisState(self.client(retry=0.05), clock, "t" + uuid.uuid4().hex[:12])
         throttle = AuthThrottle(
-            clock, max_failures=3, window=900, delay=1, delay_max=4, state=state
+            clock, ThrottleSettings(max_failures=3, window=900, delay=1, delay_max=4), state=state
         )
         self.assertFalse((yield throttle.blocked("192.0.2.1")))
         self.server.stop()

@@ -37,6 +37,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mta.errors import DeliveryError, Reply
 from mta.smtp.client import (
+    WHOLE_WRITE,
     ClientPolicy,
     ClientProtocol,
     ClientTimeouts,
@@ -166,6 +167,11 @@ NO_PIPELINING = tuple(e for e in SinkBehaviour().extensions if e != "PIPELINING"
 
 
 class DotStufferTests(SynchronousTestCase):
+    """The outbound dot-stuffer at every chunk boundary: leading and lone dots at the start, dots
+    inside a chunk, boundaries between CR and LF, after CRLF and before a dot, a dot at the end
+    of a chunk, the terminator with and without a final CRLF, empty messages and chunks, every
+    two- and three-way split, and Hypothesis round trips."""
+
     def test_chunk_size_is_what_the_boundary_tests_assume(self) -> None:
         self.assertEqual(FileSender.CHUNK_SIZE, CHUNK)
 
@@ -273,6 +279,11 @@ class DotStufferTests(SynchronousTestCase):
 
 
 class ReplyReaderTests(SynchronousTestCase):
+    """Reading the next hop's replies: multi-line replies in pieces, enhanced codes (and ones of
+    another class taken as text), bare LF tolerated, code-only replies, malformed lines and mixed
+    codes as protocol errors, endless lines and replies bounded, a reply nobody waits for, the
+    timeout, waiters served in order, and a lost connection failing every waiter."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.p = ClientProtocol(self.clock)
@@ -382,6 +393,13 @@ class ReplyReaderTests(SynchronousTestCase):
 
 
 class SinkConversationTests(SynchronousTestCase):
+    """The outbound client against an in-memory sink: messages byte for byte (dots at chunk
+    boundaries, empty, no final CRLF), pipelining or one command at a time, refused recipients
+    and transactions, two transactions on one connection, unusable after a 421, a drop or a
+    timeout, DSN and MIME parameters only when offered, SIZE checked before MAIL, HELO without
+    extensions, STARTTLS by policy (and a response injected before TLS not believed), AUTH PLAIN
+    preferred over LOGIN, and no password without TLS."""
+
     def ready(
         self, behaviour: SinkBehaviour | None = None, policy: ClientPolicy | None = None, **kw: Any
     ) -> tuple[RecordingSinkFactory, Wire]:
@@ -421,6 +439,18 @@ class SinkConversationTests(SynchronousTestCase):
             self.assertEqual([m.data for m in factory.messages], [data])
             self.quit(wire)
             self.assertEqual(factory.commands[-1], "QUIT")
+
+    def test_dot_lines_where_the_whole_write_ends_in_memory(self) -> None:
+        """A message over WHOLE_WRITE goes out as one write and then a
+        stream: a dot line at, or one octet either side of, the seam (the
+        CRLF before it split there too) is stuffed as anywhere else."""
+        for delta in (-2, -1, 0, 1, 2):
+            data = dotted_message([(WHOLE_WRITE + 1 + delta, b".")])
+            with self.subTest(delta=delta):
+                factory, wire = self.ready()
+                self.assertEqual(self.send(wire, data).replies[0].code, 250)
+                self.assertTrue(factory.messages[0].data == data, "the message changed")
+                self.quit(wire)
 
     def test_big_message_with_dots_at_many_boundaries_in_memory(self) -> None:
         factory, wire = self.ready()
@@ -1300,6 +1330,9 @@ class FourTwentyOneTests(SynchronousTestCase):
 
 
 class PipelinedRefusalTests(SynchronousTestCase):
+    """A lenient server that refuses MAIL, or every RCPT, yet accepts the pipelined DATA: the client
+    ends the data at once, sends RSET, and reports the refusal."""
+
     def test_mail_refused_but_data_accepted(self) -> None:
         server = ScriptedServer(
             "220 x",
@@ -1367,6 +1400,10 @@ TIMEOUTS = ClientTimeouts(
 
 
 class TimeoutTests(SynchronousTestCase):
+    """The client's timeouts on a Clock: greeting, HELO, RCPT (counted from the MAIL reply), DATA
+    init and termination, a data block timeout restarted by progress but hit when sending stalls,
+    a quiet QUIT timeout, and no timer left after success."""
+
     def wire(self, behaviour: SinkBehaviour) -> tuple[RecordingSinkFactory, Wire]:
         return sink_wire(behaviour, ClientPolicy("client.test", timeouts=TIMEOUTS))
 
@@ -1479,6 +1516,9 @@ class TimeoutTests(SynchronousTestCase):
 
 
 class ConnectInMemoryTests(SynchronousTestCase):
+    """connect() on a MemoryReactorClock: the connect timeout as a 451 4.4.1 naming the host,
+    connect and setup, and a failed setup aborting the connection."""
+
     def start(self) -> tuple[MemoryReactorClock, Deferred[OutboundConnection]]:
         memory = MemoryReactorClock()
         policy = ClientPolicy("client.test", timeouts=TIMEOUTS)

@@ -30,6 +30,9 @@ def data(message: str = MESSAGE) -> str:
 
 
 class SessionTestCase(SynchronousTestCase):
+    """Shared by the session tests: a Harness per test, and submit (MAIL, RCPT, DATA and the
+    message, returning the final reply)."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp())
 
@@ -46,6 +49,10 @@ class SessionTestCase(SynchronousTestCase):
 
 
 class GreetingAndEhloTests(SessionTestCase):
+    """The greeting and EHLO: the extensions on 465 (AUTH at once, no STARTTLS) and on 587 before
+    TLS (STARTTLS, no AUTH), EHLO needing an argument, parameters refused after HELO, unknown
+    commands, an HTTP request closing the connection, NOOP, RSET and QUIT."""
+
     def test_greeting(self) -> None:
         c = self.h.connect()
         self.assertEqual(c.replies(), [(220, "mx.test ESMTP mta")])
@@ -115,6 +122,9 @@ class GreetingAndEhloTests(SessionTestCase):
 
 
 class StartTLSTests(SessionTestCase):
+    """STARTTLS: commands pipelined with it discarded (CVE-2011-0411), the session state reset after
+    TLS (RFC 3207 section 4.2), not offered on implicit TLS, and needing EHLO first."""
+
     def test_starttls_discards_pipelined_commands(self) -> None:
         """CVE-2011-0411: a command sent with STARTTLS must not run after TLS."""
         c = self.h.connect(implicit_tls=False)
@@ -151,6 +161,12 @@ class StartTLSTests(SessionTestCase):
 
 
 class AuthTests(SessionTestCase):
+    """AUTH in a session: refused before TLS (538), PLAIN with an initial response or after a
+    challenge, LOGIN with and without the username up front, logins in any case, a wrong password
+    answered 535 only after the delay, an unknown user, * to cancel, bad base64, an unknown
+    mechanism, AUTH twice, the brute-force block of one address, and AUTH lines longer than 512
+    octets."""
+
     def test_auth_before_tls_refused(self) -> None:
         c = self.h.connect(implicit_tls=False)
         c.replies()
@@ -272,6 +288,12 @@ class AuthTests(SessionTestCase):
 
 
 class MailTransactionTests(SessionTestCase):
+    """Mail transactions: MAIL needing AUTH, TLS and EHLO, a message queued (and a second on the
+    same connection), DSN parameters stored or refused, the sender and From: aligned with the
+    login (aliases, domains, +tags), a missing From:, the null sender refused, nested MAIL and
+    bad sequences, RSET and a disconnect aborting, the recipient limit (default and configured),
+    a duplicate recipient kept once, bad addresses, and SMTPUTF8."""
+
     def test_mail_needs_auth(self) -> None:
         """No relay without AUTH (SPEC section 2)."""
         c = self.h.connect()
@@ -501,6 +523,10 @@ class MailTransactionTests(SessionTestCase):
 
 
 class LimitTests(SessionTestCase):
+    """Session limits: SIZE and message size, bare LF normalized by default or refused, bare CR,
+    long data lines (998 characters accepted), long and bare-LF command lines, the Received: loop
+    limit, the idle timeout, too many errors, and connections per client address."""
+
     def test_size_parameter_over_limit(self) -> None:
         c = self.h.connect()
         c.login()
@@ -628,6 +654,9 @@ class LimitTests(SessionTestCase):
 
 
 class PipeliningTests(SessionTestCase):
+    """PIPELINING (RFC 2920): replies in order, input after the end of data waiting for the commit,
+    and DATA split into many packets."""
+
     def test_replies_in_order(self) -> None:
         c = self.h.connect()
         c.login()
@@ -663,6 +692,9 @@ class PipeliningTests(SessionTestCase):
 
 
 class StorageFailureTests(SessionTestCase):
+    """Spool failures: 451 when a transaction cannot begin, a write or the commit fails, 452 4.3.1
+    for a full disk at the commit, and an account deleted since login unable to send."""
+
     def test_begin_failure_451(self) -> None:
         self.h.spool.fail_begin = StorageError("mkdir failed")
         c = self.h.connect()
@@ -699,6 +731,9 @@ class StorageFailureTests(SessionTestCase):
 
 
 class TrustedNetworkTests(SessionTestCase):
+    """[auth] trusted_networks: a trusted client submits without TLS or AUTH, an untrusted one still
+    needs both, and a trusted client that logs in is held to its login's addresses."""
+
     def setUp(self) -> None:
         self.h = Harness(self.mktemp(), make_config(auth={"trusted_networks": ["192.0.2.0/24"]}))
 

@@ -48,6 +48,11 @@ def message(sender: str = LOGIN, body: str = "Hello over TLS.\n") -> EmailMessag
 
 
 class ServiceOnSockets(TestCase):
+    """The whole service on real loopback sockets with real TLS, smtplib in a thread as the client:
+    submission on 465 and with STARTTLS on 587, TLS below 1.2 refused, a wrong password and a
+    From mismatch, STARTTLS injection over a socket, and the certificate swapped on SIGHUP for
+    new connections while old ones carry on."""
+
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)

@@ -20,10 +20,13 @@ from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+import mta.spool as spool_package
+from mta.config import SpoolConfig
 from mta.envelope import Committed, Envelope, QueueState, Recipient, RecipientState
 from mta.errors import StorageError
 from mta.interfaces import ISpool, ISpoolTransaction
 from mta.spool import format as envformat
+from mta.spool import fs, open_store
 from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.fs import (
     HIGH_WATER,
@@ -38,7 +41,7 @@ from mta.spool.fs import (
 )
 from mta.spool.memory import MemorySpool
 from mta.spool.queueid import QueueIdGenerator
-from mta.testing import FailingOps, NoSyncOps, QueuedRunner, run_inline
+from mta.testing import FailingOps, NoSyncOps, QueuedRunner, queue_message, run_inline
 
 MESSAGE_BYTES = b"From: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 T0 = 1_700_000_000.0
@@ -70,6 +73,10 @@ class CountingOps(FileOps):
     def fsync_dir(self, path: str) -> None:
         self.calls.append(("fsync_dir", path))
         super().fsync_dir(path)
+
+    def syncfs(self, path: str) -> None:
+        self.calls.append(("syncfs", path))
+        super().syncfs(path)
 
     def rename(self, src: str, dst: str) -> None:
         self.calls.append(("rename", f"{src} -> {dst}"))
@@ -238,15 +245,44 @@ class CommitTests(SynchronousTestCase):
         with spool.store.open_message(queue_id) as f:
             self.assertEqual(f.read(), MESSAGE_BYTES)
 
-    def test_one_file_fsync_and_one_directory_fsync(self) -> None:
+    def test_one_syncfs_and_one_directory_fsync(self) -> None:
+        """The default barrier: the file system synced once, before the rename."""
         ops = CountingOps()
         spool = new_spool(self, ops)
+        queue_id = committed(self, spool)
+        self.assertEqual(ops.kinds(), ["create", "syncfs", "rename", "fsync_dir"])
+        tmp, incoming = spool.store.path("tmp", queue_id), spool.store.path("incoming", queue_id)
+        self.assertEqual(ops.calls[0], ("create", tmp))
+        self.assertEqual(ops.calls[1], ("syncfs", spool.store.path("tmp")))
+        self.assertEqual(ops.calls[2], ("rename", f"{tmp} -> {incoming}"))
+        self.assertEqual(ops.calls[3], ("fsync_dir", spool.store.path("incoming")))
+
+    def test_one_file_fsync_and_one_directory_fsync(self) -> None:
+        """The fsync barrier: the file's own fsync, then the rename."""
+        ops = CountingOps()
+        spool = new_spool(self, ops, barrier="fsync")
         queue_id = committed(self, spool)
         self.assertEqual(ops.kinds(), ["create", "fsync", "rename", "fsync_dir"])
         tmp, incoming = spool.store.path("tmp", queue_id), spool.store.path("incoming", queue_id)
         self.assertEqual(ops.calls[0], ("create", tmp))
+        self.assertEqual(ops.calls[1], ("fsync", tmp))
         self.assertEqual(ops.calls[2], ("rename", f"{tmp} -> {incoming}"))
         self.assertEqual(ops.calls[3], ("fsync_dir", spool.store.path("incoming")))
+
+    def test_an_unknown_barrier_is_refused(self) -> None:
+        self.assertRaises(ValueError, FileStore, new_root(self), barrier="sometimes")
+
+    def test_syncfs_where_the_system_has_none_is_refused_at_start(self) -> None:
+        self.patch(spool_package, "SYNCFS_AVAILABLE", False)
+        e = self.assertRaises(StorageError, open_store, new_root(self), settings=SpoolConfig())
+        self.assertIn('barrier = "fsync"', str(e))
+        store = open_store(new_root(self), settings=SpoolConfig(barrier="fsync"))
+        self.assertEqual(store.barrier, "fsync")
+
+    def test_syncfs_reports_what_the_system_says(self) -> None:
+        self.patch(fs, "_SYNCFS", None)
+        e = self.assertRaises(OSError, FileOps().syncfs, new_root(self))
+        self.assertEqual(e.errno, errno.ENOSYS)
 
     def test_nothing_on_disk_before_the_commit(self) -> None:
         spool = new_spool(self)
@@ -328,7 +364,7 @@ class CommitTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_listener_not_called_on_failure(self) -> None:
-        spool = new_spool(self, FailingOps("fsync"))
+        spool = new_spool(self, FailingOps("syncfs"))
         heard: list[Committed] = []
         spool.add_listener(heard.append)
         self.failureResultOf(start(spool).commit(make_envelope()), StorageError)
@@ -444,7 +480,8 @@ class GroupCommitTests(SynchronousTestCase):
         self.runner.run_next()
         self.assertEqual([self.successResultOf(d) for d in rest], [t.queue_id for t in txns[1:]])
         self.assertEqual(self.incoming_syncs(spool, ops), 2)
-        self.assertEqual(ops.kinds().count("fsync"), 4, "each file once")
+        self.assertEqual(ops.kinds().count("syncfs"), 2, "once per group")
+        self.assertEqual(ops.kinds().count("fsync"), 0, "no file of its own")
         self.assertEqual(entries(spool, "incoming"), sorted(t.queue_id for t in txns))
         self.assertEqual(entries(spool, "tmp"), [])
         for i, t in enumerate(txns):
@@ -464,16 +501,30 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(sum(1 for d in waiting if d.called), MAX_GROUP + 1)
 
     def test_one_failing_message_does_not_fail_the_group(self) -> None:
-        spool = new_spool(self, FailingOps("fsync", after=2), self.runner)
+        for failing, barrier in (("write", "syncfs"), ("fsync", "fsync")):
+            with self.subTest(failing=failing, barrier=barrier):
+                spool = new_spool(self, FailingOps(failing, after=2), self.runner, barrier=barrier)
+                blocker = start(spool).commit(make_envelope())
+                a, b, c = (start(spool, b"%d\r\n" % i).commit(make_envelope()) for i in range(3))
+                self.runner.run_all()
+                self.successResultOf(blocker)
+                self.successResultOf(a)
+                self.failureResultOf(b, StorageError)
+                self.successResultOf(c)
+                self.flushLoggedErrors()
+                self.assertEqual(len(entries(spool, "incoming")), 3)
+                self.assertEqual(entries(spool, "tmp"), [])
+
+    def test_a_failed_syncfs_fails_the_whole_group(self) -> None:
+        spool = new_spool(self, FailingOps("syncfs", after=1), self.runner)
         blocker = start(spool).commit(make_envelope())
-        a, b, c = (start(spool, b"%d\r\n" % i).commit(make_envelope()) for i in range(3))
+        group = [start(spool, b"%d\r\n" % i).commit(make_envelope()) for i in range(3)]
         self.runner.run_all()
         self.successResultOf(blocker)
-        self.successResultOf(a)
-        self.failureResultOf(b, StorageError)
-        self.successResultOf(c)
+        for d in group:
+            self.failureResultOf(d, StorageError)
         self.flushLoggedErrors()
-        self.assertEqual(len(entries(spool, "incoming")), 3)
+        self.assertEqual(len(entries(spool, "incoming")), 1, "none of the group renamed")
         self.assertEqual(entries(spool, "tmp"), [])
 
     def test_incoming_sync_failure_fails_the_whole_group(self) -> None:
@@ -508,8 +559,11 @@ class GroupCommitTests(SynchronousTestCase):
 class CommitFailureTests(SynchronousTestCase):
     """Any failed step leaves nothing in the queue and nothing in tmp/."""
 
+    barrier = "syncfs"
+    steps = ("create", "write", "syncfs", "rename", "fsync_dir")
+
     def fails(self, operation: str, code: int = errno.EIO) -> StorageError:
-        spool = new_spool(self, FailingOps(operation, code))
+        spool = new_spool(self, FailingOps(operation, code), barrier=self.barrier)
         failure = self.failureResultOf(start(spool).commit(make_envelope()), StorageError)
         self.flushLoggedErrors()
         self.assertEqual(entries(spool, "incoming"), [])
@@ -517,7 +571,7 @@ class CommitFailureTests(SynchronousTestCase):
         return failure.value  # type: ignore[no-any-return]
 
     def test_each_step(self) -> None:
-        for operation in ("create", "write", "fsync", "rename", "fsync_dir"):
+        for operation in self.steps:
             with self.subTest(operation=operation):
                 self.assertFalse(self.fails(operation).disk_full)
 
@@ -525,6 +579,13 @@ class CommitFailureTests(SynchronousTestCase):
         for code in (errno.ENOSPC, errno.EDQUOT):
             self.assertTrue(self.fails("write", code).disk_full)
         self.assertTrue(self.fails("fsync_dir", errno.ENOSPC).disk_full)
+
+
+class FsyncBarrierCommitFailureTests(CommitFailureTests):
+    """The same with the fsync barrier (an fsync of each file)."""
+
+    barrier = "fsync"
+    steps = ("create", "write", "fsync", "rename", "fsync_dir")
 
 
 class CleanTmpTests(SynchronousTestCase):
@@ -782,3 +843,50 @@ class InterfaceTests(SynchronousTestCase):
         spool = MemorySpool()
         self.assertTrue(verifyObject(ISpool, spool))
         self.assertTrue(verifyObject(ISpoolTransaction, spool.begin()))
+
+
+class ShortWriteOps(NoSyncOps):
+    """The disk fills in the middle of the next write: half of it is written
+    (write(2) returns a short count), then ENOSPC."""
+
+    armed = False
+
+    def write(self, fd: int, data: bytes) -> None:
+        if self.armed:
+            self.armed = False
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write(fd, data)
+
+
+class TornRecordTests(SynchronousTestCase):
+    """A filing that failed half-way leaves no torn bytes for the next record
+    (found while documenting mta-spool/2)."""
+
+    def test_a_filing_tried_again_after_a_full_disk_is_read(self) -> None:
+        """A filing that failed half-way (ENOSPC after a short write) is tried
+        again by the queue manager a minute later.  Appended right after
+        the torn bytes of the first, on the same line, the second record
+        so it would not parse either: the file would go on saying the state
+        of its last good record (both recipients pending), and the recipient
+        that was delivered would be delivered again.  The failed append is
+        cut off, so the second record is a line of its own.
+        """
+        ops = ShortWriteOps()
+        store = FileStore(os.path.abspath(self.mktemp()), ops)
+        store.open()
+        qid = queue_message(store, "alice@example.com", ["bob@example.net", "carol@example.org"])
+        env = store.activate(qid)
+        assert env is not None
+        bob, carol = env.recipients
+        bob.state, bob.attempts, bob.reply = RecipientState.SENT, 1, "250 2.0.0 Ok"
+        carol.state, carol.attempts, carol.next_attempt = RecipientState.DEFERRED, 1, T0 + 300
+        ops.armed = True
+        [error] = store.file([(env, QueueState.DEFERRED, T0 + 300)])
+        self.assertIsInstance(error, StorageError)
+        self.assertEqual(store.file([(env, QueueState.DEFERRED, T0 + 300)]), [None])
+        state, again = FileStore(store.root).load(qid)
+        self.assertEqual(state, QueueState.DEFERRED)
+        self.assertEqual(
+            [r.state for r in again.recipients], [RecipientState.SENT, RecipientState.DEFERRED]
+        )

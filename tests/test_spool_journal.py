@@ -7,10 +7,11 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -39,6 +40,9 @@ def record(
 
 
 class StoreTestCase(SynchronousTestCase):
+    """Shared by the journal tests on a real spool directory (no fsync): a message waiting in
+    incoming/, writing a journal segment by hand, and a message's recipients as recorded."""
+
     def setUp(self) -> None:
         self.root = os.path.abspath(self.mktemp())
         self.store = FileStore(self.root, NoSyncOps())
@@ -274,6 +278,46 @@ class WriterTests(StoreTestCase):
         again.close()
         self.assertEqual(os.listdir(self.dir), ["progress-1.log"], "only the owed one")
 
+    def test_lines_between_syncs_are_synced_within_the_interval(self) -> None:
+        """A batch that comes too soon after a sync is not synced then, but at
+        most C{sync_interval} later, even when no batch follows."""
+        synced: list[int] = []
+        self.patch(os, "fdatasync", synced.append)
+        clock = Clock()
+        writer = ProgressJournal(
+            self.dir, runner=self.runner, schedule=self.turns.append,
+            call_later=clock.callLater, sync_interval=0.1,
+        )  # fmt: skip
+        writer.record([record("0RKM3JDN5AC4ZQ7")])
+        self.turn()
+        self.assertEqual(len(synced), 1, "the first batch: due")
+        writer.record([record("0RKM3JDN5AC4ZQ8")])
+        self.turn()
+        self.assertEqual(len(synced), 1, "too soon after the last sync")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0.1)
+        self.turn()
+        self.assertEqual(len(synced), 2, "synced by the timer")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        writer.close()
+        self.assertEqual(len(synced), 2, "nothing left to sync at close")
+
+    def test_close_syncs_and_stops_the_timer(self) -> None:
+        synced: list[int] = []
+        self.patch(os, "fdatasync", synced.append)
+        clock = Clock()
+        writer = ProgressJournal(
+            self.dir, runner=self.runner, schedule=self.turns.append,
+            call_later=clock.callLater, sync_interval=10,
+        )  # fmt: skip
+        for qid in ("0RKM3JDN5AC4ZQ7", "0RKM3JDN5AC4ZQ8"):
+            writer.record([record(qid)])
+            self.turn()
+        self.assertEqual(len(synced), 1)
+        writer.close()
+        self.assertEqual(len(synced), 2)
+        self.assertEqual([c.active() for c in clock.getDelayedCalls()], [])
+
     def test_segments_left_by_an_earlier_run_are_not_reused(self) -> None:
         kept = self.write_segment("progress-1.log", journal.line(record("0RKM3JDN5AC4ZQ7")))
         self.journal.record([record("0RKM3JDN5AC4ZQ8")])
@@ -334,3 +378,46 @@ class DaemonStartTests(TestCase):
             return None
 
         return filed()
+
+
+class ReplayTests(SynchronousTestCase):
+    """The journal of a running daemon keeps the lines of messages it has
+    filed until the segment is superseded (1 MB) and all of them are filed;
+    a SIGKILL in that time replays them at the next start."""
+
+    def setUp(self) -> None:
+        self.store = FileStore(os.path.abspath(self.mktemp()), NoSyncOps())
+        self.store.open()
+        self.qid = queue_message(self.store, "alice@example.com", ["bob@example.net"])
+        env = self.store.activate(self.qid)
+        assert env is not None
+        self.env = env
+        rcpt = env.recipients[0]
+        rcpt.state, rcpt.attempts, rcpt.last_attempt = (
+            RecipientState.DEFERRED,
+            3,
+            T0 + 14_500,
+        )
+        rcpt.next_attempt, rcpt.reply = T0 + 16_000, "451 4.7.1 Greylisted"
+        self.store.journal([ProgressRecord(self.qid, 0, replace(rcpt))])
+
+    def test_a_replayed_line_does_not_undo_the_delay_notice(self) -> None:
+        """The round's result is journaled before its notices are sent; the
+        delay notice then marks the recipient C{delay_notified} and the
+        message is filed.  After a SIGKILL, recovery reads the journal line
+        again: it has no more attempts than the file, so it is not applied,
+        and the flag (or an operator's flush or release after the filing)
+        stays.
+        """
+        self.env.recipients[0].delay_notified = True
+        self.assertEqual(self.store.file([(self.env, QueueState.DEFERRED, T0 + 16_000)]), [None])
+        FileStore(self.store.root).recover()  # the next start after a SIGKILL
+        _, env = FileStore(self.store.root).load(self.qid)
+        self.assertTrue(env.recipients[0].delay_notified)
+
+    def test_lines_already_in_the_files_are_not_counted(self) -> None:
+        """The daemon logs what L{journal.Recovery} counts; after a SIGKILL
+        with everything filed there is nothing to count."""
+        self.assertEqual(self.store.file([(self.env, QueueState.DEFERRED, T0 + 16_000)]), [None])
+        found = FileStore(self.store.root).recover()
+        self.assertEqual((found.recipients, found.messages), (0, 0))

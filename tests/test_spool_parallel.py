@@ -53,7 +53,8 @@ def envelope(queue_id: str) -> Envelope:
 
 
 class ParallelGroupTests(SynchronousTestCase):
-    """Files are fsync'd concurrently; the one directory fsync comes after all of them."""
+    """With the fsync barrier, files are fsync'd concurrently; the one
+    directory fsync comes after all of them."""
 
     def setUp(self) -> None:
         root = tempfile.mkdtemp()
@@ -61,7 +62,7 @@ class ParallelGroupTests(SynchronousTestCase):
         self.root = os.path.join(root, "spool")
 
     def store(self, ops: FileOps) -> FileStore:
-        store = FileStore(self.root, ops, workers=4)
+        store = FileStore(self.root, ops, workers=4, barrier="fsync")
         store.open()
         self.addCleanup(store.close)
         return store

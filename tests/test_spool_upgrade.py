@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
+from mta.config import parse
 from mta.envelope import QueueState, RecipientState
 from mta.errors import StorageError
-from mta.spool import FileStore, open_store, upgrade
+from mta.service import MTAService
+from mta.spool import FileStore, SpoolLock, fs, open_store, upgrade
 from mta.spool.format import FormatError
-from mta.testing import FailingOps
+from mta.testing import FailingOps, write_users
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "golden", "spool-v1")
 T0 = 1_700_000_000.0
@@ -162,3 +166,115 @@ class UpgradeTests(SynchronousTestCase):
         doc = self.record("0S3MA0000000003", "deferred")
         self.assertEqual((doc["format"], doc["id"]), ("mta-envelope/2", "0S3MA0000000003"))
         self.assertEqual(doc["recipients"][1]["state"], "deferred")
+
+
+class ReportTests(SynchronousTestCase):
+    """L{upgrade.upgrade_v1} says what it converted (for C{mtactl spool upgrade})."""
+
+    def setUp(self) -> None:
+        self.root = old_spool(self)
+
+    def test_counts_by_state(self) -> None:
+        report = upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual(
+            dict(report.converted),
+            {"incoming": 3, "active": 1, "deferred": 1, "hold": 1, "corrupt": 1, "done": 1,
+             "redacted": 1},
+        )  # fmt: skip
+        self.assertEqual(report.total, 9)
+        self.assertEqual((report.unreadable, report.deliveries, report.incomplete), (1, 1, 1))
+        again = upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual((again.total, again.deliveries, again.incomplete), (0, 0, 0))
+
+    def test_an_unreadable_envelope_in_another_state_goes_to_corrupt(self) -> None:
+        path = os.path.join(self.root, "deferred", "0S3MA0000000003", "envelope.json")
+        with open(path, "wb") as f:
+            f.write(b'{"format": "mta-envelope/1", "id": "0S3MA0000000003", cut')
+        report = upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual(report.unreadable, 2)
+        store = open_store(self.root)
+        self.assertEqual(store.locate("0S3MA0000000003"), QueueState.CORRUPT)
+        with open(os.path.join(self.root, "corrupt", "0S3MA0000000003"), "rb") as f:
+            data = f.read()
+        self.assertEqual(data, v1_message("deferred/0S3MA0000000003") + b'{"format": '
+                         b'"mta-envelope/1", "id": "0S3MA0000000003", cut\n')  # fmt: skip
+        self.assertEqual(os.listdir(os.path.join(self.root, "deferred")), [])
+
+    def test_a_message_without_its_message_file_goes_to_corrupt(self) -> None:
+        os.unlink(os.path.join(self.root, "hold", "0S3MA0000000004", "message"))
+        upgrade.upgrade_v1(FileStore(self.root))
+        store = open_store(self.root)
+        self.assertEqual(store.locate("0S3MA0000000004"), QueueState.CORRUPT)
+        _, env = store.load("0S3MA0000000004")
+        self.assertEqual((env.size, env.recipients[0].address), (0, "frank@example.net"))
+
+    def test_an_unreadable_message_set_aside_goes_to_corrupt_when_resumed(self) -> None:
+        base = os.path.join(self.root, "incoming")
+        with open(os.path.join(base, "0S3MA0000000001", "envelope.json"), "wb") as f:
+            f.write(b"not json\n")
+        os.rename(os.path.join(base, "0S3MA0000000001"), os.path.join(base, ".0S3MA0000000001.v1"))
+        upgrade.upgrade_v1(FileStore(self.root))
+        self.assertEqual(open_store(self.root).locate("0S3MA0000000001"), QueueState.CORRUPT)
+        self.assertNotIn("0S3MA0000000001", os.listdir(base))
+
+
+class FormatTests(SynchronousTestCase):
+    """The format names the upgrade knows agree with the store's, and
+    spool.json is read as the store reads it."""
+
+    def test_the_names_agree_with_the_store(self) -> None:
+        self.assertEqual((upgrade.FORMAT, upgrade.FORMAT_V1),
+                         (fs.SPOOL_FORMAT, fs.SPOOL_FORMAT_V1))  # fmt: skip
+
+    def test_spool_format(self) -> None:
+        root = old_spool(self)
+        self.assertEqual(upgrade.spool_format(root), "mta-spool/1")
+        with open(os.path.join(root, "spool.json"), "w") as f:
+            f.write('"mta-spool/9"\n')
+        self.assertEqual(upgrade.spool_format(root), "mta-spool/9")
+        with open(os.path.join(root, "spool.json"), "w") as f:
+            f.write("{not json")
+        e = self.assertRaises(StorageError, upgrade.spool_format, root)
+        self.assertIn("spool.json", str(e))
+        os.unlink(os.path.join(root, "spool.json"))
+        e = self.assertRaises(StorageError, upgrade.spool_format, root)
+        self.assertIn("not an mta spool", str(e))
+        e = self.assertRaises(StorageError, upgrade.spool_format, root + "-missing")
+        self.assertIn("no spool at", str(e))
+
+
+class UpgradeLockTests(SynchronousTestCase):
+    """An old spool is upgraded only under its lock (found while documenting
+    mta-spool/2)."""
+
+    def test_the_daemon_does_not_upgrade_a_spool_in_use(self) -> None:
+        """Starting the daemon by mistake beside a running one of the old
+        version: the spool is opened (and would be upgraded) before
+        C{startService} takes the lock, so the upgrade itself takes the lock,
+        and the old daemon keeps a spool it can read.
+        """
+        root = old_spool(self)
+        base = os.path.dirname(root)
+        write_users(os.path.join(base, "users.json"), {})
+        lock = SpoolLock(root)
+        lock.acquire()  # the old daemon
+        self.addCleanup(lock.release)
+        doc = {
+            "server": {"hostname": "localhost", "spool": "spool", "users_file": "users.json"},
+            "tls": {"selfsigned_dir": os.path.join(base, "selfsigned")},
+            "listen": {"submissions": [], "submission": []},
+            "routes": {"*": "[127.0.0.1]:9"},
+        }
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        try:
+            service = MTAService(parse(doc, "test.toml", base), reactor)
+            try:
+                service.startService()
+            except SystemExit:
+                pass
+            else:
+                self.addCleanup(service.stopService)
+        except StorageError:
+            pass
+        self.assertEqual(upgrade.spool_format(root), "mta-spool/1")

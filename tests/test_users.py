@@ -26,6 +26,10 @@ def read_json(path: str) -> object:
 
 
 class EditingTests(SynchronousTestCase):
+    """UserFile.editing: a private (0600), versioned JSON file, round trips, the existing users seen
+    while editing, nothing written after an error inside, mode 0600 even over a stale temporary
+    file, and a missing file as no users."""
+
     def setUp(self) -> None:
         self.path = new_path(self)
 
@@ -111,6 +115,9 @@ class EditingTests(SynchronousTestCase):
 
 
 class CacheTests(SynchronousTestCase):
+    """The users file cache: users added or removed by another writer seen, the file disappearing
+    seen, and the cache following the file's status."""
+
     def setUp(self) -> None:
         self.path = new_path(self)
         write_users(self.path, {"alice@example.com": "pw-alice-1"})
@@ -158,6 +165,8 @@ class CacheTests(SynchronousTestCase):
 
 
 class LookupTests(SynchronousTestCase):
+    """get() ignores case and surrounding spaces in the login."""
+
     def test_get_ignores_case_and_spaces(self) -> None:
         path = new_path(self)
         write_users(path, {"Alice@Example.COM": "pw-alice-1"})
@@ -172,6 +181,9 @@ class LookupTests(SynchronousTestCase):
 
 
 class MaySendAsTests(SynchronousTestCase):
+    """Sender alignment (User.may_send_as): the login itself, with a +tag, an alias, an address in
+    one of its domains, and nobody else's; no rights beyond the login without aliases or domains."""
+
     def setUp(self) -> None:
         self.user = User(
             "Alice@Example.com",
@@ -220,6 +232,11 @@ class MaySendAsTests(SynchronousTestCase):
 
 
 class BadFileTests(SynchronousTestCase):
+    """Users files that are refused with an error naming the file: not JSON or not UTF-8, empty, not
+    an object, a wrong or missing format, users not an object, a user without a password or with
+    one that is not a string, bad aliases, domains or daily limits (and good daily limits
+    accepted); editing refuses a bad file too."""
+
     def setUp(self) -> None:
         self.path = new_path(self)
 
@@ -314,6 +331,9 @@ class BadFileTests(SynchronousTestCase):
 
 
 class PasswordTests(SynchronousTestCase):
+    """Password hashes: verify, hash_password with a given hasher, and a garbage hash that is simply
+    false."""
+
     def test_verify(self) -> None:
         stored = FAST_HASHER.hash("correct horse")
         self.assertTrue(verify_password(stored, "correct horse"))

@@ -20,7 +20,9 @@ from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 
+from mta.config import PluginConfig
 from mta.errors import Reply
+from mta.interfaces import ISharedState, IUserDirectory
 
 
 class Action(StrEnum):
@@ -128,13 +130,20 @@ class MessageInfo:
 
 @dataclass(frozen=True)
 class PluginContext:
-    """What the service gives each plugin's C{make}."""
+    """What the service gives each plugin's C{make}: its own C{[[plugins]]}
+    entry, the services a plugin may use, and the options of other
+    sections that the built-in plugins apply.  Not the whole configuration:
+    a plugin depends on what it is given here, nothing else."""
 
-    config: Any  # mta.config.Config
     source: str  # the configuration file, for error messages
     reactor: Any  # IReactorTime and, in the daemon, IReactorTCP/IReactorUNIX
     runner: Callable[[Callable[[], Any]], Deferred[Any]]  # blocking work, off the reactor
-    users: Any  # mta.users.UserFile
+    users: IUserDirectory  # the users file, or the users in Redis
     state_dir: str  # spool/state: where a plugin may keep small files
     hostname: str
-    shared: Any  # mta.interfaces.ISharedState: counts the instances of a cluster share
+    shared: ISharedState  # counts the instances of a cluster share
+    daily_messages: int  # [limits] daily_messages: the sending limit's default
+    dkim_keys_dir: str  # [dkim] keys_dir: the signing keys
+    # This plugin's [[plugins]] entry (name, path, timeout, options as
+    # written); mta.checks.host.load sets it for each plugin.
+    plugin: PluginConfig = field(default_factory=PluginConfig)

@@ -222,7 +222,7 @@ def make(options: Options, context: PluginContext) -> DKIMSigner:
                 raise ConfigError(f"{where} {key}: {name!r} should not be signed (RFC 6376 5.4)")
     if "from" not in {h.lower() for h in options.headers}:
         raise ConfigError(f"{where} headers: From must be signed (RFC 6376 section 5.4)")
-    return DKIMSigner(options, context.config.dkim.keys_dir, context.runner)
+    return DKIMSigner(options, context.dkim_keys_dir, context.runner)
 
 
 # -- key generation (mtactl dkim keygen) --------------------------------------

@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -146,16 +146,18 @@ def load_plugin(entry: PluginConfig, context: PluginContext) -> Loaded:
     return Loaded(entry.name, plugin, entry.timeout)
 
 
-def entries(config: Any) -> list[PluginConfig]:
+def entries(plugins: Sequence[PluginConfig]) -> list[PluginConfig]:
     """The configured plugins; the sending limit is always on (SPEC section 2)."""
-    configured = list(config.plugins)
+    configured = list(plugins)
     if not any(e.name == "ratelimit" and not e.path for e in configured):
         configured.insert(0, PluginConfig(name="ratelimit"))
     return configured
 
 
-def load(config: Any, context: PluginContext) -> Checks:
-    return Checks([load_plugin(e, context) for e in entries(config)], context.reactor)
+def load(plugins: Sequence[PluginConfig], context: PluginContext) -> Checks:
+    """Load the C{[[plugins]]} entries, each given C{context} with its own entry."""
+    loaded = [load_plugin(e, replace(context, plugin=e)) for e in entries(plugins)]
+    return Checks(loaded, context.reactor)
 
 
 def _then(result: Verdict | Deferred[Verdict], f: Callable[[Verdict], Any]) -> Any:

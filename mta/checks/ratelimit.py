@@ -133,7 +133,7 @@ class SendingLimit:
 def make(options: Options, context: PluginContext) -> SendingLimit:
     default = options.daily_messages
     if default is None:
-        default = context.config.limits.daily_messages
+        default = context.daily_messages
     return SendingLimit(context.shared, context.users, default, options.count)
 
 

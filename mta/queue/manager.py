@@ -79,7 +79,7 @@ class _Job:
     message: ActiveMessage
     job: DeliveryJob
     running: Running | None = None  # its place in the dispatcher's counts, once started
-    journaled: set[str] = field(default_factory=set)  # addresses in the sent journal
+    journaled: set[str] = field(default_factory=set)  # addresses in the progress journal
 
 
 class QueueManager(Service):

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mta.bounce import parse_reply
-from mta.config import Config
 from mta.delivery.job import RecipientResult
 from mta.errors import Reply
 from mta.queue.shaping_rules import DEFAULT_RULES, IGNORE, ShapingRule, find, stage_of
@@ -85,29 +84,6 @@ class ShapingPolicy:
     forget_after: float = 3600.0
     spread_window: float = 4000.0
     rules: tuple[ShapingRule, ...] = DEFAULT_RULES
-
-    @classmethod
-    def from_config(cls, config: Config) -> ShapingPolicy:
-        """From C{[shaping]} (rates there are per minute), C{[delivery]
-        destination_concurrency} and C{[queue] maximal_backoff_time}; the
-        operator's C{[[shaping.rules]]} go before the built-in ones."""
-        shaping, delivery, queue = config.shaping, config.delivery, config.queue
-        return cls(
-            enabled=shaping.enabled,
-            max_concurrency=delivery.destination_concurrency,
-            max_rate=shaping.max_rate / PER_MINUTE,
-            min_concurrency=shaping.min_concurrency,
-            min_rate=shaping.min_rate / PER_MINUTE,
-            decrease_factor=shaping.decrease_factor,
-            hold_time=shaping.hold_time,
-            concurrency_step=shaping.concurrency_step,
-            rate_step=shaping.rate_step / PER_MINUTE,
-            recovery_interval=shaping.recovery_interval,
-            max_wait=shaping.max_wait,
-            forget_after=shaping.forget_after,
-            spread_window=queue.maximal_backoff_time,
-            rules=(*config.shaping_rules, *DEFAULT_RULES),
-        )
 
 
 @dataclass(frozen=True)

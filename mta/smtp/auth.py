@@ -1,9 +1,11 @@
 """SMTP AUTH (RFC 4954): SASL PLAIN and LOGIN, password checking, throttling.
 
-The session (L{mta.smtp.server}) drives the exchange; this module holds the
-parts that are not about the wire: decoding the SASL messages, checking a
-password against the users file off the reactor thread (argon2 is slow on
-purpose), and remembering wrong passwords per client address.
+The session (L{mta.smtp.server}) sees the AUTH command and then hands the
+client's lines to a L{SASLExchange} until the exchange yields a L{Result};
+everything in between is here: the challenges, decoding the SASL messages,
+C{*} to cancel, initial responses, checking a password against the users
+off the reactor thread (argon2 is slow on purpose), and remembering wrong
+passwords per client address (L{AuthThrottle}) with the delay they earn.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ipaddress
 import secrets
 from base64 import b64decode
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -29,6 +32,7 @@ from zope.interface import implementer
 from mta.cluster import FailureCounts
 from mta.errors import Reply, SharedStateError, SMTPReplyError
 from mta.interfaces import ISharedState, IUserDirectory
+from mta.metrics import Metrics
 from mta.users import hash_password, normalize_login, verify_password
 
 log = Logger(namespace="mta.smtpd")
@@ -187,6 +191,16 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
+@dataclass(frozen=True)
+class ThrottleSettings:
+    """The limits of L{AuthThrottle} (C{[auth]}, built by L{mta.service})."""
+
+    max_failures: int  # distinct wrong passwords in the window that block a client
+    window: float  # seconds a failure is remembered
+    delay: float  # seconds before the reply to the first failure, doubled for each next one
+    delay_max: float  # the longest such delay
+
+
 class AuthThrottle:
     """Counts wrong passwords per client; blocks after too many.
 
@@ -209,25 +223,24 @@ class AuthThrottle:
     """
 
     def __init__(
-        self,
-        clock: IReactorTime,
-        max_failures: int,
-        window: float,
-        delay: float,
-        delay_max: float,
-        *,
-        state: ISharedState,
+        self, clock: IReactorTime, settings: ThrottleSettings, *, state: ISharedState
     ) -> None:
         self._clock = clock
-        self._max = max_failures
-        self._window = window
-        self._delay = delay
-        self._delay_max = delay_max
+        self.settings = settings
         self._key = secrets.token_bytes(16)
         self._state = state
 
+    def configure(self, settings: ThrottleSettings) -> None:
+        """New limits (a reload): the next question is answered with them.
+
+        The failures already counted stay (and so does the key of their
+        digests): a reload neither forgives a guesser nor blocks anyone anew
+        except by the new numbers.
+        """
+        self.settings = settings
+
     def _since(self) -> float:
-        return self._clock.seconds() - self._window
+        return self._clock.seconds() - self.settings.window
 
     def _digest(self, username: str, password: str, stored: str) -> bytes:
         data = f"{normalize_login(username)}\0{password}\0{stored}".encode()
@@ -235,7 +248,8 @@ class AuthThrottle:
 
     def blocked(self, address: str) -> Deferred[bool]:
         d = self._state.auth_failures(client_key(address), self._since())
-        d.addCallback(lambda c: c.distinct >= self._max or c.attempts >= 3 * self._max).addErrback(
+        limit = self.settings.max_failures
+        d.addCallback(lambda c: c.distinct >= limit or c.attempts >= 3 * limit).addErrback(
             _unavailable
         )
         return d
@@ -253,20 +267,21 @@ class AuthThrottle:
     ) -> Deferred[float]:
         """Record a wrong password; fires with the delay before replying (never fails)."""
         digest = self._digest(username, password, stored)
+        settings = self.settings
         d = self._state.add_auth_failure(
-            client_key(address), digest, self._clock.seconds(), self._window
+            client_key(address), digest, self._clock.seconds(), settings.window
         )
 
         def delay(counts: FailureCounts) -> float:
-            value: float = self._delay * 2 ** (counts.distinct - 1)
-            return min(value, self._delay_max)
+            value: float = settings.delay * 2 ** (counts.distinct - 1)
+            return min(value, settings.delay_max)
 
         def unrecorded(f: Failure) -> float:
             # The password was wrong all the same (the client is told so);
             # as it could not be counted, it earns the longest delay.
             f.trap(SharedStateError)
             log.error("cannot record an AUTH failure: {e}", e=f.getErrorMessage())
-            return self._delay_max
+            return settings.delay_max
 
         return d.addCallbacks(delay, unrecorded)
 
@@ -276,3 +291,199 @@ def _unavailable(f: Failure) -> Failure:
     f.trap(SharedStateError)
     log.error("cannot check AUTH failures: {e}", e=f.getErrorMessage())
     return Failure(LoginUnavailable(LOGIN_UNAVAILABLE))
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """The exchange needs the client's next line: send C{reply} (a 334), then
+    hand that line to L{SASLExchange.respond}."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Result:
+    """The exchange is over: send C{reply}.  C{login} is the authenticated
+    (normalised) login after C{235}, None after any failure."""
+
+    reply: Reply
+    login: str | None = None
+
+
+Step = Challenge | Result
+
+UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN")
+BLOCKED = Reply(454, "4.7.0", "Too many failed login attempts from your address; try again later")
+CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+SUCCESS = Reply(235, "2.7.0", "Authentication successful")
+WRONG_PASSWORD = Reply(
+    535,
+    "5.7.8",
+    "Authentication failed: wrong username or password (the username is your full email address)",
+)
+
+
+@dataclass(frozen=True)
+class Authenticator:
+    """What every AUTH exchange of the server shares (built by the service).
+
+    C{users} gives a login's current password hash, which is part of a
+    remembered failure's identity (L{AuthThrottle.known_failure}); the
+    C{checker} runs the slow hash; C{clock} times the failure delay.
+    """
+
+    checker: ICredentialsChecker
+    throttle: AuthThrottle
+    users: IUserDirectory
+    clock: IReactorTime
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def exchange(self, peer: str) -> SASLExchange:
+        """A new exchange for one AUTH command from the client at C{peer}."""
+        return SASLExchange(self, peer)
+
+    def stored_hash(self, username: str) -> str:
+        """The login's current password hash, "" when there is no such login."""
+        user = self.users.get(username)
+        return user.password if user is not None else ""
+
+
+class SASLExchange:
+    """One AUTH command's SASL exchange (RFC 4954 section 4), as a small state machine.
+
+    L{start} takes the AUTH arguments (the mechanism and an optional
+    initial response); while a step is a L{Challenge}, L{respond} takes
+    the client's next line.  The exchange ends with a L{Result}: C{235}
+    with the login, or the error to send.  Each step is a L{Step} now or a
+    Deferred of one (the throttle and the password check answer later).
+
+    PLAIN (RFC 4616) takes one message, as an initial response or after
+    an empty C{334}; LOGIN asks for the username, then the password, with
+    the base64 prompts every client expects.  C{*} in answer to a
+    challenge cancels (C{501 5.7.0}); an initial response is never a
+    cancellation.  A message that does not decode ends the exchange with
+    C{501 5.5.2}.  A client blocked by the L{AuthThrottle} gets C{454
+    4.7.0} before any password is read; a wrong password is recorded and
+    answered with C{535 5.7.8} only after its delay; a failure that cannot
+    be checked now gets the temporary reply of L{LoginUnavailable}.
+    """
+
+    def __init__(self, authenticator: Authenticator, peer: str) -> None:
+        self._auth = authenticator
+        self._peer = peer
+        self._next: Callable[[str], Step | Deferred[Step]] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the last step was a challenge that L{respond} must answer."""
+        return self._next is not None
+
+    def start(self, args: str) -> Step | Deferred[Step]:
+        """C{AUTH args}: C{MECHANISM [initial-response]}."""
+        mechanism, _, initial = args.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism not in MECHANISMS:
+            return Result(UNKNOWN_MECHANISM)
+
+        def begin(blocked: bool) -> Step | Deferred[Step]:
+            if blocked:
+                log.info("AUTH refused for [{peer}]: too many failures", peer=self._peer)
+                return Result(BLOCKED)
+            if mechanism == "PLAIN":
+                if initial:
+                    return _decoded(self._plain, initial)
+                return self._challenge(self._plain, Reply(334, None, ""))
+            if initial:
+                return _decoded(self._login_username, initial)
+            return self._challenge(self._login_username, Reply(334, None, USERNAME_CHALLENGE))
+
+        blocked = self._auth.throttle.blocked(self._peer)
+        return blocked.addCallbacks(begin, self._unavailable)
+
+    def respond(self, line: str) -> Step | Deferred[Step]:
+        """The client's line in answer to the last challenge."""
+        step, self._next = self._next, None
+        if step is None:
+            raise RuntimeError("no AUTH challenge is waiting for a response")
+        if line == "*":
+            return Result(CANCELLED)
+        return _decoded(step, line)
+
+    def _challenge(self, then: Callable[[str], Step | Deferred[Step]], reply: Reply) -> Challenge:
+        self._next = then
+        return Challenge(reply)
+
+    def _plain(self, response: str) -> Deferred[Step]:
+        username, password = decode_plain(response)
+        return self._check("PLAIN", username, password)
+
+    def _login_username(self, response: str) -> Challenge:
+        username = decode_login_field(response)
+
+        def password(resp: str) -> Deferred[Step]:
+            return self._check("LOGIN", username, decode_login_field(resp))
+
+        return self._challenge(password, Reply(334, None, PASSWORD_CHALLENGE))
+
+    def _check(self, method: str, username: str, password: str) -> Deferred[Step]:
+        """The password: known wrong, right, or wrong (recorded, after the delay)."""
+        stored = self._auth.stored_hash(username)
+        known = self._auth.throttle.known_failure(self._peer, username, password, stored)
+
+        def check(known: bool) -> Deferred[Step]:
+            if known:
+                # Exactly this wrong password again: no need to run argon2.
+                return self._wrong_password(method, username, password, stored)
+            credentials = UsernamePassword(username.encode(), password.encode())
+            d = self._auth.checker.requestAvatarId(credentials)
+            return d.addCallbacks(ok, failed)
+
+        def ok(login: str) -> Step:
+            log.info(
+                "[{peer}]: sasl_method={method}, sasl_username={login}",
+                peer=self._peer,
+                method=method,
+                login=login,
+            )
+            return Result(SUCCESS, login)
+
+        def failed(f: Failure) -> Deferred[Step] | Step:
+            if f.check(LoginUnavailable):
+                return self._unavailable(f)
+            f.trap(UnauthorizedLogin)
+            return self._wrong_password(method, username, password, stored)
+
+        return known.addCallbacks(check, failed)
+
+    def _wrong_password(
+        self, method: str, username: str, password: str, stored: str
+    ) -> Deferred[Step]:
+        recorded = self._auth.throttle.failure(self._peer, username, password, stored)
+        self._auth.metrics.auth_failures.inc()
+        log.warn(
+            "[{peer}]: SASL {method} authentication failed for {user!r}",
+            peer=self._peer,
+            method=method,
+            user=username[:100],
+        )
+
+        def wait(delay: float) -> Deferred[Step]:
+            later: Deferred[Step] = Deferred()
+            self._auth.clock.callLater(delay, later.callback, Result(WRONG_PASSWORD))
+            return later
+
+        return recorded.addCallback(wait)
+
+    def _unavailable(self, f: Failure) -> Step:
+        """The throttle or the users cannot answer now: a temporary reply (fail closed)."""
+        f.trap(LoginUnavailable)
+        log.warn("[{peer}]: login not checked: {e}", peer=self._peer, e=f.getErrorMessage())
+        return Result(f.value.reply)  # type: ignore[union-attr]
+
+
+def _decoded(step: Callable[[str], Step | Deferred[Step]], response: str) -> Step | Deferred[Step]:
+    """A step on a client's SASL message; one that does not decode ends the exchange."""
+    try:
+        return step(response)
+    except SMTPReplyError as e:
+        return Result(e.reply)

@@ -57,6 +57,8 @@ log = Logger(namespace="mta.smtp")
 
 MAX_REPLY_LINE = 2048  # RFC 5321 allows 512; be tolerant, not unbounded
 MAX_REPLY_LINES = 100
+# A message up to this size goes out in one write (dot-stuffed in memory).
+WHOLE_WRITE = 256 * 1024
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
@@ -757,8 +759,18 @@ class OutboundConnection:
         # While sending, each chunk restarts the data block timeout; then the
         # final reply gets the (longer) data termination timeout.
         done = self.p.expect(t.data_block)
+        transport: Any = self.p.transport
         try:
-            await FileSender().beginFileTransfer(f, self.p.transport, transform)
+            # The first WHOLE_WRITE octets in one write (a typical message
+            # whole, with the end of data: one send, no producer); the rest,
+            # if any, streamed as the connection takes it.
+            head = f.read(WHOLE_WRITE + 1)
+            if len(head) <= WHOLE_WRITE:
+                transport.write(transform(head) + stuffer.terminator())
+            else:
+                transport.write(transform(head))
+                await FileSender().beginFileTransfer(f, transport, transform)
+                transport.write(stuffer.terminator())
         except OSError as e:
             self.abort()
             done.addErrback(lambda _: None)
@@ -770,7 +782,6 @@ class OutboundConnection:
             return await done
         finally:
             f.close()
-        self.p.transport.write(stuffer.terminator())  # type: ignore[union-attr]
         self.p.retime(t.data_done)
         reply = await done
         if reply.code == 421:

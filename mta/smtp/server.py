@@ -28,9 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
@@ -46,7 +43,6 @@ from zope.interface import implementer
 
 from mta import address as addr
 from mta.checks import Action, MessageInfo, SessionInfo, Verdict
-from mta.config import Config
 from mta.envelope import Envelope, Recipient
 from mta.errors import Reply, SMTPReplyError, StorageError
 from mta.interfaces import ISpool, ISpoolTransaction, IUserDirectory
@@ -88,26 +84,41 @@ def storage_reply(e: StorageError) -> Reply:
     return Reply(451, "4.3.0", "Temporary failure storing the message; try again later")
 
 
-@dataclass
-class SessionSettings:
-    """What every session of one listener shares (built by the service)."""
+@dataclass(frozen=True)
+class SessionLimits:
+    """What a listener and its sessions allow (C{[limits]}, built by L{mta.service})."""
 
-    config: Config
+    message_size: int  # octets, advertised in SIZE (RFC 1870)
+    recipients: int  # per message; the next gets 452 4.5.3
+    received_headers: int  # more is a loop (554 5.4.6)
+    connections_per_ip: int  # per client address (IPv6: per /64), per listener
+    connections: int  # per listener
+    idle_timeout: float  # seconds (RFC 5321 section 4.5.3.2)
+    errors: int  # error replies before the session is closed
+    junk_commands: int  # commands that do not move a transaction on, ditto
+    header_size: int  # octets of a message's header section
+    data_min_rate: int  # octets per second that buy time in DATA/BDAT; 0: any progress
+    bare_newline: str  # "normalize" or "reject" (see mta.smtp.dataread)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What every session of one listener shares (built by the service).
+
+    A reload hands the factories new settings (L{SubmissionFactory.configure});
+    a session keeps those it was built with until it ends.
+    """
+
     hostname: str
+    limits: SessionLimits
     tls: ServerTLS
     spool: ISpool
-    users: IUserDirectory
-    checker: ICredentialsChecker
-    throttle: auth.AuthThrottle
+    users: IUserDirectory  # the login's account, for the sender's alignment
+    auth: auth.Authenticator  # what the AUTH exchanges check passwords with
     clock: IReactorTime
     trusted_networks: tuple[addr.Network, ...] = ()
     metrics: Metrics = field(default_factory=Metrics)
     checks: Checks | None = None  # the plugins (mta.checks.host); None: none at all
-
-    def stored_hash(self, username: str) -> str:
-        """The login's current password hash, "" when there is no such login."""
-        user = self.users.get(username)
-        return user.password if user is not None else ""
 
 
 @dataclass
@@ -169,7 +180,7 @@ class SubmissionSession(Protocol):
     ) -> None:
         self.s = settings
         self._on_close = on_close
-        self.limits = settings.config.limits
+        self.limits = settings.limits
         self.implicit_tls = implicit_tls
         self._timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
@@ -192,7 +203,7 @@ class SubmissionSession(Protocol):
         self._builder: MessageBuilder | None = None
         self._chunked: _Chunked | None = None  # BDAT began in this transaction
         self._chunk: _Chunk | None = None  # inside a BDAT chunk
-        self._sasl: Callable[[str], Reply | Deferred[Reply] | None] | None = None
+        self._sasl: auth.SASLExchange | None = None  # waiting for the client's response
         self._errors = 0
         self.stats: Counter[str] = Counter()
 
@@ -445,8 +456,8 @@ class SubmissionSession(Protocol):
             self._reply(Reply(500, "5.5.2", "Command is not valid UTF-8"))
             return
         if self._sasl is not None:
-            step, self._sasl = self._sasl, None
-            self._run(lambda: step(text))
+            exchange, self._sasl = self._sasl, None
+            self._run(lambda: self._sasl_step(exchange, exchange.respond(text)))
             return
         verb, _, args = text.partition(" ")
         verb = verb.upper()
@@ -578,7 +589,8 @@ class SubmissionSession(Protocol):
         self.helo, self.esmtp, self.login = None, False, None
         return None
 
-    def do_AUTH(self, args: str) -> Reply | Deferred[Reply] | None:
+    def do_AUTH(self, args: str) -> Reply | Deferred[Reply]:
+        """AUTH (RFC 4954): the session's conditions here, the SASL exchange in L{auth}."""
         if not self.tls_active:
             return Reply(538, "5.7.11", "Encryption required: issue STARTTLS before AUTH")
         if not self.esmtp:
@@ -587,118 +599,25 @@ class SubmissionSession(Protocol):
             return Reply(503, "5.5.1", "Already authenticated")
         if self.txn is not None:
             return Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
-        mechanism, _, initial = args.partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if mechanism not in auth.MECHANISMS:
-            return Reply(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN")
+        exchange = self.s.auth.exchange(self.peer)
+        return self._sasl_step(exchange, exchange.start(args))
 
-        def start(blocked: bool) -> Reply | Deferred[Reply]:
-            if blocked:
-                log.info("AUTH refused for [{peer}]: too many failures", peer=self.peer)
-                return Reply(
-                    454,
-                    "4.7.0",
-                    "Too many failed login attempts from your address; try again later",
-                )
-            return self._start_sasl(mechanism, initial)
-
-        return self.s.throttle.blocked(self.peer).addCallbacks(start, self._login_unavailable)
-
-    def _login_unavailable(self, f: Failure) -> Reply:
-        """The throttle or the users cannot answer now: a temporary reply (fail closed)."""
-        f.trap(auth.LoginUnavailable)
-        log.warn("[{peer}]: login not checked: {e}", peer=self.peer, e=f.getErrorMessage())
-        return f.value.reply  # type: ignore[union-attr,no-any-return]
-
-    def _start_sasl(self, mechanism: str, initial: str) -> Reply | Deferred[Reply]:
-        if mechanism == "PLAIN":
-            if initial:
-                return self._plain(initial)
-            self._sasl = self._sasl_step(self._plain)
-            return Reply(334, None, "")
-        if initial:
-            return self._login_username(initial)
-        self._sasl = self._sasl_step(self._login_username)
-        return Reply(334, None, auth.USERNAME_CHALLENGE)
-
-    @staticmethod
     def _sasl_step(
-        then: Callable[[str], Reply | Deferred[Reply]],
-    ) -> Callable[[str], Reply | Deferred[Reply]]:
-        def step(response: str) -> Reply | Deferred[Reply]:
-            if response == "*":
-                return Reply(501, "5.7.0", "Authentication cancelled")
-            return then(response)
+        self, exchange: auth.SASLExchange, step: auth.Step | Deferred[auth.Step]
+    ) -> Reply | Deferred[Reply]:
+        """The reply to a step of an AUTH exchange; after a challenge the
+        next line goes to the exchange, after success the session has its login."""
 
-        return step
+        def settle(step: auth.Step) -> Reply:
+            if isinstance(step, auth.Challenge):
+                self._sasl = exchange
+            elif step.login is not None:
+                self.login = step.login
+            return step.reply
 
-    def _plain(self, response: str) -> Reply | Deferred[Reply]:
-        username, password = auth.decode_plain(response)
-        return self._check_password("PLAIN", username, password)
-
-    def _login_username(self, response: str) -> Reply:
-        username = auth.decode_login_field(response)
-
-        def password_step(resp: str) -> Reply | Deferred[Reply]:
-            return self._check_password("LOGIN", username, auth.decode_login_field(resp))
-
-        self._sasl = self._sasl_step(password_step)
-        return Reply(334, None, auth.PASSWORD_CHALLENGE)
-
-    def _check_password(self, method: str, username: str, password: str) -> Deferred[Reply]:
-        stored = self.s.stored_hash(username)
-        known = self.s.throttle.known_failure(self.peer, username, password, stored)
-
-        def check(known: bool) -> Deferred[Reply]:
-            if known:
-                # Exactly this wrong password again: no need to run argon2.
-                return self._wrong_password(method, username, password, stored)
-            credentials = UsernamePassword(username.encode(), password.encode())
-            d = self.s.checker.requestAvatarId(credentials)
-            return d.addCallbacks(ok, failed)
-
-        def ok(login: str) -> Reply:
-            self.login = login
-            log.info(
-                "[{peer}]: sasl_method={method}, sasl_username={login}",
-                peer=self.peer,
-                method=method,
-                login=login,
-            )
-            return Reply(235, "2.7.0", "Authentication successful")
-
-        def failed(f: Failure) -> Deferred[Reply] | Reply:
-            if f.check(auth.LoginUnavailable):
-                return self._login_unavailable(f)
-            f.trap(UnauthorizedLogin)
-            return self._wrong_password(method, username, password, stored)
-
-        return known.addCallbacks(check, failed)
-
-    def _wrong_password(
-        self, method: str, username: str, password: str, stored: str
-    ) -> Deferred[Reply]:
-        recorded = self.s.throttle.failure(self.peer, username, password, stored)
-        self.s.metrics.auth_failures.inc()
-        log.warn(
-            "[{peer}]: SASL {method} authentication failed for {user!r}",
-            peer=self.peer,
-            method=method,
-            user=username[:100],
-        )
-        reply = Reply(
-            535,
-            "5.7.8",
-            "Authentication failed: wrong username or password "
-            "(the username is your full email address)",
-        )
-
-        def wait(delay: float) -> Deferred[Reply]:
-            later: Deferred[Reply] = Deferred()
-            self.s.clock.callLater(delay, later.callback, reply)
-            return later
-
-        return recorded.addCallback(wait)
+        if isinstance(step, Deferred):
+            return step.addCallback(settle)
+        return settle(step)
 
     def _user(self) -> User:
         assert self.login is not None
@@ -1144,10 +1063,15 @@ class SubmissionFactory(Factory):
         self.per_ip: Counter[str] = Counter()
         self.total = 0
 
+    def configure(self, settings: SessionSettings) -> None:
+        """New settings (a reload): new connections are counted against the
+        new limits and their sessions get them; open sessions keep theirs."""
+        self.settings = settings
+
     def buildProtocol(self, addr: Any) -> Protocol:
         # IPv6 clients are counted per /64, as the AUTH throttle does.
         host = auth.client_key(getattr(addr, "host", "unknown"))
-        limits = self.settings.config.limits
+        limits = self.settings.limits
         if self.total >= limits.connections:
             return _Refuse(Reply(421, "4.3.2", "Too many connections; try again later"))
         if self.per_ip[host] >= limits.connections_per_ip:

@@ -16,10 +16,13 @@ the commit, and one record more each time the message is filed after a
 delivery round or changed by the operator.  The message bytes are never
 rewritten while the message is queued.
 
-Durability (C{docs/decisions.md}): a message is committed by writing
-C{tmp/ID}, one fsync of the file (in worker threads, concurrently with the
-other messages of its group), a rename into C{incoming/}, and one fsync of
-C{incoming/} for the whole group.  Only then does the client get its 250.
+Durability (C{docs/decisions.md}): a message is committed by writing it
+into a file in C{tmp/} (in the daemon, one of the empty files made ahead,
+L{mta.spool.spares}), making the files of its group durable (one
+syncfs(2) of the file system for the group, or with C{barrier = "fsync"}
+one fsync per file, in worker threads at once), a rename into
+C{incoming/}, and one fsync of C{incoming/} for the whole group.  Only
+then does the client get its 250.
 Nothing after that waits for the disk: results go to the progress journal
 (group-committed, written in batches), and filing a message (appending a
 record, renaming it) is not fsync'd, which on a journalling file system
@@ -37,6 +40,7 @@ outside L{mta.spool} knows this layout.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import io
@@ -61,6 +65,7 @@ from mta.spool import format as envformat
 from mta.spool import journal, upgrade
 from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.queueid import is_queue_id
+from mta.spool.spares import SpareFiles
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -78,6 +83,25 @@ HIGH_WATER = 4 * 1024 * 1024  # pause the client while this much waits to be wri
 TAIL = 64 * 1024  # read this much of a file's end to find its last record
 COMMITTED_CACHE = 4096  # placements of new messages kept for the queue manager
 SYNC_MODES = ("standard", "strict")
+#: How a group commit makes its files durable: one syncfs(2) of the file
+#: system for the whole group, or an fsync of each file.
+BARRIERS = ("syncfs", "fsync")
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNCFS = _find_syncfs()
+SYNCFS_AVAILABLE = _SYNCFS is not None
+#: The barrier where none is configured: syncfs where the system has it (Linux).
+DEFAULT_BARRIER = "syncfs" if SYNCFS_AVAILABLE else "fsync"
 
 log = Logger(namespace="mta.spool")
 
@@ -109,6 +133,20 @@ class FileOps:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def syncfs(self, path: str) -> None:
+        """Make everything written to the file system of C{path} durable:
+        Linux's syncfs(2), one call (and one flush of the device's cache)
+        for any number of files.  Since Linux 5.8 it reports write errors."""
+        if _SYNCFS is None:
+            raise OSError(errno.ENOSYS, "syncfs(2) is not available on this system")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _SYNCFS(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
         finally:
             os.close(fd)
 
@@ -226,18 +264,29 @@ class FileStore:
         workers: int = 1,
         journal_runner: Runner[Any] = run_now,
         schedule: Callable[[Callable[[], None]], object] | None = None,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
         sync: str = "standard",
         journal_sync_interval: float = journal.SYNC_INTERVAL,
+        barrier: str = DEFAULT_BARRIER,
+        spares: bool = False,
     ) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {sync!r}")
+        if barrier not in BARRIERS:
+            raise ValueError(f"unknown barrier {barrier!r}")
         self.root = os.path.abspath(root)
         self.ops = ops or FileOps()
         self.sync = sync
+        self.barrier = barrier
+        #: Files made ahead for commits (the daemon's; L{mta.spool.spares}).
+        self.spares = (
+            SpareFiles(self.path(TMP), self.ops.create, self.ops.close) if spares else None
+        )
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._journal_runner = journal_runner
         self._schedule = schedule
+        self._call_later = call_later
         self._journal_sync = 0.0 if sync == "strict" else journal_sync_interval
         self._writer: journal.ProgressJournal | None = None
         self._active: dict[str, Placement] = {}
@@ -247,8 +296,9 @@ class FileStore:
         """C{work} on every item; with C{workers} > 1, several at once.
 
         A group's messages are independent until the shared directory
-        fsync; doing their own fsyncs concurrently lets the file system
-        put them in one journal commit instead of one commit after another.
+        fsync; with the C{fsync} barrier, doing their own fsyncs
+        concurrently lets the file system put them in one journal commit
+        instead of one commit after another.
         """
         if self._workers < 2 or len(items) < 2:
             return [work(item) for item in items]
@@ -273,7 +323,7 @@ class FileStore:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
             found = self._format(marker, create)
             if found == SPOOL_FORMAT_V1:
-                upgrade.from_v1(self)
+                self._upgrade()
                 found = SPOOL_FORMAT
             if create:
                 for name in (TMP, *DIRECTORIES, journal.JOURNAL, STATE):
@@ -284,6 +334,22 @@ class FileStore:
             raise StorageError(
                 f"spool {self.root} has format {found!r}; this version reads {SPOOL_FORMAT}"
             )
+
+    def _upgrade(self) -> None:
+        """Upgrade an C{mta-spool/1} spool, holding its lock meanwhile: a
+        daemon of the old version that works on it must not lose it."""
+        lock = self.lock()
+        try:
+            lock.acquire()
+        except StorageError as e:
+            raise StorageError(
+                f"{e}, and it is in the old format {SPOOL_FORMAT_V1}: stop the daemon first "
+                f"(this version upgrades the spool when it opens it)"
+            ) from None
+        try:
+            upgrade.from_v1(self)
+        finally:
+            lock.release()
 
     def _format(self, marker: str, create: bool) -> object:
         if not os.path.exists(marker):
@@ -318,9 +384,13 @@ class FileStore:
         return SpoolLock(self.root)
 
     def clean_tmp(self) -> int:
-        """Remove messages whose reception never completed; returns how many."""
+        """Remove messages whose reception never completed, and spare files
+        of an earlier run; returns how many."""
         removed = 0
+        mine = self.spares.prefix if self.spares is not None else None
         for name in os.listdir(self.path(TMP)):
+            if mine is not None and name.startswith(mine):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 self.ops.unlink(self.path(TMP, name))
                 removed += 1
@@ -461,47 +531,102 @@ class FileStore:
     # -- receiving ---------------------------------------------------------
 
     def commit_group(self, items: list[_Commit]) -> list[StorageError | None]:
-        """Commit received messages: each file fsync'd, renamed into C{incoming/},
-        then one fsync of C{incoming/} for the group.  A failed message leaves
-        nothing in C{incoming/}."""
+        """Commit received messages, and say for each whether it failed.
 
-        def one(item: _Commit) -> StorageError | None:
-            tmp = self.path(TMP, item.queue_id)
-            fd = item.fd
+        Each is written into a file in C{tmp/} (a spare made ahead when one
+        is ready); the files are made durable, with one syncfs(2) for the
+        group or, with the C{fsync} barrier, an fsync of each file (in
+        worker threads, concurrently); each is renamed into C{incoming/}
+        under its queue ID; then one fsync of C{incoming/} for the group.
+        A failed message leaves nothing in C{incoming/}.
+        """
+        results: list[StorageError | None] = [None] * len(items)
+        per_file = self.barrier == "fsync"
+        if per_file:
+            written = self._each(lambda item: self._write_one(item, sync=True), items)
+        else:  # into the page cache: no wait worth a thread
+            written = [self._write_one(item, sync=False) for item in items]
+        paths: list[str | None] = []
+        for i, outcome in enumerate(written):
+            if isinstance(outcome, StorageError):
+                results[i] = outcome
+                paths.append(None)
+            else:
+                paths.append(outcome)
+        if not per_file and any(paths):
             try:
-                if fd is None:
-                    fd = self.ops.create(tmp)
-                self.ops.write(fd, item.data)
-                self.ops.fsync(fd)
-                self.ops.close(fd)
-                fd = None
-                self.ops.rename(tmp, self.path(QueueState.INCOMING, item.queue_id))
-                return None
-            except Exception as e:
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        self.ops.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                return storage_error(f"cannot commit {item.queue_id}", e)
-
-        results = self._each(one, items)
-        moved = [i for i, error in enumerate(results) if error is None]
-        if moved:
-            try:
-                self.ops.fsync_dir(self.path(QueueState.INCOMING))
-            except Exception as e:
-                # The entries may not survive a crash, so the client must not
-                # get 250; take them out again rather than risk a duplicate.
-                for i in moved:
-                    queue_id = items[i].queue_id
-                    results[i] = storage_error(f"cannot commit {queue_id}", e)
-                    with contextlib.suppress(OSError):
-                        os.unlink(self.path(QueueState.INCOMING, queue_id))
+                self.ops.syncfs(self.path(TMP))
+            except OSError as e:
+                for i, item in enumerate(items):
+                    if paths[i] is not None:
+                        results[i] = storage_error(f"cannot commit {item.queue_id}", e)
+        moved = self._move_in(items, paths, results)
+        self._sync_incoming(items, moved, results)
         for item, error in zip(items, results, strict=True):
             if error is None and item.placement is not None:
                 self._remember(item.queue_id, item.placement)
         return results
+
+    def _write_one(self, item: _Commit, *, sync: bool) -> str | StorageError:
+        """Write the rest of a message into its file in C{tmp/} and close it
+        (fsync'd first when C{sync}); its path, or the error (nothing left)."""
+        fd = item.fd
+        if fd is not None:
+            path = self.path(TMP, item.queue_id)
+        elif self.spares is not None and (spare := self.spares.take()) is not None:
+            path, fd = spare
+        else:
+            path = self.path(TMP, item.queue_id)
+        try:
+            if fd is None:
+                fd = self.ops.create(path)
+            self.ops.write(fd, item.data)
+            if sync:
+                self.ops.fsync(fd)
+            self.ops.close(fd)
+            return path
+        except Exception as e:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    self.ops.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return storage_error(f"cannot commit {item.queue_id}", e)
+
+    def _move_in(
+        self, items: list[_Commit], paths: list[str | None], results: list[StorageError | None]
+    ) -> list[int]:
+        """Rename the durable files into C{incoming/}; the indexes moved."""
+        moved = []
+        for i, (item, path) in enumerate(zip(items, paths, strict=True)):
+            if path is None:
+                continue
+            if results[i] is None:
+                try:
+                    self.ops.rename(path, self.path(QueueState.INCOMING, item.queue_id))
+                    moved.append(i)
+                    continue
+                except Exception as e:
+                    results[i] = storage_error(f"cannot commit {item.queue_id}", e)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return moved
+
+    def _sync_incoming(
+        self, items: list[_Commit], moved: list[int], results: list[StorageError | None]
+    ) -> None:
+        if not moved:
+            return
+        try:
+            self.ops.fsync_dir(self.path(QueueState.INCOMING))
+        except Exception as e:
+            # The entries may not survive a crash, so the client must not
+            # get 250; take them out again rather than risk a duplicate.
+            for i in moved:
+                queue_id = items[i].queue_id
+                results[i] = storage_error(f"cannot commit {queue_id}", e)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path(QueueState.INCOMING, queue_id))
 
     def _remember(self, queue_id: str, place: Placement) -> None:
         self._committed[queue_id] = place
@@ -563,9 +688,18 @@ class FileStore:
         return update, after
 
     def _append(self, path: str, record: bytes, *, sync: bool) -> None:
+        """Append a record.  One that fails half-way (a disk full after a
+        short write) is cut off again, so that the next record, when the
+        filing is tried again, starts on a line of its own."""
         fd = self.ops.append(path)
         try:
-            self.ops.write(fd, record)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                self.ops.write(fd, record)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
             if sync:
                 self.ops.fsync(fd)
         finally:
@@ -747,6 +881,7 @@ class FileStore:
                 journal.directory(self.root),
                 runner=self._journal_runner,
                 schedule=self._schedule,
+                call_later=self._call_later,
                 sync_interval=self._journal_sync,
             )
         return self._writer.record(records)
@@ -763,6 +898,8 @@ class FileStore:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+        if self.spares is not None:
+            self.spares.close()
 
 
 def _separator(data: bytes) -> bytes:
@@ -809,10 +946,19 @@ class SpoolLock:
             os.close(fd)
             raise StorageError(
                 f"spool {os.path.dirname(self._path)} is in use by another mta process"
+                f"{self.holder()}"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def holder(self) -> str:
+        """The holder's PID as the lock file has it, as " (PID n)"; "" if it does not say."""
+        try:
+            with open(self._path) as f:
+                return f" (PID {int(f.read().split()[0])})"
+        except (OSError, ValueError, IndexError):
+            return ""
 
     def release(self) -> None:
         if self._fd is not None:
@@ -1020,10 +1166,20 @@ class Spool:
             for item, error in zip(items, results, strict=True)
         ]
 
+    def _top_up(self) -> None:
+        """Make spare files for the next commits, in a spool thread, unless
+        enough are ready or that is being done."""
+        spares = self.store.spares
+        if spares is not None and spares.wanted():
+            self.runner(spares.refill).addErrback(
+                lambda f: log.failure("cannot make spare files", f)
+            )
+
     def commit(self, item: _Commit, envelope: Envelope, data: bytes | None) -> Deferred[str]:
         """Commit a received message; concurrent commits share one group."""
 
         def committed(queue_id: str) -> str:
+            self._top_up()
             notice = Committed(queue_id, envelope, data)
             for listener in self._listeners:
                 try:

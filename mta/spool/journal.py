@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -145,9 +146,13 @@ def apply(envelope: Envelope, records: Iterable[ProgressRecord], *, sent_only: b
 
     A record counts only for the recipient at its position with its
     address, only while that recipient is not final (once filed as sent or
-    failed a recipient never changes again), and only when it is not older
-    than what the envelope has (fewer attempts).  So applying a record
-    twice, or after the message was filed, changes nothing.  C{sent_only}
+    failed a recipient never changes again), and only when it is newer
+    than what the envelope has (more attempts: each record is the result
+    of one attempt, and the message is filed after it is journaled, so a
+    file with as many attempts already says that result, and what was done
+    after it: a delay notice sent, an operator's flush or release).  So
+    applying a record twice, or after the message was filed, changes
+    nothing.  C{sent_only}
     (the sent journal of an C{mta-spool/1} spool) marks the recipient sent
     and keeps the rest of what the envelope says.
     """
@@ -165,7 +170,7 @@ def apply(envelope: Envelope, records: Iterable[ProgressRecord], *, sent_only: b
                                "dsn_status": new.dsn_status, "relay": new.relay,
                                "attempts": rcpt.attempts + 1,
                                "last_attempt": new.last_attempt})  # fmt: skip
-        elif new.attempts < rcpt.attempts:
+        elif new.attempts <= rcpt.attempts:
             continue
         envelope.recipients[record.index] = Recipient(**vars(new))
         changed += 1
@@ -200,6 +205,7 @@ class _Batch:
     writes: list[tuple[_Segment, bytes]] = field(default_factory=list)
     removals: list[_Segment] = field(default_factory=list)
     close: bool = False
+    sync: bool = False  # sync what earlier batches left unsynced, due or not
 
 
 class ProgressJournal:
@@ -217,14 +223,22 @@ class ProgressJournal:
         self,
         path: str,
         *,
-        runner: Runner[None] = run_now,
+        runner: Runner[Any] = run_now,
         schedule: Callable[[Callable[[], None]], object] | None = None,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
         segment_bytes: int = SEGMENT_BYTES,
         sync_interval: float = SYNC_INTERVAL,
     ) -> None:
         self.path = path
         self.runner = runner
         self.schedule = schedule
+        #: Runs a function after a delay (the reactor's callLater): a batch
+        #: written between syncs is synced at most C{sync_interval} later
+        #: even when no other batch follows.  Without it, the next batch or
+        #: L{close} syncs it.
+        self.call_later = call_later
+        self._sync_timer: object | None = None
+        self._unsynced: set[_Segment] = set()  # the writer thread's
         self.segment_bytes = segment_bytes
         self.sync_interval = sync_interval
         self._current: _Segment | None = None
@@ -273,6 +287,10 @@ class ProgressJournal:
         batch, self._batch = self._batch, _Batch()
         batch.close = True
         self._write(batch)
+        timer, self._sync_timer = self._sync_timer, None
+        if timer is not None:
+            with contextlib.suppress(Exception):  # already run or cancelled
+                timer.cancel()  # type: ignore[attr-defined]
 
     def _maybe_remove(self, segment: _Segment) -> None:
         if segment.superseded and segment.pending <= 0 and not segment.removed:
@@ -292,23 +310,38 @@ class ProgressJournal:
     def _flush(self) -> None:
         self._scheduled = False
         batch, self._batch = self._batch, _Batch()
-        if not (batch.writes or batch.removals):
+        if not (batch.writes or batch.removals or batch.sync):
             return
         self._busy = True
 
-        def done(_: object) -> None:
+        def done(unsynced: object) -> None:
             self._busy = False
-            if self._batch.writes or self._batch.removals:
+            if unsynced is True:
+                self._sync_later()
+            if self._batch.writes or self._batch.removals or self._batch.sync:
                 self._kick()
 
         self.runner(lambda: self._write(batch)).addErrback(
             lambda f: log.failure("the progress journal's writer failed", f)
         ).addBoth(done)
 
+    def _sync_later(self) -> None:
+        """Lines were written but not synced: sync them within the interval."""
+        if self.call_later is None or self._sync_timer is not None:
+            return
+
+        def due() -> None:
+            self._sync_timer = None
+            self._batch.sync = True
+            self._kick()
+
+        self._sync_timer = self.call_later(self.sync_interval, due)
+
     # -- the spool thread ----------------------------------------------------------
 
-    def _write(self, batch: _Batch) -> None:
-        """Write a batch (one thread at a time: batches never overlap)."""
+    def _write(self, batch: _Batch) -> bool:
+        """Write a batch (one thread at a time: batches never overlap); whether
+        lines are left unsynced."""
         written: list[_Segment] = []
         for segment, data in batch.writes:
             if segment.failed or (segment.removed and segment.fd is None):
@@ -327,14 +360,18 @@ class ProgressJournal:
         if written and self._failing:
             log.info("the progress journal is written again")
             self._failing = False
+        self._unsynced.update(written)
         now = time.monotonic()
-        if written and (batch.close or now - self._last_sync >= self.sync_interval):
+        due = batch.close or batch.sync or now - self._last_sync >= self.sync_interval
+        if self._unsynced and due:
             self._last_sync = now
-            for segment in written:
+            for segment in self._unsynced:
                 if segment.fd is not None:
                     with contextlib.suppress(OSError):
                         os.fdatasync(segment.fd)
+            self._unsynced.clear()
         for segment in batch.removals:
+            self._unsynced.discard(segment)
             self._close_fd(segment)
             if segment.path:
                 with contextlib.suppress(FileNotFoundError):
@@ -342,6 +379,7 @@ class ProgressJournal:
         if batch.close:
             for segment in written:
                 self._close_fd(segment)
+        return bool(self._unsynced)
 
     def _fd(self, segment: _Segment) -> int:
         if segment.fd is not None:

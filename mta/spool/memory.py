@@ -262,7 +262,7 @@ class MemoryStore:
         stored.time = when
         return True
 
-    # -- the sent journal ----------------------------------------------------
+    # -- the progress journal ------------------------------------------------
 
     def journal(self, records: list[ProgressRecord]) -> object | None:
         if not records:

@@ -22,6 +22,7 @@ from typing import Any
 from mta.errors import StorageError
 from mta.spool import format as envformat
 from mta.spool.fs import FileStore
+from mta.spool.spares import PREFIX as SPARE_PREFIX
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -246,6 +247,13 @@ class Helper:
                 self.process.wait(timeout=10)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def unfinished(spool: str) -> list[str]:
+    """The files in a spool's tmp/ other than the daemon's spares (empty files
+    made ahead for commits, mta/spool/spares.py): messages being received."""
+    names = os.listdir(os.path.join(spool, "tmp"))
+    return sorted(n for n in names if not n.startswith(SPARE_PREFIX))
 
 
 def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> Any:

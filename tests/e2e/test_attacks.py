@@ -282,6 +282,13 @@ class RejectModeSmugglingTests(SmugglingTests):
 
 
 class RelayAndSyntaxTests(AttackDaemon):
+    """Relay tricks and malformed input on raw sockets: no relay before AUTH (percent hack, quoted
+    local parts, source routes, bang paths), those addresses still refused after login, commands
+    pipelined with STARTTLS discarded, over-long command and text lines, NUL and non-ASCII in
+    commands, malformed addresses, a declared SIZE over the limit, the 1001st recipient, bad AUTH
+    base64, and 50 wrong passwords that block one address but not a login from another. Nothing
+    of it is queued."""
+
     RELAY_TRICKS = [
         "friend%remote.example@localhost",
         '"friend@remote.example"@localhost',

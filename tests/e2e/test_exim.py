@@ -50,6 +50,10 @@ BODY = (
 
 
 class EximRelayEndToEnd(SynchronousTestCase):
+    """Exim as the submitting client: it relays with BDAT over STARTTLS and over implicit TLS, also
+    a large message in several chunks, and mta delivers each whole (lines starting with a dot,
+    8-bit text) to a strict sink; both logs show the chunks."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-exim-e2e-")
@@ -107,7 +111,11 @@ class EximRelayEndToEnd(SynchronousTestCase):
             raise AssertionError(f"{e}\n{diagnose()}") from None
 
     def relay(self, name: str, subject: str, body: bytes = BODY) -> bytes:
-        """Hand a message to one Exim; return what reached the sink via mta."""
+        """Hand a message to one Exim; return what reached the sink via mta.
+
+        Waits for the end of Exim's session with mta too (its line is then
+        C{self.session}), so that no test sees the session of another."""
+        before = len(self.sessions_with_bdat())
         data = message(subject, body)
         with smtplib.SMTP("127.0.0.1", self.exims[name].port, timeout=60) as s:
             self.assertEqual(s.sendmail(LOGIN, [RCPT], data), {})
@@ -118,6 +126,7 @@ class EximRelayEndToEnd(SynchronousTestCase):
         self.assertIn(b"\r\nReceived: from ", got[10:])
         self.assertTrue(got.endswith(data.partition(b"\r\n\r\n")[2]), got[-300:])
         self.assertIn(b"\r\nSubject: " + subject.encode() + b"\r\n", got)
+        self.session = self.bdat_session_after(before)
         return got
 
     def sessions_with_bdat(self) -> list[str]:
@@ -131,11 +140,19 @@ class EximRelayEndToEnd(SynchronousTestCase):
     def exim_delivery(self, name: str, subject: str) -> str:
         """Exim's log line for the delivery of the message with this subject
         (found through its Message-ID on the arrival line)."""
-        lines = self.exims[name].mainlog.splitlines()
-        [arrival] = [ln for ln in lines if f" id={subject}@example.com" in ln]
-        exim_id = arrival.split()[2]
-        [line] = [ln for ln in lines if f" {exim_id} => " in ln]
-        return line
+
+        def find() -> str | None:
+            # Exim may write its lines after mta has passed the message on.
+            lines = self.exims[name].mainlog.splitlines()
+            arrivals = [ln for ln in lines if f" id={subject}@example.com" in ln]
+            if not arrivals:
+                return None
+            [arrival] = arrivals
+            exim_id = arrival.split()[2]
+            found = [ln for ln in lines if f" {exim_id} => " in ln]
+            return found[0] if len(found) == 1 else None
+
+        return str(wait_for(find, 30, f"Exim's delivery line for {subject!r}"))
 
     def bdat_session_after(self, before: int) -> str:
         """The end-of-session line of the next BDAT session (Exim may say
@@ -147,12 +164,11 @@ class EximRelayEndToEnd(SynchronousTestCase):
         return str(sessions[0])
 
     def test_exim_relays_with_bdat_over_starttls(self) -> None:
-        before = len(self.sessions_with_bdat())
         self.relay("starttls", "exim-starttls")
         # K: the message went with CHUNKING; A=plain: after AUTH; X=: over TLS.
         line = self.exim_delivery("starttls", "exim-starttls")
         self.assertRegex(line, r" X=TLS\S* CV=yes A=plain K C=\"250 2\.0\.0 Ok: queued as ")
-        session = self.bdat_session_after(before)
+        session = self.session
         self.assertRegex(session, r"\bstarttls=1\b.*\bauth=1\b.*\bmail=1\b")
         self.assertNotRegex(session, r"\bdata=")
 
@@ -165,9 +181,8 @@ class EximRelayEndToEnd(SynchronousTestCase):
         """A message of several hundred KB (Exim cuts it into chunks)."""
         body = b"".join(b"%06d " % i + b"x" * 90 + b"\r\n" for i in range(6000))
         body += b".\r\n..\r\n" + BODY
-        before = len(self.sessions_with_bdat())
         got = self.relay("starttls", "exim-large", body)
         self.assertEqual(len(re.findall(rb"\r\n\.\r\n", got)), 2)
-        chunks = re.search(r"\bbdat=(\d+)", self.bdat_session_after(before))
+        chunks = re.search(r"\bbdat=(\d+)", self.session)
         assert chunks is not None
         self.assertGreaterEqual(int(chunks.group(1)), 2)

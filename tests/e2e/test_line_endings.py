@@ -67,6 +67,10 @@ def after_received(data: bytes) -> bytes:
 
 
 class LineEndingsEndToEnd(SynchronousTestCase):
+    """Clients that end lines with LF (smtplib with as_bytes, swaks with and without its data fixup,
+    mta-sendmail): with bare_newline = normalize the strict sink receives the lines the client
+    meant, each ending in CRLF, a line of one dot included."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-lines-")

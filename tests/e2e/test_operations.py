@@ -31,6 +31,11 @@ PASSWORD = "operations-test-password"
 
 
 class OperationsEndToEnd(SynchronousTestCase):
+    """The real mtactl against a running daemon: list, hold, release and flush; delete racing a
+    delivery (delivered once) and a failing one; bounce with its report; a corrupt envelope set
+    aside; mtactl's errors; /metrics, /health and the JSON log; mta-sendmail's message picked up
+    at once."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-ops-")

@@ -43,6 +43,10 @@ SCRIPT = {
 
 
 class RetryEndToEnd(SynchronousTestCase):
+    """Retries against a scripted sink on a short schedule: greylisting deferred then delivered, an
+    unknown user bounced to the sender, a blocklist reply retried rather than bounced, and a
+    recipient never accepted that expires with a failure report."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-retry-")

@@ -42,6 +42,10 @@ BIN = 1.0  # seconds per bin of the receiver's timeline
 
 
 class ShapingEndToEnd(SynchronousTestCase):
+    """A real daemon against a receiver that answers 421 4.7.28 for a while:
+    the delivered rate drops within a round and climbs back, every message
+    is delivered once and nothing is bounced."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-shaping-")

@@ -19,7 +19,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.spool.format import from_json
-from tests.e2e.daemon import REPO, Daemon, mtactl
+from tests.e2e.daemon import REPO, Daemon, mtactl, unfinished
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +41,9 @@ def seed_message(sender: str = LOGIN, to: str = "recipient@example.com") -> MIME
 
 
 class DaemonTestCase(SynchronousTestCase):
+    """One daemon (message_size 200000, a user with an alias) for every test of the class, and an
+    implicit-TLS smtplib client for it."""
+
     daemon: Daemon
 
     @classmethod
@@ -65,6 +68,10 @@ class DaemonTestCase(SynchronousTestCase):
 
 
 class SeedClientTests(DaemonTestCase):
+    """The seed's clients unchanged but for host, port and CA: smtplib SMTP_SSL on 465 and STARTTLS
+    on 587, swaks, Nodemailer with secure true and with STARTTLS, and what Nodemailer reports for
+    a wrong password and a From mismatch."""
+
     def test_smtplib_ssl_as_in_the_seed(self) -> None:
         before = set(self.daemon.queued())
         server = self.smtps()
@@ -153,6 +160,10 @@ class SeedClientTests(DaemonTestCase):
 
 
 class NegativeTests(DaemonTestCase):
+    """What a real client is told when it gets things wrong: wrong password, AUTH before TLS, From
+    header or envelope sender not the login's, oversize, over 1,000 recipients, bare LF (stored
+    with CRLF), an over-long line, relay without AUTH, HTTP on the submission port."""
+
     def test_wrong_password(self) -> None:
         with self.smtps() as s, self.assertRaises(smtplib.SMTPAuthenticationError) as e:
             s.login(LOGIN, "not-the-password")
@@ -255,6 +266,9 @@ class NegativeTests(DaemonTestCase):
 
 
 class DurabilityTests(SynchronousTestCase):
+    """kill -9 during a session: the message that got 250 is still queued after a restart (through
+    python -m twisted), and the half-received one is removed from tmp/."""
+
     def test_kill_9_and_restart_keeps_the_message(self) -> None:
         """A message that got 250 survives SIGKILL; stale temp files are cleaned."""
         d = Daemon(self.mktemp())
@@ -283,11 +297,10 @@ class DurabilityTests(SynchronousTestCase):
             body = b"partial body line\r\n" * 20_000
             half.sendall(f"From: {LOGIN}\r\nSubject: half\r\n\r\n".encode() + body)
             [queued] = d.queued()
-            tmp = os.path.join(d.spool, "tmp")
             deadline = time.monotonic() + 10
-            while not os.listdir(tmp) and time.monotonic() < deadline:
+            while not unfinished(d.spool) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self.assertEqual(len(os.listdir(tmp)), 1, "the half-received message is in tmp/")
+            self.assertEqual(len(unfinished(d.spool)), 1, "the half-received message is in tmp/")
         finally:
             d.kill()
         half.close()
@@ -295,7 +308,7 @@ class DurabilityTests(SynchronousTestCase):
         d.start("python -m twisted")
         try:
             self.assertEqual(d.queued(), [queued])
-            self.assertEqual(os.listdir(os.path.join(d.spool, "tmp")), [])
+            self.assertEqual(os.listdir(os.path.join(d.spool, "tmp")), [], "spares too")
             listing = mtactl(["queue", "list", "--json"], d.config)
             self.assertEqual(listing.returncode, 0, listing.stderr)
             [row] = json.loads(listing.stdout)
@@ -309,6 +322,10 @@ class DurabilityTests(SynchronousTestCase):
 
 
 class StartupErrorTests(SynchronousTestCase):
+    """Start-up that cannot work stops with exit status 1 and one 'mta: error:' line naming the file
+    and key, no traceback: a bad value, too few recipients allowed, an unknown key, a port in
+    use, a missing certificate, a spool another daemon holds."""
+
     def run_daemon(self, d: Daemon, runner: str = "twistd") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             d.command(runner), cwd=d.dir, capture_output=True, text=True, timeout=60, check=False

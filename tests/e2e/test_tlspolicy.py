@@ -57,6 +57,11 @@ def spki_sha256(cert: Any) -> str:
 
 
 class TLSPolicyEndToEnd(SynchronousTestCase):
+    """DANE and MTA-STS in a real daemon: an enforced MTA-STS policy delivers with tls=mta-sts and
+    defers on an expired certificate, TLSA records that match deliver with tls=dane and defer
+    when they match nothing, no policy stays opportunistic, and the policy cache survives a
+    restart while the policy host answers 404."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.mkdtemp(prefix="mta-tlspolicy-")
