@@ -7,6 +7,7 @@ command was wrong.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -288,6 +289,7 @@ def parse_networks(texts: list[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(t, strict=False) for t in texts)
 
 
+@functools.lru_cache(maxsize=4096)  # per connection; the same few clients
 def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
     """Whether an IP address (IPv4-mapped IPv6 counts as IPv4) is in any network."""
     try:

@@ -18,6 +18,24 @@ _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HT; CR is handled first
 
 
+#: The (code, enhanced code) pairs that passed L{_check_codes}; bounded,
+#: since codes read from receivers' replies reach it too.
+_CHECKED: set[tuple[int, str | None]] = set()
+_CHECKED_MAX = 4096
+
+
+def _check_codes(code: int, enhanced: str | None) -> None:
+    if not 200 <= code <= 599:
+        raise ValueError(f"bad SMTP reply code {code}")
+    if enhanced is not None:
+        if not _ENHANCED.fullmatch(enhanced):
+            raise ValueError(f"bad enhanced status code {enhanced!r}")
+        if enhanced[0] != str(code)[0]:
+            raise ValueError(f"enhanced code {enhanced} does not match {code}")
+    if len(_CHECKED) < _CHECKED_MAX:
+        _CHECKED.add((code, enhanced))
+
+
 @dataclass(frozen=True)
 class Reply:
     """One SMTP reply (RFC 5321 section 4.2), possibly multi-line.
@@ -32,13 +50,10 @@ class Reply:
     text: str
 
     def __post_init__(self) -> None:
-        if not 200 <= self.code <= 599:
-            raise ValueError(f"bad SMTP reply code {self.code}")
-        if self.enhanced is not None:
-            if not _ENHANCED.fullmatch(self.enhanced):
-                raise ValueError(f"bad enhanced status code {self.enhanced!r}")
-            if self.enhanced[0] != str(self.code)[0]:
-                raise ValueError(f"enhanced code {self.enhanced} does not match {self.code}")
+        # A dozen replies are made per message, nearly all with a code pair
+        # seen before: a set lookup instead of the checks.
+        if (self.code, self.enhanced) not in _CHECKED:
+            _check_codes(self.code, self.enhanced)
 
     @property
     def positive(self) -> bool:

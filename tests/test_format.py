@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given
@@ -173,6 +175,16 @@ class RoundTripTests(SynchronousTestCase):
     def test_format_time(self) -> None:
         self.assertEqual(format_time(0), "1970-01-01T00:00:00.000000Z")
         self.assertIsNone(format_time(None))
+
+    def test_format_time_is_datetimes(self) -> None:
+        """The same text as datetime's, rounding included, in the same second and across."""
+        rng = random.Random(7)
+        whens = [1.9999995, 1.0000005, 1700000000.9999996, -1.5, -0.0000004, 2**31 + 0.5]
+        whens += [rng.uniform(0, 4e9) for _ in range(2000)]
+        whens += [1765000000 + rng.random() for _ in range(200)]
+        for when in whens:
+            expected = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            self.assertEqual(format_time(when), expected, when)
 
 
 class ExtraKeysTests(SynchronousTestCase):

@@ -13,6 +13,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
+from mta.errors import Reply
 from mta.smtp.server import CLOSE_GRACE
 from tests.dnsserver import DNSTestServer
 from tests.queue_support import LATER, NO_USER, OK, QueueTestCase
@@ -220,6 +221,23 @@ class ReplyTextTests(SynchronousTestCase):
         self.assertNotRegex(text, rb"[\x00-\x08\x0a-\x1f\x7f]")
         self.assertIn(b"Bad parameter syntax: ??[2J?\tx\r\n", c.transport.value())
         self.assertEqual(c.codes(), [501])
+
+
+class ReplyCodeTests(SynchronousTestCase):
+    """A L{Reply} with a code out of range or an enhanced code that is
+    malformed or of another class is refused, the first time and again (the
+    pairs already checked are remembered)."""
+
+    def test_bad_codes_are_refused_every_time(self) -> None:
+        for _ in range(2):
+            for code, enhanced in [(199, None), (600, "5.0.0"), (250, "2.0"), (250, "5.0.0")]:
+                with self.assertRaises(ValueError):
+                    Reply(code, enhanced, "x")
+
+    def test_good_codes_are_taken_every_time(self) -> None:
+        for _ in range(2):
+            self.assertEqual(Reply(421, "4.7.28", "slow").wire, b"421 4.7.28 slow\r\n")
+            self.assertEqual(Reply(220, None, "hi").wire, b"220 hi\r\n")
 
 
 class DNSTestServerPortTests(SynchronousTestCase):

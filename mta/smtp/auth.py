@@ -11,6 +11,7 @@ passwords per client address (L{AuthThrottle}) with the delay they earn.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import ipaddress
 import secrets
@@ -178,6 +179,7 @@ class UserFileChecker:
         return checked.addBoth(done).addCallback(result)
 
 
+@functools.lru_cache(maxsize=4096)  # per connection; the same few clients
 def client_key(address: str) -> str:
     """The unit of throttling: the IPv4 address, or the IPv6 /64 network."""
     try:

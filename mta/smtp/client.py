@@ -289,9 +289,11 @@ class ClientProtocol(Protocol):
         return d
 
     def _arm(self, timeout: float) -> None:
+        # Each command re-arms it: moving the call is cheaper than a new one.
         if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.clock.callLater(timeout, self._timed_out)
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.clock.callLater(timeout, self._timed_out)
 
     def retime(self, timeout: float) -> None:
         """Give the reply now awaited a new timeout, counted from now."""

@@ -9,6 +9,8 @@ minor revision are kept in C{Envelope.extra} and written back unchanged.
 from __future__ import annotations
 
 import json
+import math
+import time
 from datetime import UTC, datetime
 from json.encoder import encode_basestring as _encode_string
 from typing import Any
@@ -34,10 +36,33 @@ class MissingEnvelopeError(FormatError):
     """A message in the spool without its envelope."""
 
 
+#: The last whole second formatted, and its text (a list: one slot to replace).
+_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def format_time(when: float | None) -> str | None:
+    """C{when} (seconds since the epoch) as ISO 8601 in UTC with microseconds,
+    as C{datetime.fromtimestamp(when, UTC)} rounds them (half to even).
+
+    A message's records format a few times each, nearly all in the same
+    second: that second's text is kept and only the microseconds added.
+    """
     if when is None:
         return None
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    frac, whole = math.modf(when)
+    micro = round(frac * 1e6)
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        whole += 1.0
+    elif micro < 0:
+        micro += 1_000_000
+        whole -= 1.0
+    second, cached = int(whole), _second[0]  # one read: the spool threads call it too
+    if second != cached[0]:
+        if second < 0:
+            return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        cached = _second[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{micro:06d}Z"
 
 
 def parse_time(text: object) -> float | None:
