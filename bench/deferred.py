@@ -29,9 +29,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.run import cpu_seconds, free_port, mta_command
-from mta.envelope import Envelope, Recipient, RecipientState
-from mta.spool import format as envformat
-from mta.spool.fs import FileOps, SpoolStore
+from mta.envelope import Envelope, QueueState, Recipient, RecipientState
+from mta.spool.fs import FileOps, FileStore
 from mta.spool.queueid import QueueIdGenerator
 
 MESSAGE = b"From: a@example.com\r\nSubject: deferred\r\n\r\n" + b"x" * 2000 + b"\r\n"
@@ -40,15 +39,18 @@ MESSAGE = b"From: a@example.com\r\nSubject: deferred\r\n\r\n" + b"x" * 2000 + b"
 class Fast(FileOps):
     """No fsync while filling the test spool: it is not the subject here."""
 
-    def fsync(self, f: object) -> None:
-        f.flush()  # type: ignore[attr-defined]
+    def fsync(self, fd: int) -> None:
+        pass
 
     def fsync_dir(self, path: str) -> None:
         pass
 
+    def syncfs(self, path: str) -> None:
+        pass
+
 
 def fill(spool: str, count: int) -> None:
-    store = SpoolStore(spool, Fast())
+    store = FileStore(spool, Fast())
     store.open()
     now = time.time()
     due = now + 3600
@@ -70,11 +72,9 @@ def fill(spool: str, count: int) -> None:
             arrival=now - 60,
             size=len(MESSAGE),
         )
-        f = store.create_tmp(qid)
-        f.write(MESSAGE)
-        store.commit_group([(qid, f, envformat.dumps(env))])
-        store.move(qid, "incoming", "deferred", durable=False)
-        os.utime(store.path("deferred", qid), (due, due))
+        store.add(env, MESSAGE)
+        store.settle(env, QueueState.INCOMING, QueueState.DEFERRED, due)
+    store.close()
 
 
 def rss_kib(pid: int) -> int:
