@@ -37,13 +37,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta import dsn, maillog
+from mta import dsn
 from mta.batch import Batcher, Runner
 from mta.bounce import Classifier
 from mta.config import QueueConfig
 from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.routes import Router
-from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState, Recipient
+from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState
 from mta.errors import ErrorKind, Reply
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
@@ -51,6 +51,7 @@ from mta.queue import scheduler
 from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
 from mta.queue.reports import Reporter
+from mta.queue.resultlog import ResultLog
 from mta.queue.scheduler import Destinations, ReadyQueue, RetryPolicy, Suspension, no_jitter
 from mta.queue.shaping import Shaper, ShapingPolicy
 from mta.queue.traffic import TrafficShaping
@@ -58,7 +59,6 @@ from mta.spool.format import FormatError, MissingEnvelopeError
 from mta.spool.queueid import arrival_of
 
 log = Logger(namespace="mta.queue")
-maillog_log = Logger(namespace="mta.maillog")
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
 CACHE_BYTES = 32 * 1024 * 1024  # new messages' bytes kept for their first delivery
 
@@ -114,6 +114,7 @@ class QueueManager(Service):
         self.reporter = reporter
         self.on_done = on_done
         self.metrics = metrics or Metrics()
+        self.result_log = ResultLog(self.metrics)
         self.ready = ReadyQueue()
         self.destinations = Destinations()
         self.active: dict[str, ActiveMessage] = {}
@@ -361,16 +362,8 @@ class QueueManager(Service):
             classifier=self.classifier, jitter=self.jitter, ran=ran, resume=resume,
             spread=self.traffic.spread(dest),
         )  # fmt: skip
-        for o in decision.outcomes:
-            if ran:
-                self.metrics.attempts.inc()
-            if o.status == "sent":
-                self.metrics.delivery_latency.observe(max(0.0, now - env.arrival))
-            self.log_result(
-                env, o.recipient, o.status, reply=o.result.reply, relay=o.result.relay,
-                activated=message.activated, started=started, now=now,
-                setup=o.result.setup_time, transfer=o.result.transfer_time, tls=o.result.tls,
-            )  # fmt: skip
+        self.result_log.job(env, decision, ran=ran, activated=message.activated, started=started,
+                            now=now)  # fmt: skip
         self._journal(item, scheduler.progress_records(env, decision, written=item.journaled))
         message.notices.extend(decision.notices)
         if decision.answered:
@@ -404,22 +397,6 @@ class QueueManager(Service):
         if token is not None:
             item.message.journal.append(token)
             item.journaled.update(r.recipient.address for r in records if r.recipient.state.final)
-
-    def log_result(
-        self, env: Envelope, rcpt: Recipient, status: str, *, reply: Reply, relay: str,
-        activated: float, started: float, now: float, setup: float = 0.0,
-        transfer: float = 0.0, tls: str = "",
-    ) -> None:  # fmt: skip
-        """Count a recipient's result and log it in Postfix's shape, with its fields."""
-        self.metrics.deliveries.labels(status, rcpt.category or "").inc()
-        line = maillog.delivery_line(
-            env.queue_id, rcpt.address, relay=relay, status=status, reply=reply,
-            arrival=env.arrival, activated=activated, started=started, setup=setup,
-            transfer=transfer, now=now, tls=tls,
-        )  # fmt: skip
-        maillog_log.info("{line}", queue_id=env.queue_id, recipient=rcpt.address, relay=relay,
-                         status=status, dsn=rcpt.dsn_status, reply=rcpt.reply, tls=tls,
-                         line=line)  # fmt: skip
 
     # -- the end of a round ----------------------------------------------------
 

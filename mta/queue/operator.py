@@ -68,11 +68,7 @@ class Operator:
             elif outcome.state == QueueState.DEFERRED and outcome.due is not None:
                 m.ready.schedule(queue_id, outcome.due)
             if outcome.envelope is not None:
-                for rcpt in outcome.expired:
-                    m.log_result(
-                        outcome.envelope, rcpt, "expired", reply=scheduler.ADMIN_BOUNCE,
-                        relay="none", activated=now, started=now, now=now,
-                    )  # fmt: skip
+                m.result_log.expired(outcome.envelope, outcome.expired, activated=now, now=now)
             self._log(op, queue_id)
             m.pump()
             return f"{queue_id}: {actions.DONE[op]}"
@@ -121,13 +117,11 @@ class Operator:
         """C{bounce} on a message whose round ends: fail what is pending, report it."""
         env = message.envelope
         now = self.m.clock.seconds()
-        for rcpt in scheduler.expire(env, now):
+        expired = scheduler.expire(env, now)
+        for rcpt in expired:
             if dsn.needs_notice(env, rcpt, "failed"):
                 message.notices.append(dsn.Notice(rcpt, "failed"))
-            self.m.log_result(
-                env, rcpt, "expired", reply=scheduler.ADMIN_BOUNCE, relay="none",
-                activated=message.activated, started=now, now=now,
-            )  # fmt: skip
+        self.m.result_log.expired(env, expired, activated=message.activated, now=now)
 
     def flush(self, domain: str | None = None) -> Deferred[str]:
         """Retry now: every deferred message, or those with recipients at C{domain}.
