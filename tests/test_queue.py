@@ -185,14 +185,14 @@ class LimitTests(QueueTestCase):
         for i in range(30):
             self.queue(f"user{i}@example.net")
         qm = self.manager(active=5)
-        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(qm.messages.active), 5)
         self.assertEqual(len(self.spy.waiting), 2)  # example.net not heard from yet
         self.spy.answer(0, OK)
-        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(qm.messages.active), 5)
         self.assertEqual(len(self.spy.waiting), 5)
         for i in range(1, 6):
             self.spy.answer(i, OK)
-        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(qm.messages.active), 5)
         self.assertEqual(len(self.spy.calls), 11)
 
     def test_large_deferred_queue_is_not_loaded(self) -> None:
@@ -206,14 +206,14 @@ class LimitTests(QueueTestCase):
                 self.spy.answer(i, LATER)
                 answered += 1
         self.assertEqual(answered, 2000)
-        self.assertEqual(len(qm.active), 0)
-        self.assertEqual(qm.ready.deferred_count, 2000)
+        self.assertEqual(len(qm.messages.active), 0)
+        self.assertEqual(qm.messages.ready.deferred_count, 2000)
         loads = self.store.loads
         self.clock.advance(299)
         self.assertEqual(self.store.loads, loads, "nothing read before anything is due")
         self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one timer for the whole queue")
         self.clock.advance(1)
-        self.assertEqual(len(qm.active), 100, "only the active limit is loaded")
+        self.assertEqual(len(qm.messages.active), 100, "only the active limit is loaded")
 
 
 class RobustnessTests(QueueTestCase):
@@ -496,7 +496,7 @@ class DispatchReentrancyTests(QueueTestCase):
         agent.first.callback(None)
         runner.run_all()
         self.flushLoggedErrors()
-        self.assertEqual(len(qm.active), 0, "messages stuck in the active set")
+        self.assertEqual(len(qm.messages.active), 0, "messages stuck in the active set")
         self.assertEqual(len(list(self.store.ids(QueueState.DONE))), n)
         self.assertEqual(outcome[0], None)
 
@@ -517,7 +517,7 @@ class StorageFailureTests(QueueTestCase):
         self.clock.advance(3600)
         state, env = self.store.load(qid)
         self.assertEqual((state, env.recipients[0].state), ("done", RecipientState.SENT))
-        self.assertEqual(qm.active, {})
+        self.assertEqual(qm.messages.active, {})
 
     def test_failed_report_commit_is_not_forgotten(self) -> None:
         qid = self.queue("nobody@example.net")

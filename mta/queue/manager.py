@@ -16,10 +16,11 @@ results are applied by the scheduler, logged in Postfix's shape and
 recorded; when no job of the message runs any more, the reports it owes
 are sent (L{mta.queue.reports}) and it is filed: C{done} or C{deferred}.
 
-Operator actions (L{mta.queue.operator}) reach messages through the
-bookkeeping here: C{ready}, C{loading}, C{active}, C{busy}, C{requests}
-and C{flushed}.  All store work runs in the spool thread pool; the work
-of one message is chained so it never overlaps.
+Where each message is (ready, loading, active, or busy with an operator
+action) is kept in L{mta.queue.bookkeeping}, through which operator
+actions (L{mta.queue.operator}) reach messages too.  All store work runs
+in the spool thread pool; the work of one message is chained so it never
+overlaps.
 """
 
 from __future__ import annotations
@@ -48,15 +49,15 @@ from mta.errors import ErrorKind, Reply
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
 from mta.queue import scheduler
+from mta.queue.bookkeeping import Bookkeeping
 from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
 from mta.queue.reports import Reporter
 from mta.queue.resultlog import ResultLog
-from mta.queue.scheduler import Destinations, ReadyQueue, RetryPolicy, Suspension, no_jitter
+from mta.queue.scheduler import Destinations, RetryPolicy, Suspension, no_jitter
 from mta.queue.shaping import Shaper, ShapingPolicy
 from mta.queue.traffic import TrafficShaping
 from mta.spool.format import FormatError, MissingEnvelopeError
-from mta.spool.queueid import arrival_of
 
 log = Logger(namespace="mta.queue")
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
@@ -115,13 +116,8 @@ class QueueManager(Service):
         self.on_done = on_done
         self.metrics = metrics or Metrics()
         self.result_log = ResultLog(self.metrics)
-        self.ready = ReadyQueue()
+        self.messages: Bookkeeping[ActiveMessage] = Bookkeeping(self.limits.active)
         self.destinations = Destinations()
-        self.active: dict[str, ActiveMessage] = {}
-        self.loading: set[str] = set()
-        self.busy: set[str] = set()  # an operator action is changing its files
-        self.requests: dict[str, str] = {}  # actions waiting for a round to end
-        self.flushed: set[str] = set()  # every pending recipient due at the next plan
         self.operator = Operator(self)
         concurrency = self.limits.destination_concurrency
         self.traffic = traffic or TrafficShaping(
@@ -156,16 +152,10 @@ class QueueManager(Service):
         self.runner(self.store.scan).addCallbacks(self._scanned, self._scan_failed)
 
     def _scanned(self, found: QueueScan) -> None:
-        # Messages committed (or acted on) while the scan ran are already known.
-        known = set(self.ready) | set(self.active) | self.loading | self.busy
-        fresh = [qid for qid in found.ready if qid not in known]
-        self.ready.add_first(fresh)
-        for when, queue_id in found.deferred:
-            if queue_id not in known:
-                self.ready.schedule(queue_id, when)
+        ready = self.messages.add_scan(found)
         log.info(
             "queue: {ready} messages ready, {deferred} deferred",
-            ready=len(fresh),
+            ready=ready,
             deferred=len(found.deferred),
         )
         self.pump()
@@ -201,24 +191,21 @@ class QueueManager(Service):
         With room in the active set it is taken up at once, with the
         envelope (and the bytes) the spool still has: no read, no thread.
         """
-        queue_id = notice.queue_id
+        queue_id, messages = notice.queue_id, self.messages
         if (
             not self._stopped
-            and len(self.active) + len(self.loading) < self.limits.active
-            and queue_id not in self.active
-            and queue_id not in self.loading
-            and queue_id not in self.busy
-            and queue_id not in self.ready
+            and messages.has_room()
+            and not messages.known(queue_id)
             and self.store.claim(queue_id)
         ):
             self._take(queue_id, notice.envelope, notice.data)
         else:
-            self.ready.add(queue_id)
+            messages.ready.add(queue_id)
         self.pump()
 
     def enqueue(self, queue_id: str) -> None:
         """A message in C{incoming} that the store has not told us of (C{mta-sendmail})."""
-        self.ready.add(queue_id)
+        self.messages.ready.add(queue_id)
         self.pump()
 
     # -- activation --------------------------------------------------------
@@ -227,49 +214,46 @@ class QueueManager(Service):
         """Take messages into the active set while there is room."""
         if self._stopped:
             return
-        now = self.clock.seconds()
-        while len(self.active) + len(self.loading) < self.limits.active:
-            queue_id = self.ready.next(now)
-            if queue_id is None:
-                break
-            if queue_id not in self.active and queue_id not in self.loading:
-                self._activate(queue_id)
+        now, messages = self.clock.seconds(), self.messages
+        while (queue_id := messages.next_ready(now)) is not None:
+            self._activate(queue_id)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        due = self.ready.next_due()
+        due = messages.ready.next_due()
         # When the active set is full, a finishing message pumps again.
-        if due is not None and len(self.active) + len(self.loading) < self.limits.active:
+        if due is not None and messages.has_room():
             self._timer = self.clock.callLater(max(0.0, due - now), self.pump)
         self._check_idle()
 
     def _activate(self, queue_id: str) -> None:
-        self.loading.add(queue_id)
+        messages = self.messages
+        messages.loading.add(queue_id)
 
         def loaded(envelope: Envelope | None) -> None:
-            self.loading.discard(queue_id)
+            messages.loading.discard(queue_id)
             if envelope is not None and not self._stopped:
                 self._take(queue_id, envelope, None)
             else:
-                self.flushed.discard(queue_id)
+                messages.flushed.discard(queue_id)
             self.operator.loaded(queue_id)
             self.pump()
 
         def failed(failure: Failure) -> None:
-            self.loading.discard(queue_id)
+            messages.loading.discard(queue_id)
             if failure.check(MissingEnvelopeError):
                 log.error("{qid}: no envelope, moved to corrupt/", qid=queue_id)
-                self.flushed.discard(queue_id)
+                messages.flushed.discard(queue_id)
             elif failure.check(FormatError):
                 log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id,
                           e=failure.value)  # fmt: skip
-                self.flushed.discard(queue_id)
+                messages.flushed.discard(queue_id)
             else:
                 # An I/O error (e.g. out of file descriptors) must not make
                 # the queue forget the message: look at it again in a minute.
                 log.failure("{qid}: cannot activate; trying again in a minute", failure,
                             qid=queue_id)  # fmt: skip
-                self.ready.schedule(queue_id, self.clock.seconds() + RETRY_DELAY)
+                messages.ready.schedule(queue_id, self.clock.seconds() + RETRY_DELAY)
             self.operator.loaded(queue_id)
             self.pump()
 
@@ -282,15 +266,14 @@ class QueueManager(Service):
             message.data = data
             self._cached += len(data)
         message.notices = scheduler.owed_notices(envelope)
-        self.active[queue_id] = message
+        self.messages.active[queue_id] = message
         self._plan(message)
 
     # -- planning and dispatch -----------------------------------------------
 
     def _plan(self, message: ActiveMessage) -> None:
         env = message.envelope
-        flushed = env.queue_id in self.flushed
-        self.flushed.discard(env.queue_id)
+        flushed = self.messages.pop_flushed(env.queue_id)
         plans = scheduler.plan(env, self.clock.seconds(), self.router.destination, flushed=flushed)
         if not plans:
             self._finish(message)
@@ -422,7 +405,7 @@ class QueueManager(Service):
         queue_id = env.queue_id
         when = 0.0
         while True:
-            request = self.requests.get(queue_id)
+            request = self.messages.requests.get(queue_id)
             try:
                 if request == "delete":
                     await self.runner(partial(self.store.remove, queue_id, QueueState.ACTIVE))
@@ -439,7 +422,7 @@ class QueueManager(Service):
                     scheduler.notified(message.notices)
                     message.notices = []
                 state, when = scheduler.filing(
-                    env, self.clock.seconds(), flushed=queue_id in self.flushed,
+                    env, self.clock.seconds(), flushed=queue_id in self.messages.flushed,
                     hold=request == "hold",
                 )  # fmt: skip
                 await self._files.submit((env, state, when))
@@ -456,11 +439,7 @@ class QueueManager(Service):
         if message.data is not None:
             self._cached -= len(message.data)
             message.data = None
-        self.active.pop(queue_id, None)
-        if state == QueueState.DEFERRED:
-            self.ready.schedule(queue_id, when)
-        else:
-            self.flushed.discard(queue_id)
+        self.messages.filed(queue_id, state, when)
         if state == QueueState.DONE:
             log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
             if self.on_done is not None:
@@ -470,29 +449,11 @@ class QueueManager(Service):
 
     # -- for metrics, tests and operations -----------------------------------------
 
-    def counts(self) -> dict[str, int]:
-        """Messages by state as the manager sees them (for metrics)."""
-        return {
-            "incoming": self.ready.new_count,
-            "active": len(self.active) + len(self.loading),
-            "deferred": self.ready.deferred_count,
-        }
-
-    def oldest_arrival(self) -> float | None:
-        """Arrival time of the oldest message waiting or in delivery."""
-        oldest = min([*self.ready, *self.active, *self.loading], default=None)
-        return None if oldest is None else arrival_of(oldest)
-
     def _check_idle(self) -> None:
-        if self.idle and self.idle_waiters:
+        if self.messages.idle and self.idle_waiters:
             waiters, self.idle_waiters = self.idle_waiters, []
             for d in waiters:
                 d.callback(None)
-
-    @property
-    def idle(self) -> bool:
-        """Nothing active, loading or ready (deferred messages may wait)."""
-        return not self.active and not self.loading and not self.ready.has_new
 
     def when_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

@@ -1,0 +1,120 @@
+"""The queue manager's bookkeeping (L{mta.queue.bookkeeping}), as tables: no reactor."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta.envelope import QueueScan, QueueState
+from mta.queue.bookkeeping import Bookkeeping
+from mta.spool.queueid import QueueIdGenerator, arrival_of
+
+T0 = 1_700_000_000.0
+
+
+def ids(n: int) -> list[str]:
+    """C{n} queue IDs, one a second from T0, oldest first."""
+    times = iter(range(n))
+    make = QueueIdGenerator(lambda: T0 + next(times), lambda bits: 0)
+    return [make() for _ in range(n)]
+
+
+class PlacesTests(SynchronousTestCase):
+    """Which messages are known, and the room in the active set."""
+
+    def test_known_in_each_place(self) -> None:
+        book: Bookkeeping[object] = Bookkeeping(10)
+        book.ready.add("new")
+        book.ready.schedule("deferred", T0)
+        book.active["active"] = object()
+        book.loading.add("loading")
+        book.busy.add("busy")
+        for queue_id, known in [("new", True), ("deferred", True), ("active", True),
+                                ("loading", True), ("busy", True), ("other", False)]:  # fmt: skip
+            self.assertEqual(book.known(queue_id), known, queue_id)
+
+    def test_room_counts_active_and_loading(self) -> None:
+        book: Bookkeeping[object] = Bookkeeping(2)
+        self.assertTrue(book.has_room())
+        book.active["a"] = object()
+        self.assertTrue(book.has_room())
+        book.loading.add("b")
+        self.assertFalse(book.has_room())
+
+    def test_next_ready_while_there_is_room(self) -> None:
+        book: Bookkeeping[object] = Bookkeeping(2)
+        for queue_id in ["a", "b", "c"]:
+            book.ready.add(queue_id)
+        self.assertEqual(book.next_ready(T0), "a")
+        book.loading.add("a")
+        self.assertEqual(book.next_ready(T0), "b")
+        book.loading.add("b")
+        self.assertIsNone(book.next_ready(T0), "the active set is full")
+        self.assertIn("c", book.ready)
+
+    def test_next_ready_passes_over_one_taken_up_meanwhile(self) -> None:
+        book: Bookkeeping[object] = Bookkeeping(5)
+        book.ready.add("a")
+        book.ready.add("b")
+        book.active["a"] = object()
+        self.assertEqual(book.next_ready(T0), "b")
+        self.assertIsNone(book.next_ready(T0))
+
+
+class ScanTests(SynchronousTestCase):
+    """The start-up scan, taken in beside what is known already."""
+
+    def test_table(self) -> None:
+        book: Bookkeeping[object] = Bookkeeping(10)
+        book.ready.add("committed")
+        book.busy.add("acted-on")
+        found = QueueScan(
+            ready=["r1", "committed", "r2", "acted-on"],
+            deferred=[(T0 + 60, "d1"), (T0, "acted-on"), (T0 + 30, "committed")],
+        )
+        self.assertEqual(book.add_scan(found), 2)
+        self.assertEqual([book.ready.next(T0) for _ in range(3)], ["r1", "r2", "committed"])
+        self.assertEqual(book.ready.deferred(), ["d1"])
+        self.assertEqual(book.ready.due("d1"), T0 + 60)
+
+
+class FlushAndFilingTests(SynchronousTestCase):
+    """The flush mark is spent at the plan; filing puts the message where it waits."""
+
+    def test_pop_flushed(self) -> None:
+        book: Bookkeeping[object] = Bookkeeping(10)
+        book.flushed.add("a")
+        self.assertEqual([book.pop_flushed("a"), book.pop_flushed("a")], [True, False])
+
+    def test_filed(self) -> None:
+        for state, deferred, flushed in [
+            (QueueState.DEFERRED, True, True),
+            (QueueState.DONE, False, False),
+            (QueueState.HOLD, False, False),
+            (None, False, False),
+        ]:
+            book: Bookkeeping[object] = Bookkeeping(10)
+            book.active["a"] = object()
+            book.flushed.add("a")
+            book.filed("a", state, T0 + 5)
+            self.assertEqual(book.active, {}, state)
+            self.assertEqual(book.ready.due("a"), T0 + 5 if deferred else None, state)
+            self.assertEqual("a" in book.flushed, flushed, state)
+
+
+class CountsTests(SynchronousTestCase):
+    """What the metrics show of the manager's messages."""
+
+    def test_counts_oldest_and_idle(self) -> None:
+        new, deferred, active, loading = ids(4)
+        book: Bookkeeping[object] = Bookkeeping(10)
+        self.assertEqual(book.counts(), {"incoming": 0, "active": 0, "deferred": 0})
+        self.assertIsNone(book.oldest_arrival())
+        self.assertTrue(book.idle)
+        book.ready.schedule(deferred, T0)
+        self.assertTrue(book.idle, "a deferred message may wait")
+        book.ready.add(new)
+        book.active[active] = object()
+        book.loading.add(loading)
+        self.assertEqual(book.counts(), {"incoming": 1, "active": 2, "deferred": 1})
+        self.assertEqual(book.oldest_arrival(), arrival_of(new))
+        self.assertFalse(book.idle)
