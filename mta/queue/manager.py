@@ -44,7 +44,7 @@ from mta.bounce import Classifier
 from mta.config import QueueConfig
 from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.routes import Router
-from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState
+from mta.envelope import Committed, Envelope, QueueScan, QueueState
 from mta.errors import ErrorKind, Reply
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
@@ -52,6 +52,7 @@ from mta.queue import scheduler
 from mta.queue.bookkeeping import Bookkeeping
 from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
+from mta.queue.progress import ProgressJournal
 from mta.queue.reports import Reporter
 from mta.queue.resultlog import ResultLog
 from mta.queue.scheduler import Destinations, RetryPolicy, Suspension, no_jitter
@@ -66,6 +67,8 @@ CACHE_BYTES = 32 * 1024 * 1024  # new messages' bytes kept for their first deliv
 
 @dataclass
 class ActiveMessage:
+    """A message in delivery: its envelope, and what its round has yet to do."""
+
     envelope: Envelope
     activated: float
     jobs: int = 0
@@ -76,7 +79,9 @@ class ActiveMessage:
 
 
 @dataclass
-class _Job:
+class QueuedJob:
+    """A delivery job of an active message, from its plan to its results."""
+
     message: ActiveMessage
     job: DeliveryJob
     running: Running | None = None  # its place in the dispatcher's counts, once started
@@ -116,6 +121,7 @@ class QueueManager(Service):
         self.on_done = on_done
         self.metrics = metrics or Metrics()
         self.result_log = ResultLog(self.metrics)
+        self.progress = ProgressJournal(store, clock)
         self.messages: Bookkeeping[ActiveMessage] = Bookkeeping(self.limits.active)
         self.destinations = Destinations()
         self.operator = Operator(self)
@@ -123,7 +129,7 @@ class QueueManager(Service):
         self.traffic = traffic or TrafficShaping(
             Shaper(ShapingPolicy(max_concurrency=concurrency)), clock
         )
-        self.dispatcher: Dispatcher[_Job] = Dispatcher(
+        self.dispatcher: Dispatcher[QueuedJob] = Dispatcher(
             self.limits, self.destinations, self.traffic.shaper
         )
         self._timer: IDelayedCall | None = None
@@ -285,8 +291,9 @@ class QueueManager(Service):
             else partial(self.store.open_message, env.queue_id, QueueState.ACTIVE)
         )
         for p in plans:
-            item = _Job(message, DeliveryJob(env, p.recipients, opener, p.destination, p.domain))
-            item.job.on_transaction = partial(self._transaction, item)
+            job = DeliveryJob(env, p.recipients, opener, p.destination, p.domain)
+            item = QueuedJob(message, job)
+            job.on_transaction = partial(self.progress.transaction, item)
             message.jobs += 1
             self.dispatcher.add(p.destination, item)
         self._dispatch()
@@ -296,12 +303,12 @@ class QueueManager(Service):
         if not self._stopped:
             self.traffic.wake(wake, self._dispatch)  # a destination held by its rate
 
-    def _skip(self, item: _Job, suspension: Suspension) -> None:
+    def _skip(self, item: QueuedJob, suspension: Suspension) -> None:
         """Defer a job's recipients without a connection: the destination rests."""
         results = scheduler.suspended_results(item.job.recipients, suspension)
         self._record(item, results, self.clock.seconds(), ran=False, resume=suspension.until)
 
-    def _start(self, item: _Job, running: Running) -> None:
+    def _start(self, item: QueuedJob, running: Running) -> None:
         item.running = running
         started = self.clock.seconds()
 
@@ -325,7 +332,7 @@ class QueueManager(Service):
 
     def _record(
         self,
-        item: _Job,
+        item: QueuedJob,
         results: list[RecipientResult],
         started: float,
         *,
@@ -347,7 +354,7 @@ class QueueManager(Service):
         )  # fmt: skip
         self.result_log.job(env, decision, ran=ran, activated=message.activated, started=started,
                             now=now)  # fmt: skip
-        self._journal(item, scheduler.progress_records(env, decision, written=item.journaled))
+        self.progress.results(item, decision)
         message.notices.extend(decision.notices)
         if decision.answered:
             self.destinations.answered(dest, now)
@@ -361,25 +368,6 @@ class QueueManager(Service):
         if message.jobs == 0:
             self._finish(message)
         self._dispatch()
-
-    def _transaction(self, item: _Job, results: list[RecipientResult]) -> None:
-        """The agent's C{on_transaction}: one transaction's deliveries, journaled
-        before the job ends, so that a SIGKILL during a later transaction of
-        the same job (more than 50 recipients, another MX host for the rest)
-        does not send them again."""
-        records = scheduler.sent_records(
-            item.message.envelope, item.job.recipients, results, self.clock.seconds(),
-            written=item.journaled,
-        )  # fmt: skip
-        self._journal(item, records)
-
-    def _journal(self, item: _Job, records: list[ProgressRecord]) -> None:
-        """Write results ahead of the message file (the progress journal); a
-        recipient's delivery is written once."""
-        token = self.store.journal(records) if records else None
-        if token is not None:
-            item.message.journal.append(token)
-            item.journaled.update(r.recipient.address for r in records if r.recipient.state.final)
 
     # -- the end of a round ----------------------------------------------------
 
@@ -433,9 +421,7 @@ class QueueManager(Service):
                 if self._stopped:
                     return  # it stays in active/ and is taken up at the next start
                 await deferLater(self.clock, RETRY_DELAY, lambda: None)
-        for token in message.journal:
-            self.store.release(token)
-        message.journal = []
+        self.progress.release(message)
         if message.data is not None:
             self._cached -= len(message.data)
             message.data = None
