@@ -45,7 +45,6 @@ from mta.config import QueueConfig
 from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.routes import Router
 from mta.envelope import Committed, Envelope, QueueScan, QueueState
-from mta.errors import ErrorKind, Reply
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
 from mta.queue import scheduler
@@ -314,8 +313,7 @@ class QueueManager(Service):
 
         def crashed(failure: Failure) -> list[RecipientResult]:
             log.failure("{qid}: delivery crashed", failure, qid=item.job.envelope.queue_id)
-            reply = Reply(451, "4.3.0", "internal error during delivery")
-            return [RecipientResult(r.address, reply, ErrorKind.LOCAL) for r in item.job.recipients]
+            return scheduler.crashed_results(item.job.recipients)
 
         d = maybeDeferred(self.agent.deliver, item.job).addErrback(crashed)
         d.addCallback(lambda results: self._record(item, results, started))
@@ -356,14 +354,11 @@ class QueueManager(Service):
                             now=now)  # fmt: skip
         self.progress.results(item, decision)
         message.notices.extend(decision.notices)
-        if decision.answered:
-            self.destinations.answered(dest, now)
-        if decision.suspend is not None:
-            seconds, reason, why = decision.suspend
-            if self.destinations.suspend(dest, seconds, reason, why, now) is not None:
-                log.info("{dest}: {why}; delivery suspended for {secs:.0f} s ({reason})",
-                         dest=dest, why=why, secs=seconds, reason=str(reason))  # fmt: skip
-        self.destinations.prune(now)
+        rest = self.destinations.learn(dest, decision, now)
+        if rest is not None:
+            seconds, reason, why = rest
+            log.info("{dest}: {why}; delivery suspended for {secs:.0f} s ({reason})",
+                     dest=dest, why=why, secs=seconds, reason=str(reason))  # fmt: skip
         message.jobs -= 1
         if message.jobs == 0:
             self._finish(message)
