@@ -374,41 +374,18 @@ class QueueManager(Service):
         message.io.addCallback(lambda _: Deferred.fromCoroutine(self._file(message)))
 
     async def _file(self, message: ActiveMessage) -> None:
-        """Send the owed report, then record the envelope and file the message.
+        """End the message's round (L{_close}) until that succeeds, then let go of it.
 
-        Either step may fail (a full disk): then the message stays active in
-        memory, as it is on disk, and the step is tried again a minute later
-        — never dropped, never filed with a report marked sent that was not.
-        The envelope is filed as it is (nothing changes it meanwhile) in a
-        group with other messages'.  An operator
-        action that waited for the round to end is applied here
-        (L{mta.queue.operator}).
+        A step may fail (a full disk): then the message stays active in
+        memory, as it is on disk, and the round's end is tried again a
+        minute later — never dropped, never filed with a report marked sent
+        that was not.
         """
-        env = message.envelope
-        queue_id = env.queue_id
-        when = 0.0
+        queue_id = message.envelope.queue_id
         while True:
             request = self.messages.requests.get(queue_id)
             try:
-                if request == "delete":
-                    await self.runner(partial(self.store.remove, queue_id, QueueState.ACTIVE))
-                    log.info("{qid}: removed by the mail administrator", qid=queue_id)
-                    state: QueueState | None = None
-                    break
-                if request == "bounce":
-                    self.operator.expire(message)
-                if message.notices:
-                    if self.reporter is not None:
-                        policy = RetryPolicy.from_config(self.settings)
-                        until = policy.expires_at(env.arrival)
-                        await self.reporter.send(env, message.notices, until)
-                    scheduler.notified(message.notices)
-                    message.notices = []
-                state, when = scheduler.filing(
-                    env, self.clock.seconds(), flushed=queue_id in self.messages.flushed,
-                    hold=request == "hold",
-                )  # fmt: skip
-                await self._files.submit((env, state, when))
+                state, when = await self._close(message, request)
                 break
             except Exception:
                 log.failure("{qid}: cannot file the message; trying again in a minute",
@@ -416,6 +393,42 @@ class QueueManager(Service):
                 if self._stopped:
                     return  # it stays in active/ and is taken up at the next start
                 await deferLater(self.clock, RETRY_DELAY, lambda: None)
+        self._filed(message, state, when, request)
+
+    async def _close(
+        self, message: ActiveMessage, request: str | None
+    ) -> tuple[QueueState | None, float]:
+        """Apply the operator action that waited for the round to end
+        (L{mta.queue.operator}), send the owed report, then file the message
+        where L{scheduler.filing} says; returns where (None: removed) and its time.
+
+        The envelope is filed as it is (nothing changes it meanwhile) in a
+        group with other messages'.
+        """
+        env = message.envelope
+        if request == "delete":
+            await self.operator.remove(env.queue_id)
+            return None, 0.0
+        if request == "bounce":
+            self.operator.expire(message)
+        if message.notices:
+            if self.reporter is not None:
+                until = RetryPolicy.from_config(self.settings).expires_at(env.arrival)
+                await self.reporter.send(env, message.notices, until)
+            scheduler.notified(message.notices)
+            message.notices = []
+        state, when = scheduler.filing(
+            env, self.clock.seconds(), flushed=env.queue_id in self.messages.flushed,
+            hold=request == "hold",
+        )  # fmt: skip
+        await self._files.submit((env, state, when))
+        return state, when
+
+    def _filed(
+        self, message: ActiveMessage, state: QueueState | None, when: float, request: str | None
+    ) -> None:
+        """The message is filed in C{state} (None: removed): let go of it."""
+        queue_id = message.envelope.queue_id
         self.progress.release(message)
         if message.data is not None:
             self._cached -= len(message.data)

@@ -12,6 +12,7 @@ its files change (C{busy}), and put back where the action leaves it.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -112,6 +113,11 @@ class Operator:
             self.m.messages.ready.add(queue_id, first=True)
         else:
             self.m.messages.ready.schedule(queue_id, self.m.clock.seconds())
+
+    def remove(self, queue_id: str) -> Deferred[None]:
+        """C{delete} on a message whose round ends."""
+        work = self.m.runner(partial(self.m.store.remove, queue_id, QueueState.ACTIVE))
+        return work.addCallback(lambda _: self._log("delete", queue_id))
 
     def expire(self, message: ActiveMessage) -> None:
         """C{bounce} on a message whose round ends: fail what is pending, report it."""
