@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mta.envelope import QueueScan, QueueState
-from mta.queue.bookkeeping import Bookkeeping
+from mta.envelope import Envelope, QueueScan, QueueState
+from mta.queue.bookkeeping import CACHE_BYTES, ActiveMessage, Bookkeeping
 from mta.spool.queueid import QueueIdGenerator, arrival_of
 
 T0 = 1_700_000_000.0
@@ -18,14 +18,18 @@ def ids(n: int) -> list[str]:
     return [make() for _ in range(n)]
 
 
+def message(queue_id: str) -> ActiveMessage:
+    return ActiveMessage(Envelope(queue_id, "s@example.com", [], T0), T0)
+
+
 class PlacesTests(SynchronousTestCase):
     """Which messages are known, and the room in the active set."""
 
     def test_known_in_each_place(self) -> None:
-        book: Bookkeeping[object] = Bookkeeping(10)
+        book = Bookkeeping(10)
         book.ready.add("new")
         book.ready.schedule("deferred", T0)
-        book.active["active"] = object()
+        book.take(message("active"), None)
         book.loading.add("loading")
         book.busy.add("busy")
         for queue_id, known in [("new", True), ("deferred", True), ("active", True),
@@ -33,15 +37,15 @@ class PlacesTests(SynchronousTestCase):
             self.assertEqual(book.known(queue_id), known, queue_id)
 
     def test_room_counts_active_and_loading(self) -> None:
-        book: Bookkeeping[object] = Bookkeeping(2)
+        book = Bookkeeping(2)
         self.assertTrue(book.has_room())
-        book.active["a"] = object()
+        book.take(message("a"), None)
         self.assertTrue(book.has_room())
         book.loading.add("b")
         self.assertFalse(book.has_room())
 
     def test_next_ready_while_there_is_room(self) -> None:
-        book: Bookkeeping[object] = Bookkeeping(2)
+        book = Bookkeeping(2)
         for queue_id in ["a", "b", "c"]:
             book.ready.add(queue_id)
         self.assertEqual(book.next_ready(T0), "a")
@@ -52,10 +56,10 @@ class PlacesTests(SynchronousTestCase):
         self.assertIn("c", book.ready)
 
     def test_next_ready_passes_over_one_taken_up_meanwhile(self) -> None:
-        book: Bookkeeping[object] = Bookkeeping(5)
+        book = Bookkeeping(5)
         book.ready.add("a")
         book.ready.add("b")
-        book.active["a"] = object()
+        book.take(message("a"), None)
         self.assertEqual(book.next_ready(T0), "b")
         self.assertIsNone(book.next_ready(T0))
 
@@ -64,7 +68,7 @@ class ScanTests(SynchronousTestCase):
     """The start-up scan, taken in beside what is known already."""
 
     def test_table(self) -> None:
-        book: Bookkeeping[object] = Bookkeeping(10)
+        book = Bookkeeping(10)
         book.ready.add("committed")
         book.busy.add("acted-on")
         found = QueueScan(
@@ -81,7 +85,7 @@ class FlushAndFilingTests(SynchronousTestCase):
     """The flush mark is spent at the plan; filing puts the message where it waits."""
 
     def test_pop_flushed(self) -> None:
-        book: Bookkeeping[object] = Bookkeeping(10)
+        book = Bookkeeping(10)
         book.flushed.add("a")
         self.assertEqual([book.pop_flushed("a"), book.pop_flushed("a")], [True, False])
 
@@ -92,13 +96,30 @@ class FlushAndFilingTests(SynchronousTestCase):
             (QueueState.HOLD, False, False),
             (None, False, False),
         ]:
-            book: Bookkeeping[object] = Bookkeeping(10)
-            book.active["a"] = object()
+            book = Bookkeeping(10)
+            active = message("a")
+            book.take(active, None)
             book.flushed.add("a")
-            book.filed("a", state, T0 + 5)
+            book.filed(active, state, T0 + 5)
             self.assertEqual(book.active, {}, state)
             self.assertEqual(book.ready.due("a"), T0 + 5 if deferred else None, state)
             self.assertEqual("a" in book.flushed, flushed, state)
+
+
+class CacheTests(SynchronousTestCase):
+    """New messages' bytes are kept while they fit, until the message is filed."""
+
+    def test_table(self) -> None:
+        book = Bookkeeping(10)
+        big, small, late = message("big"), message("small"), message("late")
+        book.take(big, b"x" * (CACHE_BYTES - 10))
+        book.take(small, b"y" * 10)
+        book.take(late, b"z")
+        self.assertEqual([m.data is not None for m in (big, small, late)], [True, True, False])
+        self.assertEqual(book.cached, CACHE_BYTES)
+        book.filed(big, QueueState.DONE, T0)
+        self.assertIsNone(big.data)
+        self.assertEqual(book.cached, 10)
 
 
 class CountsTests(SynchronousTestCase):
@@ -106,14 +127,14 @@ class CountsTests(SynchronousTestCase):
 
     def test_counts_oldest_and_idle(self) -> None:
         new, deferred, active, loading = ids(4)
-        book: Bookkeeping[object] = Bookkeeping(10)
+        book = Bookkeeping(10)
         self.assertEqual(book.counts(), {"incoming": 0, "active": 0, "deferred": 0})
         self.assertIsNone(book.oldest_arrival())
         self.assertTrue(book.idle)
         book.ready.schedule(deferred, T0)
         self.assertTrue(book.idle, "a deferred message may wait")
         book.ready.add(new)
-        book.active[active] = object()
+        book.take(message(active), None)
         book.loading.add(loading)
         self.assertEqual(book.counts(), {"incoming": 1, "active": 2, "deferred": 1})
         self.assertEqual(book.oldest_arrival(), arrival_of(new))

@@ -1,4 +1,5 @@
-"""Where each message the queue manager knows of is: its bookkeeping.
+"""The queue manager's bookkeeping: what it keeps of a message in delivery
+and of its jobs, and where each message it knows of is.
 
 A message the manager knows of is in one of four places, by queue ID:
 
@@ -12,33 +13,61 @@ A message the manager knows of is in one of four places, by queue ID:
 Two marks go with them: C{requests}, an operator action waiting for the
 message's round to end, and C{flushed}, every pending recipient due at the
 message's next plan.  The active set and the loading ones together are
-held to C{[queue] active_limit}.
+held to C{[queue] active_limit}; a new message's bytes, when the spool
+handed them over, are kept for its first delivery, up to L{CACHE_BYTES}
+of them at a time.
 
 No Twisted and no I/O: the manager and the operator move the messages.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
 
-from mta.envelope import QueueScan, QueueState
+from mta import dsn
+from mta.delivery.job import DeliveryJob
+from mta.envelope import Envelope, QueueScan, QueueState
+from mta.queue.dispatch import Running
 from mta.queue.scheduler import ReadyQueue
 from mta.spool.queueid import arrival_of
 
-M = TypeVar("M")  # what the manager keeps of an active message
+CACHE_BYTES = 32 * 1024 * 1024  # new messages' bytes kept for their first delivery
 
 
-class Bookkeeping(Generic[M]):
+@dataclass
+class ActiveMessage:
+    """A message in delivery: its envelope, and what its round has yet to do."""
+
+    envelope: Envelope
+    activated: float
+    jobs: int = 0  # waiting or running
+    notices: list[dsn.Notice] = field(default_factory=list)  # owed to the sender
+    journal: list[object] = field(default_factory=list)  # tokens of IQueueStore.journal
+    data: bytes | None = None  # the message's bytes, while the spool's copy is at hand
+
+
+@dataclass
+class QueuedJob:
+    """A delivery job of an active message, from its plan to its results."""
+
+    message: ActiveMessage
+    job: DeliveryJob
+    running: Running | None = None  # its place in the dispatcher's counts, once started
+    journaled: set[str] = field(default_factory=set)  # addresses in the progress journal
+
+
+class Bookkeeping:
     """The places of the messages (see the module docstring)."""
 
     def __init__(self, active_limit: int) -> None:
         self.active_limit = active_limit
         self.ready = ReadyQueue()
-        self.active: dict[str, M] = {}
+        self.active: dict[str, ActiveMessage] = {}
         self.loading: set[str] = set()
         self.busy: set[str] = set()  # an operator action is changing its files
         self.requests: dict[str, str] = {}  # actions waiting for a round to end
         self.flushed: set[str] = set()  # every pending recipient due at the next plan
+        self.cached = 0  # bytes of ActiveMessage.data
 
     def has_room(self) -> bool:
         """Whether one more message may be taken up (active or loading)."""
@@ -67,6 +96,13 @@ class Bookkeeping(Generic[M]):
                 return queue_id
         return None
 
+    def take(self, message: ActiveMessage, data: bytes | None) -> None:
+        """Make a message active, with its bytes (C{data}) if they fit in the cache."""
+        if data is not None and self.cached + len(data) <= CACHE_BYTES:
+            message.data = data
+            self.cached += len(data)
+        self.active[message.envelope.queue_id] = message
+
     def add_scan(self, found: QueueScan) -> int:
         """Take in what the start-up scan found; returns how many are ready.
 
@@ -88,12 +124,17 @@ class Bookkeeping(Generic[M]):
         self.flushed.discard(queue_id)
         return flushed
 
-    def filed(self, queue_id: str, state: QueueState | None, due: float) -> None:
+    def filed(self, message: ActiveMessage, state: QueueState | None, due: float) -> None:
         """The message's round ended and it was filed in C{state} (None: removed).
 
-        A deferred message waits in the ready queue until C{due}; any other
-        leaves the manager's hands, and its flush mark with it.
+        Its bytes leave the cache.  A deferred message waits in the ready
+        queue until C{due}; any other leaves the manager's hands, and its
+        flush mark with it.
         """
+        queue_id = message.envelope.queue_id
+        if message.data is not None:
+            self.cached -= len(message.data)
+            message.data = None
         self.active.pop(queue_id, None)
         if state == QueueState.DEFERRED:
             self.ready.schedule(queue_id, due)

@@ -19,26 +19,25 @@ are sent (L{mta.queue.reports}) and it is filed: C{done} or C{deferred}.
 Where each message is (ready, loading, active, or busy with an operator
 action) is kept in L{mta.queue.bookkeeping}, through which operator
 actions (L{mta.queue.operator}) reach messages too.  All store work runs
-in the spool thread pool; the work of one message is chained so it never
-overlaps.
+in the spool thread pool; a message's round ends once, and an operator
+action on a message in delivery waits for that end, so the store work of
+one message never overlaps.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta import dsn
 from mta.batch import Batcher, Runner
 from mta.bounce import Classifier
 from mta.config import QueueConfig
@@ -48,7 +47,7 @@ from mta.envelope import Committed, Envelope, QueueScan, QueueState
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
 from mta.queue import scheduler
-from mta.queue.bookkeeping import Bookkeeping
+from mta.queue.bookkeeping import ActiveMessage, Bookkeeping, QueuedJob
 from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
 from mta.queue.progress import ProgressJournal
@@ -61,30 +60,6 @@ from mta.spool.format import FormatError, MissingEnvelopeError
 
 log = Logger(namespace="mta.queue")
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
-CACHE_BYTES = 32 * 1024 * 1024  # new messages' bytes kept for their first delivery
-
-
-@dataclass
-class ActiveMessage:
-    """A message in delivery: its envelope, and what its round has yet to do."""
-
-    envelope: Envelope
-    activated: float
-    jobs: int = 0
-    io: Deferred[Any] = field(default_factory=lambda: succeed(None))
-    notices: list[dsn.Notice] = field(default_factory=list)
-    journal: list[object] = field(default_factory=list)  # tokens of IQueueStore.journal
-    data: bytes | None = None  # the message's bytes, while the spool's copy is at hand
-
-
-@dataclass
-class QueuedJob:
-    """A delivery job of an active message, from its plan to its results."""
-
-    message: ActiveMessage
-    job: DeliveryJob
-    running: Running | None = None  # its place in the dispatcher's counts, once started
-    journaled: set[str] = field(default_factory=set)  # addresses in the progress journal
 
 
 class QueueManager(Service):
@@ -121,7 +96,7 @@ class QueueManager(Service):
         self.metrics = metrics or Metrics()
         self.result_log = ResultLog(self.metrics)
         self.progress = ProgressJournal(store, clock)
-        self.messages: Bookkeeping[ActiveMessage] = Bookkeeping(self.limits.active)
+        self.messages = Bookkeeping(self.limits.active)
         self.destinations = Destinations()
         self.operator = Operator(self)
         concurrency = self.limits.destination_concurrency
@@ -138,7 +113,6 @@ class QueueManager(Service):
         self._stopped = True
         self._retries: list[IDelayedCall] = []
         self.idle_waiters: list[Deferred[None]] = []
-        self._cached = 0  # bytes of ActiveMessage.data
 
     def configure(self, settings: QueueConfig, classifier: Classifier | None = None) -> None:
         """New settings (a reload): used from the next decision on."""
@@ -267,11 +241,8 @@ class QueueManager(Service):
     def _take(self, queue_id: str, envelope: Envelope, data: bytes | None) -> None:
         """Make a message active and send out its due recipients."""
         message = ActiveMessage(envelope, self.clock.seconds())
-        if data is not None and self._cached + len(data) <= CACHE_BYTES:
-            message.data = data
-            self._cached += len(data)
         message.notices = scheduler.owed_notices(envelope)
-        self.messages.active[queue_id] = message
+        self.messages.take(message, data)
         self._plan(message)
 
     # -- planning and dispatch -----------------------------------------------
@@ -371,7 +342,7 @@ class QueueManager(Service):
         env = message.envelope
         now = self.clock.seconds()
         message.notices += scheduler.delay_notices(env, now, self.settings.delay_warning_time)
-        message.io.addCallback(lambda _: Deferred.fromCoroutine(self._file(message)))
+        Deferred.fromCoroutine(self._file(message))
 
     async def _file(self, message: ActiveMessage) -> None:
         """End the message's round (L{_close}) until that succeeds, then let go of it.
@@ -430,10 +401,7 @@ class QueueManager(Service):
         """The message is filed in C{state} (None: removed): let go of it."""
         queue_id = message.envelope.queue_id
         self.progress.release(message)
-        if message.data is not None:
-            self._cached -= len(message.data)
-            message.data = None
-        self.messages.filed(queue_id, state, when)
+        self.messages.filed(message, state, when)
         if state == QueueState.DONE:
             log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
             if self.on_done is not None:

@@ -23,9 +23,10 @@ from mta import dsn
 from mta.envelope import QueueState
 from mta.queue import actions, scheduler
 from mta.queue.actions import ActionError
+from mta.queue.bookkeeping import ActiveMessage
 
 if TYPE_CHECKING:
-    from mta.queue.manager import ActiveMessage, QueueManager
+    from mta.queue.manager import QueueManager
 
 log = Logger(namespace="mta.queue")
 

@@ -12,17 +12,13 @@ which the store may let go once the message is filed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from twisted.internet.interfaces import IReactorTime
 
 from mta.delivery.job import RecipientResult
 from mta.envelope import ProgressRecord
 from mta.interfaces import IQueueStore
 from mta.queue import scheduler
-
-if TYPE_CHECKING:
-    from mta.queue.manager import ActiveMessage, QueuedJob
+from mta.queue.bookkeeping import ActiveMessage, QueuedJob
 
 
 class ProgressJournal:
