@@ -540,6 +540,45 @@ class StorageFailureTests(QueueTestCase):
         self.assertTrue(env.recipients[0].final_notified)
 
 
+class StartupScanFailureTests(QueueTestCase):
+    """A start-up scan that fails (out of file descriptors) is tried again a
+    minute later, unless the queue has stopped meanwhile."""
+
+    def failing_scan(self) -> list[int]:
+        """Make the store's next scan fail once; returns a list that counts scans."""
+        scan, calls = self.store.scan, []
+
+        def scan_once_failing() -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise StorageError("cannot list the queue: too many open files")
+            return scan()
+
+        self.store.scan = scan_once_failing
+        return calls
+
+    def test_retried_a_minute_later(self) -> None:
+        self.queue("bob@example.net")
+        calls = self.failing_scan()
+        self.manager()
+        self.assertEqual(len(self.flushLoggedErrors(StorageError)), 1)
+        self.assertTrue(self.logged("cannot read the queue; trying again in a minute"))
+        self.clock.advance(59)
+        self.assertEqual((len(calls), len(self.spy.calls)), (1, 0))
+        self.clock.advance(1)
+        self.assertEqual((len(calls), len(self.spy.calls)), (2, 1))
+
+    def test_not_after_a_stop(self) -> None:
+        self.queue("bob@example.net")
+        calls = self.failing_scan()
+        qm = self.manager()
+        self.flushLoggedErrors(StorageError)
+        qm.stopService()
+        self.clock.advance(3600)
+        self.assertEqual((len(calls), len(self.spy.calls)), (1, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class SuspensionScopeTests(QueueTestCase):
     """Only a destination that never answered is a dead site."""
 

@@ -106,12 +106,12 @@ class QueueManager(Service):
         self.dispatcher: Dispatcher[QueuedJob] = Dispatcher(
             self.limits, self.destinations, self.traffic.shaper
         )
-        self._timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None  # the next deferred message is due
+        self._rescan: IDelayedCall | None = None  # after a failed start-up scan
         self._files: Batcher[tuple[Envelope, QueueState, float | None], None] = Batcher(
             runner, store.file
         )
         self._stopped = True
-        self._retries: list[IDelayedCall] = []
         self.idle_waiters: list[Deferred[None]] = []
 
     def configure(self, settings: QueueConfig, classifier: Classifier | None = None) -> None:
@@ -141,26 +141,14 @@ class QueueManager(Service):
 
     def _scan_failed(self, failure: Failure) -> None:
         log.failure("cannot read the queue; trying again in a minute", failure)
-        self._later(RETRY_DELAY, self._start_scan)
-
-    def _later(self, delay: float, action: Callable[[], object]) -> None:
-        """Run C{action} after C{delay} unless stopped; for recovery from errors."""
-        if self._stopped:
-            return
-
-        def run() -> None:
-            self._retries = [c for c in self._retries if c.active()]
-            if not self._stopped:
-                action()
-
-        self._retries.append(self.clock.callLater(delay, run))
+        if not self._stopped:
+            self._rescan = self.clock.callLater(RETRY_DELAY, self._start_scan)
 
     def stopService(self) -> None:
         self._stopped = True
-        for call in [self._timer, *self._retries]:
+        for call in [self._timer, self._rescan]:
             if call is not None and call.active():
                 call.cancel()
-        self._retries = []
         self.traffic.cancel_wake()
         super().stopService()  # type: ignore[no-untyped-call]
 
