@@ -12,9 +12,11 @@ destination; jobs wait per destination and run within a per-destination
 and a global concurrency limit, taking destinations in turn, and within
 the limits traffic shaping learnt from the destination's replies
 (L{mta.queue.traffic}, which every job's results feed).  Each job's
-results are applied by the scheduler, logged in Postfix's shape and
-recorded; when no job of the message runs any more, the reports it owes
-are sent (L{mta.queue.reports}) and it is filed: C{done} or C{deferred}.
+results are applied by the scheduler, logged in Postfix's shape
+(L{mta.queue.resultlog}) and written to the progress journal
+(L{mta.queue.progress}); when no job of the message runs any more, the
+reports it owes are sent (L{mta.queue.reports}) and it is filed: C{done}
+or C{deferred}.
 
 Where each message is (ready, loading, active, or busy with an operator
 action) is kept in L{mta.queue.bookkeeping}, through which operator
