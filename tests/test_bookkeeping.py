@@ -29,7 +29,7 @@ class PlacesTests(SynchronousTestCase):
         book = Bookkeeping(10)
         book.ready.add("new")
         book.ready.schedule("deferred", T0)
-        book.take(message("active"), None)
+        book.take("active", message("active"), None)
         book.loading.add("loading")
         book.busy.add("busy")
         for queue_id, known in [("new", True), ("deferred", True), ("active", True),
@@ -39,7 +39,7 @@ class PlacesTests(SynchronousTestCase):
     def test_room_counts_active_and_loading(self) -> None:
         book = Bookkeeping(2)
         self.assertTrue(book.has_room())
-        book.take(message("a"), None)
+        book.take("a", message("a"), None)
         self.assertTrue(book.has_room())
         book.loading.add("b")
         self.assertFalse(book.has_room())
@@ -59,7 +59,7 @@ class PlacesTests(SynchronousTestCase):
         book = Bookkeeping(5)
         book.ready.add("a")
         book.ready.add("b")
-        book.take(message("a"), None)
+        book.take("a", message("a"), None)
         self.assertEqual(book.next_ready(T0), "b")
         self.assertIsNone(book.next_ready(T0))
 
@@ -98,7 +98,7 @@ class FlushAndFilingTests(SynchronousTestCase):
         ]:
             book = Bookkeeping(10)
             active = message("a")
-            book.take(active, None)
+            book.take("a", active, None)
             book.flushed.add("a")
             book.filed(active, state, T0 + 5)
             self.assertEqual(book.active, {}, state)
@@ -112,9 +112,9 @@ class CacheTests(SynchronousTestCase):
     def test_table(self) -> None:
         book = Bookkeeping(10)
         big, small, late = message("big"), message("small"), message("late")
-        book.take(big, b"x" * (CACHE_BYTES - 10))
-        book.take(small, b"y" * 10)
-        book.take(late, b"z")
+        book.take("big", big, b"x" * (CACHE_BYTES - 10))
+        book.take("small", small, b"y" * 10)
+        book.take("late", late, b"z")
         self.assertEqual([m.data is not None for m in (big, small, late)], [True, True, False])
         self.assertEqual(book.cached, CACHE_BYTES)
         book.filed(big, QueueState.DONE, T0)
@@ -134,7 +134,7 @@ class CountsTests(SynchronousTestCase):
         book.ready.schedule(deferred, T0)
         self.assertTrue(book.idle, "a deferred message may wait")
         book.ready.add(new)
-        book.take(message(active), None)
+        book.take(active, message(active), None)
         book.loading.add(loading)
         self.assertEqual(book.counts(), {"incoming": 1, "active": 2, "deferred": 1})
         self.assertEqual(book.oldest_arrival(), arrival_of(new))

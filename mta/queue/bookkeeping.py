@@ -96,12 +96,12 @@ class Bookkeeping:
                 return queue_id
         return None
 
-    def take(self, message: ActiveMessage, data: bytes | None) -> None:
+    def take(self, queue_id: str, message: ActiveMessage, data: bytes | None) -> None:
         """Make a message active, with its bytes (C{data}) if they fit in the cache."""
         if data is not None and self.cached + len(data) <= CACHE_BYTES:
             message.data = data
             self.cached += len(data)
-        self.active[message.envelope.queue_id] = message
+        self.active[queue_id] = message
 
     def add_scan(self, found: QueueScan) -> int:
         """Take in what the start-up scan found; returns how many are ready.

@@ -232,7 +232,7 @@ class QueueManager(Service):
         """Make a message active and send out its due recipients."""
         message = ActiveMessage(envelope, self.clock.seconds())
         message.notices = scheduler.owed_notices(envelope)
-        self.messages.take(message, data)
+        self.messages.take(queue_id, message, data)
         self._plan(message)
 
     # -- planning and dispatch -----------------------------------------------
