@@ -5,9 +5,10 @@ transaction's reply is read (L{DeliveryJob.on_transaction}), and every
 recipient's new state is when its job ends, so that a SIGKILL before the
 message is filed does not send it again (docs/flow.md, section 6).  Which
 records to write is decided by L{scheduler.sent_records} and
-L{scheduler.progress_records}; kept here are each job's journaled
-deliveries, so that each is written once, and each message's tokens,
-which the store may let go once the message is filed.
+L{scheduler.progress_records}; this keeps each job's journaled deliveries
+(L{QueuedJob.journaled}), so that each is written once, and each message's
+tokens (L{ActiveMessage.journal}), which the store may let go once the
+message is filed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mta.queue.bookkeeping import ActiveMessage, QueuedJob
 
 
 class ProgressJournal:
-    """Journals the results of the jobs of one L{QueueManager}."""
+    """Journals the results of the jobs of one L{mta.queue.manager.QueueManager}."""
 
     def __init__(self, store: IQueueStore, clock: IReactorTime) -> None:
         self.store = store
