@@ -286,7 +286,8 @@ class MTAService(MultiService):
             plain = self._submission_factory(implicit_tls=False)
             self.listeners.append((description, plain))
         self._proxy_listeners(config, reactor)
-        self.metrics.watch_queue(self.queue_counts, self.queue.oldest_arrival, reactor.seconds)
+        oldest = self.queue.messages.oldest_arrival
+        self.metrics.watch_queue(self.queue_counts, oldest, reactor.seconds)
         for description in config.metrics.listen:
             self.listeners.append((description, metrics_site(self.metrics, self.health)))
 
@@ -422,7 +423,7 @@ class MTAService(MultiService):
 
     def queue_counts(self) -> dict[str, int]:
         """Messages per state: the manager's bookkeeping, and a listing of the rest."""
-        counts = self.queue.counts()
+        counts = self.queue.messages.counts()
         for state in (QueueState.HOLD, QueueState.CORRUPT):
             counts[state.value] = self.store.count(state)
         return counts

@@ -88,9 +88,9 @@ class QueueCountingTests(QueueTestCase):
             sample(metrics, "mta_deliveries_total", status="deferred", category="greylist"), 1
         )
         self.assertEqual(sample(metrics, "mta_delivery_latency_seconds_count"), 1)
-        self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 1})
+        self.assertEqual(qm.messages.counts(), {"incoming": 0, "active": 0, "deferred": 1})
         # The arrival time is read from the queue ID (they sort by arrival).
-        self.assertEqual(qm.oldest_arrival(), arrival_of(later))
+        self.assertEqual(qm.messages.oldest_arrival(), arrival_of(later))
 
 
 class JSONLogTests(QueueTestCase):

@@ -185,14 +185,14 @@ class LimitTests(QueueTestCase):
         for i in range(30):
             self.queue(f"user{i}@example.net")
         qm = self.manager(active=5)
-        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(qm.messages.active), 5)
         self.assertEqual(len(self.spy.waiting), 2)  # example.net not heard from yet
         self.spy.answer(0, OK)
-        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(qm.messages.active), 5)
         self.assertEqual(len(self.spy.waiting), 5)
         for i in range(1, 6):
             self.spy.answer(i, OK)
-        self.assertEqual(len(qm.active), 5)
+        self.assertEqual(len(qm.messages.active), 5)
         self.assertEqual(len(self.spy.calls), 11)
 
     def test_large_deferred_queue_is_not_loaded(self) -> None:
@@ -206,14 +206,14 @@ class LimitTests(QueueTestCase):
                 self.spy.answer(i, LATER)
                 answered += 1
         self.assertEqual(answered, 2000)
-        self.assertEqual(len(qm.active), 0)
-        self.assertEqual(qm.ready.deferred_count, 2000)
+        self.assertEqual(len(qm.messages.active), 0)
+        self.assertEqual(qm.messages.ready.deferred_count, 2000)
         loads = self.store.loads
         self.clock.advance(299)
         self.assertEqual(self.store.loads, loads, "nothing read before anything is due")
         self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one timer for the whole queue")
         self.clock.advance(1)
-        self.assertEqual(len(qm.active), 100, "only the active limit is loaded")
+        self.assertEqual(len(qm.messages.active), 100, "only the active limit is loaded")
 
 
 class RobustnessTests(QueueTestCase):
@@ -496,7 +496,7 @@ class DispatchReentrancyTests(QueueTestCase):
         agent.first.callback(None)
         runner.run_all()
         self.flushLoggedErrors()
-        self.assertEqual(len(qm.active), 0, "messages stuck in the active set")
+        self.assertEqual(len(qm.messages.active), 0, "messages stuck in the active set")
         self.assertEqual(len(list(self.store.ids(QueueState.DONE))), n)
         self.assertEqual(outcome[0], None)
 
@@ -517,7 +517,7 @@ class StorageFailureTests(QueueTestCase):
         self.clock.advance(3600)
         state, env = self.store.load(qid)
         self.assertEqual((state, env.recipients[0].state), ("done", RecipientState.SENT))
-        self.assertEqual(qm.active, {})
+        self.assertEqual(qm.messages.active, {})
 
     def test_failed_report_commit_is_not_forgotten(self) -> None:
         qid = self.queue("nobody@example.net")
@@ -538,6 +538,45 @@ class StorageFailureTests(QueueTestCase):
         state, env = self.store.load(qid)
         self.assertEqual(state, QueueState.DONE)
         self.assertTrue(env.recipients[0].final_notified)
+
+
+class StartupScanFailureTests(QueueTestCase):
+    """A start-up scan that fails (out of file descriptors) is tried again a
+    minute later, unless the queue has stopped meanwhile."""
+
+    def failing_scan(self) -> list[int]:
+        """Make the store's next scan fail once; returns a list that counts scans."""
+        scan, calls = self.store.scan, []
+
+        def scan_once_failing() -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise StorageError("cannot list the queue: too many open files")
+            return scan()
+
+        self.store.scan = scan_once_failing
+        return calls
+
+    def test_retried_a_minute_later(self) -> None:
+        self.queue("bob@example.net")
+        calls = self.failing_scan()
+        self.manager()
+        self.assertEqual(len(self.flushLoggedErrors(StorageError)), 1)
+        self.assertTrue(self.logged("cannot read the queue; trying again in a minute"))
+        self.clock.advance(59)
+        self.assertEqual((len(calls), len(self.spy.calls)), (1, 0))
+        self.clock.advance(1)
+        self.assertEqual((len(calls), len(self.spy.calls)), (2, 1))
+
+    def test_not_after_a_stop(self) -> None:
+        self.queue("bob@example.net")
+        calls = self.failing_scan()
+        qm = self.manager()
+        self.flushLoggedErrors(StorageError)
+        qm.stopService()
+        self.clock.advance(3600)
+        self.assertEqual((len(calls), len(self.spy.calls)), (1, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class SuspensionScopeTests(QueueTestCase):

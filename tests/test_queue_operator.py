@@ -56,7 +56,7 @@ class HoldReleaseTests(ControlTestCase):
         self.assertEqual(self.store.locate(qid), "hold")
         self.clock.advance(86400)
         self.assertEqual(len(self.spy.calls), 1, "a held message was delivered")
-        self.assertEqual(qm.counts()["deferred"], 0)
+        self.assertEqual(qm.messages.counts()["deferred"], 0)
 
     def test_release_makes_it_due_again(self) -> None:
         qm = self.manager()
@@ -131,7 +131,7 @@ class DeleteTests(ControlTestCase):
         self.assertRaises(KeyError, self.store.locate, qid)
         self.clock.advance(86400 * 6)
         self.assertEqual(len(self.spy.calls), 1)
-        self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
+        self.assertEqual(qm.messages.counts(), {"incoming": 0, "active": 0, "deferred": 0})
 
     def test_delete_racing_a_delivery_that_fails(self) -> None:
         qm = self.manager()
@@ -280,7 +280,7 @@ class CorruptTests(ControlTestCase):
         qm.operator.flush()
         self.assertEqual(self.store.locate(qid), "corrupt")
         self.assertTrue(self.logged(f"{qid}: no envelope, moved to corrupt/"))
-        self.assertEqual(qm.counts(), {"incoming": 0, "active": 0, "deferred": 0})
+        self.assertEqual(qm.messages.counts(), {"incoming": 0, "active": 0, "deferred": 0})
 
 
 class WhileLoadingTests(ControlTestCase):
@@ -295,7 +295,7 @@ class WhileLoadingTests(ControlTestCase):
         self.store.unreadable.add(qid)
         qm, runner = self.stepped_manager()
         runner.run_next()  # the start-up scan; the load is now waiting
-        self.assertEqual(qm.counts()["active"], 1)
+        self.assertEqual(qm.messages.counts()["active"], 1)
         answer = qm.operator.act("hold", qid)
         self.assertNoResult(answer)
         runner.run_all()

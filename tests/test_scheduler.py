@@ -151,6 +151,25 @@ class DestinationsTests(SynchronousTestCase):
         d.prune(T0 + 20, force=True)
         self.assertEqual(list(d.suspended), ["y"])
 
+    def test_learn_from_a_decision(self) -> None:
+        """Each row: the decision's answer and rest, whether it is logged, what is known after."""
+        unreachable = (300.0, REFUSED, "unreachable")
+        shorter = (100.0, LISTED, "blocklisted")
+        for answered, suspend, logged, proven, why in [
+            (False, None, None, False, None),
+            (True, None, None, True, None),
+            (False, unreachable, unreachable, False, "unreachable"),
+            (True, shorter, None, True, "unreachable"),  # resting longer already
+        ]:
+            d = Destinations()
+            if why is not None and suspend is not unreachable:
+                d.suspend("x", *unreachable, T0)
+            decision = scheduler.Decision(suspend=suspend, answered=answered)
+            self.assertEqual(d.learn("x", decision, T0), logged, (answered, suspend))
+            self.assertEqual(d.proven("x", T0), proven)
+            rest = d.suspension("x", T0)
+            self.assertEqual(rest.why if rest is not None else None, why)
+
 
 class PlanTests(SynchronousTestCase):
     """Due recipients, grouped by destination and domain, in envelope order."""
@@ -277,6 +296,16 @@ class ApplyTests(SynchronousTestCase):
         decision = self.decide(env, listed, settings=settings)
         self.assertEqual(decision.suspend, (1234, LISTED, "blocklisted"))
         self.assertTrue(decision.answered)
+
+    def test_a_crashed_delivery_is_a_local_temporary_failure(self) -> None:
+        env = envelope("a@x.example", "b@x.example")
+        results = scheduler.crashed_results(env.recipients)
+        self.assertEqual(
+            [(r.address, r.reply, r.kind) for r in results],
+            [(r.address, scheduler.INTERNAL_ERROR, ErrorKind.LOCAL) for r in env.recipients],
+        )
+        self.decide(env, results)
+        self.assertEqual([r.state for r in env.recipients], [RecipientState.DEFERRED] * 2)
 
 
 class FilingTests(SynchronousTestCase):

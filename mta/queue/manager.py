@@ -12,74 +12,56 @@ destination; jobs wait per destination and run within a per-destination
 and a global concurrency limit, taking destinations in turn, and within
 the limits traffic shaping learnt from the destination's replies
 (L{mta.queue.traffic}, which every job's results feed).  Each job's
-results are applied by the scheduler, logged in Postfix's shape and
-recorded; when no job of the message runs any more, the reports it owes
-are sent (L{mta.queue.reports}) and it is filed: C{done} or C{deferred}.
+results are applied by the scheduler, logged in Postfix's shape
+(L{mta.queue.resultlog}) and written to the progress journal
+(L{mta.queue.progress}); when no job of the message runs any more, the
+reports it owes are sent (L{mta.queue.reports}) and it is filed: C{done}
+or C{deferred}.
 
-Operator actions (L{mta.queue.operator}) reach messages through the
-bookkeeping here: C{ready}, C{loading}, C{active}, C{busy}, C{requests}
-and C{flushed}.  All store work runs in the spool thread pool; the work
-of one message is chained so it never overlaps.
+Where each message is (ready, loading, active, or busy with an operator
+action) is kept in L{mta.queue.bookkeeping}, through which operator
+actions (L{mta.queue.operator}) reach messages too.  All store work runs
+in the spool thread pool; a message's round ends once, and an operator
+action on a message in delivery waits for that end, so the store work of
+one message never overlaps.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta import dsn, maillog
 from mta.batch import Batcher, Runner
 from mta.bounce import Classifier
 from mta.config import QueueConfig
 from mta.delivery.job import DeliveryJob, RecipientResult
 from mta.delivery.routes import Router
-from mta.envelope import Committed, Envelope, ProgressRecord, QueueScan, QueueState, Recipient
-from mta.errors import ErrorKind, Reply
+from mta.envelope import Committed, Envelope, QueueScan, QueueState
 from mta.interfaces import IDeliveryAgent, IQueueStore
 from mta.metrics import Metrics
 from mta.queue import scheduler
+from mta.queue.bookkeeping import ActiveMessage, Bookkeeping, QueuedJob
 from mta.queue.dispatch import Dispatcher, QueueLimits, Running
 from mta.queue.operator import Operator
+from mta.queue.progress import ProgressJournal
 from mta.queue.reports import Reporter
-from mta.queue.scheduler import Destinations, ReadyQueue, RetryPolicy, Suspension, no_jitter
+from mta.queue.resultlog import ResultLog
+from mta.queue.scheduler import Destinations, RetryPolicy, Suspension, no_jitter
 from mta.queue.shaping import Shaper, ShapingPolicy
 from mta.queue.traffic import TrafficShaping
 from mta.spool.format import FormatError, MissingEnvelopeError
-from mta.spool.queueid import arrival_of
 
 log = Logger(namespace="mta.queue")
-maillog_log = Logger(namespace="mta.maillog")
 RETRY_DELAY = 60.0  # seconds before trying again after a local (disk) error
-CACHE_BYTES = 32 * 1024 * 1024  # new messages' bytes kept for their first delivery
-
-
-@dataclass
-class ActiveMessage:
-    envelope: Envelope
-    activated: float
-    jobs: int = 0
-    io: Deferred[Any] = field(default_factory=lambda: succeed(None))
-    notices: list[dsn.Notice] = field(default_factory=list)
-    journal: list[object] = field(default_factory=list)  # tokens of IQueueStore.journal
-    data: bytes | None = None  # the message's bytes, while the spool's copy is at hand
-
-
-@dataclass
-class _Job:
-    message: ActiveMessage
-    job: DeliveryJob
-    running: Running | None = None  # its place in the dispatcher's counts, once started
-    journaled: set[str] = field(default_factory=set)  # addresses in the progress journal
 
 
 class QueueManager(Service):
@@ -114,29 +96,25 @@ class QueueManager(Service):
         self.reporter = reporter
         self.on_done = on_done
         self.metrics = metrics or Metrics()
-        self.ready = ReadyQueue()
+        self.result_log = ResultLog(self.metrics)
+        self.progress = ProgressJournal(store, clock)
+        self.messages = Bookkeeping(self.limits.active)
         self.destinations = Destinations()
-        self.active: dict[str, ActiveMessage] = {}
-        self.loading: set[str] = set()
-        self.busy: set[str] = set()  # an operator action is changing its files
-        self.requests: dict[str, str] = {}  # actions waiting for a round to end
-        self.flushed: set[str] = set()  # every pending recipient due at the next plan
         self.operator = Operator(self)
         concurrency = self.limits.destination_concurrency
         self.traffic = traffic or TrafficShaping(
             Shaper(ShapingPolicy(max_concurrency=concurrency)), clock
         )
-        self.dispatcher: Dispatcher[_Job] = Dispatcher(
+        self.dispatcher: Dispatcher[QueuedJob] = Dispatcher(
             self.limits, self.destinations, self.traffic.shaper
         )
-        self._timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None  # the next deferred message is due
+        self._rescan: IDelayedCall | None = None  # after a failed start-up scan
         self._files: Batcher[tuple[Envelope, QueueState, float | None], None] = Batcher(
             runner, store.file
         )
         self._stopped = True
-        self._retries: list[IDelayedCall] = []
         self.idle_waiters: list[Deferred[None]] = []
-        self._cached = 0  # bytes of ActiveMessage.data
 
     def configure(self, settings: QueueConfig, classifier: Classifier | None = None) -> None:
         """New settings (a reload): used from the next decision on."""
@@ -155,42 +133,24 @@ class QueueManager(Service):
         self.runner(self.store.scan).addCallbacks(self._scanned, self._scan_failed)
 
     def _scanned(self, found: QueueScan) -> None:
-        # Messages committed (or acted on) while the scan ran are already known.
-        known = set(self.ready) | set(self.active) | self.loading | self.busy
-        fresh = [qid for qid in found.ready if qid not in known]
-        self.ready.add_first(fresh)
-        for when, queue_id in found.deferred:
-            if queue_id not in known:
-                self.ready.schedule(queue_id, when)
+        ready = self.messages.add_scan(found)
         log.info(
             "queue: {ready} messages ready, {deferred} deferred",
-            ready=len(fresh),
+            ready=ready,
             deferred=len(found.deferred),
         )
         self.pump()
 
     def _scan_failed(self, failure: Failure) -> None:
         log.failure("cannot read the queue; trying again in a minute", failure)
-        self._later(RETRY_DELAY, self._start_scan)
-
-    def _later(self, delay: float, action: Callable[[], object]) -> None:
-        """Run C{action} after C{delay} unless stopped; for recovery from errors."""
-        if self._stopped:
-            return
-
-        def run() -> None:
-            self._retries = [c for c in self._retries if c.active()]
-            if not self._stopped:
-                action()
-
-        self._retries.append(self.clock.callLater(delay, run))
+        if not self._stopped:
+            self._rescan = self.clock.callLater(RETRY_DELAY, self._start_scan)
 
     def stopService(self) -> None:
         self._stopped = True
-        for call in [self._timer, *self._retries]:
+        for call in [self._timer, self._rescan]:
             if call is not None and call.active():
                 call.cancel()
-        self._retries = []
         self.traffic.cancel_wake()
         super().stopService()  # type: ignore[no-untyped-call]
 
@@ -200,24 +160,21 @@ class QueueManager(Service):
         With room in the active set it is taken up at once, with the
         envelope (and the bytes) the spool still has: no read, no thread.
         """
-        queue_id = notice.queue_id
+        queue_id, messages = notice.queue_id, self.messages
         if (
             not self._stopped
-            and len(self.active) + len(self.loading) < self.limits.active
-            and queue_id not in self.active
-            and queue_id not in self.loading
-            and queue_id not in self.busy
-            and queue_id not in self.ready
+            and messages.has_room()
+            and not messages.known(queue_id)
             and self.store.claim(queue_id)
         ):
             self._take(queue_id, notice.envelope, notice.data)
         else:
-            self.ready.add(queue_id)
+            messages.ready.add(queue_id)
         self.pump()
 
     def enqueue(self, queue_id: str) -> None:
         """A message in C{incoming} that the store has not told us of (C{mta-sendmail})."""
-        self.ready.add(queue_id)
+        self.messages.ready.add(queue_id)
         self.pump()
 
     # -- activation --------------------------------------------------------
@@ -226,49 +183,46 @@ class QueueManager(Service):
         """Take messages into the active set while there is room."""
         if self._stopped:
             return
-        now = self.clock.seconds()
-        while len(self.active) + len(self.loading) < self.limits.active:
-            queue_id = self.ready.next(now)
-            if queue_id is None:
-                break
-            if queue_id not in self.active and queue_id not in self.loading:
-                self._activate(queue_id)
+        now, messages = self.clock.seconds(), self.messages
+        while (queue_id := messages.next_ready(now)) is not None:
+            self._activate(queue_id)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        due = self.ready.next_due()
+        due = messages.ready.next_due()
         # When the active set is full, a finishing message pumps again.
-        if due is not None and len(self.active) + len(self.loading) < self.limits.active:
+        if due is not None and messages.has_room():
             self._timer = self.clock.callLater(max(0.0, due - now), self.pump)
         self._check_idle()
 
     def _activate(self, queue_id: str) -> None:
-        self.loading.add(queue_id)
+        messages = self.messages
+        messages.loading.add(queue_id)
 
         def loaded(envelope: Envelope | None) -> None:
-            self.loading.discard(queue_id)
+            messages.loading.discard(queue_id)
             if envelope is not None and not self._stopped:
                 self._take(queue_id, envelope, None)
             else:
-                self.flushed.discard(queue_id)
+                messages.flushed.discard(queue_id)
             self.operator.loaded(queue_id)
             self.pump()
 
         def failed(failure: Failure) -> None:
-            self.loading.discard(queue_id)
+            messages.loading.discard(queue_id)
             if failure.check(MissingEnvelopeError):
                 log.error("{qid}: no envelope, moved to corrupt/", qid=queue_id)
-                self.flushed.discard(queue_id)
+                messages.flushed.discard(queue_id)
             elif failure.check(FormatError):
                 log.error("{qid}: unreadable envelope, moved to corrupt/: {e}", qid=queue_id,
                           e=failure.value)  # fmt: skip
-                self.flushed.discard(queue_id)
+                messages.flushed.discard(queue_id)
             else:
                 # An I/O error (e.g. out of file descriptors) must not make
                 # the queue forget the message: look at it again in a minute.
                 log.failure("{qid}: cannot activate; trying again in a minute", failure,
                             qid=queue_id)  # fmt: skip
-                self.ready.schedule(queue_id, self.clock.seconds() + RETRY_DELAY)
+                messages.ready.schedule(queue_id, self.clock.seconds() + RETRY_DELAY)
             self.operator.loaded(queue_id)
             self.pump()
 
@@ -277,19 +231,15 @@ class QueueManager(Service):
     def _take(self, queue_id: str, envelope: Envelope, data: bytes | None) -> None:
         """Make a message active and send out its due recipients."""
         message = ActiveMessage(envelope, self.clock.seconds())
-        if data is not None and self._cached + len(data) <= CACHE_BYTES:
-            message.data = data
-            self._cached += len(data)
         message.notices = scheduler.owed_notices(envelope)
-        self.active[queue_id] = message
+        self.messages.take(queue_id, message, data)
         self._plan(message)
 
     # -- planning and dispatch -----------------------------------------------
 
     def _plan(self, message: ActiveMessage) -> None:
         env = message.envelope
-        flushed = env.queue_id in self.flushed
-        self.flushed.discard(env.queue_id)
+        flushed = self.messages.pop_flushed(env.queue_id)
         plans = scheduler.plan(env, self.clock.seconds(), self.router.destination, flushed=flushed)
         if not plans:
             self._finish(message)
@@ -301,8 +251,9 @@ class QueueManager(Service):
             else partial(self.store.open_message, env.queue_id, QueueState.ACTIVE)
         )
         for p in plans:
-            item = _Job(message, DeliveryJob(env, p.recipients, opener, p.destination, p.domain))
-            item.job.on_transaction = partial(self._transaction, item)
+            job = DeliveryJob(env, p.recipients, opener, p.destination, p.domain)
+            item = QueuedJob(message, job)
+            job.on_transaction = partial(self.progress.transaction, item)
             message.jobs += 1
             self.dispatcher.add(p.destination, item)
         self._dispatch()
@@ -312,19 +263,18 @@ class QueueManager(Service):
         if not self._stopped:
             self.traffic.wake(wake, self._dispatch)  # a destination held by its rate
 
-    def _skip(self, item: _Job, suspension: Suspension) -> None:
+    def _skip(self, item: QueuedJob, suspension: Suspension) -> None:
         """Defer a job's recipients without a connection: the destination rests."""
         results = scheduler.suspended_results(item.job.recipients, suspension)
         self._record(item, results, self.clock.seconds(), ran=False, resume=suspension.until)
 
-    def _start(self, item: _Job, running: Running) -> None:
+    def _start(self, item: QueuedJob, running: Running) -> None:
         item.running = running
         started = self.clock.seconds()
 
         def crashed(failure: Failure) -> list[RecipientResult]:
             log.failure("{qid}: delivery crashed", failure, qid=item.job.envelope.queue_id)
-            reply = Reply(451, "4.3.0", "internal error during delivery")
-            return [RecipientResult(r.address, reply, ErrorKind.LOCAL) for r in item.job.recipients]
+            return scheduler.crashed_results(item.job.recipients)
 
         d = maybeDeferred(self.agent.deliver, item.job).addErrback(crashed)
         d.addCallback(lambda results: self._record(item, results, started))
@@ -341,7 +291,7 @@ class QueueManager(Service):
 
     def _record(
         self,
-        item: _Job,
+        item: QueuedJob,
         results: list[RecipientResult],
         started: float,
         *,
@@ -361,65 +311,19 @@ class QueueManager(Service):
             classifier=self.classifier, jitter=self.jitter, ran=ran, resume=resume,
             spread=self.traffic.spread(dest),
         )  # fmt: skip
-        for o in decision.outcomes:
-            if ran:
-                self.metrics.attempts.inc()
-            if o.status == "sent":
-                self.metrics.delivery_latency.observe(max(0.0, now - env.arrival))
-            self.log_result(
-                env, o.recipient, o.status, reply=o.result.reply, relay=o.result.relay,
-                activated=message.activated, started=started, now=now,
-                setup=o.result.setup_time, transfer=o.result.transfer_time, tls=o.result.tls,
-            )  # fmt: skip
-        self._journal(item, scheduler.progress_records(env, decision, written=item.journaled))
+        self.result_log.job(env, decision, ran=ran, activated=message.activated, started=started,
+                            now=now)  # fmt: skip
+        self.progress.results(item, decision)
         message.notices.extend(decision.notices)
-        if decision.answered:
-            self.destinations.answered(dest, now)
-        if decision.suspend is not None:
-            seconds, reason, why = decision.suspend
-            if self.destinations.suspend(dest, seconds, reason, why, now) is not None:
-                log.info("{dest}: {why}; delivery suspended for {secs:.0f} s ({reason})",
-                         dest=dest, why=why, secs=seconds, reason=str(reason))  # fmt: skip
-        self.destinations.prune(now)
+        rest = self.destinations.learn(dest, decision, now)
+        if rest is not None:
+            seconds, reason, why = rest
+            log.info("{dest}: {why}; delivery suspended for {secs:.0f} s ({reason})",
+                     dest=dest, why=why, secs=seconds, reason=str(reason))  # fmt: skip
         message.jobs -= 1
         if message.jobs == 0:
             self._finish(message)
         self._dispatch()
-
-    def _transaction(self, item: _Job, results: list[RecipientResult]) -> None:
-        """The agent's C{on_transaction}: one transaction's deliveries, journaled
-        before the job ends, so that a SIGKILL during a later transaction of
-        the same job (more than 50 recipients, another MX host for the rest)
-        does not send them again."""
-        records = scheduler.sent_records(
-            item.message.envelope, item.job.recipients, results, self.clock.seconds(),
-            written=item.journaled,
-        )  # fmt: skip
-        self._journal(item, records)
-
-    def _journal(self, item: _Job, records: list[ProgressRecord]) -> None:
-        """Write results ahead of the message file (the progress journal); a
-        recipient's delivery is written once."""
-        token = self.store.journal(records) if records else None
-        if token is not None:
-            item.message.journal.append(token)
-            item.journaled.update(r.recipient.address for r in records if r.recipient.state.final)
-
-    def log_result(
-        self, env: Envelope, rcpt: Recipient, status: str, *, reply: Reply, relay: str,
-        activated: float, started: float, now: float, setup: float = 0.0,
-        transfer: float = 0.0, tls: str = "",
-    ) -> None:  # fmt: skip
-        """Count a recipient's result and log it in Postfix's shape, with its fields."""
-        self.metrics.deliveries.labels(status, rcpt.category or "").inc()
-        line = maillog.delivery_line(
-            env.queue_id, rcpt.address, relay=relay, status=status, reply=reply,
-            arrival=env.arrival, activated=activated, started=started, setup=setup,
-            transfer=transfer, now=now, tls=tls,
-        )  # fmt: skip
-        maillog_log.info("{line}", queue_id=env.queue_id, recipient=rcpt.address, relay=relay,
-                         status=status, dsn=rcpt.dsn_status, reply=rcpt.reply, tls=tls,
-                         line=line)  # fmt: skip
 
     # -- the end of a round ----------------------------------------------------
 
@@ -428,44 +332,21 @@ class QueueManager(Service):
         env = message.envelope
         now = self.clock.seconds()
         message.notices += scheduler.delay_notices(env, now, self.settings.delay_warning_time)
-        message.io.addCallback(lambda _: Deferred.fromCoroutine(self._file(message)))
+        Deferred.fromCoroutine(self._file(message))
 
     async def _file(self, message: ActiveMessage) -> None:
-        """Send the owed report, then record the envelope and file the message.
+        """End the message's round (L{_close}) until that succeeds, then let go of it.
 
-        Either step may fail (a full disk): then the message stays active in
-        memory, as it is on disk, and the step is tried again a minute later
-        — never dropped, never filed with a report marked sent that was not.
-        The envelope is filed as it is (nothing changes it meanwhile) in a
-        group with other messages'.  An operator
-        action that waited for the round to end is applied here
-        (L{mta.queue.operator}).
+        A step may fail (a full disk): then the message stays active in
+        memory, as it is on disk, and the round's end is tried again a
+        minute later — never dropped, never filed with a report marked sent
+        that was not.
         """
-        env = message.envelope
-        queue_id = env.queue_id
-        when = 0.0
+        queue_id = message.envelope.queue_id
         while True:
-            request = self.requests.get(queue_id)
+            request = self.messages.requests.get(queue_id)
             try:
-                if request == "delete":
-                    await self.runner(partial(self.store.remove, queue_id, QueueState.ACTIVE))
-                    log.info("{qid}: removed by the mail administrator", qid=queue_id)
-                    state: QueueState | None = None
-                    break
-                if request == "bounce":
-                    self.operator.expire(message)
-                if message.notices:
-                    if self.reporter is not None:
-                        policy = RetryPolicy.from_config(self.settings)
-                        until = policy.expires_at(env.arrival)
-                        await self.reporter.send(env, message.notices, until)
-                    scheduler.notified(message.notices)
-                    message.notices = []
-                state, when = scheduler.filing(
-                    env, self.clock.seconds(), flushed=queue_id in self.flushed,
-                    hold=request == "hold",
-                )  # fmt: skip
-                await self._files.submit((env, state, when))
+                state, when = await self._close(message, request)
                 break
             except Exception:
                 log.failure("{qid}: cannot file the message; trying again in a minute",
@@ -473,17 +354,44 @@ class QueueManager(Service):
                 if self._stopped:
                     return  # it stays in active/ and is taken up at the next start
                 await deferLater(self.clock, RETRY_DELAY, lambda: None)
-        for token in message.journal:
-            self.store.release(token)
-        message.journal = []
-        if message.data is not None:
-            self._cached -= len(message.data)
-            message.data = None
-        self.active.pop(queue_id, None)
-        if state == QueueState.DEFERRED:
-            self.ready.schedule(queue_id, when)
-        else:
-            self.flushed.discard(queue_id)
+        self._filed(message, state, when, request)
+
+    async def _close(
+        self, message: ActiveMessage, request: str | None
+    ) -> tuple[QueueState | None, float]:
+        """Apply the operator action that waited for the round to end
+        (L{mta.queue.operator}), send the owed report, then file the message
+        where L{scheduler.filing} says; returns where (None: removed) and its time.
+
+        The envelope is filed as it is (nothing changes it meanwhile) in a
+        group with other messages'.
+        """
+        env = message.envelope
+        if request == "delete":
+            await self.operator.remove(env.queue_id)
+            return None, 0.0
+        if request == "bounce":
+            self.operator.expire(message)
+        if message.notices:
+            if self.reporter is not None:
+                until = RetryPolicy.from_config(self.settings).expires_at(env.arrival)
+                await self.reporter.send(env, message.notices, until)
+            scheduler.notified(message.notices)
+            message.notices = []
+        state, when = scheduler.filing(
+            env, self.clock.seconds(), flushed=env.queue_id in self.messages.flushed,
+            hold=request == "hold",
+        )  # fmt: skip
+        await self._files.submit((env, state, when))
+        return state, when
+
+    def _filed(
+        self, message: ActiveMessage, state: QueueState | None, when: float, request: str | None
+    ) -> None:
+        """The message is filed in C{state} (None: removed): let go of it."""
+        queue_id = message.envelope.queue_id
+        self.progress.release(message)
+        self.messages.filed(message, state, when)
         if state == QueueState.DONE:
             log.info("{qid}: removed from the queue (all recipients done)", qid=queue_id)
             if self.on_done is not None:
@@ -493,29 +401,11 @@ class QueueManager(Service):
 
     # -- for metrics, tests and operations -----------------------------------------
 
-    def counts(self) -> dict[str, int]:
-        """Messages by state as the manager sees them (for metrics)."""
-        return {
-            "incoming": self.ready.new_count,
-            "active": len(self.active) + len(self.loading),
-            "deferred": self.ready.deferred_count,
-        }
-
-    def oldest_arrival(self) -> float | None:
-        """Arrival time of the oldest message waiting or in delivery."""
-        oldest = min([*self.ready, *self.active, *self.loading], default=None)
-        return None if oldest is None else arrival_of(oldest)
-
     def _check_idle(self) -> None:
-        if self.idle and self.idle_waiters:
+        if self.messages.idle and self.idle_waiters:
             waiters, self.idle_waiters = self.idle_waiters, []
             for d in waiters:
                 d.callback(None)
-
-    @property
-    def idle(self) -> bool:
-        """Nothing active, loading or ready (deferred messages may wait)."""
-        return not self.active and not self.loading and not self.ready.has_new
 
     def when_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

@@ -12,6 +12,7 @@ its files change (C{busy}), and put back where the action leaves it.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -22,9 +23,10 @@ from mta import dsn
 from mta.envelope import QueueState
 from mta.queue import actions, scheduler
 from mta.queue.actions import ActionError
+from mta.queue.bookkeeping import ActiveMessage
 
 if TYPE_CHECKING:
-    from mta.queue.manager import ActiveMessage, QueueManager
+    from mta.queue.manager import QueueManager
 
 log = Logger(namespace="mta.queue")
 
@@ -42,47 +44,43 @@ class Operator:
         m = self.m
         if op not in actions.OPERATIONS:
             return fail(ActionError(f"unknown action {op!r}"))
-        if queue_id in m.busy:
+        if queue_id in m.messages.busy:
             return fail(ActionError(f"{queue_id}: another action on it is in progress"))
-        if queue_id in m.loading:
+        if queue_id in m.messages.loading:
             waiting: Deferred[str] = Deferred()
             self._after_load.setdefault(queue_id, []).append((op, waiting))
             return waiting
-        message = m.active.get(queue_id)
+        message = m.messages.active.get(queue_id)
         if message is not None:
             return maybeDeferred(self._request, op, queue_id, message)
-        was_ready, was_due = m.ready.take(queue_id)
+        was_ready, was_due = m.messages.ready.take(queue_id)
         now = m.clock.seconds()
         if op == "flush" and (was_ready or was_due is not None):
             self._flush_one(queue_id, was_ready)
             m.pump()
             return succeed(f"{queue_id}: flushed")
-        m.busy.add(queue_id)
+        m.messages.busy.add(queue_id)
 
         def done(outcome: actions.Outcome) -> str:
-            m.busy.discard(queue_id)
+            m.messages.busy.discard(queue_id)
             if op in ("delete", "hold", "bounce"):
-                m.flushed.discard(queue_id)
+                m.messages.flushed.discard(queue_id)
             if outcome.state == QueueState.INCOMING:
-                m.ready.add(queue_id, first=True)
+                m.messages.ready.add(queue_id, first=True)
             elif outcome.state == QueueState.DEFERRED and outcome.due is not None:
-                m.ready.schedule(queue_id, outcome.due)
+                m.messages.ready.schedule(queue_id, outcome.due)
             if outcome.envelope is not None:
-                for rcpt in outcome.expired:
-                    m.log_result(
-                        outcome.envelope, rcpt, "expired", reply=scheduler.ADMIN_BOUNCE,
-                        relay="none", activated=now, started=now, now=now,
-                    )  # fmt: skip
+                m.result_log.expired(outcome.envelope, outcome.expired, activated=now, now=now)
             self._log(op, queue_id)
             m.pump()
             return f"{queue_id}: {actions.DONE[op]}"
 
         def failed(failure: Failure) -> Failure:
-            m.busy.discard(queue_id)
+            m.messages.busy.discard(queue_id)
             if was_ready:
-                m.ready.add(queue_id)
+                m.messages.ready.add(queue_id)
             if was_due is not None:
-                m.ready.schedule(queue_id, was_due)
+                m.messages.ready.schedule(queue_id, was_due)
             m.pump()
             return failure
 
@@ -103,31 +101,34 @@ class Operator:
         if op == "release":
             raise ActionError(f"cannot release {queue_id}: it is not on hold")
         if op in ("flush", "requeue"):
-            self.m.flushed.add(queue_id)
+            self.m.messages.flushed.add(queue_id)
             return f"{queue_id}: being delivered now; flushed"
-        self.m.requests[queue_id] = op
+        self.m.messages.requests[queue_id] = op
         self.m.withdraw(message)
         return f"{queue_id}: being delivered; {actions.DONE[op]} when the attempt in flight ends"
 
     def _flush_one(self, queue_id: str, ready: bool) -> None:
         """Make a waiting message due now, all of its pending recipients (the caller pumps)."""
-        self.m.flushed.add(queue_id)
+        self.m.messages.flushed.add(queue_id)
         if ready:
-            self.m.ready.add(queue_id, first=True)
+            self.m.messages.ready.add(queue_id, first=True)
         else:
-            self.m.ready.schedule(queue_id, self.m.clock.seconds())
+            self.m.messages.ready.schedule(queue_id, self.m.clock.seconds())
+
+    def remove(self, queue_id: str) -> Deferred[None]:
+        """C{delete} on a message whose round ends."""
+        work = self.m.runner(partial(self.m.store.remove, queue_id, QueueState.ACTIVE))
+        return work.addCallback(lambda _: self._log("delete", queue_id))
 
     def expire(self, message: ActiveMessage) -> None:
         """C{bounce} on a message whose round ends: fail what is pending, report it."""
         env = message.envelope
         now = self.m.clock.seconds()
-        for rcpt in scheduler.expire(env, now):
+        expired = scheduler.expire(env, now)
+        for rcpt in expired:
             if dsn.needs_notice(env, rcpt, "failed"):
                 message.notices.append(dsn.Notice(rcpt, "failed"))
-            self.m.log_result(
-                env, rcpt, "expired", reply=scheduler.ADMIN_BOUNCE, relay="none",
-                activated=message.activated, started=now, now=now,
-            )  # fmt: skip
+        self.m.result_log.expired(env, expired, activated=message.activated, now=now)
 
     def flush(self, domain: str | None = None) -> Deferred[str]:
         """Retry now: every deferred message, or those with recipients at C{domain}.
@@ -138,16 +139,16 @@ class Operator:
         m = self.m
         if domain is None:
             m.destinations.resume()
-            ids = m.ready.deferred()
+            ids = m.messages.ready.deferred()
             for queue_id in ids:
                 self._flush_one(queue_id, False)
             m.pump()
             return succeed(f"flushed {len(ids)} deferred message(s)")
         m.destinations.resume(m.router.destination(domain.lower().rstrip(".")))
-        candidates = m.ready.deferred()
+        candidates = m.messages.ready.deferred()
 
         def found(ids: list[str]) -> str:
-            flushed = [q for q in ids if m.ready.due(q) is not None]
+            flushed = [q for q in ids if m.messages.ready.due(q) is not None]
             for queue_id in flushed:
                 self._flush_one(queue_id, False)
             m.pump()
@@ -159,13 +160,7 @@ class Operator:
     def pickup(self, queue_id: str) -> str:
         """A message another process committed to C{incoming} (C{mta-sendmail})."""
         m = self.m
-        known = (
-            queue_id in m.active
-            or queue_id in m.loading
-            or queue_id in m.ready
-            or queue_id in m.busy
-        )
-        if not known:
+        if not m.messages.known(queue_id):
             try:
                 state = m.store.locate(queue_id)
             except KeyError:
@@ -205,7 +200,7 @@ class Operator:
         """The round of a message ended and it was filed in C{state} (None:
         removed) after applying C{request}; an action asked for meanwhile
         is applied now."""
-        late = self.m.requests.pop(queue_id, None)
+        late = self.m.messages.requests.pop(queue_id, None)
         if state == QueueState.HOLD:
             log.info("{qid}: put on hold by the mail administrator", qid=queue_id)
         if late is not None and late != request and state in (QueueState.DEFERRED, QueueState.HOLD):

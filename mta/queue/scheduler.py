@@ -38,6 +38,8 @@ PROVEN_TIME = 3600.0
 UNPROVEN_CONCURRENCY = 2
 #: What C{mtactl queue bounce} records for each recipient not yet final.
 ADMIN_BOUNCE = Reply(550, "5.4.7", "delivery time expired: returned by the mail administrator")
+#: What a delivery that raised records for each of its recipients.
+INTERNAL_ERROR = Reply(451, "4.3.0", "internal error during delivery")
 
 
 def no_jitter(delay: float) -> float:
@@ -228,6 +230,18 @@ class Destinations:
     def answered(self, dest: str, now: float) -> None:
         self._answered[dest] = now
 
+    def learn(self, dest: str, decision: Decision, now: float) -> tuple[float, Reply, str] | None:
+        """What one job's results (L{apply}) tell of its destination: whether
+        it answered, and whether it rests.  Returns C{decision.suspend} when
+        the destination now rests longer than before (to log), else None."""
+        if decision.answered:
+            self.answered(dest, now)
+        rest = decision.suspend
+        if rest is not None and self.suspend(dest, *rest, now) is None:
+            rest = None
+        self.prune(now)
+        return rest
+
     def proven(self, dest: str, now: float) -> bool:
         when = self._answered.get(dest)
         return when is not None and when > now - PROVEN_TIME
@@ -410,6 +424,11 @@ def suspended_results(recipients: list[Recipient], suspension: Suspension) -> li
         f"delivery temporarily suspended ({suspension.why}): {reason}",
     )
     return [RecipientResult(r.address, reply, ErrorKind.SUSPENDED) for r in recipients]
+
+
+def crashed_results(recipients: list[Recipient]) -> list[RecipientResult]:
+    """The results of a job whose delivery raised (a bug): try again later."""
+    return [RecipientResult(r.address, INTERNAL_ERROR, ErrorKind.LOCAL) for r in recipients]
 
 
 def _owes_relayed(envelope: Envelope, rcpt: Recipient, result: RecipientResult) -> bool:
