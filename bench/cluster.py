@@ -57,7 +57,7 @@ from bench.compare import (
     Sink,
     cpu_of,
     descendants,
-    load,
+    drive,
     pss_bytes,
     raise_fd_limit,
     ratio,
@@ -247,19 +247,9 @@ def one_run(server: Any, sc: Scenario, messages: int, timeout: float) -> dict[st
         sampler.sample()
         cpu0 = {root: cpu_of(root) for root in roots}
         probe = Probe(port, sc.size)
-        start = time.monotonic()
-        sampler.start()
-        probe.start()
-        load(port, sc, messages)
-        accepted_s = time.monotonic() - start
-        probe.stopping.set()
-        probe.join()
-        want = messages + len(probe.latencies)
-        deadline = time.monotonic() + timeout
-        while sink.count < want and time.monotonic() < deadline:
-            time.sleep(0.02)
-        delivered_s = time.monotonic() - start
-        delivered = sink.count
+        accepted_s, delivered_s, want, delivered = drive(
+            port, sc, messages, timeout, sink, probe, sampler
+        )
         cpu = {root: cpu_of(root) - cpu0[root] for root in roots}
         sampler.stopping.set()
         sampler.join()

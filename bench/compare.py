@@ -554,6 +554,34 @@ def syscall_counts(path: str) -> dict[str, int]:
     return counts
 
 
+def drive(
+    port: int,
+    sc: Scenario,
+    messages: int,
+    timeout: float,
+    sink: Sink,
+    probe: Probe,
+    sampler: threading.Thread,
+) -> tuple[float, float, int, int]:
+    """Start the sampler and the probe, run the load against C{port}, and
+    wait (up to C{timeout}) for the sink to have every message: the seconds
+    to the last 250 and to the last delivery, the messages expected and
+    those delivered.  The probe's messages are real ones too: both rates
+    count them."""
+    start = time.monotonic()
+    sampler.start()
+    probe.start()
+    load(port, sc, messages)
+    accepted_s = time.monotonic() - start
+    probe.stopping.set()
+    probe.join()
+    want = messages + len(probe.latencies)
+    deadline = time.monotonic() + timeout
+    while sink.count < want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return accepted_s, time.monotonic() - start, want, sink.count
+
+
 def one_run(
     server: Server,
     sc: Scenario,
@@ -580,20 +608,9 @@ def one_run(
             time.sleep(1)
         if syscalls:
             tracer = strace(root, syscalls)
-        start = time.monotonic()
-        sampler.start()
-        probe.start()
-        load(port, sc, messages)
-        accepted_s = time.monotonic() - start
-        probe.stopping.set()
-        probe.join()
-        # The probe's messages are real ones too: both rates count them.
-        want = messages + len(probe.latencies)
-        deadline = time.monotonic() + timeout
-        while sink.count < want and time.monotonic() < deadline:
-            time.sleep(0.02)
-        delivered_s = time.monotonic() - start
-        delivered = sink.count
+        accepted_s, delivered_s, want, delivered = drive(
+            port, sc, messages, timeout, sink, probe, sampler
+        )
         cpu = cpu_of(root) - cpu0
         if spy is not None:
             spy.send_signal(signal.SIGINT)

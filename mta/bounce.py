@@ -1150,23 +1150,10 @@ def rules_from_config(entries: list[dict[str, Any]], source: str) -> list[Rule]:
         raise ConfigError(f"{source}: bounce rules must be a list of tables")
     rules: list[Rule] = []
     seen: set[str] = set()
-    for index, entry in enumerate(entries, 1):
-        where = f"{source}: bounce rule #{index}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be a table, got {entry!r}"[:200])
-        name = entry.get("name")
-        if isinstance(name, str) and name:
-            where = f"{where} {name!r}"
-        for key in entry:
-            if key not in _RULE_KEYS:
-                raise ConfigError(
-                    f"{where}: unknown key {key!r} (expected {', '.join(_RULE_KEYS)})"
-                )
-        for key in ("name", "category"):
-            if key not in entry:
-                raise ConfigError(f"{where}: {key}: missing")
-        if not any(key in entry for key in ("pattern", "codes", "enhanced")):
-            raise ConfigError(f"{where}: needs at least one of pattern, codes, enhanced")
+    for index, item in enumerate(entries, 1):
+        entry, where = check_rule_table(
+            item, f"{source}: bounce rule #{index}", _RULE_KEYS, ("name", "category")
+        )
         checks: dict[str, Callable[[Any], object]] = {
             "name": _check_name,
             "category": _check_category,
@@ -1193,6 +1180,33 @@ def rules_from_config(entries: list[dict[str, Any]], source: str) -> list[Rule]:
             )
         rules.append(Rule(**values, origin=f"{source}, [[bounce.rules]] #{index}"))
     return rules
+
+
+def check_rule_table(
+    entry: object, where: str, keys: Sequence[str], required: Sequence[str]
+) -> tuple[dict[str, Any], str]:
+    """Check the shape of one rule table from the configuration (bounce and
+    shaping rules alike): a table, only C{keys}, every one of C{required},
+    and at least one reply condition (C{pattern}, C{codes}, C{enhanced}).
+
+    @return: the table, and C{where} with the rule's name for the messages
+        about its values.
+    @raise ConfigError: naming C{where} (and the name) and the key.
+    """
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table, got {entry!r}"[:200])
+    name = entry.get("name")
+    if isinstance(name, str) and name:
+        where = f"{where} {name!r}"
+    for key in entry:
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key {key!r} (expected {', '.join(keys)})")
+    for key in required:
+        if key not in entry:
+            raise ConfigError(f"{where}: {key}: missing")
+    if not any(key in entry for key in ("pattern", "codes", "enhanced")):
+        raise ConfigError(f"{where}: needs at least one of pattern, codes, enhanced")
+    return entry, where
 
 
 def _check_name(value: object) -> str:

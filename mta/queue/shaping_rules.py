@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mta.bounce import Rule
+from mta.bounce import Rule, check_rule_table
 from mta.delivery.job import RecipientResult
 from mta.errors import ConfigError, ErrorKind, Reply
 
@@ -408,18 +408,7 @@ def rules_from_config(entries: object, source: str) -> list[ShapingRule]:
 
 
 def _rule_values(entry: object, where: str) -> dict[str, Any]:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: must be a table, got {entry!r}"[:200])
-    name = entry.get("name")
-    if isinstance(name, str) and name:
-        where = f"{where} {name!r}"
-    for key in entry:
-        if key not in _RULE_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r} (expected {', '.join(_RULE_KEYS)})")
-    if "name" not in entry:
-        raise ConfigError(f"{where}: name: missing")
-    if not any(key in entry for key in ("pattern", "codes", "enhanced")):
-        raise ConfigError(f"{where}: needs at least one of pattern, codes, enhanced")
+    entry, where = check_rule_table(entry, where, _RULE_KEYS, ("name",))
     values: dict[str, Any] = {}
     for key, value in entry.items():
         try:
