@@ -278,16 +278,21 @@ class WriterTests(StoreTestCase):
         again.close()
         self.assertEqual(os.listdir(self.dir), ["progress-1.log"], "only the owed one")
 
-    def test_lines_between_syncs_are_synced_within_the_interval(self) -> None:
-        """A batch that comes too soon after a sync is not synced then, but at
-        most C{sync_interval} later, even when no batch follows."""
+    def timed_writer(self, interval: float) -> tuple[list[int], Clock, ProgressJournal]:
+        """A writer whose sync timer runs on a Clock, and the fdatasyncs it makes."""
         synced: list[int] = []
         self.patch(os, "fdatasync", synced.append)
         clock = Clock()
         writer = ProgressJournal(
             self.dir, runner=self.runner, schedule=self.turns.append,
-            call_later=clock.callLater, sync_interval=0.1,
+            call_later=clock.callLater, sync_interval=interval,
         )  # fmt: skip
+        return synced, clock, writer
+
+    def test_lines_between_syncs_are_synced_within_the_interval(self) -> None:
+        """A batch that comes too soon after a sync is not synced then, but at
+        most C{sync_interval} later, even when no batch follows."""
+        synced, clock, writer = self.timed_writer(0.1)
         writer.record([record("0RKM3JDN5AC4ZQ7")])
         self.turn()
         self.assertEqual(len(synced), 1, "the first batch: due")
@@ -303,13 +308,7 @@ class WriterTests(StoreTestCase):
         self.assertEqual(len(synced), 2, "nothing left to sync at close")
 
     def test_close_syncs_and_stops_the_timer(self) -> None:
-        synced: list[int] = []
-        self.patch(os, "fdatasync", synced.append)
-        clock = Clock()
-        writer = ProgressJournal(
-            self.dir, runner=self.runner, schedule=self.turns.append,
-            call_later=clock.callLater, sync_interval=10,
-        )  # fmt: skip
+        synced, clock, writer = self.timed_writer(10)
         for qid in ("0RKM3JDN5AC4ZQ7", "0RKM3JDN5AC4ZQ8"):
             writer.record([record(qid)])
             self.turn()
