@@ -289,13 +289,19 @@ def parse_networks(texts: list[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(t, strict=False) for t in texts)
 
 
-@functools.lru_cache(maxsize=4096)  # per connection; the same few clients
-def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
-    """Whether an IP address (IPv4-mapped IPv6 counts as IPv4) is in any network."""
+@functools.lru_cache(maxsize=4096)  # once per connection: the same few clients
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address parsed, an IPv4-mapped IPv6 one as IPv4; None if it is none."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether an IP address (IPv4-mapped IPv6 counts as IPv4) is in any network."""
+    ip = client_ip(address)
+    return ip is not None and any(ip in net for net in networks)

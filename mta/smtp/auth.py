@@ -11,14 +11,13 @@ passwords per client address (L{AuthThrottle}) with the delay they earn.
 from __future__ import annotations
 
 import binascii
-import functools
 import hashlib
 import ipaddress
 import secrets
 from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -30,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta.address import client_ip
 from mta.cluster import FailureCounts
 from mta.errors import Reply, SharedStateError, SMTPReplyError
 from mta.interfaces import ISharedState, IUserDirectory
@@ -179,16 +179,13 @@ class UserFileChecker:
         return checked.addBoth(done).addCallback(result)
 
 
-@functools.lru_cache(maxsize=4096)  # per connection; the same few clients
+@lru_cache(maxsize=4096)  # per connection; the same few clients
 def client_key(address: str) -> str:
     """The unit of throttling: the IPv4 address, or the IPv6 /64 network."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = client_ip(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
