@@ -256,6 +256,22 @@ def unfinished(spool: str) -> list[str]:
     return sorted(n for n in names if not n.startswith(SPARE_PREFIX))
 
 
+def at_sink(out: str, needle: bytes, timeout: float = 30.0, what: str = "") -> bytes:
+    """Wait (bounded) for a message containing C{needle} among the sink's
+    C{.eml} files in C{out}, and return it."""
+
+    def find() -> bytes | None:
+        for name in os.listdir(out) if os.path.isdir(out) else []:
+            if name.endswith(".eml"):
+                with open(os.path.join(out, name), "rb") as f:
+                    data = f.read()
+                if needle in data:
+                    return data
+        return None
+
+    return wait_for(find, timeout, what or f"{needle!r} at the sink")  # type: ignore[no-any-return]
+
+
 def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll C{condition()} (bounded) until it returns something true."""
     deadline = time.monotonic() + timeout

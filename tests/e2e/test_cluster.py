@@ -33,7 +33,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta.tls import ensure_selfsigned
-from tests.e2e.daemon import Daemon, Helper, free_port, wait_for
+from tests.e2e.daemon import Daemon, Helper, at_sink, free_port, wait_for
 from tests.haproxy import Backend, HAProxy
 from tests.redisserver import RedisServer
 
@@ -195,16 +195,11 @@ class ClusterEndToEnd(SynchronousTestCase):
             smtp.close()
 
     def delivered(self, subject: str) -> bytes:
-        def find() -> bytes | None:
-            for name in os.listdir(self.out) if os.path.isdir(self.out) else []:
-                if name.endswith(".eml"):
-                    with open(os.path.join(self.out, name), "rb") as f:
-                        data = f.read()
-                    if f"Subject: {subject}\r\n".encode() in data:
-                        return data
-            return None
-
-        return wait_for(find, what=f"the message {subject!r} at the sink")  # type: ignore[no-any-return]
+        return at_sink(
+            self.out,
+            f"Subject: {subject}\r\n".encode(),
+            what=f"the message {subject!r} at the sink",
+        )
 
     def health(self, daemon: Daemon) -> dict[str, Any]:
         url = f"http://127.0.0.1:{daemon.metrics_port}/health"  # type: ignore[attr-defined]

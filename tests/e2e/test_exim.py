@@ -23,7 +23,7 @@ import tempfile
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e.daemon import Daemon, Helper, wait_for
+from tests.e2e.daemon import Daemon, Helper, at_sink, wait_for
 from tests.exim import Exim
 
 pytestmark = pytest.mark.e2e
@@ -93,20 +93,13 @@ class EximRelayEndToEnd(SynchronousTestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def delivered(self, subject: str) -> bytes:
-        def find() -> bytes | None:
-            for name in os.listdir(self.out) if os.path.isdir(self.out) else []:
-                if name.endswith(".eml"):
-                    with open(os.path.join(self.out, name), "rb") as f:
-                        data = f.read()
-                    if f"\r\nSubject: {subject}\r\n".encode() in data:
-                        return data
-            return None
-
         def diagnose() -> str:
             return "\n".join(e.mainlog for e in self.exims.values()) + self.daemon.log()[-3000:]
 
         try:
-            return wait_for(find, 60, f"{subject!r} at the sink")  # type: ignore[no-any-return]
+            return at_sink(
+                self.out, f"\r\nSubject: {subject}\r\n".encode(), 60, f"{subject!r} at the sink"
+            )
         except AssertionError as e:
             raise AssertionError(f"{e}\n{diagnose()}") from None
 

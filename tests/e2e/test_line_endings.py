@@ -27,7 +27,7 @@ from email.message import EmailMessage
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e.daemon import BIN, Daemon, Helper, wait_for
+from tests.e2e.daemon import BIN, Daemon, Helper, at_sink
 
 pytestmark = pytest.mark.e2e
 
@@ -90,16 +90,9 @@ class LineEndingsEndToEnd(SynchronousTestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def delivered(self, subject: str) -> bytes:
-        def find() -> bytes | None:
-            for name in os.listdir(self.out) if os.path.isdir(self.out) else []:
-                if name.endswith(".eml"):
-                    with open(os.path.join(self.out, name), "rb") as f:
-                        data = f.read()
-                    if f"\r\nSubject: {subject}\r\n".encode() in data:
-                        return data
-            return None
-
-        return wait_for(find, 30, f"{subject!r} at the sink")  # type: ignore[no-any-return]
+        return at_sink(
+            self.out, f"\r\nSubject: {subject}\r\n".encode(), 30, f"{subject!r} at the sink"
+        )
 
     def test_smtplib_sendmail_as_bytes(self) -> None:
         """smtplib sends bytes as they are: LF line ends (it dot-stuffs the

@@ -24,7 +24,7 @@ import dns.resolver
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e.daemon import Daemon, Helper, mtactl, wait_for
+from tests.e2e.daemon import Daemon, Helper, at_sink, mtactl, wait_for
 from tests.scanners import EICAR, EICAR_NAME, GTUBE, Clamd, Spamd
 from tests.test_dkim import zone_strings
 
@@ -145,18 +145,7 @@ class PluginsEndToEnd(SynchronousTestCase):
         )
 
     def delivered(self, queue_id: str) -> bytes:
-        def find() -> bytes | None:
-            if not os.path.isdir(self.out):
-                return None
-            for name in os.listdir(self.out):
-                if name.endswith(".eml"):
-                    with open(os.path.join(self.out, name), "rb") as f:
-                        data = f.read()
-                    if f"id {queue_id}".encode() in data:
-                        return data
-            return None
-
-        return wait_for(find, 60, f"{queue_id} at the sink")  # type: ignore[no-any-return]
+        return at_sink(self.out, f"id {queue_id}".encode(), 60, f"{queue_id} at the sink")
 
     def verify(self, data: bytes) -> list[bool]:
         resolver = dns.resolver.Resolver(configure=False)
