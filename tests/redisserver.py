@@ -15,7 +15,12 @@ import subprocess
 import tempfile
 import time
 import weakref
+from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.endpoints import clientFromString
+
+from mta.cluster.client import RedisClient
 from tests.e2e.daemon import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -110,3 +115,30 @@ def _encode(*args: str) -> bytes:
         data = a.encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+class RedisFixture:
+    """Mixed into a TestCase: one redis-server for the class, and clients of it."""
+
+    server: RedisServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.server = RedisServer()
+        cls.server.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+
+    def client(self, **options: Any) -> RedisClient:
+        """A client of the class's server, closed when the test ends."""
+        settings: dict[str, Any] = {"timeout": 2.0, "retry": 0.2} | options
+        client = RedisClient(
+            clientFromString(reactor, self.server.endpoint),
+            reactor,
+            name=self.server.endpoint,
+            **settings,
+        )
+        self.addCleanup(client.close)  # type: ignore[attr-defined]
+        return client

@@ -15,38 +15,26 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from mta import cli
 from mta.cluster.blocking import BlockingRedis
-from mta.cluster.client import RedisClient
 from mta.cluster.users import RedisUsers, RedisUserStore
 from mta.errors import ConfigError
 from mta.interfaces import IUserDirectory
 from mta.users import verify_password
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisFixture
 
 Gen = Generator[Deferred[Any], Any, None]
 
 
-class RedisUsersTests(TestCase):
+class RedisUsersTests(RedisFixture, TestCase):
     """Users kept in a real redis-server: mtactl writes where the daemon's RedisUsers reads, the
     refresh loop sees changes without a restart, Redis down keeps the users already known, a bad
     entry is skipped, and concurrent edits do not undo each other (compare-and-set on the
     version)."""
-
-    server: RedisServer
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.server = RedisServer()
-        cls.server.start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
 
     def setUp(self) -> None:
         self.prefix = "t" + uuid.uuid4().hex[:12]
@@ -68,15 +56,7 @@ class RedisUsersTests(TestCase):
         return code, out.getvalue() + err.getvalue()
 
     def directory(self, refresh: float = 60) -> RedisUsers:
-        client = RedisClient(
-            clientFromString(reactor, self.server.endpoint),
-            reactor,
-            name=self.server.endpoint,
-            timeout=2,
-            retry=0.1,
-        )
-        self.addCleanup(client.close)
-        users = RedisUsers(client, reactor, self.prefix, refresh)
+        users = RedisUsers(self.client(timeout=2, retry=0.1), reactor, self.prefix, refresh)
         self.addCleanup(users.stop)
         return users
 
@@ -121,7 +101,7 @@ class RedisUsersTests(TestCase):
         for _ in range(50):
             if users.get("bo@example.com") is not None:
                 break
-            yield _sleep(0.05)
+            yield deferLater(reactor, 0.05)
         self.assertIsNotNone(users.get("bo@example.com"))
 
     @inlineCallbacks
@@ -158,9 +138,3 @@ class RedisUsersTests(TestCase):
             self.mtactl("user", "limit", "ed@example.com", "9")  # meanwhile, elsewhere
         self.assertIn("changed meanwhile", str(caught.exception))
         self.assertEqual(store.get("ed@example.com").daily_limit, 9)  # type: ignore[union-attr]
-
-
-def _sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d

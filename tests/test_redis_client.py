@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, clientFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mta.cluster.blocking import BlockingRedis, split_description
@@ -166,7 +167,7 @@ class ClientTests(TestCase):
         with self.assertRaises(SharedStateError):
             yield client.execute("PING")  # within retry: at once, no connection tried
         self.assertEqual(endpoint.attempts, 1)
-        yield _sleep(0.35)
+        yield deferLater(reactor, 0.35)
         with self.assertRaises(SharedStateError):
             yield client.execute("PING")
         self.assertEqual(endpoint.attempts, 2)
@@ -180,7 +181,7 @@ class ClientTests(TestCase):
             yield client.execute("PING")
         self.assertIn("did not answer within 0.2s", str(caught.exception))
         self.assertLess(time.monotonic() - started, 1.0)
-        yield _sleep(0.05)
+        yield deferLater(reactor, 0.05)
         self.assertFalse(client.connected)  # out of step: closed, a new one next time
 
     @inlineCallbacks
@@ -200,7 +201,7 @@ class ClientTests(TestCase):
             with self.assertRaises(SharedStateError):
                 yield client.execute("PING")
         self.server.start()
-        yield _sleep(0.15)
+        yield deferLater(reactor, 0.15)
         self.assertEqual((yield client.execute("PING")), "PONG")  # by itself
         self.flushLoggedErrors()
 
@@ -236,9 +237,3 @@ class ClientTests(TestCase):
 
 def _all(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
     return gatherResults(ds)
-
-
-def _sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d

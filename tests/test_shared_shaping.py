@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Generator
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -29,7 +30,7 @@ from mta.errors import ErrorKind, Reply
 from mta.queue.shaping import Shaper, ShapingPolicy
 from mta.queue.traffic import TrafficShaping
 from mta.testing import SwitchableState
-from tests.test_shared_state import RedisFixture, _sleep
+from tests.redisserver import RedisFixture
 
 Gen = Generator[Deferred[Any], Any, None]
 T0 = 1_700_000_000.0
@@ -269,19 +270,19 @@ class RealRedisAwayTests(RedisFixture, TestCase):
         state = RedisState(self.client(retry=0.05), clock, "t" + uuid.uuid4().hex[:12])
         a = Instance("a", state, clock, itertools.count(1))
         a.traffic.tick()
-        yield _sleep(0.2)
+        yield deferLater(reactor, 0.2)
         self.server.stop()
         try:
             a.traffic.observe(DEST, results(GMAIL), clock.seconds())
             self.assertEqual(a.limits(), (5, 0.1))
             a.traffic.tick()
-            yield _sleep(0.2)
+            yield deferLater(reactor, 0.2)
             self.assertEqual(a.limits(), (5, 0.1))  # still its own
         finally:
             self.server.start()
-        yield _sleep(0.2)
+        yield deferLater(reactor, 0.2)
         a.traffic.tick()
-        yield _sleep(0.3)
+        yield deferLater(reactor, 0.3)
         shared = yield state.destination_limits("a", clock.seconds(), 6.0)
         self.assertEqual(shared.limits[DEST]["token"], a.shaper.token(DEST))
         self.assertEqual(self.flushLoggedErrors(), [])

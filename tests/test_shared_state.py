@@ -16,19 +16,17 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from mta.cluster.client import RedisClient
 from mta.cluster.local import LocalState
 from mta.cluster.redisstate import RedisState
 from mta.dailycount import DailyCounter, utc_day
 from mta.errors import SharedStateError
 from mta.interfaces import ISharedState
 from mta.smtp.auth import AuthThrottle, LoginUnavailable, ThrottleSettings
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisFixture
 
 Gen = Generator[Deferred[Any], Any, None]
 
@@ -245,32 +243,6 @@ class LocalStateTests(StateContract, TestCase):
         self.assertEqual(counts, [0, 1, 1])
 
 
-class RedisFixture:
-    """One redis-server for the class; a fresh key prefix for each test."""
-
-    server: RedisServer
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.server = RedisServer()
-        cls.server.start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-
-    def client(self, **options: Any) -> RedisClient:
-        settings: dict[str, Any] = {"timeout": 2.0, "retry": 0.2} | options
-        client = RedisClient(
-            clientFromString(reactor, self.server.endpoint),
-            reactor,
-            name=self.server.endpoint,
-            **settings,
-        )
-        self.addCleanup(client.close)
-        return client
-
-
 class RedisStateTests(RedisFixture, StateContract, TestCase):
     """The StateContract on RedisState against a real redis-server, and what only Redis does: day
     keys and failure keys that expire by themselves, two instances counting together, and many
@@ -363,7 +335,7 @@ class RedisDownTests(RedisFixture, TestCase):
             self.flushLoggedErrors()
         finally:
             self.server.start()
-        yield _sleep(0.1)  # past the retry time
+        yield deferLater(reactor, 0.1)  # past the retry time
         self.assertFalse((yield throttle.blocked("192.0.2.1")))
 
     @inlineCallbacks
@@ -378,12 +350,6 @@ class RedisDownTests(RedisFixture, TestCase):
                 yield state.add_sent("a@example.com", 1)
         finally:
             self.server.start()
-        yield _sleep(0.1)
+        yield deferLater(reactor, 0.1)
         # A restart without persistence lost the count: what the operations doc warns of.
         self.assertEqual((yield state.sent_today("a@example.com")), 0)
-
-
-def _sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
